@@ -1,0 +1,7 @@
+"""``python3 -m policyd_ipv6``: the same entry point as the ``policyd-ipv6`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

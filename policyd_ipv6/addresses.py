@@ -1,0 +1,99 @@
+"""Normalisation of the untrusted names and addresses found in a policy request.
+
+Contract: every function here takes text that a remote SMTP client controls (through Postfix)
+and returns a normalised value or ``None`` for "not usable"; none of them raises on any input
+string. No DNS, no I/O.
+
+- ``client_ip``: the ``client_address`` attribute as an ``ipaddress`` object; an IPv4-mapped
+  IPv6 address becomes the IPv4 address (Postfix already converts them, PROTOCOL.md A.2).
+- ``recipient_domain``: the domain of an envelope address as the client wrote it (lower-cased,
+  no trailing dot), for the reply text.
+- ``domain_key``: the form used to compare domains: A-labels (IDNA), lower case, no trailing
+  dot; ``None`` for an address literal or anything that is not a domain name.
+- ``helo_domain``: the HELO name if it is a usable SPF identity (RFC 7208 §2.3: a multi-label
+  domain name, not an address literal), else ``None``.
+- ``printable``: untrusted text made safe for a reply or a log line.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+__all__ = ["client_ip", "recipient_domain", "domain_key", "helo_domain", "printable", "IPAddress"]
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# RFC 1035 §2.3.4 limits; underscores are allowed because SPF and DKIM names use them.
+_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
+_MAX_NAME = 253
+
+
+def client_ip(text: str) -> IPAddress | None:
+    """Parse ``client_address``; IPv4-mapped IPv6 gives the IPv4 address; junk gives None."""
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0].strip())
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def recipient_domain(address: str) -> str | None:
+    """The domain part of an envelope address, lower-cased, without a trailing dot.
+
+    The domain follows the last "@" (a quoted local part may contain "@"). An address without
+    a domain (RFC 5321 allows a bare "Postmaster") gives None.
+    """
+    address = address.strip().strip("<>")
+    _, at, domain = address.rpartition("@")
+    if not at:
+        return None
+    domain = domain.rstrip(".").lower()
+    return domain or None
+
+
+def domain_key(domain: str) -> str | None:
+    """The comparable form of a domain name (A-labels, lower case), or None if it is not one."""
+    domain = domain.strip().rstrip(".")
+    if not domain or domain.startswith("["):
+        return None
+    try:
+        if not domain.isascii():
+            # IDNA 2003 (Python's codec) maps U-labels to A-labels; it raises on what it cannot map.
+            domain = domain.encode("idna").decode("ascii")
+    except (UnicodeError, ValueError):
+        return None
+    domain = domain.lower()
+    if len(domain) > _MAX_NAME:
+        return None
+    if not all(_LABEL.match(label) for label in domain.split(".")):
+        return None
+    return domain
+
+
+def helo_domain(helo: str) -> str | None:
+    """The HELO name if it can be an SPF identity: a domain name with at least two labels."""
+    key = domain_key(helo)
+    if key is None or "." not in key or "_" in key:
+        return None
+    if key.rsplit(".", 1)[1].isdigit():
+        return None  # a dotted quad or other numeric name is not a domain name
+    return key
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """Untrusted text bounded to ``limit`` characters, non-printable ones escaped as \\xNN."""
+    clipped = text[:limit]
+    out = "".join(
+        ch if (32 <= ord(ch) < 127 and ch not in '"\\') else _escape(ch) for ch in clipped
+    )
+    return out + ("..." if len(text) > limit else "")
+
+
+def _escape(ch: str) -> str:
+    if ch in '"\\':
+        return "\\" + ch
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 256 else f"\\u{code:04x}" if code < 65536 else f"\\U{code:08x}"

@@ -1,0 +1,80 @@
+"""The command line: ``policyd-ipv6 serve | check | --version``.
+
+Contract: ``main(argv)`` returns the process exit status (0 success, 2 usage error, 1
+configuration error or failure to start) and is the console script's entry point, also
+reached with ``python3 -m policyd_ipv6``.
+
+- ``serve [--config F | --sample-config]`` runs in the foreground until SIGTERM/SIGINT; logs
+  go to standard output. A bad configuration prints ``policyd-ipv6: configuration error: ...``
+  (naming the key and value) to standard error and exits 1.
+- ``check [--config F | --sample-config] --client-address A --sender S --recipient R
+  [--helo H] [--sasl-username U]`` decides one request exactly as ``serve`` would, prints the
+  reply (``action=...``) as its first line and then a trace of each step, and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import __version__
+from .config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+
+__all__ = ["main"]
+
+SAMPLE_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample",
+                             "policyd-ipv6.toml")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="policyd-ipv6",
+        description="Postfix policy service for anonymous inbound mail over IPv6 (EOP's rules).")
+    parser.add_argument("--version", action="version", version=f"policyd-ipv6 {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def config_options(sub) -> None:
+        group = sub.add_mutually_exclusive_group()
+        group.add_argument("--config", metavar="FILE", default=DEFAULT_CONFIG_PATH,
+                           help=f"configuration file (default: {DEFAULT_CONFIG_PATH})")
+        group.add_argument("--sample-config", action="store_true",
+                           help="use the sample configuration shipped with the program "
+                                "(127.0.0.1:10045, example.com opted in)")
+
+    serve = commands.add_parser("serve", help="run the policy service in the foreground")
+    config_options(serve)
+    serve.add_argument("--log-level", choices=["debug", "info", "warn", "error"],
+                       default="info", help="least important log level shown (default: info)")
+
+    check = commands.add_parser("check", help="decide one request and explain the decision")
+    config_options(check)
+    check.add_argument("--client-address", required=True, help="the SMTP client's IP address")
+    check.add_argument("--sender", required=True, help='the MAIL FROM address ("" for <>)')
+    check.add_argument("--recipient", required=True, help="the RCPT TO address")
+    check.add_argument("--helo", default="", help="the HELO/EHLO name")
+    check.add_argument("--sasl-username", default="", help="the SASL login, if authenticated")
+    return parser
+
+
+def _config(args):
+    return load_config(SAMPLE_CONFIG if args.sample_config else args.config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help(sys.stderr)
+        return 2
+    try:
+        config = _config(args)
+        if args.command == "serve":
+            from .serve import serve
+
+            return serve(config, args.log_level)
+        from .check import check
+
+        return check(config, args)
+    except ConfigError as error:
+        print(f"policyd-ipv6: configuration error: {error}", file=sys.stderr)
+        return 1

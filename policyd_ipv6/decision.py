@@ -1,0 +1,184 @@
+"""The decision: which reply a policy request gets, as one ordered table of pure rules.
+
+Contract: ``decide(subject, facts, policy, optin)`` is a pure function. It walks ``RULES`` in
+order; the first rule that applies gives the ``Verdict`` (an ``action=`` value and the rule's
+name for the log). A rule that needs a fact that has not been gathered yet (``facts.rdns`` or
+``facts.spf`` is None) stops the walk and ``decide`` returns that ``Need`` instead, so the caller
+looks up only what the decision really needs, and can decide as soon as the first fact that
+settles it arrives (a missing PTR decides without waiting for SPF).
+
+The order is the project's contract (README, "Decisions"): not applicable -> DUNNO; not opted
+in -> 550 5.2.1; rDNS temporary failure -> 451 4.4.3; no (or unconfirmed) PTR -> 450 4.7.25;
+SPF temporary failure -> 451 4.4.3; SPF not pass -> 450 4.7.26 unless the built-in milter will
+decide on DKIM at end of message; otherwise DUNNO. A transient fault never yields a 5xx: the
+temporary reply is validated to be 4xx when the configuration is loaded.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .addresses import IPAddress, client_ip, domain_key, printable, recipient_domain
+from .facts import Facts, RdnsOutcome, SpfFact
+from .replies import Replies
+
+__all__ = ["Subject", "Policy", "Verdict", "Need", "decide", "RULES", "DUNNO"]
+
+DUNNO = "DUNNO"
+
+
+@dataclass(frozen=True)
+class Subject:
+    """The parts of a policy request the decision reads (SMTPD_POLICY_README attribute names)."""
+
+    protocol_state: str
+    client_address: str
+    ip: IPAddress | None
+    helo_name: str
+    sender: str
+    recipient: str
+    recipient_domain: str | None
+    sasl_username: str
+    instance: str
+    reverse_client_name: str = "unknown"
+    client_name: str = "unknown"
+
+    @classmethod
+    def from_request(cls, attrs: dict[str, str]) -> Subject:
+        """Build a Subject from decoded request attributes; missing ones are empty."""
+        get = attrs.get
+        recipient = get("recipient", "")
+        return cls(
+            protocol_state=get("protocol_state", "").upper(),
+            client_address=get("client_address", ""),
+            ip=client_ip(get("client_address", "")),
+            helo_name=get("helo_name", ""),
+            sender=get("sender", ""),
+            recipient=recipient,
+            recipient_domain=recipient_domain(recipient),
+            sasl_username=get("sasl_username", ""),
+            instance=get("instance", ""),
+            reverse_client_name=get("reverse_client_name", "unknown") or "unknown",
+            client_name=get("client_name", "unknown") or "unknown",
+        )
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The configuration the decision depends on."""
+
+    trusted_networks: tuple = ()
+    replies: Replies = field(default_factory=Replies)
+
+    def trusts(self, ip: IPAddress) -> bool:
+        return any(ip.version == net.version and ip in net for net in self.trusted_networks)
+
+
+class Need(enum.Enum):
+    """A fact the decision needs before it can go on."""
+
+    RDNS = "rdns"
+    SPF = "spf"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The reply (the value of ``action=``) and the name of the rule that chose it."""
+
+    action: str
+    rule: str
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One line of the decision table."""
+
+    name: str
+    needs: tuple[Need, ...]
+    applies: Callable[[Subject, Facts, Policy, object], bool]
+    reply: Callable[[Subject, Facts, Policy], str]
+
+
+def _dunno(s: Subject, f: Facts, p: Policy) -> str:
+    return DUNNO
+
+
+def _address(s: Subject) -> str:
+    return str(s.ip) if s.ip is not None else printable(s.client_address, 64)
+
+
+def _reply_domain(domain: str) -> str:
+    # "as the client wrote it, lower-cased"; a non-ASCII domain is shown as its A-labels so the
+    # reply stays ASCII (Postfix treats malformed UTF-8 in a reply as a failed request).
+    if domain.isascii() and domain.isprintable():
+        return printable(domain, 255)
+    return domain_key(domain) or printable(domain, 255)
+
+
+def _not_opted_in(s: Subject, f: Facts, p: Policy) -> str:
+    return p.replies.not_opted_in.format(domain=_reply_domain(s.recipient_domain or ""))
+
+
+def _no_rdns(s: Subject, f: Facts, p: Policy) -> str:
+    return p.replies.no_reverse_dns.format(address=_address(s))
+
+
+def _auth_failed(s: Subject, f: Facts, p: Policy) -> str:
+    return p.replies.auth_failed.format(address=_address(s))
+
+
+def _rdns_temporary(s: Subject, f: Facts, p: Policy) -> str:
+    return p.replies.temporary.format(address=_address(s), check="reverse DNS")
+
+
+def _spf_temporary(s: Subject, f: Facts, p: Policy) -> str:
+    return p.replies.temporary.format(address=_address(s), check="SPF")
+
+
+def _spf(f: Facts) -> SpfFact:
+    assert f.spf is not None
+    return f.spf
+
+
+# The table. Each line: name, facts needed, when it applies, the reply. First match wins.
+RULES: tuple[Rule, ...] = (
+    # Policy requests outside RCPT mean a wiring mistake; never refuse mail because of it.
+    Rule("wrong-stage", (), lambda s, f, p, o: s.protocol_state != "RCPT", _dunno),
+    Rule("not-an-address", (), lambda s, f, p, o: s.ip is None, _dunno),
+    Rule("ipv4", (), lambda s, f, p, o: s.ip.version == 4, _dunno),
+    Rule("authenticated", (), lambda s, f, p, o: s.sasl_username != "", _dunno),
+    Rule("trusted-network", (), lambda s, f, p, o: p.trusts(s.ip), _dunno),
+    # RFC 5321 §4.5.1: a bare "Postmaster" (no domain) must be accepted.
+    Rule("no-recipient-domain", (), lambda s, f, p, o: s.recipient_domain is None, _dunno),
+    Rule("not-opted-in", (), lambda s, f, p, o: not o.matches(s.recipient_domain), _not_opted_in),
+    Rule("rdns-temporary", (Need.RDNS,),
+         lambda s, f, p, o: f.rdns.outcome is RdnsOutcome.TEMPFAIL, _rdns_temporary),
+    Rule("no-rdns", (Need.RDNS,),
+         lambda s, f, p, o: f.rdns.outcome is not RdnsOutcome.PASS, _no_rdns),
+    Rule("spf-temporary", (Need.SPF,), lambda s, f, p, o: _spf(f).result == "temperror",
+         _spf_temporary),
+    # Issue: SPF or DKIM. When the built-in milter is in this connection's path it verifies
+    # DKIM at end of message and gives 4.7.26 itself if that fails too.
+    Rule("spf-failed-dkim-pending", (Need.SPF,),
+         lambda s, f, p, o: _spf(f).result != "pass" and f.dkim_pending, _dunno),
+    Rule("spf-failed", (Need.SPF,), lambda s, f, p, o: _spf(f).result != "pass", _auth_failed),
+    Rule("pass", (), lambda s, f, p, o: True, _dunno),
+)
+
+_FACT_OF = {Need.RDNS: "rdns", Need.SPF: "spf"}
+
+
+def decide(subject: Subject, facts: Facts, policy: Policy, optin) -> Verdict | Need:
+    """Return the verdict of the first rule that applies, or the first fact still needed.
+
+    ``optin`` is anything with ``matches(domain) -> bool`` (an ``OptinTable``).
+    """
+    for rule in RULES:
+        for need in rule.needs:
+            if getattr(facts, _FACT_OF[need]) is None:
+                return need
+        if rule.applies(subject, facts, policy, optin):
+            return Verdict(rule.reply(subject, facts, policy), rule.name)
+    raise AssertionError("the last rule always applies")  # pragma: no cover

@@ -1,0 +1,269 @@
+"""An asynchronous DNS stub client: dnspython builds and parses messages, Twisted moves them.
+
+Contract: ``DnsClient.query(qname, rdtype)`` returns a Deferred that fires with the response
+``dns.message.Message`` of the first nameserver that gives a usable answer (NOERROR or
+NXDOMAIN), or fails with ``TransientDnsError`` once every try has timed out, been refused or
+answered SERVFAIL/REFUSED/FORMERR/NOTIMP. It never blocks the reactor and never fails with any
+other exception. Interpreting the answer (CNAME chains, TTLs, caching) is ``lookups``' job.
+
+How a query runs: tries go round-robin over the nameservers, ``attempts`` rounds, each try on
+a fresh UDP socket with a kernel-chosen source port and a random query ID (RFC 5452), connected
+to the server so that only its datagrams are read and an ICMP "port unreachable" fails the try
+at once. A response must match the question (``Message.is_response``); anything else is
+dropped. A truncated (TC) response is retried over TCP to the same server (RFC 7766). The
+resolv.conf search list is never applied: names are always absolute.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.rcode
+from twisted.internet import defer, protocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+
+__all__ = ["DnsClient", "Nameserver", "TransientDnsError"]
+
+# EDNS0 with a 1232-byte payload (the 2020 "DNS flag day" value): large TXT sets arrive in one
+# datagram where the path allows, and TCP handles the rest.
+EDNS_PAYLOAD = 1232
+_MAX_TCP_MESSAGE = 65535
+
+
+class TransientDnsError(Exception):
+    """No nameserver gave a usable answer in time (timeout, SERVFAIL, REFUSED...)."""
+
+
+@dataclass(frozen=True)
+class Nameserver:
+    host: str
+    port: int = 53
+
+    @property
+    def ipv6(self) -> bool:
+        return ":" in self.host
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if self.ipv6 else f"{self.host}:{self.port}"
+
+
+class DnsClient:
+    """Send queries to ``nameservers``; see the module docstring for the contract."""
+
+    def __init__(self, reactor, nameservers: list[Nameserver], timeout_seconds: float,
+                 attempts: int = 2) -> None:
+        if not nameservers:
+            raise ValueError("no nameservers")
+        self.reactor = reactor
+        self.nameservers = list(nameservers)
+        self.timeout_seconds = timeout_seconds
+        self.attempts = attempts
+
+    def query(self, qname: dns.name.Name, rdtype: int) -> defer.Deferred:
+        """Resolve ``qname``/``rdtype``; see the module docstring."""
+        request = dns.message.make_query(qname, rdtype, use_edns=0, payload=EDNS_PAYLOAD)
+        request.flags |= dns.flags.RD
+        tries = [ns for _ in range(self.attempts) for ns in self.nameservers]
+        return _Query(self, request, tries).start()
+
+
+class _Query:
+    """The tries of one query, one after another."""
+
+    def __init__(self, client: DnsClient, request: dns.message.Message, tries: list) -> None:
+        self.client = client
+        self.request = request
+        self.wire = request.to_wire()
+        self.tries = tries
+        self.problems: list[str] = []
+        self.result = defer.Deferred(self._cancel)
+        self.current = None  # the _Try under way
+
+    def start(self) -> defer.Deferred:
+        self._next()
+        return self.result
+
+    def _next(self) -> None:
+        if self.result.called:
+            return
+        if not self.tries:
+            why = "; ".join(dict.fromkeys(self.problems)) or "no answer"
+            self.result.errback(TransientDnsError(why))
+            return
+        server = self.tries.pop(0)
+        self.current = _UdpTry(self, server)
+        self.current.start()
+
+    def answered(self, server: Nameserver, response: dns.message.Message) -> None:
+        rcode = response.rcode()
+        if rcode in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+            self.current = None
+            if not self.result.called:
+                self.result.callback(response)
+            return
+        self.failed(server, dns.rcode.to_text(rcode))
+
+    def truncated(self, server: Nameserver) -> None:
+        self.current = _TcpTry(self, server)
+        self.current.start()
+
+    def failed(self, server: Nameserver, why: str) -> None:
+        self.problems.append(f"{why} from {server}")
+        self.current = None
+        self._next()
+
+    def _cancel(self, _deferred) -> None:
+        if self.current is not None:
+            self.current.stop()
+            self.current = None
+        self.tries = []
+
+
+class _UdpTry(protocol.DatagramProtocol):
+    noisy = False  # one socket per query: no "starting on port" log lines
+
+    def __init__(self, query: _Query, server: Nameserver) -> None:
+        self.query = query
+        self.server = server
+        self.port = None
+        self.timer = None
+        self.done = False
+
+    def start(self) -> None:
+        reactor = self.query.client.reactor
+        try:
+            self.port = reactor.listenUDP(0, self, interface="::" if self.server.ipv6 else "")
+            self.transport.connect(self.server.host, self.server.port)
+            self.transport.write(self.query.wire)
+        except Exception as error:  # socket errors: no route, no IPv6 on this host...
+            self._finish()
+            self.query.failed(self.server, f"send failed ({error.__class__.__name__})")
+            return
+        self.timer = reactor.callLater(self.query.client.timeout_seconds, self._timeout)
+
+    def datagramReceived(self, data: bytes, addr) -> None:
+        if self.done:
+            return
+        try:
+            response = dns.message.from_wire(data, ignore_trailing=True)
+        except Exception:  # dnspython raises many kinds on junk: drop it, keep waiting
+            return
+        if not self.query.request.is_response(response):
+            return
+        self._finish()
+        if response.flags & dns.flags.TC:
+            self.query.truncated(self.server)
+        else:
+            self.query.answered(self.server, response)
+
+    def connectionRefused(self) -> None:
+        if not self.done:
+            self._finish()
+            self.query.failed(self.server, "port unreachable")
+
+    def _timeout(self) -> None:
+        self.timer = None
+        if not self.done:
+            self._finish()
+            self.query.failed(self.server, "timeout")
+
+    def stop(self) -> None:
+        self._finish()
+
+    def _finish(self) -> None:
+        self.done = True
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        if self.port is not None:
+            port, self.port = self.port, None
+            port.stopListening()
+
+
+class _TcpTry(protocol.Protocol):
+    """One query over TCP (RFC 1035 §4.2.2: a two-byte length before each message)."""
+
+    def __init__(self, query: _Query, server: Nameserver) -> None:
+        self.query = query
+        self.server = server
+        self.buffer = b""
+        self.done = False
+        self.timer = None
+        self.connecting = None
+
+    def start(self) -> None:
+        reactor = self.query.client.reactor
+        endpoint_type = TCP6ClientEndpoint if self.server.ipv6 else TCP4ClientEndpoint
+        endpoint = endpoint_type(reactor, self.server.host, self.server.port,
+                                 timeout=self.query.client.timeout_seconds)
+        self.timer = reactor.callLater(self.query.client.timeout_seconds, self._timeout)
+        self.connecting = endpoint.connect(_Once(self))
+        self.connecting.addErrback(self._connect_failed)
+
+    def _connect_failed(self, failure) -> None:
+        if not self.done:
+            self._finish()
+            self.query.failed(self.server, "TCP connect failed")
+
+    def connectionMade(self) -> None:
+        wire = self.query.wire
+        self.transport.write(struct.pack("!H", len(wire)) + wire)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done:
+            return
+        self.buffer += data
+        if len(self.buffer) < 2:
+            return
+        (length,) = struct.unpack("!H", self.buffer[:2])
+        if len(self.buffer) < 2 + length:
+            return
+        self._finish()
+        try:
+            response = dns.message.from_wire(self.buffer[2:2 + length], ignore_trailing=True)
+        except Exception:
+            self.query.failed(self.server, "malformed TCP response")
+            return
+        if not self.query.request.is_response(response):
+            self.query.failed(self.server, "mismatched TCP response")
+            return
+        self.query.answered(self.server, response)
+
+    def connectionLost(self, reason=None) -> None:
+        if not self.done:
+            self._finish()
+            self.query.failed(self.server, "TCP connection closed")
+
+    def _timeout(self) -> None:
+        self.timer = None
+        if not self.done:
+            self._finish()
+            self.query.failed(self.server, "TCP timeout")
+
+    def stop(self) -> None:
+        self._finish()
+
+    def _finish(self) -> None:
+        self.done = True
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        if self.transport is not None:
+            self.transport.loseConnection()
+        elif self.connecting is not None and not self.connecting.called:
+            self.connecting.cancel()
+
+
+class _Once(protocol.Factory):
+    """A factory that hands out one already-built protocol instance."""
+
+    def __init__(self, proto: protocol.Protocol) -> None:
+        self.proto = proto
+
+    def buildProtocol(self, addr) -> protocol.Protocol:
+        return self.proto

@@ -1,0 +1,104 @@
+"""The policy engine: one request in, one verdict out, with the decision's log line.
+
+Contract: ``PolicyEngine.answer(attributes)`` returns a Deferred that fires (never fails) with
+an ``Outcome``: the ``Verdict`` and what the log line reports. It asks ``decide`` first with no
+facts; only when the table needs one does it start (or join) the message's lookups, and it
+decides again each time a needed fact arrives. It holds no socket and writes no reply: the
+Twisted adapter (``policy_server``) does that; the ``check`` command uses it too.
+
+Log format (one line per decision, ``key=value``, untrusted values quoted and escaped):
+``decision client=... helo="..." sender="..." recipient="..." instance=... rdns=... spf=...
+rule=... reply="..." facts=new|shared|none ms=...``
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from .addresses import printable
+from .decision import Need, Policy, Subject, Verdict, decide
+from .facts import Facts
+
+__all__ = ["PolicyEngine", "Outcome"]
+
+_log = Logger(namespace="policyd-ipv6")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    verdict: Verdict
+    subject: Subject
+    facts: Facts
+    facts_source: str  # "none" (no lookups needed), "new" or "shared" (another recipient's)
+    elapsed_ms: float
+
+    def log_line(self) -> str:
+        s, f = self.subject, self.facts
+        fields = [
+            "decision",
+            f"client={printable(s.client_address, 64)}",
+            f'helo="{printable(s.helo_name, 100)}"',
+            f'sender="{printable(s.sender, 200)}"',
+            f'recipient="{printable(s.recipient, 200)}"',
+            f"instance={printable(s.instance, 40) or '-'}",
+            f"rdns={printable(f.rdns.describe(), 100) if f.rdns else '-'}",
+            f"spf={f.spf.describe() if f.spf else '-'}",
+            f"rule={self.verdict.rule}",
+            f'reply="{printable(self.verdict.action, 300)}"',
+            f"facts={self.facts_source}",
+            f"ms={self.elapsed_ms:.1f}",
+        ]
+        return " ".join(fields)
+
+
+class PolicyEngine:
+    """See the module docstring. ``optin`` is a zero-argument callable giving the live table."""
+
+    def __init__(self, policy: Policy, optin, finder, clock, sessions=None) -> None:
+        self.policy = policy
+        self.optin = optin
+        self.finder = finder
+        self.clock = clock
+        # Which SMTP sessions have the built-in milter in their path (None: no milter).
+        self.sessions = sessions
+
+    def answer(self, attributes: dict[str, str]) -> defer.Deferred:
+        start = self.clock.seconds()
+        subject = Subject.from_request(attributes)
+        optin = self.optin()
+        first = decide(subject, Facts(), self.policy, optin)
+        if isinstance(first, Verdict):
+            return defer.succeed(self._done(first, subject, Facts(), "none", start))
+        if first is not Need.RDNS and first is not Need.SPF:  # pragma: no cover
+            raise AssertionError(first)
+        message, shared = self.finder.for_message(subject)
+        source = "shared" if shared else "new"
+        pending = self._dkim_pending(attributes)
+        result = defer.Deferred()
+
+        def step(_ignored=None) -> None:
+            facts = message.facts.with_(dkim_pending=pending)
+            verdict = decide(subject, facts, self.policy, optin)
+            if isinstance(verdict, Need):
+                message.when(verdict).addCallback(step)
+            else:
+                result.callback(self._done(verdict, subject, facts, source, start))
+
+        step()
+        return result
+
+    def _dkim_pending(self, attributes: dict[str, str]) -> bool:
+        return self.sessions is not None and self.sessions.milter_in_path(attributes)
+
+    def _done(self, verdict: Verdict, subject: Subject, facts: Facts, source: str,
+              start: float) -> Outcome:
+        outcome = Outcome(verdict, subject, facts, source, (self.clock.seconds() - start) * 1000)
+        if verdict.rule == "wrong-stage":
+            _log.warn("policy request at protocol_state={state}: policyd-ipv6 belongs in "
+                      "smtpd_recipient_restrictions (answering DUNNO)",
+                      state=printable(subject.protocol_state, 20))
+        _log.info("{line}", line=outcome.log_line())
+        return outcome

@@ -1,0 +1,56 @@
+"""The facts a decision is made from: the outcome of the reverse DNS and SPF checks.
+
+Contract: plain immutable values, produced by ``rdns`` and ``spf_check`` and consumed by
+``decision``; ``None`` in ``Facts`` means "not gathered yet". No behaviour, no I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, replace
+
+__all__ = ["RdnsOutcome", "RdnsFact", "SpfFact", "Facts", "SPF_RESULTS"]
+
+# RFC 7208 §2.6 results, as pyspf's check2() names them.
+SPF_RESULTS = ("pass", "fail", "softfail", "neutral", "none", "permerror", "temperror")
+
+
+class RdnsOutcome(enum.Enum):
+    PASS = "pass"  # a PTR exists (ptr mode) or a PTR name resolves back (fcrdns mode)
+    MISSING = "missing"  # NXDOMAIN or no PTR data
+    UNCONFIRMED = "unconfirmed"  # fcrdns: no PTR name resolves back to the client address
+    TEMPFAIL = "tempfail"  # timeout, SERVFAIL, deadline: a transient fault
+
+
+@dataclass(frozen=True)
+class RdnsFact:
+    outcome: RdnsOutcome
+    names: tuple[str, ...] = ()  # the PTR names found
+    confirmed: str | None = None  # the name that resolved back (fcrdns)
+    detail: str = ""  # what happened, for the log and the trace
+
+    def describe(self) -> str:
+        name = self.confirmed or (self.names[0] if self.names else "")
+        return f"{self.outcome.value}({name})" if name else self.outcome.value
+
+
+@dataclass(frozen=True)
+class SpfFact:
+    result: str  # one of SPF_RESULTS
+    explanation: str = ""
+    identity: str = ""  # the identity checked: the MAIL FROM, or postmaster@HELO
+    lookups: int = 0  # DNS queries the evaluation needed
+
+    def describe(self) -> str:
+        return self.result
+
+
+@dataclass(frozen=True)
+class Facts:
+    rdns: RdnsFact | None = None
+    spf: SpfFact | None = None
+    # True when the built-in milter is in this SMTP session's path and will check DKIM.
+    dkim_pending: bool = False
+
+    def with_(self, **changes) -> Facts:
+        return replace(self, **changes)

@@ -1,0 +1,119 @@
+"""Typed, cached DNS lookups for the checks: the one resolver adapter of the daemon.
+
+Contract: ``Lookups.lookup(name, rrtype)`` returns a Deferred that always fires (never fails)
+with an ``Answer``: ``status`` is ``ok`` (with ``values``), ``nxdomain``, ``nodata`` (includes
+names that cannot exist: over-long, empty labels, CNAME loops) or ``tempfail`` (timeouts,
+SERVFAIL...: a transient fault, with ``detail``). ``Lookups.cached(name, rrtype)`` answers
+synchronously from the cache, or ``None``. Values are plain Python: PTR and CNAME targets as
+lower-case names without the trailing dot, A/AAAA as address text, MX as (preference, name),
+TXT as a tuple of ``bytes`` strings per record.
+
+Answers are cached for their DNS TTL (negative answers for the SOA minimum, RFC 2308), bounded
+by ``max_ttl_seconds`` and by ``max_entries``; concurrent lookups of the same name share one
+query. Temporary failures are not cached. Names are always absolute: no search list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import dns.exception
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdatatype
+import dns.ttl
+from twisted.internet import defer
+
+from .cache import ExpiringCache
+
+__all__ = ["Answer", "Lookups", "RRTYPES"]
+
+RRTYPES = ("A", "AAAA", "MX", "PTR", "TXT", "CNAME")
+_NEGATIVE_TTL_FALLBACK = 60.0  # when a negative answer carries no SOA
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: str  # "ok" | "nxdomain" | "nodata" | "tempfail"
+    values: tuple = ()
+    detail: str = ""
+    ttl: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def _values(rrset, rrtype: str) -> tuple:
+    if rrtype in ("PTR", "CNAME"):
+        return tuple(r.target.to_text(omit_final_dot=True).lower() for r in rrset)
+    if rrtype in ("A", "AAAA"):
+        return tuple(r.address for r in rrset)
+    if rrtype == "MX":
+        return tuple((r.preference, r.exchange.to_text(omit_final_dot=True).lower())
+                     for r in rrset)
+    return tuple(tuple(r.strings) for r in rrset)  # TXT
+
+
+def interpret(response: dns.message.Message, rrtype: str, max_ttl: float) -> Answer:
+    """Turn a NOERROR/NXDOMAIN response into an Answer, following its CNAME chain."""
+    try:
+        chain = response.resolve_chaining()
+    except dns.message.ChainTooLong:
+        return Answer("nodata", detail="CNAME chain too long")
+    except Exception as error:  # FormError, AnswerForNXDOMAIN...: a broken answer
+        return Answer("tempfail", detail=f"unusable answer ({error.__class__.__name__})")
+    ttl = float(min(chain.minimum_ttl, max_ttl))
+    if chain.answer is not None:
+        return Answer("ok", _values(chain.answer, rrtype), ttl=ttl)
+    if chain.minimum_ttl >= dns.ttl.MAX_TTL:
+        ttl = min(_NEGATIVE_TTL_FALLBACK, max_ttl)
+    status = "nxdomain" if response.rcode() == dns.rcode.NXDOMAIN else "nodata"
+    return Answer(status, ttl=ttl)
+
+
+class Lookups:
+    """See the module docstring. ``client`` is a ``DnsClient`` (or a fake with ``query``)."""
+
+    def __init__(self, client, clock, max_entries: int = 100_000,
+                 max_ttl_seconds: float = 3600.0) -> None:
+        self.client = client
+        self.cache = ExpiringCache(max_entries, clock)
+        self.max_ttl_seconds = max_ttl_seconds
+        self._inflight: dict[tuple[str, str], list[defer.Deferred]] = {}
+        self.queries_sent = 0
+
+    def cached(self, name: str, rrtype: str) -> Answer | None:
+        return self.cache.get((name.lower().rstrip("."), rrtype))
+
+    def lookup(self, name: str, rrtype: str) -> defer.Deferred:
+        key = (name.lower().rstrip("."), rrtype)
+        answer = self.cache.get(key)
+        if answer is not None:
+            return defer.succeed(answer)
+        waiting = self._inflight.get(key)
+        mine = defer.Deferred()
+        if waiting is not None:
+            waiting.append(mine)
+            return mine
+        try:
+            qname = dns.name.from_text(key[0], origin=dns.name.root)
+            qtype = dns.rdatatype.from_text(rrtype)
+        except (dns.exception.DNSException, ValueError, UnicodeError) as error:
+            return defer.succeed(Answer("nodata", detail=f"not a DNS name ({error.__class__.__name__})"))
+        self._inflight[key] = [mine]
+        self.queries_sent += 1
+        d = self.client.query(qname, qtype)
+        d.addCallbacks(lambda r: interpret(r, rrtype, self.max_ttl_seconds),
+                       lambda f: Answer("tempfail", detail=f.getErrorMessage()))
+        d.addBoth(self._deliver, key)
+        return mine
+
+    def _deliver(self, answer, key) -> None:
+        if not isinstance(answer, Answer):  # a bug below us: report it as a transient fault
+            answer = Answer("tempfail", detail=f"internal error: {answer!r}"[:200])
+        if answer.status != "tempfail":
+            self.cache.put(key, answer, answer.ttl)
+        for waiter in self._inflight.pop(key, []):
+            waiter.callback(answer)

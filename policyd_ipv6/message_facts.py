@@ -1,0 +1,117 @@
+"""Gathering the facts of one message: rDNS and SPF at once, once per message, by a deadline.
+
+Contract: ``FactFinder.for_message(subject)`` returns the ``MessageFacts`` of the message the
+request belongs to, starting its lookups (reverse DNS and SPF concurrently) the first time.
+``MessageFacts.when(need)`` returns a Deferred that fires (never fails) once that fact is known.
+When ``deadline_seconds`` pass before a fact is known, the fact becomes a temporary failure
+(rDNS ``TEMPFAIL``, SPF ``temperror``) with the detail "deadline": a slow lookup turns into
+451 4.4.3, never a hang and never a refusal.
+
+One message, one evaluation: Postfix sends one request per recipient with the same
+``instance`` (SMTPD_POLICY_README), possibly over a new connection if it closed the old one
+(PROTOCOL.md A.6), so the facts are kept process-wide, keyed by instance and the SPF inputs,
+in a bounded, expiring cache. A request without an instance is never shared.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from .cache import ExpiringCache
+from .decision import Need, Subject
+from .facts import Facts, RdnsFact, RdnsOutcome, SpfFact
+from .rdns import check_rdns
+from .spf_check import check_spf
+
+__all__ = ["FactFinder", "MessageFacts"]
+
+_log = Logger(namespace="policyd-ipv6")
+
+
+class MessageFacts:
+    """The facts of one message as they arrive; ``facts`` is the current snapshot."""
+
+    def __init__(self, clock, deadline_seconds: float) -> None:
+        self.facts = Facts()
+        self.started = clock.seconds()
+        self.shared = 0  # how many later requests reused these facts
+        self._waiting: dict[Need, list[defer.Deferred]] = {Need.RDNS: [], Need.SPF: []}
+        self._timer = clock.callLater(deadline_seconds, self._deadline)
+
+    def when(self, need: Need) -> defer.Deferred:
+        """A Deferred firing with ``self.facts`` once ``need`` is known."""
+        if self._known(need):
+            return defer.succeed(self.facts)
+        d = defer.Deferred()
+        self._waiting[need].append(d)
+        return d
+
+    def _known(self, need: Need) -> bool:
+        return (self.facts.rdns if need is Need.RDNS else self.facts.spf) is not None
+
+    def set_rdns(self, fact: RdnsFact) -> None:
+        if self.facts.rdns is None:
+            self.facts = self.facts.with_(rdns=fact)
+            self._wake(Need.RDNS)
+
+    def set_spf(self, fact: SpfFact) -> None:
+        if self.facts.spf is None:
+            self.facts = self.facts.with_(spf=fact)
+            self._wake(Need.SPF)
+
+    def _wake(self, need: Need) -> None:
+        if self.facts.rdns is not None and self.facts.spf is not None and self._timer.active():
+            self._timer.cancel()
+        waiting, self._waiting[need] = self._waiting[need], []
+        for d in waiting:
+            d.callback(self.facts)
+
+    def _deadline(self) -> None:
+        self.set_rdns(RdnsFact(RdnsOutcome.TEMPFAIL, detail="deadline reached"))
+        self.set_spf(SpfFact("temperror", "deadline reached"))
+
+
+class FactFinder:
+    """Starts and remembers the lookups of each message. See the module docstring."""
+
+    def __init__(self, lookups, clock, rdns_mode: str, deadline_seconds: float,
+                 max_messages: int = 20_000, message_ttl_seconds: float = 3600.0) -> None:
+        self.lookups = lookups
+        self.clock = clock
+        self.rdns_mode = rdns_mode
+        self.deadline_seconds = deadline_seconds
+        self.message_ttl_seconds = message_ttl_seconds
+        self.messages = ExpiringCache(max_messages, clock)
+        self._unique = itertools.count()
+
+    def for_message(self, subject: Subject) -> tuple[MessageFacts, bool]:
+        """The message's facts and whether they were already known (shared)."""
+        if subject.instance:
+            key = (subject.instance, subject.client_address, subject.sender, subject.helo_name)
+        else:
+            key = ("", next(self._unique))
+        found = self.messages.get(key)
+        if found is not None:
+            found.shared += 1
+            return found, True
+        message = MessageFacts(self.clock, self.deadline_seconds)
+        if subject.instance:
+            self.messages.put(key, message, self.message_ttl_seconds)
+        rdns = check_rdns(self.lookups, subject.ip, self.rdns_mode,
+                          subject.reverse_client_name, subject.client_name)
+        rdns.addCallback(message.set_rdns)
+        rdns.addErrback(self._bug, "reverse DNS check", message.set_rdns,
+                        RdnsFact(RdnsOutcome.TEMPFAIL, detail="internal error"))
+        spf = check_spf(self.lookups, subject.ip, subject.sender, subject.helo_name)
+        spf.addCallback(message.set_spf)
+        spf.addErrback(self._bug, "SPF check", message.set_spf,
+                       SpfFact("temperror", "internal error"))
+        return message, False
+
+    def _bug(self, failure, what: str, setter, fallback) -> None:
+        # A bug must cost a retry (4xx), never a crash or a lost message.
+        _log.failure("internal error in the {what}", failure, what=what)
+        setter(fallback)

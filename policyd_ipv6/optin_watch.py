@@ -1,0 +1,80 @@
+"""Keeps the opt-in table current: re-read when the file changes and on SIGHUP.
+
+Contract: ``OptinWatcher(path, clock, interval_seconds)`` loads the file at once and raises
+``OSError`` or ``OptinSyntaxError`` if it cannot (at start-up a missing or bad table is a
+configuration error: an empty table would refuse all IPv6 mail). Afterwards ``table`` is always
+the last table that loaded without error: a file that is deleted, unreadable or invalid leaves
+the previous table in force and logs one error naming the file and line, until it is good
+again. ``start()`` polls the file's identity (inode, size, mtime) every ``interval_seconds``
+(none for 0); ``reload(why)`` re-reads it unconditionally (SIGHUP). The read is a small local
+file read on the reactor thread; no DNS, no network.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet import task
+from twisted.logger import Logger
+
+from .optin import OptinSyntaxError, OptinTable, load_optin
+
+__all__ = ["OptinWatcher"]
+
+_log = Logger(namespace="policyd-ipv6")
+
+
+class OptinWatcher:
+    def __init__(self, path: str, clock, interval_seconds: float) -> None:
+        self.path = path
+        self.clock = clock
+        self.interval_seconds = interval_seconds
+        self._identity = self._stat()
+        self.table: OptinTable = load_optin(path)
+        self._last_error: str | None = None
+        self._loop: task.LoopingCall | None = None
+
+    def __call__(self) -> OptinTable:
+        return self.table
+
+    def start(self) -> None:
+        if self.interval_seconds > 0:
+            self._loop = task.LoopingCall(self.poll)
+            self._loop.clock = self.clock
+            self._loop.start(self.interval_seconds, now=False)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    def _stat(self):
+        try:
+            st = os.stat(self.path)
+        except OSError as error:
+            return ("error", error.errno)
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def poll(self) -> None:
+        identity = self._stat()
+        if identity != self._identity:
+            self._identity = identity
+            self.reload("file changed")
+
+    def reload(self, why: str) -> bool:
+        """Re-read the file; True if a new table is in force."""
+        self._identity = self._stat()
+        try:
+            table = load_optin(self.path)
+        except (OSError, OptinSyntaxError) as error:
+            text = str(error) if isinstance(error, OptinSyntaxError) else (
+                f"{self.path}: {error.strerror}")
+            if text != self._last_error:
+                _log.error("opt-in table not reloaded ({why}): {error}; keeping the previous "
+                           "table ({count} entries)", why=why, error=text, count=len(self.table))
+            self._last_error = text
+            return False
+        self._last_error = None
+        self.table = table
+        _log.info("opt-in table loaded ({why}): {path}, {count} entries", why=why,
+                  path=self.path, count=len(table))
+        return True

@@ -1,0 +1,90 @@
+"""The reverse DNS check (rule 2 of EOP): does the client address have a (valid) PTR record?
+
+Contract: ``check_rdns(lookups, ip, mode, reverse_client_name, client_name)`` returns a
+Deferred that always fires with an ``RdnsFact``; it never fails.
+
+- ``mode == "ptr"`` (EOP as documented): PASS when the address has a PTR record whose target is
+  a host name; MISSING for NXDOMAIN, no PTR data, or only targets that are not host names (as
+  Postfix treats them, myaddrinfo.c); TEMPFAIL for a transient fault. No forward lookup.
+- ``mode == "fcrdns"`` (Gmail's rule): PASS as soon as one PTR name has an AAAA (A for IPv4)
+  record equal to the client address, even if another name's lookup failed; otherwise
+  TEMPFAIL if any forward lookup failed temporarily, else UNCONFIRMED.
+
+Postfix has already looked the client up: ``reverse_client_name`` (unverified PTR name) and
+``client_name`` (forward-confirmed name) are "unknown" when its lookup failed, whether the
+failure was temporary or not (PROTOCOL.md A.3). A name there is therefore proof and saves the
+lookups; "unknown" is checked with our own lookups, which tell the two failures apart.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+
+from .addresses import IPAddress, client_ip, domain_key
+from .facts import RdnsFact, RdnsOutcome
+
+__all__ = ["check_rdns", "MAX_PTR_NAMES"]
+
+# RFC 7208 §4.6.4 bounds the ptr mechanism to 10 names; the same bound serves here.
+MAX_PTR_NAMES = 10
+
+
+def _host_names(values: tuple) -> tuple[str, ...]:
+    names = [v for v in values if domain_key(v) is not None and "_" not in v]
+    return tuple(dict.fromkeys(names))[:MAX_PTR_NAMES]
+
+
+def check_rdns(lookups, ip: IPAddress, mode: str, reverse_client_name: str = "unknown",
+               client_name: str = "unknown") -> defer.Deferred:
+    """See the module docstring."""
+    if mode == "fcrdns" and client_name not in ("", "unknown"):
+        return defer.succeed(RdnsFact(RdnsOutcome.PASS, (client_name.lower(),),
+                                      client_name.lower(), "confirmed by Postfix (client_name)"))
+    if mode == "ptr" and reverse_client_name not in ("", "unknown"):
+        return defer.succeed(RdnsFact(RdnsOutcome.PASS, (reverse_client_name.lower(),), None,
+                                      "found by Postfix (reverse_client_name)"))
+    d = lookups.lookup(ip.reverse_pointer, "PTR")
+    d.addCallback(_after_ptr, lookups, ip, mode)
+    return d
+
+
+def _after_ptr(answer, lookups, ip: IPAddress, mode: str):
+    if answer.status == "tempfail":
+        return RdnsFact(RdnsOutcome.TEMPFAIL, detail=f"PTR lookup: {answer.detail}")
+    if not answer.ok:
+        return RdnsFact(RdnsOutcome.MISSING, detail=f"PTR lookup: {answer.status}")
+    names = _host_names(answer.values)
+    if not names:
+        return RdnsFact(RdnsOutcome.MISSING, detail="PTR target is not a host name")
+    if mode == "ptr":
+        return RdnsFact(RdnsOutcome.PASS, names, None, "PTR found")
+    return _confirm(lookups, ip, names)
+
+
+def _confirm(lookups, ip: IPAddress, names: tuple[str, ...]) -> defer.Deferred:
+    """Forward-confirm: the first name whose addresses include ``ip`` wins."""
+    rrtype = "AAAA" if ip.version == 6 else "A"
+    result = defer.Deferred()
+    outcomes: dict[str, str] = {}
+
+    def one_done(answer, name: str) -> None:
+        if result.called:
+            return
+        if answer.ok and any(_same(ip, value) for value in answer.values):
+            result.callback(RdnsFact(RdnsOutcome.PASS, names, name,
+                                     f"{name} resolves back ({rrtype})"))
+            return
+        outcomes[name] = answer.status if answer.ok is False else "other address"
+        if len(outcomes) == len(names):
+            details = ", ".join(f"{n}: {s}" for n, s in outcomes.items())
+            temporary = any(s == "tempfail" for s in outcomes.values())
+            outcome = RdnsOutcome.TEMPFAIL if temporary else RdnsOutcome.UNCONFIRMED
+            result.callback(RdnsFact(outcome, names, None, f"forward lookups: {details}"))
+
+    for name in names:
+        lookups.lookup(name, rrtype).addCallback(one_done, name)
+    return result
+
+
+def _same(ip: IPAddress, text: str) -> bool:
+    return client_ip(text) == ip
