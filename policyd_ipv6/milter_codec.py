@@ -15,7 +15,7 @@ Contract:
 * Payload strings stay ``bytes``: Postfix passes 8-bit text (SMTPUTF8) through, and
   DKIM needs the exact header bytes. Deciding what they mean is the session's job.
 
-It does no I/O, no logging, and imports nothing from Twisted.
+No I/O, no logging, nothing from Twisted.
 """
 
 import enum
@@ -264,7 +264,6 @@ class PacketReader:
 
 
 # --- Responses (filter -> MTA) ---
-
 def _uint32(value: int, what: str) -> bytes:
     if not 0 <= value < 2 ** 32:
         raise MilterUsageError(f"{what} {value} out of range")

@@ -1,0 +1,336 @@
+"""Sans-IO state machine for one milter connection from Postfix (protocol version 6).
+
+Contract, in the spirit of h11 (events out, bytes out, no callbacks, no I/O):
+
+* ``session.receive(data)`` decodes every complete packet and returns
+  ``Received(events, reply)``: the events, in order, and the bytes to write now (the
+  OPTNEG answer and the automatic "continue" answers). Write ``reply`` before acting on
+  the events.
+* An event with ``needs_verdict`` true (``EndOfMessage`` always; ``Connected``,
+  ``Helo``, ``MailFrom``, ``Recipient``, ``DataStarted`` when their stage is in
+  ``verdict_stages``) leaves Postfix waiting: compute the verdict, possibly
+  asynchronously, then write ``session.send_verdict(verdict, header_edits)``. Meanwhile
+  ``session.send_progress()`` may be written to keep Postfix waiting. Postfix sends
+  nothing while it waits, so bytes received then are a protocol error.
+* For stages outside ``verdict_stages`` the session negotiates SMFIP_NR_* (Postfix
+  then expects no answer) or, where the MTA did not offer that, answers "continue".
+* Errors: bytes that are not what Postfix sends here raise ``MilterProtocolError``
+  (log, then disconnect without a reply; Postfix applies ``milter_default_action``);
+  misuse by the caller raises ``MilterUsageError``. Nothing else is raised.
+* Bounds: packets (``max_packet_length``), headers per message (``max_headers``),
+  header plus body bytes (``max_message_bytes``) and stored recipients
+  (``max_recipients``). A message over the header or byte bound is still handled to
+  the end: collection stops, the body collected so far is dropped, and
+  ``Message.too_large`` is true, so the caller can accept it untouched instead of
+  judging an incomplete copy. Recipients beyond the bound are counted, not stored.
+
+The events and the data they carry are defined in ``milter_events``. Usage by a
+transport adapter (every event has ``needs_verdict``)::
+
+    session = MilterSession()
+    events, reply = session.receive(data)  # MilterProtocolError: log, disconnect
+    transport.write(reply)
+    for event in events:
+        if event.needs_verdict:  # now or later, exactly once:
+            transport.write(session.send_verdict(Verdict.CONTINUE))
+        elif isinstance(event, Closed) and not event.new_connection:
+            transport.loseConnection()
+"""
+
+import enum
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable, Mapping, NamedTuple
+
+from . import milter_codec as codec
+from .milter_codec import (Action, HeaderEdit, MacroStage, MilterProtocolError,
+                           MilterUsageError, Protocol, ReplyCode, Verdict)
+from .milter_events import (Aborted, Closed, Connected, Connection, DataStarted,
+                            EndOfMessage, Event, Header, Helo, MailFrom, Message, Negotiated,
+                            Recipient, UnknownCommand, text)
+
+
+class Stage(enum.Enum):
+    """Events at which the caller may decide; the value is the SMFIC_* code."""
+
+    CONNECT = codec.SMFIC_CONNECT
+    HELO = codec.SMFIC_HELO
+    MAIL = codec.SMFIC_MAIL
+    RCPT = codec.SMFIC_RCPT
+    DATA = codec.SMFIC_DATA
+    EOM = codec.SMFIC_BODYEOB
+
+
+# The no-reply flag for each stage outside verdict_stages (milter8.c honours all of them).
+_NO_REPLY = {Stage.CONNECT: Protocol.NR_CONN, Stage.HELO: Protocol.NR_HELO,
+             Stage.MAIL: Protocol.NR_MAIL, Stage.RCPT: Protocol.NR_RCPT,
+             Stage.DATA: Protocol.NR_DATA}
+_NO_REPLY_CONTENT = {codec.SMFIC_HEADER: Protocol.NR_HDR, codec.SMFIC_EOH: Protocol.NR_EOH,
+                     codec.SMFIC_BODY: Protocol.NR_BODY, codec.SMFIC_UNKNOWN: Protocol.NR_UNKN}
+REQUIRED_ACTIONS = Action.ADDHDRS | Action.CHGHDRS | Action.SETSYMLIST
+# HDR_LEADSPC keeps the header value's leading whitespace, needed to rebuild the exact
+# header bytes for DKIM (milter8_header). NOUNKNOWN: unknown SMTP commands are no concern.
+REQUIRED_PROTOCOL = Protocol.HDR_LEADSPC
+OPTIONAL_PROTOCOL = (Protocol.NOUNKNOWN | Protocol.NR_UNKN | Protocol.NR_HDR
+                     | Protocol.NR_EOH | Protocol.NR_BODY)
+DEFAULT_VERDICT_STAGES = frozenset({Stage.CONNECT, Stage.MAIL, Stage.EOM})
+# Requested with SETSYMLIST; Postfix keeps its main.cf lists for the other stages.
+DEFAULT_MACRO_LISTS = {
+    MacroStage.CONNECT: "j {daemon_name} {daemon_addr} {daemon_port} {client_addr} "
+                        "{client_port} {client_ptr} {client_resolve} _",
+    MacroStage.ENVFROM: "i {auth_type} {auth_authen} {mail_addr}",
+    MacroStage.ENVRCPT: "i {rcpt_addr}",
+    MacroStage.DATA: "i",
+    MacroStage.EOH: "i",
+    MacroStage.EOM: "i",
+}
+DEFAULT_MAX_HEADERS = 1000
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # Postfix message_size_limit: 10240000
+DEFAULT_MAX_RECIPIENTS = 1000  # Postfix smtpd_recipient_limit
+
+
+def _macros(pairs: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """Macro names without braces: "{daemon_name}" -> "daemon_name", "j" -> "j"."""
+    return {text(name).removeprefix("{").removesuffix("}"): text(value)
+            for name, value in pairs}
+
+
+@dataclass(slots=True)
+class _MessageBuilder:
+    sender: str | None = None
+    esmtp_args: tuple[str, ...] = ()
+    recipients: list[str] = field(default_factory=list)
+    recipient_count: int = 0
+    headers: list[Header] = field(default_factory=list)
+    name_counts: dict[bytes, int] = field(default_factory=dict)
+    body: list[bytes] = field(default_factory=list)
+    size: int = 0
+    macros: dict[str, str] = field(default_factory=dict)
+    too_large: bool = False
+
+
+class Received(NamedTuple):
+    events: list[Event]
+    reply: bytes
+
+
+class State(enum.Enum):
+    NEGOTIATING = "negotiating"  # waiting for OPTNEG
+    CONNECTING = "connecting"  # waiting for CONNECT
+    CONNECTED = "connected"
+    CLOSED = "closed"  # after QUIT, or after a final verdict at CONNECT/HELO
+
+
+class MilterSession:
+    """One milter connection; see the module docstring for the contract."""
+
+    def __init__(self, *, verdict_stages: Iterable[Stage] = DEFAULT_VERDICT_STAGES,
+                 macro_lists: Mapping[MacroStage, str] = DEFAULT_MACRO_LISTS,
+                 max_packet_length: int = codec.DEFAULT_MAX_PACKET_LENGTH,
+                 max_headers: int = DEFAULT_MAX_HEADERS,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 max_recipients: int = DEFAULT_MAX_RECIPIENTS) -> None:
+        self._verdict_stages = frozenset(verdict_stages) | {Stage.EOM}
+        if not all(isinstance(stage, Stage) for stage in self._verdict_stages):
+            raise MilterUsageError(f"verdict_stages must be Stage members: {verdict_stages!r}")
+        codec.encode_optneg(0, Action(0), Protocol(0), macro_lists)  # validates the lists
+        self._macro_lists = dict(macro_lists)
+        self._reader = codec.PacketReader(max_packet_length)
+        self._max_headers, self._max_message_bytes = max_headers, max_message_bytes
+        self._max_recipients = max_recipients
+        self.state = State.NEGOTIATING
+        self.protocol = Protocol(0)  # agreed in OPTNEG
+        self.pending: Stage | None = None  # the stage waiting for send_verdict()
+        self.connection: Connection | None = None
+        self._message = _MessageBuilder()
+        self._stage_macros: dict[bytes, dict[str, str]] = {}
+
+    # --- input ---
+
+    def receive(self, data: bytes) -> Received:
+        """Feed bytes from Postfix; return the events and the bytes to write now."""
+        self._reader.feed(data)
+        events: list[Event] = []
+        reply = bytearray()
+        while (command := self._reader.next_command()) is not None:
+            if self.state is State.CLOSED or self.pending is not None:
+                raise MilterProtocolError(f"unexpected command in state {self.state.value}"
+                                          f" (verdict pending: {self.pending})")
+            self._handle(command, events, reply)
+        return Received(events, bytes(reply))
+
+    def _handle(self, command: codec.Command, events: list[Event], reply: bytearray) -> None:
+        if isinstance(command, codec.OptNegCommand):
+            return self._negotiate(command, events, reply)
+        if self.state is State.NEGOTIATING:
+            raise MilterProtocolError("command before OPTNEG")
+        if isinstance(command, codec.MacroCommand):
+            self._stage_macros[command.stage] = _macros(command.pairs)
+            return None
+        if isinstance(command, codec.SimpleCommand) and command.code in (
+                codec.SMFIC_ABORT, codec.SMFIC_QUIT, codec.SMFIC_QUIT_NC):
+            self._message, self._stage_macros = _MessageBuilder(), {}
+            if command.code == codec.SMFIC_ABORT:
+                events.append(Aborted())
+            else:
+                new_connection = command.code == codec.SMFIC_QUIT_NC
+                self.state = State.CONNECTING if new_connection else State.CLOSED
+                self.connection = None
+                events.append(Closed(new_connection))
+            return None
+        if isinstance(command, codec.ConnectCommand):
+            if self.state is not State.CONNECTING:
+                raise MilterProtocolError("second CONNECT")
+            self.state = State.CONNECTED
+            self.connection = Connection(
+                text(command.hostname), text(command.family),
+                None if command.address is None else text(command.address), command.port,
+                self._take_macros(codec.SMFIC_CONNECT))
+            return self._stage(Stage.CONNECT, events, reply,
+                               lambda needs: Connected(self.connection, needs))
+        if self.state is not State.CONNECTED:
+            raise MilterProtocolError("command before CONNECT")
+        self._handle_connected(command, events, reply)
+
+    def _handle_connected(self, command: codec.Command, events: list[Event],
+                          reply: bytearray) -> None:
+        message = self._message
+        if isinstance(command, codec.HeloCommand):
+            macros = self._take_macros(codec.SMFIC_HELO)
+            self.connection = replace(self.connection, helo=text(command.name),
+                                      macros={**self.connection.macros, **macros})
+            self._stage(Stage.HELO, events, reply,
+                        lambda needs: Helo(text(command.name), macros, needs))
+        elif isinstance(command, codec.MailCommand):
+            # A new MAIL starts a new message even if no ABORT came in between.
+            self._message = message = _MessageBuilder()
+            macros = self._take_macros(codec.SMFIC_MAIL, message)
+            message.sender = text(command.args[0])
+            message.esmtp_args = tuple(text(arg) for arg in command.args[1:])
+            self._stage(Stage.MAIL, events, reply, lambda needs: MailFrom(
+                message.sender, message.esmtp_args, macros, needs))
+        elif isinstance(command, codec.RcptCommand):
+            macros = self._take_macros(codec.SMFIC_RCPT, message)
+            recipient, args = text(command.args[0]), tuple(map(text, command.args[1:]))
+            message.recipient_count += 1
+            if len(message.recipients) < self._max_recipients:
+                message.recipients.append(recipient)
+            self._stage(Stage.RCPT, events, reply,
+                        lambda needs: Recipient(recipient, args, macros, needs))
+        elif isinstance(command, codec.SimpleCommand) and command.code == codec.SMFIC_DATA:
+            macros = self._take_macros(codec.SMFIC_DATA, message)
+            self._stage(Stage.DATA, events, reply, lambda needs: DataStarted(macros, needs))
+        elif isinstance(command, codec.HeaderCommand):
+            self._take_macros(codec.SMFIC_HEADER, message)
+            self._add_header(message, command.name, command.value)
+            self._content_reply(codec.SMFIC_HEADER, reply)
+        elif isinstance(command, codec.SimpleCommand) and command.code == codec.SMFIC_EOH:
+            self._take_macros(codec.SMFIC_EOH, message)
+            self._content_reply(codec.SMFIC_EOH, reply)
+        elif isinstance(command, codec.BodyCommand):
+            self._take_macros(codec.SMFIC_BODY, message)
+            self._add_body(message, command.chunk)
+            self._content_reply(codec.SMFIC_BODY, reply)
+        elif isinstance(command, codec.EndOfMessageCommand):
+            self._take_macros(codec.SMFIC_BODYEOB, message)
+            self._add_body(message, command.chunk)
+            self.pending = Stage.EOM
+            events.append(EndOfMessage(self.connection, self._snapshot(message)))
+        elif isinstance(command, codec.UnknownCommand):
+            self._take_macros(codec.SMFIC_UNKNOWN)
+            events.append(UnknownCommand(text(command.command)))
+            self._content_reply(codec.SMFIC_UNKNOWN, reply)
+        else:  # OPTNEG and the connection commands were handled by _handle().
+            raise AssertionError(f"unhandled command {command!r}")
+
+    def _negotiate(self, command: codec.OptNegCommand, events: list[Event],
+                   reply: bytearray) -> None:
+        if self.state is not State.NEGOTIATING:
+            raise MilterProtocolError("second OPTNEG")
+        # milter_protocol < 6 lacks SETSYMLIST and HDR_LEADSPC, which the DKIM check needs.
+        if command.version < codec.MILTER_VERSION:
+            raise MilterProtocolError(f"MTA offers milter protocol {command.version} < 6")
+        if REQUIRED_ACTIONS & ~command.actions or REQUIRED_PROTOCOL & ~command.protocol:
+            raise MilterProtocolError(f"MTA lacks actions {REQUIRED_ACTIONS!r} or protocol"
+                                      f" {REQUIRED_PROTOCOL!r}: {command!r}")
+        wanted = REQUIRED_PROTOCOL | OPTIONAL_PROTOCOL
+        for stage, flag in _NO_REPLY.items():
+            if stage not in self._verdict_stages:
+                wanted |= flag
+        self.protocol = wanted & command.protocol
+        self.state = State.CONNECTING
+        reply += codec.encode_optneg(codec.MILTER_VERSION, REQUIRED_ACTIONS, self.protocol,
+                                     self._macro_lists)
+        events.append(Negotiated(codec.MILTER_VERSION, REQUIRED_ACTIONS, self.protocol))
+
+    # --- helpers ---
+
+    def _take_macros(self, code: bytes, message: _MessageBuilder | None = None
+                     ) -> dict[str, str]:
+        """The macros Postfix sent just before this command; merged into the message."""
+        macros = self._stage_macros.pop(code, {})
+        if message is not None:
+            message.macros.update(macros)
+        return macros
+
+    def _stage(self, stage: Stage, events: list[Event], reply: bytearray,
+               make_event: Callable[[bool], Event]) -> None:
+        needs_verdict = stage in self._verdict_stages
+        if needs_verdict:
+            self.pending = stage
+        elif not self.protocol & _NO_REPLY[stage]:
+            reply += codec.encode_response(Verdict.CONTINUE)
+        events.append(make_event(needs_verdict))
+
+    def _content_reply(self, code: bytes, reply: bytearray) -> None:
+        if not self.protocol & _NO_REPLY_CONTENT[code]:
+            reply += codec.encode_response(Verdict.CONTINUE)
+
+    def _add_header(self, message: _MessageBuilder, name: bytes, value: bytes) -> None:
+        key = name.lower()  # Postfix matches header names with strncasecmp()
+        message.name_counts[key] = index = message.name_counts.get(key, 0) + 1
+        message.size += len(name) + len(value)
+        if (len(message.headers) >= self._max_headers
+                or message.size > self._max_message_bytes):
+            message.too_large, message.body = True, []  # free the memory now
+        if not message.too_large:
+            message.headers.append(Header(name, value, index))
+
+    def _add_body(self, message: _MessageBuilder, chunk: bytes) -> None:
+        message.size += len(chunk)
+        if message.size > self._max_message_bytes:
+            message.too_large, message.body = True, []
+        if chunk and not message.too_large:
+            message.body.append(chunk)
+
+    @staticmethod
+    def _snapshot(message: _MessageBuilder) -> Message:
+        return Message(message.sender, message.esmtp_args, tuple(message.recipients),
+                       message.recipient_count, tuple(message.headers),
+                       b"".join(message.body), dict(message.macros), message.too_large)
+
+    # --- output ---
+
+    def send_verdict(self, verdict: Verdict | ReplyCode,
+                     header_edits: Iterable[HeaderEdit] = ()) -> bytes:
+        """Answer the pending event; header edits only at end of message, applied in
+        the given order before the verdict. Returns the bytes to write."""
+        if self.pending is None:
+            raise MilterUsageError("no event is waiting for a verdict")
+        if not isinstance(verdict, (Verdict, ReplyCode)):
+            raise MilterUsageError(f"not a verdict: {verdict!r}")
+        edits = tuple(header_edits)
+        if edits and self.pending is not Stage.EOM:
+            raise MilterUsageError("header edits are only possible at end of message")
+        data = b"".join(map(codec.encode_response, (*edits, verdict)))
+        stage, self.pending = self.pending, None
+        if stage is Stage.EOM:
+            self._message, self._stage_macros = _MessageBuilder(), {}
+        elif stage in (Stage.CONNECT, Stage.HELO) and verdict is not Verdict.CONTINUE:
+            self.state = State.CLOSED  # Postfix closes the connection (milter8_event)
+        return data
+
+    def send_progress(self) -> bytes:
+        """Ask Postfix to keep waiting for the pending verdict (SMFIR_PROGRESS)."""
+        if self.pending is None:
+            raise MilterUsageError("no event is waiting for a verdict")
+        return codec.encode_packet(codec.SMFIR_PROGRESS)
