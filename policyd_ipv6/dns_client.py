@@ -166,6 +166,15 @@ class _UdpTry(protocol.DatagramProtocol):
             self._finish()
             self.query.failed(self.server, "port unreachable")
 
+    def stopProtocol(self) -> None:
+        # The epoll reactor closes a UDP port whose socket reports an error (EPOLLERR, as an
+        # ICMP "port unreachable" does on a connected socket) instead of calling
+        # connectionRefused: the try has failed either way.
+        if not self.done:
+            self.port = None
+            self._finish()
+            self.query.failed(self.server, "port unreachable")
+
     def _timeout(self) -> None:
         self.timer = None
         if not self.done:

@@ -53,7 +53,11 @@ class Replies:
 
 
 def validate_reply(key: str, template: object, temporary: bool = False) -> str:
-    """Return ``template`` if it is a usable reply template for ``key``; else raise ValueError."""
+    """Return ``template`` if it is a usable reply template for ``key``; else raise ValueError.
+
+    ``key`` is the reply's name (``auth_failed``), optionally behind its table
+    (``replies.auth_failed``); the error message names it as given.
+    """
     def bad(why: str) -> ValueError:
         return ValueError(f"{key} = {template!r}: {why}")
 
@@ -63,7 +67,7 @@ def validate_reply(key: str, template: object, temporary: bool = False) -> str:
         raise bad(f"longer than {MAX_TEMPLATE} characters")
     if not template.isascii() or not template.isprintable():
         raise bad("must be one line of printable ASCII")
-    allowed = PLACEHOLDERS[key]
+    allowed = PLACEHOLDERS[key.rsplit(".", 1)[-1]]
     try:
         fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
     except ValueError as error:

@@ -1,0 +1,76 @@
+"""Test fakes with the same interface as the real parts they replace.
+
+``FakeDnsClient`` stands in for ``policyd_ipv6.dns_client.DnsClient``: ``query(qname, rdtype)``
+returns a Deferred firing with a real ``dns.message`` response built from a small record
+table, or failing with ``TransientDnsError`` for names listed as broken; with a ``clock`` and a
+``delay`` it answers later (never, for names listed as ``silent``). ``test_fake_contract.py``
+runs the same lookups through this fake and through the real client against Knot, so the fake
+stays honest.
+"""
+
+from __future__ import annotations
+
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdatatype
+import dns.rrset
+from twisted.internet import defer
+
+from policyd_ipv6.dns_client import TransientDnsError
+
+
+class FakeDnsClient:
+    def __init__(self, records: dict[tuple[str, str], list[str]] | None = None,
+                 broken: set[str] = frozenset(), silent: set[str] = frozenset(),
+                 clock=None, delay: float = 0.0, ttl: int = 300) -> None:
+        self.records = {(n.lower().rstrip("."), t): list(v) for (n, t), v in (records or {}).items()}
+        self.broken = {b.lower().rstrip(".") for b in broken}
+        self.silent = {s.lower().rstrip(".") for s in silent}
+        self.clock = clock
+        self.delay = delay
+        self.ttl = ttl
+        self.queries: list[tuple[str, str]] = []
+
+    def add(self, name: str, rtype: str, *values: str) -> "FakeDnsClient":
+        self.records.setdefault((name.lower().rstrip("."), rtype), []).extend(values)
+        return self
+
+    def response(self, qname: dns.name.Name, rdtype: int) -> dns.message.Message:
+        request = dns.message.make_query(qname, rdtype)
+        response = dns.message.make_response(request)
+        name = qname.to_text(omit_final_dot=True).lower()
+        rtype = dns.rdatatype.to_text(rdtype)
+        hops = 0
+        while True:
+            values = self.records.get((name, rtype))
+            if values:
+                response.answer.append(dns.rrset.from_text_list(
+                    dns.name.from_text(name), self.ttl, "IN", rtype, values))
+                return response
+            cname = self.records.get((name, "CNAME"))
+            if cname and hops < 20:
+                response.answer.append(dns.rrset.from_text_list(
+                    dns.name.from_text(name), self.ttl, "IN", "CNAME", cname))
+                name = cname[0].lower().rstrip(".")
+                hops += 1
+                continue
+            break
+        if not any(n == name for n, _ in self.records):
+            response.set_rcode(dns.rcode.NXDOMAIN)
+        return response
+
+    def query(self, qname: dns.name.Name, rdtype: int) -> defer.Deferred:
+        name = qname.to_text(omit_final_dot=True).lower()
+        self.queries.append((name, dns.rdatatype.to_text(rdtype)))
+        if name in self.silent:
+            return defer.Deferred()  # never answers, like a black-holed server
+        if name in self.broken:
+            result = defer.fail(TransientDnsError("SERVFAIL from fake"))
+        else:
+            result = defer.succeed(self.response(qname, rdtype))
+        if self.clock is None or self.delay <= 0:
+            return result
+        later = defer.Deferred()
+        self.clock.callLater(self.delay, lambda: result.chainDeferred(later))
+        return later

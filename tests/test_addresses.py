@@ -1,0 +1,84 @@
+"""Tests of untrusted-name normalisation (policyd_ipv6.addresses)."""
+
+import ipaddress
+
+import pytest
+from hypothesis import given, strategies as st
+
+from policyd_ipv6.addresses import client_ip, domain_key, helo_domain, printable, recipient_domain
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("2001:db8::25", "2001:db8::25"),
+    ("2001:DB8:0:0::25", "2001:db8::25"),
+    ("::ffff:192.0.2.10", "192.0.2.10"),
+    ("192.0.2.10", "192.0.2.10"),
+    ("fe80::1%eth0", "fe80::1"),
+    ("unknown", None),
+    ("", None),
+    ("[2001:db8::1]", None),
+])
+def test_client_ip(text, expected):
+    """client_address parses to an address (IPv4-mapped becomes IPv4) or None."""
+    result = client_ip(text)
+    assert (str(result) if result is not None else None) == expected
+
+
+@pytest.mark.parametrize("address, expected", [
+    ("bob@Contoso.COM", "contoso.com"),
+    ("bob@contoso.com.", "contoso.com"),
+    ('"a@b"@contoso.com', "contoso.com"),   # quoted local part containing @
+    ("postmaster", None),
+    ("bob@", None),
+    ("<bob@x.example>", "x.example"),
+    ("bob@[IPv6:2001:db8::1]", "[ipv6:2001:db8::1]"),
+])
+def test_recipient_domain(address, expected):
+    """The domain follows the last @; none for a bare local part."""
+    assert recipient_domain(address) == expected
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("Example.COM.", "example.com"),
+    ("bücher.example", "xn--bcher-kva.example"),
+    ("_spf.example.com", "_spf.example.com"),
+    ("a" * 64 + ".com", None),                 # label over 63
+    (".".join(["a" * 60] * 5), None),          # name over 253
+    ("[192.0.2.1]", None),
+    ("exa mple.com", None),
+    ("-bad.com", None),
+    ("", None),
+])
+def test_domain_key(name, expected):
+    """Domain names normalise to lower-case A-labels; anything else gives None."""
+    assert domain_key(name) == expected
+
+
+@pytest.mark.parametrize("helo, expected", [
+    ("mx.example.net", "mx.example.net"),
+    ("localhost", None),
+    ("[IPv6:2001:db8::1]", None),
+    ("[192.0.2.1]", None),
+    ("192.0.2.1", None),
+    ("_x.example.net", None),
+])
+def test_helo_domain(helo, expected):
+    """Only a multi-label, non-numeric host name is an SPF HELO identity."""
+    assert helo_domain(helo) == expected
+
+
+def test_printable_escapes_and_bounds():
+    """Untrusted text is escaped (quotes, controls, non-ASCII) and truncated."""
+    assert printable('a"b\\c\n\x00é') == 'a\\"b\\\\c\\x0a\\x00\\xe9'
+    assert printable("x" * 300, 10) == "x" * 10 + "..."
+
+
+@given(st.text(max_size=600))
+def test_no_function_raises_on_any_text(text):
+    """Every normaliser returns a value or None for any string; none raises."""
+    client_ip(text)
+    recipient_domain(text)
+    domain_key(text)
+    helo_domain(text)
+    out = printable(text)
+    assert out.isascii() and "\n" not in out

@@ -1,0 +1,104 @@
+"""Tests of configuration loading (policyd_ipv6.config) and the shipped sample files."""
+
+import dataclasses
+import filecmp
+import ipaddress
+import os
+
+import pytest
+
+from policyd_ipv6.cli import SAMPLE_CONFIG
+from policyd_ipv6.config import KEYS, Config, ConfigError, load_config, parse_config
+from policyd_ipv6.dns_client import Nameserver
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_defaults():
+    """An empty file gives the documented defaults."""
+    config = parse_config("", "/etc/policyd-ipv6")
+    assert config.listen == ("tcp:10045:interface=127.0.0.1",)
+    assert config.optin_file == "/etc/policyd-ipv6/optin-domains"
+    assert config.rdns == "ptr"
+    assert config.trusted_networks == (ipaddress.ip_network("127.0.0.0/8"),
+                                       ipaddress.ip_network("::1/128"))
+    assert config.nameservers == ()
+    assert dataclasses.replace(config, source="<defaults>") == Config.defaults()
+
+
+def test_public_keys_parse():
+    """The public-contract keys take the documented forms."""
+    config = parse_config('''
+listen = ["tcp:10045:interface=127.0.0.1", "unix:/run/p.sock:mode=660"]
+optin_file = "domains"
+rdns = "fcrdns"
+trusted_networks = ["192.0.2.0/24", "2001:db8::/32"]
+nameservers = ["192.0.2.53", "127.0.0.1:5353", "2001:db8::53", "[::1]:5353"]
+[replies]
+not_opted_in = "450 4.2.1 [{domain}] try IPv4"
+''', "/srv/conf")
+    assert config.optin_file == "/srv/conf/domains"
+    assert config.rdns == "fcrdns"
+    assert config.nameservers == (Nameserver("192.0.2.53"), Nameserver("127.0.0.1", 5353),
+                                  Nameserver("2001:db8::53"), Nameserver("::1", 5353))
+    assert config.replies.not_opted_in == "450 4.2.1 [{domain}] try IPv4"
+
+
+@pytest.mark.parametrize("text, names", [
+    ('rdns = "strict"', ['rdns = "strict"', "ptr", "fcrdns"]),
+    ('listn = ["tcp:1"]', ["unknown key listn"]),
+    ("listen = []", ["listen = []", "at least one"]),
+    ('listen = "tcp:10045"', ['listen = "tcp:10045"', "list"]),
+    ('trusted_networks = ["10.0.0.300/8"]', ['trusted_networks = "10.0.0.300/8"']),
+    ('nameservers = ["localhost"]', ['nameservers = "localhost"']),
+    ('nameservers = ["[::1]:99999"]', ['nameservers = "[::1]:99999"']),
+    ("decision_deadline_seconds = 0", ["decision_deadline_seconds = 0", "between"]),
+    ("decision_deadline_seconds = 120", ["decision_deadline_seconds = 120"]),
+    ('dns_timeout_seconds = "2"', ['dns_timeout_seconds = "2"', "number"]),
+    ("dns_attempts = 1.5", ["dns_attempts = 1.5", "whole number"]),
+    ("max_connections = true", ["max_connections = True"]),
+    ('[replies]\ntemporary = "554 5.4.3 no"', ["replies.temporary", "4xx"]),
+    ('[replies]\nauth_failed = "450 5.7.26 x"', ["replies.auth_failed", "class"]),
+    ('[replies]\nno_reverse_dns = "no code"', ["replies.no_reverse_dns", "4xx or 5xx"]),
+    ('[replies]\nnot_opted_in = "550 5.2.1 {nope}"', ["replies.not_opted_in", "{nope}"]),
+    ('[replies]\nbogus = "550 5.2.1 x"', ["replies.bogus", "unknown reply"]),
+    ("rdns = ", ["not valid TOML"]),
+])
+def test_bad_values_name_key_and_value(text, names):
+    """Every bad value raises ConfigError whose message names the key and the value."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "/etc", source="/etc/p.toml")
+    message = str(info.value)
+    assert message.startswith("/etc/p.toml")
+    for name in names:
+        assert name in message
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    """A configuration file that cannot be read is reported with its path."""
+    with pytest.raises(ConfigError, match="cannot read configuration file"):
+        load_config(str(tmp_path / "nope.toml"))
+
+
+def test_every_key_has_a_doc_and_a_config_field():
+    """Each schema key is documented and becomes a Config field (one definition per key)."""
+    fields = set(Config.__dataclass_fields__) - {"source"}
+    assert {k.name for k in KEYS} == fields
+    assert all(len(k.doc) > 20 for k in KEYS)
+
+
+def test_sample_config_loads_and_postfix_examples_are_the_same_files():
+    """The embedded sample loads, and postfix-examples/ carries exactly the same files."""
+    config = load_config(SAMPLE_CONFIG)
+    assert config.listen == ("tcp:10045:interface=127.0.0.1",)
+    assert os.path.exists(config.optin_file)
+    for name in ("policyd-ipv6.toml", "optin-domains"):
+        assert filecmp.cmp(os.path.join(os.path.dirname(SAMPLE_CONFIG), name),
+                           os.path.join(ROOT, "postfix-examples", name), shallow=False), name
+
+
+def test_sample_config_mentions_every_key():
+    """The commented sample names every key a user can set (other than the [replies] texts)."""
+    text = open(SAMPLE_CONFIG).read()
+    for key in KEYS:
+        assert key.name in text, key.name

@@ -1,0 +1,138 @@
+"""Tests of the decision table (policyd_ipv6.decision): every row, with literal facts."""
+
+import ipaddress
+
+import pytest
+
+from policyd_ipv6.decision import DUNNO, RULES, Need, Policy, Subject, Verdict, decide
+from policyd_ipv6.facts import Facts, RdnsFact, RdnsOutcome, SpfFact
+from policyd_ipv6.optin import parse_optin
+from policyd_ipv6.replies import Replies
+
+OPTIN = parse_optin("contoso.com\n.example.org\n")
+POLICY = Policy(trusted_networks=(ipaddress.ip_network("2001:db8:ffff::/48"),))
+ADDR = "2001:db8::25"
+
+NO_PTR = f"450 4.7.25 Service unavailable, sending IPv6 address [{ADDR}] must have reverse DNS record."
+NO_AUTH = (f"450 4.7.26 Service unavailable, message sent over IPv6 [{ADDR}] must pass either SPF"
+           " or DKIM validation.")
+
+PASS = RdnsFact(RdnsOutcome.PASS, ("mx.example.net",))
+MISSING = RdnsFact(RdnsOutcome.MISSING)
+UNCONFIRMED = RdnsFact(RdnsOutcome.UNCONFIRMED, ("mx.example.net",))
+RDNS_TEMP = RdnsFact(RdnsOutcome.TEMPFAIL, detail="timeout")
+
+
+def subject(**overrides) -> Subject:
+    attrs = {"request": "smtpd_access_policy", "protocol_state": "RCPT",
+             "client_address": ADDR, "helo_name": "mx.example.net",
+             "sender": "alice@example.net", "recipient": "bob@contoso.com",
+             "instance": "1.2.3.4", "sasl_username": ""}
+    attrs.update(overrides)
+    return Subject.from_request(attrs)
+
+
+def verdict(s=None, rdns=None, spf=None, dkim_pending=False):
+    return decide(s or subject(), Facts(rdns, spf, dkim_pending), POLICY, OPTIN)
+
+
+@pytest.mark.parametrize("overrides, rule", [
+    ({"protocol_state": "MAIL"}, "wrong-stage"),
+    ({"protocol_state": "END-OF-MESSAGE"}, "wrong-stage"),
+    ({"client_address": "unknown"}, "not-an-address"),
+    ({"client_address": "192.0.2.10"}, "ipv4"),
+    ({"client_address": "::ffff:192.0.2.10"}, "ipv4"),
+    ({"sasl_username": "alice"}, "authenticated"),
+    ({"client_address": "2001:db8:ffff::1"}, "trusted-network"),
+    ({"recipient": "postmaster"}, "no-recipient-domain"),
+])
+def test_not_applicable_requests_get_dunno_without_lookups(overrides, rule):
+    """Requests outside the rules' scope are answered DUNNO before any fact is needed."""
+    assert verdict(subject(**overrides)) == Verdict(DUNNO, rule)
+
+
+def test_not_opted_in_gives_550_with_the_domain_as_written_lowercased():
+    """A recipient domain not in the table gets 550 5.2.1 naming it, lower-case, no dot."""
+    result = verdict(subject(recipient="Bob@Fabrikam.COM."))
+    assert result == Verdict("550 5.2.1 Service unavailable, [fabrikam.com] does not accept "
+                             "email over IPv6.", "not-opted-in")
+
+
+def test_not_opted_in_is_decided_before_any_lookup():
+    """Rule 2 needs no DNS: the 550 comes even while rDNS and SPF are unknown."""
+    assert verdict(subject(recipient="x@example.org")).rule == "not-opted-in"  # parent itself
+    assert verdict(subject(recipient="x@a.example.org")) is Need.RDNS  # subdomain opted in
+
+
+def test_opted_in_needs_rdns_first_then_spf():
+    """For an opted-in domain the table asks for rDNS, then (once rDNS passes) for SPF."""
+    assert verdict() is Need.RDNS
+    assert verdict(rdns=PASS) is Need.SPF
+
+
+@pytest.mark.parametrize("rdns, spf, expected, rule", [
+    (RDNS_TEMP, None, "451 4.4.3", "rdns-temporary"),
+    (RDNS_TEMP, SpfFact("fail"), "451 4.4.3", "rdns-temporary"),   # temp rDNS beats SPF fail
+    (MISSING, None, NO_PTR, "no-rdns"),
+    (MISSING, SpfFact("temperror"), NO_PTR, "no-rdns"),             # missing PTR beats SPF temp
+    (UNCONFIRMED, SpfFact("pass"), NO_PTR, "no-rdns"),
+    (PASS, SpfFact("temperror"), "451 4.4.3", "spf-temporary"),
+    (PASS, SpfFact("fail"), NO_AUTH, "spf-failed"),
+    (PASS, SpfFact("softfail"), NO_AUTH, "spf-failed"),
+    (PASS, SpfFact("neutral"), NO_AUTH, "spf-failed"),
+    (PASS, SpfFact("none"), NO_AUTH, "spf-failed"),
+    (PASS, SpfFact("permerror"), NO_AUTH, "spf-failed"),
+    (PASS, SpfFact("pass"), DUNNO, "pass"),
+])
+def test_fact_rows(rdns, spf, expected, rule):
+    """Each combination of facts gives the reply of the first rule that applies."""
+    result = verdict(rdns=rdns, spf=spf)
+    assert isinstance(result, Verdict)
+    assert result.rule == rule
+    assert result.action.startswith(expected) if expected == "451 4.4.3" else result.action == expected
+
+
+def test_temporary_reply_names_the_check_and_is_4xx():
+    """The 451 text names what failed and the address; it is never 5xx."""
+    rdns = verdict(rdns=RDNS_TEMP).action
+    spf = verdict(rdns=PASS, spf=SpfFact("temperror")).action
+    assert "reverse DNS" in rdns and f"[{ADDR}]" in rdns
+    assert "SPF" in spf
+    assert rdns.startswith("451 4.4.3 ") and spf.startswith("451 4.4.3 ")
+
+
+def test_spf_failure_waits_for_dkim_when_the_milter_is_in_the_path():
+    """With the milter in the session's path SPF failure is DUNNO (DKIM decides at end of data)."""
+    assert verdict(rdns=PASS, spf=SpfFact("fail"), dkim_pending=True) == Verdict(
+        DUNNO, "spf-failed-dkim-pending")
+    # but temporary SPF failures and missing PTRs are still refused at RCPT
+    assert verdict(rdns=PASS, spf=SpfFact("temperror"), dkim_pending=True).rule == "spf-temporary"
+    assert verdict(rdns=MISSING, dkim_pending=True).rule == "no-rdns"
+
+
+def test_address_in_replies_is_rfc5952():
+    """The client address in a reply is compressed and lower-case (RFC 5952)."""
+    s = subject(client_address="2001:DB8:0:0:0:0:0:25")
+    assert "[2001:db8::25]" in decide(s, Facts(MISSING), POLICY, OPTIN).action
+
+
+def test_non_ascii_domain_in_reply_is_shown_as_a_labels():
+    """A U-label recipient domain appears as its A-label form, keeping the reply ASCII."""
+    result = verdict(subject(recipient="bob@bücher.example"))
+    assert "[xn--bcher-kva.example]" in result.action
+    assert result.action.isascii()
+
+
+def test_custom_reply_texts_are_used():
+    """Replies from the configuration replace the defaults, with placeholders filled in."""
+    policy = Policy(replies=Replies(not_opted_in="450 4.2.1 [{domain}] not over IPv6, use IPv4"))
+    result = decide(subject(recipient="x@fabrikam.com"), Facts(), policy, OPTIN)
+    assert result.action == "450 4.2.1 [fabrikam.com] not over IPv6, use IPv4"
+
+
+def test_every_rule_is_reachable():
+    """The table has no dead rows: each rule name is produced by some test case above."""
+    assert [r.name for r in RULES] == [
+        "wrong-stage", "not-an-address", "ipv4", "authenticated", "trusted-network",
+        "no-recipient-domain", "not-opted-in", "rdns-temporary", "no-rdns", "spf-temporary",
+        "spf-failed-dkim-pending", "spf-failed", "pass"]

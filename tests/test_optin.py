@@ -1,0 +1,98 @@
+"""Tests of the opt-in table (policyd_ipv6.optin) and its watcher (policyd_ipv6.optin_watch)."""
+
+import os
+
+import pytest
+from twisted.internet import task
+
+from policyd_ipv6.optin import OptinSyntaxError, load_optin, parse_optin
+from policyd_ipv6.optin_watch import OptinWatcher
+
+TEXT = """
+# opted-in domains
+contoso.com
+  Fabrikam.COM.   # trailing dot and case do not matter
+.example.org      # subdomains only
+bücher.example
+xn--caf-dma.example
+"""
+
+
+@pytest.mark.parametrize("domain, expected", [
+    ("contoso.com", True),
+    ("CONTOSO.COM.", True),
+    ("fabrikam.com", True),
+    ("sub.contoso.com", False),        # exact entry: no subdomains
+    ("example.org", False),            # .example.org: not the parent itself
+    ("a.example.org", True),
+    ("a.b.example.org", True),
+    ("xn--bcher-kva.example", True),   # A-label of a U-label entry
+    ("café.example", True),            # U-label of an A-label entry
+    ("other.com", False),
+    ("[192.0.2.1]", False),
+    (None, False),
+    ("", False),
+])
+def test_matching(domain, expected):
+    """Exact and subdomain entries match as in Postfix tables, ignoring case, dot and IDNA form."""
+    assert parse_optin(TEXT).matches(domain) is expected
+
+
+@pytest.mark.parametrize("line", ["two words", "bad_domain!.com", "-x.com", "a..b"])
+def test_bad_line_names_the_line(line):
+    """A line that is not a domain name raises OptinSyntaxError with its line number."""
+    with pytest.raises(OptinSyntaxError) as info:
+        parse_optin("ok.com\n" + line + "\n", source="optin")
+    assert info.value.lineno == 2
+    assert "optin, line 2" in str(info.value)
+
+
+def test_empty_file_is_an_empty_table():
+    """Only comments and blank lines: an empty table (legal, every domain refused)."""
+    assert len(parse_optin("# nothing\n\n")) == 0
+
+
+def test_watcher_reloads_on_change_and_keeps_last_good_table(tmp_path):
+    """The watcher picks up edits; a broken or deleted file leaves the last good table in force."""
+    path = tmp_path / "optin"
+    path.write_text("contoso.com\n")
+    clock = task.Clock()
+    watcher = OptinWatcher(str(path), clock, 5.0)
+    watcher.start()
+    assert watcher().matches("contoso.com")
+
+    path.write_text("contoso.com\nfabrikam.com\n")
+    os.utime(path, ns=(1, 10**18))  # make the change visible even within one mtime tick
+    clock.advance(5)
+    assert watcher().matches("fabrikam.com")
+
+    path.write_text("not a domain!\n")
+    clock.advance(5)
+    assert watcher().matches("fabrikam.com")  # previous table kept
+
+    path.unlink()
+    clock.advance(5)
+    assert watcher().matches("contoso.com")
+
+    path.write_text("woodgrove.com\n")
+    assert watcher.reload("SIGHUP") is True
+    assert watcher().matches("woodgrove.com") and not watcher().matches("contoso.com")
+    watcher.stop()
+
+
+def test_watcher_refuses_to_start_without_a_good_file(tmp_path):
+    """At start-up a missing or invalid file raises (never an empty table)."""
+    with pytest.raises(OSError):
+        OptinWatcher(str(tmp_path / "missing"), task.Clock(), 5.0)
+    bad = tmp_path / "bad"
+    bad.write_text("a b\n")
+    with pytest.raises(OptinSyntaxError):
+        OptinWatcher(str(bad), task.Clock(), 5.0)
+
+
+def test_load_refuses_non_utf8(tmp_path):
+    """A file that is not UTF-8 is a syntax error naming the line."""
+    path = tmp_path / "optin"
+    path.write_bytes(b"ok.com\n\xff\xfe\n")
+    with pytest.raises(OptinSyntaxError, match="line 2"):
+        load_optin(str(path))
