@@ -10,6 +10,7 @@ string. No DNS, no I/O.
   no trailing dot), for the reply text.
 - ``domain_key``: the form used to compare domains: A-labels (IDNA), lower case, no trailing
   dot; ``None`` for an address literal or anything that is not a domain name.
+- ``host_name``: a domain name that can name a host (a PTR target), else ``None``.
 - ``helo_domain``: the HELO name if it is a usable SPF identity (RFC 7208 §2.3: a multi-label
   domain name, not an address literal), else ``None``.
 - ``printable``: untrusted text made safe for a reply or a log line.
@@ -20,7 +21,8 @@ from __future__ import annotations
 import ipaddress
 import re
 
-__all__ = ["client_ip", "recipient_domain", "domain_key", "helo_domain", "printable", "IPAddress"]
+__all__ = ["client_ip", "recipient_domain", "domain_key", "host_name", "helo_domain", "printable",
+           "IPAddress"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -73,14 +75,21 @@ def domain_key(domain: str) -> str | None:
     return domain
 
 
-def helo_domain(helo: str) -> str | None:
-    """The HELO name if it can be an SPF identity: a domain name with at least two labels."""
-    key = domain_key(helo)
-    if key is None or "." not in key or "_" in key:
+def host_name(name: str) -> str | None:
+    """The name if it is a host name (letters, digits, hyphens; not numeric), else None.
+
+    Postfix refuses numeric and malformed PTR targets the same way (myaddrinfo.c).
+    """
+    key = domain_key(name)
+    if key is None or "_" in key or key.rsplit(".", 1)[-1].isdigit():
         return None
-    if key.rsplit(".", 1)[1].isdigit():
-        return None  # a dotted quad or other numeric name is not a domain name
     return key
+
+
+def helo_domain(helo: str) -> str | None:
+    """The HELO name if it can be an SPF identity: a host name with at least two labels."""
+    key = host_name(helo)
+    return key if key is not None and "." in key else None
 
 
 def printable(text: str, limit: int = 200) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from twisted.internet import protocol
+from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
 from .addresses import printable
@@ -69,7 +69,7 @@ class PolicyProtocol(protocol.Protocol):
         if self.busy or self.closed or not self.queue:
             return
         self.busy = True
-        d = self.factory.engine.answer(self.queue.popleft())
+        d = defer.maybeDeferred(self.factory.engine.answer, self.queue.popleft())
         d.addCallback(self._reply)
         d.addErrback(self._failed)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from twisted.internet import defer
 
-from .addresses import IPAddress, client_ip, domain_key
+from .addresses import IPAddress, client_ip, host_name
 from .facts import RdnsFact, RdnsOutcome
 
 __all__ = ["check_rdns", "MAX_PTR_NAMES"]
@@ -30,7 +30,7 @@ MAX_PTR_NAMES = 10
 
 
 def _host_names(values: tuple) -> tuple[str, ...]:
-    names = [v for v in values if domain_key(v) is not None and "_" not in v]
+    names = [name for name in map(host_name, values) if name is not None]
     return tuple(dict.fromkeys(names))[:MAX_PTR_NAMES]
 
 

@@ -47,7 +47,7 @@ class FakeDnsClient:
             if values:
                 response.answer.append(dns.rrset.from_text_list(
                     dns.name.from_text(name), self.ttl, "IN", rtype, values))
-                return response
+                return self._on_the_wire(response)
             cname = self.records.get((name, "CNAME"))
             if cname and hops < 20:
                 response.answer.append(dns.rrset.from_text_list(
@@ -58,7 +58,13 @@ class FakeDnsClient:
             break
         if not any(n == name for n, _ in self.records):
             response.set_rcode(dns.rcode.NXDOMAIN)
-        return response
+        return self._on_the_wire(response)
+
+    @staticmethod
+    def _on_the_wire(response: dns.message.Message) -> dns.message.Message:
+        # Through wire format and back, as the real client receives it (this also builds the
+        # message's rrset index, which resolve_chaining relies on).
+        return dns.message.from_wire(response.to_wire())
 
     def query(self, qname: dns.name.Name, rdtype: int) -> defer.Deferred:
         name = qname.to_text(omit_final_dot=True).lower()

@@ -1,0 +1,172 @@
+"""Tests of the policy engine and its Twisted adapter, with a fake transport, clock and DNS."""
+
+import ipaddress
+
+from twisted.internet import task
+from twisted.internet.testing import StringTransport
+
+from fakes import FakeDnsClient
+from policyd_ipv6.decision import Policy
+from policyd_ipv6.engine import PolicyEngine
+from policyd_ipv6.lookups import Lookups
+from policyd_ipv6.message_facts import FactFinder
+from policyd_ipv6.optin import parse_optin
+from policyd_ipv6.policy_server import MAX_QUEUED, PolicyFactory
+
+ADDR = "2001:db8::25"
+PTR = ipaddress.ip_address(ADDR).reverse_pointer
+RECORDS = {(PTR, "PTR"): ["mx.example.net."],
+           ("example.net", "TXT"): ['"v=spf1 ip6:2001:db8::/64 -all"'],
+           ("fail.example", "TXT"): ['"v=spf1 -all"']}
+
+
+def request(recipient="bob@contoso.com", sender="alice@example.net", instance="i1",
+            address=ADDR, **extra) -> bytes:
+    attrs = {"request": "smtpd_access_policy", "protocol_state": "RCPT",
+             "client_address": address, "client_name": "unknown",
+             "reverse_client_name": "unknown", "helo_name": "mx.example.net",
+             "sender": sender, "recipient": recipient, "instance": instance, **extra}
+    return b"".join(f"{k}={v}\n".encode() for k, v in attrs.items()) + b"\n"
+
+
+class Harness:
+    def __init__(self, fake=None, deadline=5.0, max_connections=10, idle=60.0):
+        self.clock = task.Clock()
+        self.fake = fake or FakeDnsClient(RECORDS)
+        lookups = Lookups(self.fake, self.clock)
+        finder = FactFinder(lookups, self.clock, "ptr", deadline)
+        table = parse_optin("contoso.com\nfabrikam.com\n")
+        engine = PolicyEngine(Policy(), lambda: table, finder, self.clock)
+        self.factory = PolicyFactory(engine, self.clock, max_connections, idle)
+
+    def connect(self):
+        proto = self.factory.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        return proto, transport
+
+
+def replies(transport) -> list[str]:
+    return [r for r in transport.value().decode().split("\n\n") if r]
+
+
+def test_replies_in_order_on_one_connection():
+    """Several requests on one connection get one reply each, in order, and it stays open."""
+    h = Harness()
+    proto, transport = h.connect()
+    proto.dataReceived(request() + request("x@other.com") + request(address="192.0.2.1"))
+    assert replies(transport) == [
+        "action=DUNNO",
+        "action=550 5.2.1 Service unavailable, [other.com] does not accept email over IPv6.",
+        "action=DUNNO"]
+    assert not transport.disconnecting
+
+
+def test_one_spf_evaluation_per_message():
+    """Recipients of one message (same instance) share one rDNS and SPF evaluation."""
+    h = Harness()
+    proto, transport = h.connect()
+    proto.dataReceived(request("a@contoso.com", sender="x@fail.example"))
+    proto.dataReceived(request("b@fabrikam.com", sender="x@fail.example"))
+    assert len(replies(transport)) == 2
+    assert all("4.7.26" in r for r in replies(transport))
+    assert h.fake.queries.count(("fail.example", "TXT")) == 1
+    assert h.fake.queries.count((PTR, "PTR")) == 1
+
+
+def test_facts_survive_a_new_connection():
+    """A message whose policy connection is reopened mid-way still reuses its facts."""
+    h = Harness(FakeDnsClient(RECORDS))
+    p1, t1 = h.connect()
+    p1.dataReceived(request("a@contoso.com"))
+    p2, t2 = h.connect()
+    p2.dataReceived(request("b@contoso.com"))
+    assert replies(t1) == replies(t2) == ["action=DUNNO"]
+    assert h.fake.queries.count(("example.net", "TXT")) == 1
+
+
+def test_deadline_turns_silence_into_451():
+    """Lookups that never answer end with 451 4.4.3 at the deadline, not a hang."""
+    h = Harness(FakeDnsClient(RECORDS, silent={PTR, "example.net"}), deadline=3.0)
+    proto, transport = h.connect()
+    proto.dataReceived(request())
+    assert replies(transport) == []
+    h.clock.advance(2.9)
+    assert replies(transport) == []
+    h.clock.advance(0.2)
+    [reply] = replies(transport)
+    assert reply.startswith("action=451 4.4.3 ") and "reverse DNS" in reply
+
+
+def test_missing_ptr_decides_without_waiting_for_spf():
+    """A missing PTR gives 4.7.25 at once even though the SPF lookup is still pending."""
+    records = {("example.net", "TXT"): RECORDS[("example.net", "TXT")]}
+    h = Harness(FakeDnsClient(records, silent={"example.net"}))
+    proto, transport = h.connect()
+    proto.dataReceived(request())
+    [reply] = replies(transport)
+    assert "4.7.25" in reply
+
+
+def test_malformed_request_closes_without_reply():
+    """A malformed request closes the connection with no reply (Postfix's contract)."""
+    h = Harness()
+    proto, transport = h.connect()
+    proto.dataReceived(request())
+    assert replies(transport) == ["action=DUNNO"]
+    proto.dataReceived(b"request=smtpd_access_policy\nthis line has no equals sign\n\n")
+    assert replies(transport) == ["action=DUNNO"]
+    assert transport.disconnecting
+
+
+def test_idle_and_half_sent_connections_are_closed():
+    """A connection idle (or stuck mid-request) past idle_timeout_seconds is closed."""
+    h = Harness(idle=60.0)
+    proto, transport = h.connect()
+    proto.dataReceived(request()[:30])
+    h.clock.advance(59)
+    assert not transport.disconnecting
+    h.clock.advance(2)
+    assert transport.disconnecting and replies(transport) == []
+
+
+def test_slow_answer_is_not_an_idle_connection():
+    """While our own lookups run, the idle timer does not close the connection."""
+    h = Harness(FakeDnsClient(RECORDS, silent={PTR}), deadline=90.0, idle=60.0)
+    proto, transport = h.connect()
+    proto.dataReceived(request())
+    h.clock.advance(61)
+    assert not transport.disconnecting
+    h.clock.advance(30)
+    assert replies(transport)[0].startswith("action=451")
+
+
+def test_connection_limit():
+    """Connections beyond max_connections are closed at once; closing one frees a slot."""
+    h = Harness(max_connections=2)
+    (p1, t1), (p2, t2), (p3, t3) = h.connect(), h.connect(), h.connect()
+    assert t3.disconnecting and not t1.disconnecting
+    p3.connectionLost(None)
+    p1.connectionLost(None)
+    _, t4 = h.connect()
+    assert not t4.disconnecting
+
+
+def test_too_many_requests_ahead_of_replies():
+    """A client pipelining more than MAX_QUEUED requests before replies is cut off."""
+    h = Harness(FakeDnsClient(RECORDS, silent={PTR}))
+    proto, transport = h.connect()
+    proto.dataReceived(request() * (MAX_QUEUED + 2))
+    assert transport.disconnecting
+
+
+def test_engine_bug_closes_without_reply():
+    """An internal error closes the connection without a reply (Postfix retries), no crash."""
+    h = Harness()
+    h.factory.engine.answer = lambda attrs: (_ for _ in ()).throw(RuntimeError("bug"))
+    proto, transport = h.connect()
+    try:
+        proto.dataReceived(request())
+    except RuntimeError:
+        raise AssertionError("the exception escaped to the reactor")
+    assert transport.disconnecting and replies(transport) == []

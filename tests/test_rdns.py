@@ -1,0 +1,85 @@
+"""Tests of the reverse DNS check (policyd_ipv6.rdns) against the DNS fake."""
+
+import ipaddress
+
+import pytest
+from twisted.internet import task
+
+from fakes import FakeDnsClient
+from policyd_ipv6.facts import RdnsOutcome
+from policyd_ipv6.lookups import Lookups
+from policyd_ipv6.rdns import check_rdns
+
+IP = ipaddress.ip_address("2001:db8::25")
+PTR = IP.reverse_pointer
+
+
+def run(fake, mode, reverse="unknown", verified="unknown"):
+    out = []
+    check_rdns(Lookups(fake, task.Clock()), IP, mode, reverse, verified).addCallback(out.append)
+    assert len(out) == 1
+    return out[0]
+
+
+def test_ptr_mode_needs_only_a_ptr():
+    """In ptr mode a PTR is enough, and no forward lookup is made."""
+    fake = FakeDnsClient({(PTR, "PTR"): ["mx.example.net."]})
+    fact = run(fake, "ptr")
+    assert (fact.outcome, fact.names) == (RdnsOutcome.PASS, ("mx.example.net",))
+    assert fake.queries == [(PTR, "PTR")]
+
+
+@pytest.mark.parametrize("records, outcome", [
+    ({}, RdnsOutcome.MISSING),                                          # NXDOMAIN
+    ({(PTR, "TXT"): ['"x"']}, RdnsOutcome.MISSING),                     # no PTR data
+    ({(PTR, "PTR"): ["1.2.3.4.", "bad_name!."]}, RdnsOutcome.MISSING),  # not host names
+])
+def test_missing_ptr(records, outcome):
+    """NXDOMAIN, no PTR data, or PTR targets that are not host names: MISSING."""
+    assert run(FakeDnsClient(records), "ptr").outcome is outcome
+
+
+def test_temporary_failure_is_tempfail():
+    """A transient fault on the PTR lookup is TEMPFAIL in both modes."""
+    assert run(FakeDnsClient(broken={PTR}), "ptr").outcome is RdnsOutcome.TEMPFAIL
+    assert run(FakeDnsClient(broken={PTR}), "fcrdns").outcome is RdnsOutcome.TEMPFAIL
+
+
+def test_fcrdns_confirms_with_any_name_even_if_another_fails():
+    """One PTR name resolving back is enough, even when another name's lookup failed."""
+    fake = FakeDnsClient({(PTR, "PTR"): ["broken.example.net.", "mx.example.net."],
+                          ("mx.example.net", "AAAA"): ["2001:db8::25"]},
+                         broken={"broken.example.net"})
+    fact = run(fake, "fcrdns")
+    assert (fact.outcome, fact.confirmed) == (RdnsOutcome.PASS, "mx.example.net")
+
+
+def test_fcrdns_unconfirmed_and_tempfail():
+    """No name resolving back is UNCONFIRMED, unless one of them failed temporarily."""
+    other = FakeDnsClient({(PTR, "PTR"): ["mx.example.net."],
+                           ("mx.example.net", "AAAA"): ["2001:db8::99"]})
+    assert run(other, "fcrdns").outcome is RdnsOutcome.UNCONFIRMED
+    none = FakeDnsClient({(PTR, "PTR"): ["mx.example.net."]})
+    assert run(none, "fcrdns").outcome is RdnsOutcome.UNCONFIRMED
+    temp = FakeDnsClient({(PTR, "PTR"): ["mx.example.net.", "b.example.net."],
+                          ("mx.example.net", "AAAA"): ["2001:db8::99"]},
+                         broken={"b.example.net"})
+    assert run(temp, "fcrdns").outcome is RdnsOutcome.TEMPFAIL
+
+
+def test_fcrdns_follows_cname_on_the_forward_name():
+    """A PTR name that is a CNAME to the host's AAAA still confirms."""
+    fake = FakeDnsClient({(PTR, "PTR"): ["alias.example.net."],
+                          ("alias.example.net", "CNAME"): ["mx.example.net."],
+                          ("mx.example.net", "AAAA"): ["2001:db8::25"]})
+    assert run(fake, "fcrdns").outcome is RdnsOutcome.PASS
+
+
+def test_postfix_names_are_a_fast_path():
+    """Postfix's reverse_client_name (ptr) or client_name (fcrdns) saves the lookups."""
+    fake = FakeDnsClient()
+    assert run(fake, "ptr", reverse="mx.example.net").outcome is RdnsOutcome.PASS
+    assert run(fake, "fcrdns", verified="mx.example.net").outcome is RdnsOutcome.PASS
+    assert fake.queries == []
+    # an unverified name is no proof in fcrdns mode: the check looks for itself
+    assert run(fake, "fcrdns", reverse="mx.example.net").outcome is RdnsOutcome.MISSING

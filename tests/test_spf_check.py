@@ -1,0 +1,141 @@
+"""Tests of the SPF check driver (policyd_ipv6.spf_check) against the DNS fake."""
+
+import ipaddress
+
+import pytest
+from twisted.internet import task
+
+from fakes import FakeDnsClient
+from policyd_ipv6.lookups import Lookups
+from policyd_ipv6.spf_check import check_spf
+
+IP = ipaddress.ip_address("2001:db8::25")
+
+
+def run(fake, sender="alice@example.net", helo="mx.example.net", ip=IP):
+    lookups = Lookups(fake, task.Clock())
+    results = []
+    check_spf(lookups, ip, sender, helo).addCallback(results.append)
+    assert len(results) == 1, "the fake answers synchronously, so the check must be done"
+    return results[0], lookups
+
+
+@pytest.mark.parametrize("record, expected", [
+    ("v=spf1 ip6:2001:db8::/64 -all", "pass"),
+    ("v=spf1 ip6:2001:db8:1::/64 -all", "fail"),
+    ("v=spf1 ip6:2001:db8:1::/64 ~all", "softfail"),
+    ("v=spf1 ?all", "neutral"),
+    ("v=spf1 ip6:2001:db8::/64 ip4:192.0.2.0/24 bogus:x -all", "permerror"),
+    ("v=spf1 redirect=", "permerror"),
+])
+def test_results_for_records(record, expected):
+    """pyspf's result for the sender domain's record comes through unchanged."""
+    fact, _ = run(FakeDnsClient({("example.net", "TXT"): [f'"{record}"']}))
+    assert fact.result == expected
+    assert fact.identity == "alice@example.net"
+
+
+def test_no_record_is_none():
+    """A domain without an SPF record gives none."""
+    fact, _ = run(FakeDnsClient({("example.net", "A"): ["192.0.2.1"]}))
+    assert fact.result == "none"
+
+
+def test_include_and_mx_are_followed():
+    """include: and mx mechanisms are resolved through several asynchronous lookups."""
+    fake = FakeDnsClient({
+        ("example.net", "TXT"): ['"v=spf1 include:_spf.example.org -all"'],
+        ("_spf.example.org", "TXT"): ['"v=spf1 mx -all"'],
+        ("_spf.example.org", "MX"): ["10 mx1.example.org.", "20 mx2.example.org."],
+        ("mx1.example.org", "AAAA"): ["2001:db8:1::1"],
+        ("mx2.example.org", "AAAA"): ["2001:db8::25"],
+    })
+    fact, lookups = run(fake)
+    assert fact.result == "pass"
+    assert ("mx2.example.org", "AAAA") in fake.queries
+    assert len(fake.queries) == len(set(fake.queries))  # each name asked once
+
+
+def test_null_sender_uses_helo_identity():
+    """For MAIL FROM:<> the identity is postmaster@HELO (RFC 7208 §2.4)."""
+    fake = FakeDnsClient({("mx.example.net", "TXT"): ['"v=spf1 ip6:2001:db8::25 -all"']})
+    fact, _ = run(fake, sender="")
+    assert (fact.result, fact.identity) == ("pass", "postmaster@mx.example.net")
+
+
+@pytest.mark.parametrize("helo", ["[IPv6:2001:db8::25]", "localhost", "", "192.0.2.1"])
+def test_null_sender_with_non_domain_helo_is_none(helo):
+    """A null sender whose HELO is not a domain name gives none, with no lookup at all."""
+    fake = FakeDnsClient()
+    fact, _ = run(fake, sender="", helo=helo)
+    assert fact.result == "none"
+    assert fake.queries == []
+
+
+def test_temporary_dns_failure_is_temperror():
+    """A transient DNS fault on the record lookup gives temperror."""
+    fact, _ = run(FakeDnsClient(broken={"example.net"}))
+    assert fact.result == "temperror"
+
+
+def test_void_lookup_limit_is_permerror():
+    """More than two void lookups is a permerror (RFC 7208 §4.6.4)."""
+    fake = FakeDnsClient({("example.net", "TXT"):
+                          ['"v=spf1 a:n1.example.net a:n2.example.net a:n3.example.net -all"']})
+    fact, _ = run(fake)
+    assert fact.result == "permerror"
+    assert "Void lookup" in fact.explanation
+
+
+def test_more_than_ten_dns_mechanisms_is_permerror():
+    """The 10-lookup limit of RFC 7208 §4.6.4 stays in force."""
+    terms = " ".join(f"a:h{i}.example.net" for i in range(11))
+    records = {("example.net", "TXT"): [f'"v=spf1 {terms} -all"']}
+    records.update({(f"h{i}.example.net", "AAAA"): ["2001:db8:9::1"] for i in range(11)})
+    fact, _ = run(FakeDnsClient(records))
+    assert fact.result == "permerror"
+
+
+def test_include_loop_is_permerror():
+    """An include loop ends in permerror, not a hang."""
+    fake = FakeDnsClient({("example.net", "TXT"): ['"v=spf1 include:example.net -all"']})
+    fact, _ = run(fake)
+    assert fact.result == "permerror"
+
+
+@pytest.mark.parametrize("sender", [
+    "alice@" + "a" * 64 + ".example",
+    "alice@" + ".".join(["a" * 60] * 5),
+    "alice@[192.0.2.1]",
+    "alice@exa mple.net",
+    "noatsign",
+])
+def test_unusable_sender_domain_is_none(sender):
+    """A sender domain that is not a domain name gives none (RFC 7208 §4.3), never an exception."""
+    fact, _ = run(FakeDnsClient(), sender=sender)
+    assert fact.result == "none"
+
+
+def test_exception_inside_pyspf_becomes_permerror(monkeypatch):
+    """Any exception pyspf raises is caught and reported as permerror."""
+    import spf
+
+    def explode(self, *args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(spf.query, "check", explode)
+    fact, _ = run(FakeDnsClient())
+    assert fact.result == "permerror" and "boom" in fact.explanation
+
+
+def test_evaluation_waits_for_asynchronous_answers():
+    """With delayed answers the check completes only after the lookups arrive."""
+    clock = task.Clock()
+    fake = FakeDnsClient({("example.net", "TXT"): ['"v=spf1 ip6:2001:db8::/64 -all"']},
+                         clock=clock, delay=0.5)
+    results = []
+    check_spf(Lookups(fake, clock), IP, "alice@example.net", "mx.example.net").addCallback(
+        results.append)
+    assert results == []
+    clock.advance(0.5)
+    assert [r.result for r in results] == ["pass"]
