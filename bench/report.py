@@ -1,0 +1,202 @@
+#!/usr/bin/python3
+"""Turn a bench/run results file into a markdown report and a latency chart.
+
+Contract: `markdown(results)` returns the tables (one per scenario/round trip/connections
+cell, one row per server) followed by the issue 7 target checks, each computed from runs of
+the same results file (ratios within one run, never across runs). `chart(results, path)`
+draws p50 and p99 latency against connections, one panel per scenario and round trip, and
+returns False when matplotlib is missing or no panel has two connection counts.
+`python3 bench/report.py RESULTS.json [--chart OUT.png]` prints the report.
+"""
+
+import argparse
+import json
+import sys
+
+TARGETS_NOTE = "targets from issue 7; ratios use runs of this results file only"
+
+
+def _lat(run, cls="normal"):
+    return run.get("latency", {}).get(cls, {})
+
+
+def _errors(run):
+    return sum(run.get("errors", {}).values())
+
+
+def _replies(run, cls="normal"):
+    counts = run.get("replies", {}).get(cls, {})
+    total = sum(counts.values()) or 1
+    short = {}
+    for key, n in counts.items():
+        word = key.removeprefix("action=").split(" ")
+        label = " ".join(word[:2]) if word[0][:1].isdigit() else word[0]
+        short[label] = short.get(label, 0) + n
+    return ", ".join(f"{k} {n * 100 / total:.0f}%" for k, n in
+                     sorted(short.items(), key=lambda kv: -kv[1]))
+
+
+def one_line(run):
+    if "failed" in run:
+        return f"{run['server']:>13} {run['scenario']:>8} {run['delay_ms']:>3}ms " \
+               f"{run['connections']:>4}c  FAILED: {run['failed']}"
+    lat = _lat(run)
+    return (f"{run['server']:>13} {run['scenario']:>8} {run['delay_ms']:>3}ms "
+            f"{run['connections']:>4}c  {run['requests_per_s']:9.1f} req/s  "
+            f"p50 {lat.get('p50_ms', 0):8.2f}  p99 {lat.get('p99_ms', 0):8.2f} ms  "
+            f"cpu {run['cpu_s_per_1000'] or 0:.3f} s/1000  rss {run['peak_rss_mib']:.0f} MiB  "
+            f"err {_errors(run)}  loadgen cpu {run['loadgen_cpu_s']:.1f}s"
+            + ("  POOL USED UP" if run.get("pool_exhausted") else ""))
+
+
+def _cells(results):
+    cells = {}
+    for run in results["runs"]:
+        cells.setdefault((run["scenario"], run["delay_ms"], run["connections"]), []).append(run)
+    return cells
+
+
+def _find(results, server, scenario, delay, conns):
+    for run in results["runs"]:
+        if (run["server"], run["scenario"], run["delay_ms"], run["connections"]) == \
+                (server, scenario, delay, conns) and "failed" not in run:
+            return run
+    return None
+
+
+def table(runs):
+    head = ("| server | req/s | p50 ms | p90 ms | p99 ms | max ms | CPU s / 1000 | "
+            "peak RSS MiB (procs) | peak PSS MiB | errors | replies | load gen CPU s |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for run in runs:
+        if "failed" in run:
+            lines.append(f"| {run['server']} | failed: {run['failed']} |" + " |" * 10)
+            continue
+        lat = _lat(run)
+        # A cold pool used up ends the window early; the rate is then over the shorter window.
+        used_up = " (pool used up)" if run.get("pool_exhausted") else ""
+        lines.append(
+            f"| {run['server']} | {run['requests_per_s']:,.0f}{used_up} | {lat.get('p50_ms', 0):.2f} | "
+            f"{lat.get('p90_ms', 0):.2f} | {lat.get('p99_ms', 0):.2f} | {lat.get('max_ms', 0):.1f} | "
+            f"{run['cpu_s_per_1000'] or 0:.3f} | {run['peak_rss_mib']:.0f} ({run['peak_processes']}) | "
+            f"{run['peak_pss_mib']:.0f} | {_errors(run)} | {_replies(run)} | "
+            f"{run['loadgen_cpu_s']:.1f} |")
+        slow = _lat(run, "slow")
+        if slow:
+            lines.append(
+                f"| ↳ slow 10 % | | {slow['p50_ms']:.0f} | {slow['p90_ms']:.0f} | {slow['p99_ms']:.0f} | "
+                f"{slow['max_ms']:.0f} | | | | | {_replies(run, 'slow')} | |")
+    return "\n".join(lines)
+
+
+def checks(results):
+    """Yield (target, measured, verdict) for every target the results can answer."""
+    deadline = results.get("options", {}).get("deadline", 5.0)
+    for (scenario, delay, conns), runs in sorted(_cells(results).items()):
+        ours = _find(results, "policyd-ipv6", scenario, delay, conns)
+        if ours is None:
+            continue
+        trivial = _find(results, "trivial", scenario, delay, conns)
+        spf = _find(results, "policyd-spf", scenario, delay, conns)
+        where = f"{scenario}, {delay} ms, {conns} conn"
+        if scenario == "warm" and trivial:
+            ratio = ours["requests_per_s"] / trivial["requests_per_s"]
+            yield (f"{where}: throughput ≥ 0.5× trivial", f"{ratio:.2f}×", ratio >= 0.5)
+        if scenario == "warm":
+            ms = ours["cpu_s_per_1000"]
+            yield (f"{where}: ≤ 0.1 ms CPU per decision", f"{ms:.3f} ms", ms <= 0.1)
+        if scenario == "cold" and delay > 0 and spf:
+            ratio = _lat(ours)["p50_ms"] / _lat(spf)["p50_ms"]
+            yield (f"{where}: p50 ≤ 0.5× policyd-spf", f"{ratio:.2f}× "
+                   f"({_lat(ours)['p50_ms']:.0f} vs {_lat(spf)['p50_ms']:.0f} ms)", ratio <= 0.5)
+            if conns >= 100:
+                ratio = ours["requests_per_s"] / spf["requests_per_s"]
+                yield (f"{where}: throughput ≥ 5× policyd-spf", f"{ratio:.1f}×", ratio >= 5)
+        if scenario == "slow-mix":
+            cold = _find(results, "policyd-ipv6", "cold", delay, conns)
+            if cold:
+                ratio = _lat(ours)["p99_ms"] / _lat(cold)["p99_ms"]
+                yield (f"{where}: other 90 % p99 ≤ 1.5× cold p99", f"{ratio:.2f}× "
+                       f"({_lat(ours)['p99_ms']:.0f} vs {_lat(cold)['p99_ms']:.0f} ms)",
+                       ratio <= 1.5)
+            slow = ours.get("replies", {}).get("slow", {})
+            total = sum(slow.values())
+            tempfail = sum(n for k, n in slow.items() if k.startswith("action=451 4.4.3"))
+            late = _lat(ours, "slow").get("max_ms", 0)
+            ok = total > 0 and tempfail == total and late <= deadline * 1000 + 250
+            yield (f"{where}: every slow decision 451 4.4.3 within the {deadline:g} s deadline",
+                   f"{tempfail}/{total}, slowest {late / 1000:.2f} s", ok)
+        if conns >= 100:
+            mb = ours["peak_rss_mib"] * 1.048576
+            yield (f"{where}: peak RSS ≤ 100 MB", f"{mb:.0f} MB", mb <= 100)
+            if spf:
+                ratio = spf["peak_rss_mib"] / ours["peak_rss_mib"]
+                yield (f"{where}: ≥ 20× less memory than policyd-spf", f"{ratio:.0f}×", ratio >= 20)
+
+
+def markdown(results):
+    m = results.get("machine", {})
+    out = [f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('memory', '?')}, "
+           f"{m.get('os', '?')}, kernel {m.get('kernel', '?')}; servers' Python: "
+           f"{m.get('server_python', '?')}; {'; '.join(m.get('packages', []))}. "
+           f"Run started {results.get('started', '?')}.", ""]
+    for (scenario, delay, conns), runs in sorted(_cells(results).items()):
+        out += [f"### {scenario}, DNS round trip {delay} ms, {conns} connections", "", table(runs), ""]
+    found = list(checks(results))
+    if found:
+        out += [f"### Targets ({TARGETS_NOTE})", "", "| target | measured | met |", "|---|---|---|"]
+        out += [f"| {t} | {v} | {'yes' if ok else '**no**'} |" for t, v, ok in found]
+    return "\n".join(out)
+
+
+def chart(results, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    panels = {}
+    for run in results["runs"]:
+        if "failed" not in run:
+            panels.setdefault((run["scenario"], run["delay_ms"]), []).append(run)
+    panels = {k: v for k, v in sorted(panels.items())
+              if len({r["connections"] for r in v}) >= 2}
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+    for ax, ((scenario, delay), runs) in zip(axes[0], panels.items()):
+        for server in sorted({r["server"] for r in runs}):
+            mine = sorted((r for r in runs if r["server"] == server), key=lambda r: r["connections"])
+            x = [r["connections"] for r in mine]
+            line, = ax.plot(x, [_lat(r)["p50_ms"] for r in mine], marker="o", label=f"{server} p50")
+            ax.plot(x, [_lat(r)["p99_ms"] for r in mine], marker="x", linestyle="--",
+                    color=line.get_color(), label=f"{server} p99")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("concurrent connections")
+        ax.set_ylabel("latency per request (ms)")
+        ax.set_title(f"{scenario}, DNS round trip {delay} ms")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Policy request latency vs connections ({results.get('started', '')})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("results")
+    parser.add_argument("--chart", help="also write the chart PNG here")
+    args = parser.parse_args(argv)
+    with open(args.results) as f:
+        results = json.load(f)
+    print(markdown(results))
+    if args.chart and not chart(results, args.chart):
+        print("no chart: matplotlib missing or fewer than two connection counts", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
