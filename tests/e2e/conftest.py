@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -100,6 +101,13 @@ class Lab:
                          helo=helo, source=source, netns=self.sender,
                          subject=subject or "lab %s" % uuid.uuid4().hex[:12])
 
+    def delivered(self, subject: str, expected: int) -> list[str]:
+        """Delivered-To of each copy of `subject` once `expected` copies arrived and the queue
+        is empty (so a surplus copy would be counted too); sorted."""
+        self.postfix.wait_for_message(subject, count=expected)
+        self.postfix.wait_until_queue_empty()
+        return sorted(m["Delivered-To"] for m in self.postfix.messages_with_subject(subject))
+
 
 def _dkim_public_key(directory: Path) -> str:
     """Generate the sender domain's DKIM key pair; return the public key (base64)."""
@@ -111,10 +119,24 @@ def _dkim_public_key(directory: Path) -> str:
     return re.search(r"p=([A-Za-z0-9+/=]+)", joined).group(1)
 
 
+def _assert_no_process_left(*namespaces: netns.Namespace) -> None:
+    """Teardown check: stopping Knot, Postfix and the daemons by PID ended everything inside."""
+    deadline = time.monotonic() + 5
+    left = {}
+    while time.monotonic() < deadline:
+        left = {ns.name: ns.pids() for ns in namespaces if ns.pids()}
+        if not left:
+            return
+        time.sleep(0.05)
+    raise AssertionError("processes still running in the lab's namespaces: %s" % left)
+
+
 def _build_network(lab: Lab, request) -> None:
     for ns in (lab.mx, lab.sender):
         request.addfinalizer(ns.delete)
         ns.create()
+    # Runs after every process of the lab was stopped (finalizers run last-in, first-out).
+    request.addfinalizer(lambda: _assert_no_process_left(lab.mx, lab.sender))
     netns.veth_pair(lab.mx, T.MX_IF, lab.sender, T.SENDER_IF)
     for cidr in T.MX_ADDRESSES:
         lab.mx.add_address(T.MX_IF, cidr)
@@ -157,7 +179,10 @@ def _build_daemons(lab: Lab, request) -> None:
         daemon = policyd.PolicyDaemon(config, directory / ("%s.log" % name), lab.mx)
         lab.daemons[name] = daemon
         request.addfinalizer(daemon.stop)
-        daemon.start()
+        daemon.launch()
+    # Started together: each takes about half a second to import Twisted and bind.
+    for daemon in lab.daemons.values():
+        daemon.wait_ready()
 
 
 @pytest.fixture(scope="session")

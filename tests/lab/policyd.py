@@ -7,7 +7,8 @@ Contract:
   are the shipped example plus the few settings a lab needs.
 - `PolicyDaemon(config_path, log_path, netns)` runs `policyd-ipv6 serve --config FILE` (the
   console script installed next to the running Python, i.e. what `pip install` made) inside
-  the namespace, stdout and stderr appended to `log_path`. `start()` returns once every
+  the namespace, stdout and stderr appended to `log_path`. `start()` (= `launch()` then
+  `wait_ready()`, which several daemons can overlap) returns once every
   listen endpoint of the config accepts connections (TCP: a LISTEN socket on the port in the
   daemon's own network namespace, read from /proc/PID/net; unix: the socket file exists);
   it raises `DaemonError` with the log's tail if the daemon exits or is not ready in time.
@@ -52,15 +53,19 @@ def _toml_value(value) -> str:
 
 def config_from_example(example_text: str, overrides: dict) -> str:
     """The example configuration with `overrides` (key -> value) applied in place."""
-    lines, done = [], set()
+    lines, done, table_at = [], set(), None
     for line in example_text.splitlines():
+        if line.startswith("[") and table_at is None:
+            table_at = len(lines)  # top-level keys must come before the first [table]
         key = line.split("=", 1)[0].strip() if "=" in line and not line.startswith("#") else None
-        if key in overrides:
+        if key in overrides and table_at is None:
             lines.append("%s = %s" % (key, _toml_value(overrides[key])))
             done.add(key)
         else:
             lines.append(line)
-    lines += ["%s = %s" % (k, _toml_value(v)) for k, v in overrides.items() if k not in done]
+    missing = ["%s = %s" % (k, _toml_value(v)) for k, v in overrides.items() if k not in done]
+    at = len(lines) if table_at is None else table_at
+    lines[at:at] = missing
     text = "\n".join(lines) + "\n"
     tomllib.loads(text)  # the lab never hands the daemon a file that is not TOML
     return text
@@ -107,9 +112,13 @@ class PolicyDaemon:
         return ports, paths
 
     def start(self) -> "PolicyDaemon":
+        """Start the daemon and wait until it listens (see the module docstring)."""
+        return self.launch().wait_ready()
+
+    def launch(self) -> "PolicyDaemon":
+        """Start the process without waiting; `wait_ready()` then waits for its listeners."""
         if self.process is not None and self.process.poll() is None:
             raise DaemonError("already running as PID %d" % self.process.pid)
-        ports, paths = self.endpoints()
         argv = self.netns.argv(self.argv()) if self.netns else self.argv()
         with open(self.log_path, "ab") as log:
             log.write(("--- start: %s\n" % shlex.join(argv)).encode())
@@ -117,6 +126,11 @@ class PolicyDaemon:
             # ip netns exec execs the script: this PID is the daemon's own.
             self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                             stderr=subprocess.STDOUT)
+        return self
+
+    def wait_ready(self) -> "PolicyDaemon":
+        """Wait until every listen endpoint is up; DaemonError if it exits or takes too long."""
+        ports, paths = self.endpoints()
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
         while True:
             if self.process.poll() is not None:
