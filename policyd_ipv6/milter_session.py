@@ -42,7 +42,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Mapping, NamedTuple
 
 from . import milter_codec as codec
-from .milter_codec import (Action, HeaderEdit, MacroStage, MilterProtocolError,
+from .milter_codec import (Action, AddHeader, ChangeHeader, HeaderEdit, InsertHeader, MacroStage, MilterProtocolError,
                            MilterUsageError, Protocol, ReplyCode, Verdict)
 from .milter_events import (Aborted, Closed, Connected, Connection, DataStarted,
                             EndOfMessage, Event, Header, Helo, MailFrom, Message, Negotiated,
@@ -312,15 +312,23 @@ class MilterSession:
 
     def send_verdict(self, verdict: Verdict | ReplyCode,
                      header_edits: Iterable[HeaderEdit] = ()) -> bytes:
-        """Answer the pending event; header edits only at end of message, applied in
-        the given order before the verdict. Returns the bytes to write."""
+        """Answer the pending event and return the bytes to write.
+
+        Header edits are allowed only at end of message. Postfix applies them one by
+        one and counts header indexes in the message as edited so far, so an inserted
+        header would shift the indexes of ``Message.headers``: the ``ChangeHeader``
+        edits therefore go first (in the given order; ``header_deletions()`` orders
+        them highest index first), then the additions and insertions.
+        """
         if self.pending is None:
             raise MilterUsageError("no event is waiting for a verdict")
         if not isinstance(verdict, (Verdict, ReplyCode)):
             raise MilterUsageError(f"not a verdict: {verdict!r}")
-        edits = tuple(header_edits)
+        edits = sorted(header_edits, key=lambda edit: not isinstance(edit, ChangeHeader))
         if edits and self.pending is not Stage.EOM:
             raise MilterUsageError("header edits are only possible at end of message")
+        if not all(isinstance(edit, (AddHeader, InsertHeader, ChangeHeader)) for edit in edits):
+            raise MilterUsageError(f"not header edits: {edits!r}")
         data = b"".join(map(codec.encode_response, (*edits, verdict)))
         stage, self.pending = self.pending, None
         if stage is Stage.EOM:
