@@ -42,8 +42,9 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Mapping, NamedTuple
 
 from . import milter_codec as codec
-from .milter_codec import (Action, AddHeader, ChangeHeader, HeaderEdit, InsertHeader, MacroStage, MilterProtocolError,
-                           MilterUsageError, Protocol, ReplyCode, Verdict)
+from .milter_codec import (Action, AddHeader, ChangeHeader, HeaderEdit, InsertHeader,
+                           MacroStage, MilterProtocolError, MilterUsageError, Protocol,
+                           ReplyCode, Verdict)
 from .milter_events import (Aborted, Closed, Connected, Connection, DataStarted,
                             EndOfMessage, Event, Header, Helo, MailFrom, Message, Negotiated,
                             Recipient, UnknownCommand, text)
@@ -72,6 +73,8 @@ REQUIRED_ACTIONS = Action.ADDHDRS | Action.CHGHDRS | Action.SETSYMLIST
 REQUIRED_PROTOCOL = Protocol.HDR_LEADSPC
 OPTIONAL_PROTOCOL = (Protocol.NOUNKNOWN | Protocol.NR_UNKN | Protocol.NR_HDR
                      | Protocol.NR_EOH | Protocol.NR_BODY)
+# CONNECT: ACCEPT there makes Postfix drop the milter for the whole connection (the fast
+# path for IPv4 and trusted clients); MAIL: {auth_authen} shows SASL clients; EOM: DKIM.
 DEFAULT_VERDICT_STAGES = frozenset({Stage.CONNECT, Stage.MAIL, Stage.EOM})
 # Requested with SETSYMLIST; Postfix keeps its main.cf lists for the other stages.
 DEFAULT_MACRO_LISTS = {
@@ -118,6 +121,7 @@ class State(enum.Enum):
     CONNECTING = "connecting"  # waiting for CONNECT
     CONNECTED = "connected"
     CLOSED = "closed"  # after QUIT, or after a final verdict at CONNECT/HELO
+    ERROR = "error"  # after a MilterProtocolError
 
 
 class MilterSession:
@@ -147,15 +151,24 @@ class MilterSession:
     # --- input ---
 
     def receive(self, data: bytes) -> Received:
-        """Feed bytes from Postfix; return the events and the bytes to write now."""
-        self._reader.feed(data)
+        """Feed bytes from Postfix; return the events and the bytes to write now.
+
+        Raises MilterProtocolError; after that the session stays in State.ERROR and
+        every later call raises too (the only right reaction is to disconnect)."""
         events: list[Event] = []
         reply = bytearray()
-        while (command := self._reader.next_command()) is not None:
-            if self.state is State.CLOSED or self.pending is not None:
-                raise MilterProtocolError(f"unexpected command in state {self.state.value}"
-                                          f" (verdict pending: {self.pending})")
-            self._handle(command, events, reply)
+        try:
+            if self.state is State.ERROR:
+                raise MilterProtocolError("session already failed")
+            self._reader.feed(data)
+            while (command := self._reader.next_command()) is not None:
+                if self.state is State.CLOSED or self.pending is not None:
+                    raise MilterProtocolError(f"unexpected command in state {self.state.value}"
+                                              f" (verdict pending: {self.pending})")
+                self._handle(command, events, reply)
+        except MilterProtocolError:
+            self.state = State.ERROR
+            raise
         return Received(events, bytes(reply))
 
     def _handle(self, command: codec.Command, events: list[Event], reply: bytearray) -> None:

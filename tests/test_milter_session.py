@@ -146,6 +146,16 @@ def test_commands_out_of_order_are_protocol_errors(stream):
         MilterSession(verdict_stages=()).receive(stream)
 
 
+def test_protocol_error_is_sticky():
+    """After a protocol error the session is in State.ERROR and refuses even valid bytes."""
+    session = connected_session(verdict_stages=())
+    with pytest.raises(MilterProtocolError):
+        session.receive(connect6())
+    assert session.state is State.ERROR
+    with pytest.raises(MilterProtocolError):
+        session.receive(pkt(b"Q"))
+
+
 def test_bad_verdict_stages_are_a_usage_error():
     """verdict_stages must hold Stage members."""
     with pytest.raises(MilterUsageError):
