@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .decision import RULES
 from .engine import Outcome
-from .service import build
+from .service import PolicyService
 
 __all__ = ["check", "trace_lines"]
 
@@ -60,7 +60,7 @@ def trace_lines(outcome: Outcome, optin_matches: bool) -> list[str]:
 def check(config, args) -> int:
     from twisted.internet import reactor
 
-    parts = build(config, reactor)
+    parts = PolicyService(config, reactor)
     done: list[Outcome] = []
 
     def run() -> None:

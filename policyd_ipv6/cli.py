@@ -4,8 +4,9 @@ Contract: ``main(argv)`` returns the process exit status (0 success, 2 usage err
 configuration error or failure to start) and is the console script's entry point, also
 reached with ``python3 -m policyd_ipv6``.
 
-- ``serve [--config F | --sample-config]`` runs in the foreground until SIGTERM/SIGINT; logs
-  go to standard output. A bad configuration prints ``policyd-ipv6: configuration error: ...``
+- ``serve [--config F | --sample-config] [--log-level L] [--allow-root]`` runs in the
+  foreground until SIGTERM/SIGINT; logs go to standard output. As root it needs ``user`` in the
+  configuration (it drops to that user after binding) or ``--allow-root``. A bad configuration prints ``policyd-ipv6: configuration error: ...``
   (naming the key and value) to standard error and exits 1.
 - ``check [--config F | --sample-config] --client-address A --sender S --recipient R
   [--helo H] [--sasl-username U]`` decides one request exactly as ``serve`` would, prints the
@@ -46,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     config_options(serve)
     serve.add_argument("--log-level", choices=["debug", "info", "warn", "error"],
                        default="info", help="least important log level shown (default: info)")
+    serve.add_argument("--allow-root", action="store_true",
+                       help="keep running as root when the configuration names no user "
+                            "(for disposable test labs; never on a mail server)")
 
     check = commands.add_parser("check", help="decide one request and explain the decision")
     config_options(check)
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from .serve import serve
 
-            return serve(config, args.log_level)
+            return serve(config, args.log_level, args.allow_root)
         from .check import check
 
         return check(config, args)

@@ -124,6 +124,13 @@ def _nameservers(key: str, value: Any) -> tuple[Nameserver, ...]:
     return tuple(servers)
 
 
+def _user(key: str, value: Any) -> str:
+    if not isinstance(value, str) or (value and not value.replace("-", "").replace("_", "")
+                                      .replace(".", "").isalnum()):
+        raise _bad(key, value, "must be a user name")
+    return value
+
+
 def _replies(key: str, value: Any) -> Replies:
     if not isinstance(value, dict):
         raise _bad(key, value, "must be a table ([replies])")
@@ -174,6 +181,9 @@ KEYS: tuple[Key, ...] = (
     Key("idle_timeout_seconds", 600.0, _number(1, 86400),
         "A policy connection idle this long, or stuck in the middle of a request, is closed. "
         "Postfix closes idle ones itself after smtpd_policy_service_max_idle (300s)."),
+    Key("user", "", _user,
+        "The unprivileged account to run as. Started as root, the daemon binds its listeners "
+        "and then becomes this user; as root with no user it refuses to start."),
     Key("replies", {}, _replies,
         "A table overriding the reply texts: not_opted_in ({domain}), no_reverse_dns "
         "({address}), auth_failed ({address}), temporary ({address}, {check}; must be 4xx)."),
@@ -199,6 +209,7 @@ class Config:
     message_cache_ttl_seconds: float
     max_connections: int
     idle_timeout_seconds: float
+    user: str
     replies: Replies
     source: str = "<defaults>"
 

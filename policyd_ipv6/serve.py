@@ -1,9 +1,10 @@
 """``policyd-ipv6 serve``: run the daemon in the foreground on the global reactor.
 
-Contract: ``serve(config, log_level)`` builds the service, binds its listeners, runs until
-SIGTERM or SIGINT and returns the exit status; it raises ``ConfigError`` for a configuration
-that cannot start (bad opt-in file, endpoint that cannot be bound), before the first request.
-SIGHUP re-reads the opt-in file.
+Contract: ``serve(config, log_level, allow_root)`` checks privileges, builds the service, binds
+its listeners, drops to the configured user, and runs until SIGTERM or SIGINT; it returns the
+exit status. It raises ``ConfigError`` for a configuration that cannot start (root without a
+``user``, bad opt-in file, endpoint that cannot be bound) before the first request is served.
+SIGHUP re-reads the configuration and the opt-in table.
 """
 
 from __future__ import annotations
@@ -15,35 +16,42 @@ from twisted.logger import Logger
 from . import __version__
 from .config import Config, ConfigError
 from .logsetup import start_logging
-from .service import build, install_sighup, listen
+from .privileges import drop_privileges, plan_privileges, raise_open_files_limit
+from .service import PolicyService, install_sighup
 
 __all__ = ["serve"]
 
 _log = Logger(namespace="policyd-ipv6")
 
 
-def serve(config: Config, log_level: str = "info") -> int:
+def serve(config: Config, log_level: str = "info", allow_root: bool = False) -> int:
     from twisted.internet import reactor
 
-    parts = build(config, reactor)  # raises ConfigError before anything is bound
+    plan = plan_privileges(config.user, allow_root)
+    service = PolicyService(config, reactor)  # raises ConfigError before anything is bound
     start_logging(sys.stdout, log_level)
+    soft, _hard = raise_open_files_limit()
     failure: list[ConfigError] = []
 
     def started(_ports) -> None:
-        parts.optin.start()
-        install_sighup(reactor, lambda: parts.optin.reload("SIGHUP"))
-        servers = ", ".join(str(s) for s in parts.client.nameservers)
+        drop_privileges(plan)
+        service.optin.start()
+        install_sighup(reactor, service.reload)
+        servers = ", ".join(str(s) for s in service.client.nameservers)
         _log.info("policyd-ipv6 {version} ready: rdns={rdns}, nameservers {servers}, "
-                  "opt-in table {path} ({count} entries)", version=__version__,
-                  rdns=config.rdns, servers=servers, path=config.optin_file,
-                  count=len(parts.optin.table))
+                  "opt-in table {path} ({count} entries), up to {files} open files{user}",
+                  version=__version__, rdns=config.rdns, servers=servers,
+                  path=config.optin_file, count=len(service.optin.table), files=soft,
+                  user=f", running as {plan[2]}" if plan else "")
+        if allow_root and plan is None:
+            _log.warn("running as root (--allow-root): meant for disposable test labs only")
 
     def not_started(f) -> None:
         failure.append(f.value if f.check(ConfigError) else ConfigError(str(f.value)))
         reactor.stop()
 
     reactor.callWhenRunning(
-        lambda: listen(parts, reactor).addCallbacks(started, not_started))
+        lambda: service.listen().addCallbacks(started, not_started))
     reactor.run()
     if failure:
         raise failure[0]

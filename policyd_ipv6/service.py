@@ -1,23 +1,26 @@
 """Service wiring: from a ``Config`` to running listeners, shared by ``serve`` and ``check``.
 
-Contract: ``build(config, reactor)`` creates the long-lived parts (DNS client, lookup cache,
-fact finder, opt-in watcher, engine) and raises ``ConfigError`` naming the key and value when
-one of them cannot start (an unreadable or invalid opt-in file, no nameservers). ``listen(parts,
-reactor)`` binds every ``listen`` endpoint and raises ``ConfigError`` naming the endpoint that
-cannot be parsed or bound. ``system_nameservers()`` reads /etc/resolv.conf's nameserver lines
-(only those: the search list is never used).
+Contract: ``PolicyService(config, reactor)`` creates the long-lived parts (DNS client, lookup
+cache, fact finder, opt-in watcher, engine, protocol factory) and raises ``ConfigError``
+naming the key and value when one cannot start (an unreadable or invalid opt-in file).
+``listen()`` binds every ``listen`` endpoint (a Deferred failing with ``ConfigError`` naming
+the endpoint). ``reload()`` (SIGHUP) re-reads the configuration file: a file that does not load
+leaves the running configuration in force and logs why; otherwise every key takes effect at
+once except those in ``RESTART_KEYS``, which are logged as needing a restart.
+``system_nameservers()`` reads /etc/resolv.conf's nameserver lines (the search list is never
+used).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import signal
-from dataclasses import dataclass
 
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
-from .config import Config, ConfigError, parse_nameserver
+from .config import Config, ConfigError, load_config, parse_nameserver
 from .decision import Policy
 from .dns_client import DnsClient, Nameserver
 from .engine import PolicyEngine
@@ -27,20 +30,12 @@ from .optin import OptinSyntaxError
 from .optin_watch import OptinWatcher
 from .policy_server import PolicyFactory
 
-__all__ = ["Parts", "build", "listen", "system_nameservers", "install_sighup"]
+__all__ = ["PolicyService", "system_nameservers", "install_sighup", "RESTART_KEYS"]
 
 _log = Logger(namespace="policyd-ipv6")
 
-
-@dataclass
-class Parts:
-    config: Config
-    client: DnsClient
-    lookups: Lookups
-    finder: FactFinder
-    optin: OptinWatcher
-    engine: PolicyEngine
-    factory: PolicyFactory
+# Keys whose change needs a restart: bound sockets, the process's user, sizes of live caches.
+RESTART_KEYS = ("listen", "user", "max_connections", "dns_cache_size", "message_cache_size")
 
 
 def system_nameservers(path: str = "/etc/resolv.conf") -> list[Nameserver]:
@@ -61,44 +56,97 @@ def system_nameservers(path: str = "/etc/resolv.conf") -> list[Nameserver]:
     return servers or [Nameserver("127.0.0.1")]
 
 
-def build(config: Config, reactor) -> Parts:
-    servers = list(config.nameservers) or system_nameservers()
-    client = DnsClient(reactor, servers, config.dns_timeout_seconds, config.dns_attempts)
-    lookups = Lookups(client, reactor, config.dns_cache_size, config.dns_max_ttl_seconds)
-    finder = FactFinder(lookups, reactor, config.rdns, config.decision_deadline_seconds,
-                        config.message_cache_size, config.message_cache_ttl_seconds)
+def _watcher(config: Config, reactor) -> OptinWatcher:
     try:
-        optin = OptinWatcher(config.optin_file, reactor, config.optin_reload_interval_seconds)
+        return OptinWatcher(config.optin_file, reactor, config.optin_reload_interval_seconds)
     except OSError as error:
         raise ConfigError(f'optin_file = "{config.optin_file}": cannot read it '
                           f"({error.strerror})") from None
     except OptinSyntaxError as error:
         raise ConfigError(f'optin_file = "{config.optin_file}": {error}') from None
-    policy = Policy(config.trusted_networks, config.replies)
-    engine = PolicyEngine(policy, optin, finder, reactor)
-    factory = PolicyFactory(engine, reactor, config.max_connections, config.idle_timeout_seconds)
-    factory.noisy = False
-    return Parts(config, client, lookups, finder, optin, engine, factory)
 
 
-@defer.inlineCallbacks
-def listen(parts: Parts, reactor):
-    """Bind every endpoint of ``listen``; fails with ConfigError naming the one that failed."""
-    ports = []
-    for description in parts.config.listen:
+class PolicyService:
+    def __init__(self, config: Config, reactor) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.client = DnsClient(reactor, self._servers(config), config.dns_timeout_seconds,
+                                config.dns_attempts)
+        self.lookups = Lookups(self.client, reactor, config.dns_cache_size,
+                               config.dns_max_ttl_seconds)
+        self.finder = FactFinder(self.lookups, reactor, config.rdns,
+                                 config.decision_deadline_seconds, config.message_cache_size,
+                                 config.message_cache_ttl_seconds)
+        self.optin = _watcher(config, reactor)
+        self.engine = PolicyEngine(Policy(config.trusted_networks, config.replies),
+                                   self.optin, self.finder, reactor)
+        self.factory = PolicyFactory(self.engine, reactor, config.max_connections,
+                                     config.idle_timeout_seconds)
+        self.factory.noisy = False
+
+    @staticmethod
+    def _servers(config: Config) -> list[Nameserver]:
+        return list(config.nameservers) or system_nameservers()
+
+    @defer.inlineCallbacks
+    def listen(self):
+        """Bind every endpoint of ``listen``; fails with ConfigError naming the one that failed."""
+        ports = []
+        for description in self.config.listen:
+            try:
+                endpoint = serverFromString(self.reactor, description)
+            except Exception as error:
+                raise ConfigError(f'listen = "{description}": not a valid endpoint ({error})')
+            try:
+                port = yield endpoint.listen(self.factory)
+            except Exception as error:
+                for bound in ports:
+                    bound.stopListening()
+                raise ConfigError(f'listen = "{description}": cannot listen ({error})')
+            ports.append(port)
+            _log.info("listening for policy requests on {where}", where=description)
+        return ports
+
+    def reload(self) -> bool:
+        """SIGHUP: re-read the configuration and the opt-in table; True if the new one is in force."""
         try:
-            endpoint = serverFromString(reactor, description)
-        except Exception as error:
-            raise ConfigError(f'listen = "{description}": not a valid endpoint ({error})')
-        try:
-            port = yield endpoint.listen(parts.factory)
-        except Exception as error:
-            for bound in ports:
-                bound.stopListening()
-            raise ConfigError(f'listen = "{description}": cannot listen ({error})')
-        ports.append(port)
-        _log.info("listening for policy requests on {where}", where=description)
-    return ports
+            new = load_config(self.config.source)
+            optin = None
+            if new.optin_file != self.config.optin_file:
+                optin = _watcher(new, self.reactor)
+            servers = self._servers(new)
+        except ConfigError as error:
+            _log.error("configuration not reloaded (SIGHUP): {error}; the running configuration "
+                       "stays in force", error=str(error))
+            return False
+        old = self.config
+        for key in RESTART_KEYS:
+            if getattr(new, key) != getattr(old, key):
+                _log.warn("configuration key {key} changed: it takes effect at the next restart",
+                          key=key)
+        new = dataclasses.replace(new, **{key: getattr(old, key) for key in RESTART_KEYS})
+        self.client.nameservers = servers
+        self.client.timeout_seconds = new.dns_timeout_seconds
+        self.client.attempts = new.dns_attempts
+        self.lookups.max_ttl_seconds = new.dns_max_ttl_seconds
+        self.finder.rdns_mode = new.rdns
+        self.finder.deadline_seconds = new.decision_deadline_seconds
+        self.finder.message_ttl_seconds = new.message_cache_ttl_seconds
+        self.engine.policy = Policy(new.trusted_networks, new.replies)
+        self.factory.idle_timeout_seconds = new.idle_timeout_seconds
+        if optin is None:
+            self.optin.reload("SIGHUP")
+            if new.optin_reload_interval_seconds != old.optin_reload_interval_seconds:
+                self.optin.stop()
+                self.optin.interval_seconds = new.optin_reload_interval_seconds
+                self.optin.start()
+        else:
+            self.optin.stop()
+            self.optin = self.engine.optin = optin
+            optin.start()
+        self.config = new
+        _log.info("configuration reloaded (SIGHUP) from {path}", path=new.source)
+        return True
 
 
 def install_sighup(reactor, action) -> None:

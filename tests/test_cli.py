@@ -59,7 +59,7 @@ def test_bad_config_stops_serve_with_key_and_value(tmp_path, content, words):
     """serve exits 1 at start-up with a message naming the key and the bad value."""
     (tmp_path / "optin").write_text("sender.test\n")
     (tmp_path / "p.toml").write_text(content)
-    result = cli("serve", "--config", str(tmp_path / "p.toml"))
+    result = cli("serve", "--config", str(tmp_path / "p.toml"), "--allow-root")
     assert result.returncode == 1
     assert result.stderr.startswith("policyd-ipv6: configuration error: ")
     for word in words:
@@ -69,7 +69,7 @@ def test_bad_config_stops_serve_with_key_and_value(tmp_path, content, words):
 def test_bad_optin_line_stops_serve(tmp_path):
     """An invalid opt-in file at start-up is a configuration error naming file and line."""
     path = write_config(tmp_path, 53, ["tcp:0:interface=127.0.0.1"], optin="ok.test\nnot ok\n")
-    result = cli("serve", "--config", path)
+    result = cli("serve", "--config", path, "--allow-root")
     assert result.returncode == 1 and "line 2" in result.stderr
 
 
@@ -81,7 +81,7 @@ def test_port_in_use_stops_serve(tmp_path):
     port = busy.getsockname()[1]
     try:
         path = write_config(tmp_path, 53, [f"tcp:{port}:interface=127.0.0.1"])
-        result = cli("serve", "--config", path)
+        result = cli("serve", "--config", path, "--allow-root")
         assert result.returncode == 1
         assert f'listen = "tcp:{port}:interface=127.0.0.1": cannot listen' in result.stderr
     finally:
@@ -113,11 +113,12 @@ def test_check_prints_the_reply_then_a_trace(tmp_path, knot, address, sender, re
 class Daemon:
     """policyd-ipv6 serve as a child process, with its log captured."""
 
-    def __init__(self, config):
+    def __init__(self, config, *options):
         self.log = open(config + ".log", "w+")
+        options = options or (("--allow-root",) if os.geteuid() == 0 else ())
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "policyd_ipv6", "serve", "--config", config], cwd=ROOT,
-            stdout=self.log, stderr=subprocess.STDOUT)
+            [sys.executable, "-m", "policyd_ipv6", "serve", "--config", config, *options],
+            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
         self.wait_for("ready")
 
     def text(self):
@@ -197,5 +198,65 @@ def test_serve_closes_on_malformed_request_without_reply(tmp_path, knot):
         assert ask(other, client_address="192.0.2.1", sender="a@x.test",
                    recipient="b@y.test") == "action=DUNNO"
         other.close()
+    finally:
+        daemon.stop()
+
+
+@pytest.fixture
+def world_readable_dir(tmp_path_factory):
+    """A directory an unprivileged user can read (pytest's own temp dirs are private)."""
+    path = tmp_path_factory.mktemp("shared")
+    os.chmod(path, 0o755)
+    for parent in path.parents:
+        if str(parent) in ("/", "/tmp"):
+            break
+        os.chmod(parent, os.stat(parent).st_mode | 0o711)
+    return path
+
+
+def test_root_without_user_refuses_to_start(tmp_path):
+    """As root with no user configured, serve refuses to start, naming the user key."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: checks that the daemon refuses to run as root")
+    path = write_config(tmp_path, 53, ["tcp:0:interface=127.0.0.1"])
+    result = cli("serve", "--config", path)
+    assert result.returncode == 1
+    assert 'user = "": refusing to run as root' in result.stderr
+
+
+def test_root_drops_to_configured_user_and_reloads_config_on_sighup(world_readable_dir, knot):
+    """Started as root with user = "nobody", the daemon serves as nobody; SIGHUP re-reads the
+    configuration: a bad one keeps the running one, a good one takes effect at once."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: checks dropping privileges")
+    port = free_port()
+    path = write_config(world_readable_dir, knot, [f"tcp:{port}:interface=127.0.0.1"],
+                        extra='user = "nobody"\n')
+    for name in os.listdir(world_readable_dir):
+        os.chmod(world_readable_dir / name, 0o644)
+    daemon = Daemon(path, "--log-level", "info")
+    try:
+        status = open(f"/proc/{daemon.process.pid}/status").read()
+        nobody = str(__import__("pwd").getpwnam("nobody").pw_uid)
+        uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
+        assert uid_line.split()[1:] == [nobody] * 4
+        conn = socket.create_connection(("127.0.0.1", port))
+        assert ask(conn, client_address=dnslab.NOT_BACK, sender="a@pass.sender.test",
+                   recipient="b@sender.test") == "action=DUNNO"     # ptr mode: PTR is enough
+
+        original = open(path).read()
+        with open(path, "w") as handle:
+            handle.write(original + 'rdns = "never"\n')
+        daemon.process.send_signal(signal.SIGHUP)
+        daemon.wait_for("configuration not reloaded (SIGHUP)")
+        assert 'rdns = "never"' in daemon.text()
+
+        with open(path, "w") as handle:
+            handle.write(original + 'rdns = "fcrdns"\n')
+        daemon.process.send_signal(signal.SIGHUP)
+        daemon.wait_for("configuration reloaded (SIGHUP)")
+        assert ask(conn, client_address=dnslab.NOT_BACK, sender="a@pass.sender.test",
+                   recipient="c@sender.test", instance="other").startswith("action=450 4.7.25 ")
+        conn.close()
     finally:
         daemon.stop()

@@ -1,0 +1,68 @@
+"""Least privilege: never serve as root; drop to the configured user after binding.
+
+Contract: ``plan_privileges(user, allow_root)`` is called before anything is bound. It returns
+``None`` when nothing is to be done (not root, running as ``user`` or ``user`` empty), or the
+``(uid, gid, name)`` to drop to, and raises ``ConfigError`` naming the ``user`` key when root
+was given no user to become (unless ``allow_root``), when the user does not exist, or when a
+non-root process is asked to become someone else. ``drop_privileges(plan)`` then switches
+groups, gid and uid for good (after the listeners are bound, so a port below 1024 or a socket
+in a root-owned directory can still be used). ``raise_open_files_limit()`` lifts the soft
+RLIMIT_NOFILE to the hard limit: every smtpd process holds one policy connection, and the
+default soft limit of 1024 is below what a busy MX needs.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import resource
+
+from .config import ConfigError
+
+__all__ = ["plan_privileges", "drop_privileges", "raise_open_files_limit"]
+
+
+def plan_privileges(user: str, allow_root: bool = False, euid: int | None = None):
+    euid = os.geteuid() if euid is None else euid
+    if user:
+        try:
+            entry = pwd.getpwnam(user)
+        except KeyError:
+            raise ConfigError(f'user = "{user}": no such user') from None
+        if entry.pw_uid == euid:
+            return None
+        if euid != 0:
+            raise ConfigError(f'user = "{user}": only root can switch to another user '
+                              f"(running as uid {euid})")
+        if entry.pw_uid == 0:
+            raise ConfigError(f'user = "{user}": that is root; name an unprivileged user')
+        return entry.pw_uid, entry.pw_gid, entry.pw_name
+    if euid == 0 and not allow_root:
+        raise ConfigError('user = "": refusing to run as root; set user = "policyd-ipv6" (or '
+                          "another unprivileged account) to drop privileges after binding, or "
+                          "start the daemon as that user (in a disposable test lab: --allow-root)")
+    return None
+
+
+def drop_privileges(plan) -> None:
+    if plan is None:
+        return
+    uid, gid, name = plan
+    os.initgroups(name, gid)
+    os.setgid(gid)
+    os.setuid(uid)
+    if os.getuid() != uid or os.geteuid() != uid:  # pragma: no cover - defensive
+        raise OSError(f"could not drop privileges to {name}")
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise the soft open-files limit to the hard one; return (soft, hard) afterwards."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft, hard
