@@ -66,12 +66,15 @@ def test_optin_file_edited_while_running_takes_effect_without_restart(lab):
     assert daemon.process.pid == pid and daemon.running
 
 
-def test_dns_not_answering_gives_a_temporary_4xx(lab):
+@pytest.mark.parametrize("source", [T.GOOD, T.NOPTR], ids=["spf-unreachable", "ptr-unreachable"])
+def test_dns_not_answering_gives_a_temporary_4xx(lab, source):
     """A daemon whose nameserver never answers replies 451 4.4.3 within its deadline (3 s),
-    never a 5xx nor the 4.7.25/4.7.26 refusals; nothing is taken."""
+    never a 5xx nor the 4.7.25/4.7.26 refusals, and nothing is taken: for a sender whose PTR
+    Postfix already found (the SPF lookups time out) and for one without (the daemon's own
+    PTR lookup times out, which must not pass for a missing PTR)."""
     bob = rcpt("bob")
     started = time.monotonic()
-    result = lab.send(T.GOOD, [bob], port=T.SMTP_PORT_DNS_DOWN)
+    result = lab.send(source, [bob], port=T.SMTP_PORT_DNS_DOWN)
     elapsed = time.monotonic() - started
     reply = result.rcpt_reply(bob)
     assert re.fullmatch(rejected("451 4.4.3", bob, r".+"), reply), result.transcript

@@ -127,6 +127,9 @@ def postfix_services() -> list[str]:
 def daemon_overrides(optin_file: str, unix_socket_path: str) -> dict[str, dict]:
     """Per daemon name, the keys changed from postfix-examples/policyd-ipv6.toml."""
     common = {
+        # Started as root like a system service; it binds, then drops to this account. The lab
+        # creates no account on the host: "nobody" exists everywhere and owns nothing here.
+        "user": "nobody",
         "optin_file": optin_file,
         # Lab-fast: the opt-in test waits for the poll; DNS answers come from the same link.
         "optin_reload_interval_seconds": 0.2,
