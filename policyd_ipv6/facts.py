@@ -39,7 +39,8 @@ class SpfFact:
     result: str  # one of SPF_RESULTS
     explanation: str = ""
     identity: str = ""  # the identity checked: the MAIL FROM, or postmaster@HELO
-    lookups: int = 0  # DNS queries the evaluation needed
+    lookups: int = 0  # DNS answers the evaluation needed
+    ttl: float = 0.0  # how long the result may be reused: the shortest TTL among those answers
 
     def describe(self) -> str:
         return self.result

@@ -85,6 +85,9 @@ class FactFinder:
         self.deadline_seconds = deadline_seconds
         self.message_ttl_seconds = message_ttl_seconds
         self.messages = ExpiringCache(max_messages, clock)
+        # SPF results by their inputs (RFC 7208 §4.1: IP, MAIL FROM, HELO), each kept for the
+        # shortest TTL of the DNS answers it was computed from: a repeat sender costs no run.
+        self.spf_results = ExpiringCache(max_messages, clock)
         self._unique = itertools.count()
 
     def for_message(self, subject: Subject) -> tuple[MessageFacts, bool]:
@@ -105,11 +108,20 @@ class FactFinder:
         rdns.addCallback(message.set_rdns)
         rdns.addErrback(self._bug, "reverse DNS check", message.set_rdns,
                         RdnsFact(RdnsOutcome.TEMPFAIL, detail="internal error"))
-        spf = check_spf(self.lookups, subject.ip, subject.sender, subject.helo_name)
+        spf_key = (subject.ip, subject.sender.lower(), subject.helo_name.lower())
+        known = self.spf_results.get(spf_key)
+        spf = defer.succeed(known) if known is not None else check_spf(
+            self.lookups, subject.ip, subject.sender, subject.helo_name)
+        if known is None:
+            spf.addCallback(self._remember_spf, spf_key)
         spf.addCallback(message.set_spf)
         spf.addErrback(self._bug, "SPF check", message.set_spf,
                        SpfFact("temperror", "internal error"))
         return message, False
+
+    def _remember_spf(self, fact: SpfFact, key) -> SpfFact:
+        self.spf_results.put(key, fact, fact.ttl)
+        return fact
 
     def _bug(self, failure, what: str, setter, fallback) -> None:
         # A bug must cost a retry (4xx), never a crash or a lost message.

@@ -129,7 +129,13 @@ class _Evaluation:
             except _Missing as missing:
                 self._fetch(missing.key)
                 return
-            self.result.callback(SpfFact(result, explanation, self.identity, len(self.answers)))
+            ttls = [a.ttl for a in self.answers.values()]
+            # A result built on a temporary failure must not be reused.
+            reusable = result != "temperror" and all(a.status != "tempfail"
+                                                     for a in self.answers.values())
+            ttl = min(ttls, default=0.0) if reusable else 0.0
+            self.result.callback(SpfFact(result, explanation, self.identity, len(self.answers),
+                                         ttl))
             return
         self.result.callback(SpfFact("permerror", f"more than {MAX_RUNS} evaluation steps",
                                      self.identity, len(self.answers)))
