@@ -133,7 +133,7 @@ def test_knot_answers_ptr_only_for_chosen_addresses(knot):
 
 @pytest.mark.knot
 def test_knot_says_nxdomain_and_nodata_for_what_the_zone_lacks(knot):
-    """A name not in the zone is NXDOMAIN; a name without the asked type is NOERROR with no answer."""
+    """A name not in the zone is NXDOMAIN; a name lacking the asked type is NOERROR, no answer."""
     port = knot.listen[0][1]
     assert ask("127.0.0.1", port, "nothere.sender.test", "A").rcode() == dns.rcode.NXDOMAIN
     nodata = ask("127.0.0.1", port, "sender.test", "AAAA")
@@ -149,7 +149,7 @@ def test_knot_refuses_zones_it_does_not_serve(knot):
 
 @pytest.mark.knot
 def test_a_broken_zone_fails_start_with_knots_log():
-    """A zone file Knot cannot load makes start() raise KnotError quoting knotd's log, and cleans up."""
+    """A zone Knot cannot load makes start() raise KnotError quoting knotd's log, and clean up."""
     require_knot()
     server = KnotServer({"broken.test": "$ORIGIN broken.test.\n@ SOA this is not a soa\n"},
                         [("127.0.0.1", free_port())])

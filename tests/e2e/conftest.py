@@ -37,7 +37,7 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
 def _missing_requirement() -> str | None:
-    for check in (netns.netns_unavailable, postfix.postfix_unavailable, knot.knot_available,
+    for check in (netns.netns_unavailable, postfix.postfix_unavailable, knot.knot_unavailable,
                   smtp.swaks_unavailable):
         problem = check()
         if problem:

@@ -44,8 +44,8 @@ class KnotError(RuntimeError):
     """knotd could not be configured, started or stopped; the message carries its log."""
 
 
-def knot_available() -> str | None:
-    """Return None when knotd, knotc and kdig are installed, else a sentence saying what is missing."""
+def knot_unavailable() -> str | None:
+    """None when knotd, knotc and kdig are installed, else a sentence saying what is missing."""
     missing = [p for p in (KNOTD, KNOTC, KDIG) if not os.access(p, os.X_OK)]
     if missing:
         return ("Knot DNS is not installed (missing %s); install the Debian packages "
@@ -163,7 +163,7 @@ class KnotServer:
 
     def start(self) -> "KnotServer":
         """Write the files, check the config, start knotd and wait until every zone answers."""
-        problem = knot_available()
+        problem = knot_unavailable()
         if problem:
             raise KnotError(problem)
         self._write_files()
@@ -245,7 +245,7 @@ def require_knot() -> None:
     """In a test: skip loudly when Knot is missing, but fail under CI=true (CI must run it)."""
     import pytest  # only tests call this; the module itself stays usable without pytest
 
-    problem = knot_available()
+    problem = knot_unavailable()
     if problem is None:
         return
     if os.environ.get("CI", "").lower() == "true":

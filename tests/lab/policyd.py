@@ -135,7 +135,8 @@ class PolicyDaemon:
         while True:
             if self.process.poll() is not None:
                 code, self.process = self.process.returncode, None
-                raise DaemonError("policyd-ipv6 exited with status %s:\n%s" % (code, self.log_tail()))
+                raise DaemonError("policyd-ipv6 exited with status %s:\n%s"
+                                  % (code, self.log_tail()))
             listening = _listening_tcp_ports(self.process.pid)
             if all(p in listening for p in ports) and all(p.exists() for p in paths):
                 return self

@@ -57,7 +57,8 @@ class SmtpResult:
         """The reply to RCPT TO:<recipient>."""
         found = self.replies_to("RCPT TO:<%s>" % recipient)
         if len(found) != 1:
-            raise AssertionError("no single reply to RCPT TO:<%s>:\n%s" % (recipient, self.transcript))
+            raise AssertionError("no single reply to RCPT TO:<%s>:\n%s"
+                                 % (recipient, self.transcript))
         return found[0]
 
     def final_reply(self) -> str | None:

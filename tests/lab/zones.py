@@ -114,13 +114,14 @@ def reverse_zone(network: str, ptrs: Mapping[str, str | Iterable[str]]) -> tuple
     return name, zone.text()
 
 
-def reverse_zones(networks: Iterable[str], ptrs: Mapping[str, str | Iterable[str]]) -> dict[str, str]:
+def reverse_zones(networks: Iterable[str],
+                  ptrs: Mapping[str, str | Iterable[str]]) -> dict[str, str]:
     """Reverse zones {name: text} for each network, each holding the PTRs of its addresses.
 
     Every address in `ptrs` must lie in one of `networks`.
     """
     nets = [ipaddress.ip_network(n) for n in networks]
-    grouped: dict[ipaddress._BaseNetwork, dict] = {net: {} for net in nets}
+    grouped: dict = {net: {} for net in nets}
     for address, targets in ptrs.items():
         ip = ipaddress.ip_address(address)
         owner = next((net for net in nets if ip.version == net.version and ip in net), None)
