@@ -260,3 +260,26 @@ def test_root_drops_to_configured_user_and_reloads_config_on_sighup(world_readab
         conn.close()
     finally:
         daemon.stop()
+
+
+def listening_sockets(pid: int) -> list[str]:
+    """Local addresses of the TCP/UDP sockets the process listens on or has bound unconnected."""
+    result = subprocess.run(["ss", "-H", "-lntup"], capture_output=True, text=True, check=True)
+    return sorted(line.split()[4] for line in result.stdout.splitlines()
+                  if f"pid={pid}," in line)
+
+
+def test_nothing_listens_beyond_listen(tmp_path, knot):
+    """The daemon listens on exactly the configured endpoints, even while it resolves."""
+    if not os.path.exists("/usr/bin/ss") and not os.path.exists("/bin/ss"):
+        pytest.skip("ss (iproute2) is not installed")
+    port = free_port()
+    daemon = Daemon(write_config(tmp_path, knot, [f"tcp:{port}:interface=127.0.0.1"]))
+    try:
+        conn = socket.create_connection(("127.0.0.1", port))
+        assert ask(conn, client_address=dnslab.WITH_PTR, sender="a@pass.sender.test",
+                   recipient="b@sender.test") == "action=DUNNO"
+        assert listening_sockets(daemon.process.pid) == [f"127.0.0.1:{port}"]
+        conn.close()
+    finally:
+        daemon.stop()
