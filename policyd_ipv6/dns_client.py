@@ -124,15 +124,47 @@ class _Query:
         self.tries = []
 
 
-class _UdpTry(protocol.DatagramProtocol):
-    noisy = False  # one socket per query: no "starting on port" log lines
+class _Try:
+    """What UDP and TCP tries share: the server, a timer, and ending exactly once."""
 
     def __init__(self, query: _Query, server: Nameserver) -> None:
         self.query = query
         self.server = server
-        self.port = None
         self.timer = None
         self.done = False
+
+    def _arm(self, why: str) -> None:
+        self.timer = self.query.client.reactor.callLater(self.query.client.timeout_seconds,
+                                                         self._fail, why)
+
+    def _fail(self, why: str) -> None:
+        """End this try as failed (once) and let the query go on to the next one."""
+        if self.timer is not None and not self.timer.active():
+            self.timer = None  # we are the timer's call
+        if not self.done:
+            self._finish()
+            self.query.failed(self.server, why)
+
+    def stop(self) -> None:
+        self._finish()
+
+    def _finish(self) -> None:
+        self.done = True
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        self._close()
+
+    def _close(self) -> None:
+        raise NotImplementedError
+
+
+class _UdpTry(_Try, protocol.DatagramProtocol):
+    noisy = False  # one socket per query: no "starting on port" log lines
+
+    def __init__(self, query: _Query, server: Nameserver) -> None:
+        super().__init__(query, server)
+        self.port = None
 
     def start(self) -> None:
         reactor = self.query.client.reactor
@@ -141,10 +173,9 @@ class _UdpTry(protocol.DatagramProtocol):
             self.transport.connect(self.server.host, self.server.port)
             self.transport.write(self.query.wire)
         except Exception as error:  # socket errors: no route, no IPv6 on this host...
-            self._finish()
-            self.query.failed(self.server, f"send failed ({error.__class__.__name__})")
+            self._fail(f"send failed ({error.__class__.__name__})")
             return
-        self.timer = reactor.callLater(self.query.client.timeout_seconds, self._timeout)
+        self._arm("timeout")
 
     def datagramReceived(self, data: bytes, addr) -> None:
         if self.done:
@@ -162,9 +193,7 @@ class _UdpTry(protocol.DatagramProtocol):
             self.query.answered(self.server, response)
 
     def connectionRefused(self) -> None:
-        if not self.done:
-            self._finish()
-            self.query.failed(self.server, "port unreachable")
+        self._fail("port unreachable")
 
     def stopProtocol(self) -> None:
         # The epoll reactor closes a UDP port whose socket reports an error (EPOLLERR, as an
@@ -172,37 +201,20 @@ class _UdpTry(protocol.DatagramProtocol):
         # connectionRefused: the try has failed either way.
         if not self.done:
             self.port = None
-            self._finish()
-            self.query.failed(self.server, "port unreachable")
+            self._fail("port unreachable")
 
-    def _timeout(self) -> None:
-        self.timer = None
-        if not self.done:
-            self._finish()
-            self.query.failed(self.server, "timeout")
-
-    def stop(self) -> None:
-        self._finish()
-
-    def _finish(self) -> None:
-        self.done = True
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
+    def _close(self) -> None:
         if self.port is not None:
             port, self.port = self.port, None
             port.stopListening()
 
 
-class _TcpTry(protocol.Protocol):
+class _TcpTry(_Try, protocol.Protocol):
     """One query over TCP (RFC 1035 §4.2.2: a two-byte length before each message)."""
 
     def __init__(self, query: _Query, server: Nameserver) -> None:
-        self.query = query
-        self.server = server
+        super().__init__(query, server)
         self.buffer = b""
-        self.done = False
-        self.timer = None
         self.connecting = None
 
     def start(self) -> None:
@@ -210,14 +222,9 @@ class _TcpTry(protocol.Protocol):
         endpoint_type = TCP6ClientEndpoint if self.server.ipv6 else TCP4ClientEndpoint
         endpoint = endpoint_type(reactor, self.server.host, self.server.port,
                                  timeout=self.query.client.timeout_seconds)
-        self.timer = reactor.callLater(self.query.client.timeout_seconds, self._timeout)
+        self._arm("TCP timeout")
         self.connecting = endpoint.connect(_Once(self))
-        self.connecting.addErrback(self._connect_failed)
-
-    def _connect_failed(self, failure) -> None:
-        if not self.done:
-            self._finish()
-            self.query.failed(self.server, "TCP connect failed")
+        self.connecting.addErrback(lambda _failure: self._fail("TCP connect failed"))
 
     def connectionMade(self) -> None:
         wire = self.query.wire
@@ -244,24 +251,9 @@ class _TcpTry(protocol.Protocol):
         self.query.answered(self.server, response)
 
     def connectionLost(self, reason=None) -> None:
-        if not self.done:
-            self._finish()
-            self.query.failed(self.server, "TCP connection closed")
+        self._fail("TCP connection closed")
 
-    def _timeout(self) -> None:
-        self.timer = None
-        if not self.done:
-            self._finish()
-            self.query.failed(self.server, "TCP timeout")
-
-    def stop(self) -> None:
-        self._finish()
-
-    def _finish(self) -> None:
-        self.done = True
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
+    def _close(self) -> None:
         if self.transport is not None:
             self.transport.loseConnection()
         elif self.connecting is not None and not self.connecting.called:
