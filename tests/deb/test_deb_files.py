@@ -1,0 +1,132 @@
+"""The files under debian/ agree with the code and with each other (no build, no root needed).
+
+The version, the unit's command line and user, the packaged configuration, the opt-in table
+the build generates and the wiring README.Debian gives are each defined in one place and
+used in another; these tests fail when one side changes without the other.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from lab.postfix import main_cf_value
+from policyd_ipv6 import __version__
+from policyd_ipv6.config import DEFAULT_CONFIG_PATH, parse_config
+
+from . import debbuild, readme_debian
+from .debbuild import require
+from .unitrun import Unit
+
+DEBIAN = debbuild.DEBIAN
+EXAMPLES = debbuild.REPO / "postfix-examples"
+
+
+def packaged(name: str) -> str:
+    return (DEBIAN / name).read_text()
+
+
+def test_changelog_version_is_the_program_version():
+    """debian/changelog's upstream version (before the Debian revision) is __version__."""
+    version = debbuild.changelog_version()
+    upstream = version.split(":", 1)[-1].rsplit("-", 1)[0]
+    assert upstream == __version__, "debian/changelog says %s, policyd_ipv6 %s" % (
+        version, __version__)
+
+
+def test_unit_runs_the_default_configuration_as_the_user_postinst_creates():
+    """The unit starts `policyd-ipv6 serve --config <default path>` as the user postinst adds."""
+    unit = Unit.read(DEBIAN / "policyd-ipv6.service")
+    assert unit.exec_start == ["/usr/bin/policyd-ipv6", "serve", "--config", DEFAULT_CONFIG_PATH]
+    assert unit.user not in ("root", "0") and unit.group == unit.user
+    script = packaged("policyd-ipv6.postinst").replace("\\\n", " ")  # join continued lines
+    (adduser,) = [line.split() for line in script.splitlines() if "adduser --system" in line]
+    assert "--group" in adduser and adduser[-1] == unit.user
+    assert unit.exec_reload == ["/bin/kill", "-HUP", "$MAINPID"]
+    assert unit.one("Restart") == "on-failure"
+
+
+def test_unit_sandbox_settings():
+    """The unit keeps the hardening the package promises (issue: as strict as still works)."""
+    unit = Unit.read(DEBIAN / "policyd-ipv6.service")
+    for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
+                       "PrivateTmp": "yes", "PrivateDevices": "yes",
+                       "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
+                       "MemoryDenyWriteExecute": "yes", "RestrictNamespaces": "yes"}.items():
+        assert unit.one(key) == value, key
+    assert unit.settings["CapabilityBoundingSet"] == [""]
+    assert "@system-service" in unit.settings["SystemCallFilter"]
+    assert "ReadWritePaths" not in unit.settings, "the default (TCP) needs no writable path"
+
+
+def test_packaged_configuration_listens_on_loopback_and_finds_the_optin_file():
+    """The example config installed as /etc/policyd-ipv6/policyd-ipv6.toml resolves optin_file
+    to /etc/policyd-ipv6/optin-domains, listens on 127.0.0.1:10045 and names no user."""
+    install = packaged("policyd-ipv6.install").split("\n")
+    assert "postfix-examples/policyd-ipv6.toml etc/policyd-ipv6/" in install
+    assert "debian/build/optin-domains etc/policyd-ipv6/" in install
+    config = parse_config((EXAMPLES / "policyd-ipv6.toml").read_text(), "/etc/policyd-ipv6")
+    assert config.optin_file == "/etc/policyd-ipv6/optin-domains"
+    assert config.listen == ("tcp:10045:interface=127.0.0.1",)
+    # The unit already runs as its own user: a non-root process cannot switch to another.
+    assert config.user == ""
+
+
+def test_readme_debian_wiring_is_the_examples_wiring():
+    """README.Debian's main.cf lines set the same restrictions as postfix-examples/main.cf.fragment."""
+    readme = readme_debian.main_cf_lines(packaged("README.Debian"))
+    fragment = (EXAMPLES / "main.cf.fragment").read_text()
+    name = "smtpd_recipient_restrictions"
+    assert main_cf_value(readme, name) == main_cf_value(fragment, name)
+    assert "inet:127.0.0.1:10045" in main_cf_value(readme, name)
+
+
+def test_readme_debian_unix_socket_recipe_is_consistent():
+    """The Unix-socket steps create the socket's directory, make it writable for the unit, and
+    point Postfix (relative to its queue directory) at the socket the daemon listens on."""
+    recipe = readme_debian.unix_socket_recipe(packaged("README.Debian"))
+    unit = Unit.read(DEBIAN / "policyd-ipv6.service")
+    install = recipe["install"]
+    directory = install[-1]
+    assert install[:2] == ["install", "-d"]
+    assert install[install.index("-o") + 1] == unit.user
+    assert install[install.index("-g") + 1] == "postfix"
+    assert install[install.index("-m") + 1] == "2750"
+    assert recipe["read_write_paths"] == [directory]
+    (endpoint,) = recipe["listen"]
+    socket = endpoint.split(":")[1]
+    assert socket.startswith(directory + "/") and ":mode=660" in endpoint
+    relative = socket[len("/var/spool/postfix/"):]
+    assert recipe["check_policy_service"] == (
+        "check_policy_service { unix:%s, timeout=30s }" % relative)
+
+
+def test_build_generates_an_optin_table_without_domains(tmp_path):
+    """debian/rules turns the example opt-in file into one that keeps its comments and opts
+    no domain in; a domain left in it would stop the build."""
+    require(None if shutil.which("make") else "make is not installed (Debian package make)")
+    (tmp_path / "debian").mkdir()
+    shutil.copy(DEBIAN / "rules", tmp_path / "debian" / "rules")
+    (tmp_path / "postfix-examples").mkdir()
+    sample = (EXAMPLES / "optin-domains").read_text()
+    (tmp_path / "postfix-examples" / "optin-domains").write_text(sample)
+    run = subprocess.run(["make", "-s", "-f", "debian/rules", "execute_after_dh_auto_build"],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    built = (tmp_path / "debian" / "build" / "optin-domains").read_text().splitlines()
+    assert [line for line in built if line.strip() and not line.lstrip().startswith("#")] == []
+    comments = [line for line in sample.splitlines() if line.lstrip().startswith("#")]
+    assert comments and built[:len(comments)] == comments
+    assert any(not l.strip().startswith("#") and l.strip() for l in sample.splitlines()), \
+        "the example opts a domain in; this test would prove nothing without one"
+
+    # A rule that lets a domain through must fail the build.
+    (tmp_path / "postfix-examples" / "optin-domains").write_text("# x\n")
+    rules = (tmp_path / "debian" / "rules").read_text().replace(
+        "> $(OPTIN_BUILT)\n", "> $(OPTIN_BUILT)\n\techo leaked.example >> $(OPTIN_BUILT)\n", 1)
+    (tmp_path / "debian" / "rules").write_text(rules)
+    run = subprocess.run(["make", "-s", "-f", "debian/rules", "execute_after_dh_auto_build"],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode != 0 and "leaked.example" in run.stdout + run.stderr
