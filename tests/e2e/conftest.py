@@ -171,11 +171,15 @@ def _build_daemons(lab: Lab, request) -> None:
     directory = lab.root / "policyd"
     directory.mkdir()
     shutil.copyfile(EXAMPLES / "optin-domains", lab.optin_path)
+    # The daemons read these again after dropping to their unprivileged user, whatever umask.
+    os.chmod(directory, 0o755)
+    os.chmod(lab.optin_path, 0o644)
     example = (EXAMPLES / "policyd-ipv6.toml").read_text()
     socket_path = lab.postfix.queue_dir / T.UNIX_SOCKET_DIR / T.UNIX_SOCKET_NAME
     for name, overrides in T.daemon_overrides(str(lab.optin_path), str(socket_path)).items():
         config = directory / ("%s.toml" % name)
         config.write_text(policyd.config_from_example(example, overrides))
+        os.chmod(config, 0o644)
         daemon = policyd.PolicyDaemon(config, directory / ("%s.log" % name), lab.mx)
         lab.daemons[name] = daemon
         request.addfinalizer(daemon.stop)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import email
 import email.policy
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -152,9 +153,9 @@ class PostfixInstance:
 
     def write(self) -> None:
         """Create the directories and the (backdated) config files."""
-        for sub in ("etc", "queue", "data", "log"):
+        for sub in ("", "etc", "queue", "data", "log"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        os.chmod(self.root, 0o755)
+            os.chmod(self.root / sub, 0o755)  # Postfix's unprivileged processes read here
         mail = self.root / "mail"
         mail.mkdir(exist_ok=True)
         os.chown(mail, MAILBOX_ID, MAILBOX_ID)
@@ -163,6 +164,7 @@ class PostfixInstance:
         (self.config_dir / "master.cf").write_text(self.master_cf())
         past = time.time() - 60
         for name in ("main.cf", "master.cf"):
+            os.chmod(self.config_dir / name, 0o644)
             os.utime(self.config_dir / name, (past, past))
 
     # -- commands ------------------------------------------------------------------------
@@ -171,8 +173,10 @@ class PostfixInstance:
         argv = [args[0], "-c", str(self.config_dir), *args[1:]]
         if self.netns is not None:
             argv = self.netns.argv(argv)
-        # script(1) gives Postfix a terminal, the only place it prints its errors to.
-        result = subprocess.run(["script", "-qec", subprocess.list2cmdline(argv), "/dev/null"],
+        # script(1) gives Postfix a terminal, the only place it prints its errors to. Postfix
+        # creates its queue directories with the caller's umask: make it the usual one.
+        shell = "umask 022; exec " + shlex.join(argv)
+        result = subprocess.run(["script", "-qec", shell, "/dev/null"],
                                 capture_output=True, text=True, timeout=timeout)
         if check and result.returncode != 0:
             raise PostfixError("%s -> exit %d\n%s%s\n--- maillog ---\n%s" % (
