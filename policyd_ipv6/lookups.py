@@ -116,4 +116,5 @@ class Lookups:
         if answer.status != "tempfail":
             self.cache.put(key, answer, answer.ttl)
         for waiter in self._inflight.pop(key, []):
-            waiter.callback(answer)
+            if not waiter.called:  # a waiter may have been cancelled (its deadline passed)
+                waiter.callback(answer)

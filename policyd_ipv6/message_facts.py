@@ -40,6 +40,7 @@ class MessageFacts:
         self.shared = 0  # how many later requests reused these facts
         self._waiting: dict[Need, list[defer.Deferred]] = {Need.RDNS: [], Need.SPF: []}
         self._timer = clock.callLater(deadline_seconds, self._deadline)
+        self.work: list[defer.Deferred] = []  # the checks under way, cancelled at the deadline
 
     def when(self, need: Need) -> defer.Deferred:
         """A Deferred firing with ``self.facts`` once ``need`` is known."""
@@ -72,6 +73,11 @@ class MessageFacts:
     def _deadline(self) -> None:
         self.set_rdns(RdnsFact(RdnsOutcome.TEMPFAIL, detail="deadline reached"))
         self.set_spf(SpfFact("temperror", "deadline reached"))
+        # Stop the checks still running: their answers can no longer change any reply.
+        for d in self.work:
+            if not d.called:
+                d.cancel()
+        self.work = []
 
 
 class FactFinder:
@@ -105,6 +111,7 @@ class FactFinder:
             self.messages.put(key, message, self.message_ttl_seconds)
         rdns = check_rdns(self.lookups, subject.ip, self.rdns_mode,
                           subject.reverse_client_name, subject.client_name)
+        message.work.append(rdns)
         rdns.addCallback(message.set_rdns)
         rdns.addErrback(self._bug, "reverse DNS check", message.set_rdns,
                         RdnsFact(RdnsOutcome.TEMPFAIL, detail="internal error"))
@@ -113,6 +120,7 @@ class FactFinder:
         spf = defer.succeed(known) if known is not None else check_spf(
             self.lookups, subject.ip, subject.sender, subject.helo_name)
         if known is None:
+            message.work.append(spf)
             spf.addCallback(self._remember_spf, spf_key)
         spf.addCallback(message.set_spf)
         spf.addErrback(self._bug, "SPF check", message.set_spf,
@@ -124,6 +132,8 @@ class FactFinder:
         return fact
 
     def _bug(self, failure, what: str, setter, fallback) -> None:
+        if failure.check(defer.CancelledError):
+            return  # the deadline passed and already set the fact
         # A bug must cost a retry (4xx), never a crash or a lost message.
         _log.failure("internal error in the {what}", failure, what=what)
         setter(fallback)

@@ -115,7 +115,8 @@ class _Evaluation:
         self.identity = identity
         self.answers: dict = {}
         self.runs = 0
-        self.result = defer.Deferred()
+        # Cancelling (the decision's deadline passed) stops the evaluation at its next step.
+        self.result = defer.Deferred(lambda _d: None)
 
     def start(self) -> defer.Deferred:
         self._run()
@@ -144,6 +145,8 @@ class _Evaluation:
         self.lookups.lookup(*key).addCallback(self._arrived, key)
 
     def _arrived(self, answer, key) -> None:
+        if self.result.called:  # cancelled: nobody waits for this evaluation any more
+            return
         self.answers[key] = answer
         if key[1] == "MX" and answer.ok:
             # pyspf will ask for each exchange's addresses next: ask for them all now.

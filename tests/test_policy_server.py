@@ -170,3 +170,20 @@ def test_engine_bug_closes_without_reply():
     except RuntimeError:
         raise AssertionError("the exception escaped to the reactor")
     assert transport.disconnecting and replies(transport) == []
+
+
+def test_deadline_stops_the_checks_still_running():
+    """After the deadline an SPF evaluation makes no further lookups for that message."""
+    fake = FakeDnsClient({(PTR, "PTR"): ["mx.example.net."],
+                          ("example.net", "TXT"): ['"v=spf1 include:a.example -all"'],
+                          ("a.example", "TXT"): ['"v=spf1 -all"']})
+    h = Harness(fake, deadline=2.0)
+    fake.clock, fake.delay = h.clock, 3.0   # every answer comes after the deadline
+    proto, transport = h.connect()
+    proto.dataReceived(request())
+    h.clock.advance(2.0)
+    assert replies(transport)[0].startswith("action=451 4.4.3 ")
+    h.clock.advance(60)
+    # without cancellation the evaluation would go on to the include once example.net arrived
+    assert ("example.net", "TXT") in fake.queries
+    assert ("a.example", "TXT") not in fake.queries
