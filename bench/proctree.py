@@ -6,6 +6,8 @@ Contract:
   own time plus the time of the children it has already reaped (cutime/cstime), so a fork
   server's exited children stay counted and nothing is counted twice. Differences of two
   readings give the CPU spent in between.
+- `machine_cpu_seconds()` returns (busy, total) CPU seconds of the whole machine, so a run
+  can show how busy the machine was (other work on it distorts every number).
 - `MemorySampler(root)` is a thread that samples the tree every `period` seconds until
   stopped and keeps the peak of the summed RSS (what `ps` shows, the issue's measure: shared
   library pages are counted once per process), the peak summed PSS (shared pages divided among
@@ -59,6 +61,14 @@ def cpu_seconds(root):
         # utime, stime, cutime, cstime are fields 14-17 of proc(5); index 11-14 after ')'.
         total += sum(int(x) for x in fields[11:15])
     return total / CLOCK_TICKS
+
+
+def machine_cpu_seconds():
+    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields) - idle) / CLOCK_TICKS, sum(fields) / CLOCK_TICKS
 
 
 def _memory_kib(pid):

@@ -20,6 +20,11 @@ def _lat(run, cls="normal"):
     return run.get("latency", {}).get(cls, {})
 
 
+def _first(run):
+    first = _lat(run, "first")
+    return f"{first['p50_ms']:.1f} / {first['p99_ms']:.1f}" if first else "-"
+
+
 def _errors(run):
     return sum(run.get("errors", {}).values())
 
@@ -65,12 +70,12 @@ def _find(results, server, scenario, delay, conns):
 
 
 def table(runs):
-    head = ("| server | req/s | p50 ms | p90 ms | p99 ms | max ms | CPU s / 1000 | "
-            "peak RSS MiB (procs) | peak PSS MiB | errors | replies | load gen CPU s |")
+    head = ("| server | req/s | p50 ms | p90 ms | p99 ms | max ms | 1st rcpt p50 / p99 ms | CPU s / 1000 | "
+            "peak RSS MiB (procs) | peak PSS MiB | errors | replies | load gen CPU s | machine busy |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for run in runs:
         if "failed" in run:
-            lines.append(f"| {run['server']} | failed: {run['failed']} |" + " |" * 10)
+            lines.append(f"| {run['server']} | failed: {run['failed']} |" + " |" * 12)
             continue
         lat = _lat(run)
         # A cold pool used up ends the window early; the rate is then over the shorter window.
@@ -78,14 +83,14 @@ def table(runs):
         lines.append(
             f"| {run['server']} | {run['requests_per_s']:,.0f}{used_up} | {lat.get('p50_ms', 0):.2f} | "
             f"{lat.get('p90_ms', 0):.2f} | {lat.get('p99_ms', 0):.2f} | {lat.get('max_ms', 0):.1f} | "
-            f"{run['cpu_s_per_1000'] or 0:.3f} | {run['peak_rss_mib']:.0f} ({run['peak_processes']}) | "
+            f"{_first(run)} | {run['cpu_s_per_1000'] or 0:.3f} | {run['peak_rss_mib']:.0f} ({run['peak_processes']}) | "
             f"{run['peak_pss_mib']:.0f} | {_errors(run)} | {_replies(run)} | "
-            f"{run['loadgen_cpu_s']:.1f} |")
+            f"{run['loadgen_cpu_s']:.1f} | {run.get('machine_busy', 0) * 100:.0f} % |")
         slow = _lat(run, "slow")
         if slow:
             lines.append(
                 f"| ↳ slow 10 % | | {slow['p50_ms']:.0f} | {slow['p90_ms']:.0f} | {slow['p99_ms']:.0f} | "
-                f"{slow['max_ms']:.0f} | | | | | {_replies(run, 'slow')} | |")
+                f"{slow['max_ms']:.0f} | | | | | | {_replies(run, 'slow')} | | |")
     return "\n".join(lines)
 
 
@@ -109,6 +114,13 @@ def checks(results):
             ratio = _lat(ours)["p50_ms"] / _lat(spf)["p50_ms"]
             yield (f"{where}: p50 ≤ 0.5× policyd-spf", f"{ratio:.2f}× "
                    f"({_lat(ours)['p50_ms']:.0f} vs {_lat(spf)['p50_ms']:.0f} ms)", ratio <= 0.5)
+            # The same for first recipients only: later recipients of a message may reuse
+            # its lookups, which flatters the all-requests p50.
+            a, b = _lat(ours, "first"), _lat(spf, "first")
+            if a and b:
+                ratio = a["p50_ms"] / b["p50_ms"]
+                yield (f"{where}: first-recipient p50 ≤ 0.5× policyd-spf", f"{ratio:.2f}× "
+                       f"({a['p50_ms']:.0f} vs {b['p50_ms']:.0f} ms)", ratio <= 0.5)
             if conns >= 100:
                 ratio = ours["requests_per_s"] / spf["requests_per_s"]
                 yield (f"{where}: throughput ≥ 5× policyd-spf", f"{ratio:.1f}×", ratio >= 5)
@@ -119,7 +131,10 @@ def checks(results):
                 yield (f"{where}: other 90 % p99 ≤ 1.5× cold p99", f"{ratio:.2f}× "
                        f"({_lat(ours)['p99_ms']:.0f} vs {_lat(cold)['p99_ms']:.0f} ms)",
                        ratio <= 1.5)
-            slow = ours.get("replies", {}).get("slow", {})
+            # Recipients in a domain that has not opted in are refused at once (550 5.2.1),
+            # without DNS; every other slow decision waits for the dead zone.
+            slow = {k: n for k, n in ours.get("replies", {}).get("slow", {}).items()
+                    if not k.startswith("action=550 5.2.1")}
             total = sum(slow.values())
             tempfail = sum(n for k, n in slow.items() if k.startswith("action=451 4.4.3"))
             late = _lat(ours, "slow").get("max_ms", 0)

@@ -34,6 +34,8 @@ listen = ["tcp:{port}:interface=127.0.0.1"]
 optin_file = "optin-domains"
 nameservers = ["127.0.0.1:53"]
 decision_deadline_seconds = {deadline}
+# As in production: bind as root, then run as an unprivileged user.
+user = "nobody"
 """
 
 

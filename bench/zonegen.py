@@ -61,12 +61,12 @@ def client_prefix(pool, shape, index):
     return f"2001:db8:{POOL_BASE[pool] + SHAPE_OFFSET[shape]:x}:{index:x}"
 
 
-def sender(rng, pool, index, records, ptrs, domain=None, spf_shape=None):
+def sender(rng, pool, index, records, ptrs, domain=None, spf_shape=None, ptr_shape=None):
     """Add one sender's records; return its population entry."""
     label = f"{pool}{index}"
     domain = domain or f"{label}.example"
     spf_shape = spf_shape or pick(rng, SPF_SHAPES)
-    ptr_shape = pick(rng, PTR_SHAPES)
+    ptr_shape = ptr_shape or pick(rng, PTR_SHAPES)
     net = ipaddress.IPv6Network(client_prefix(pool, spf_shape, index) + "::/64")
     # Canonical text, as Postfix sends client_address (inet_ntop) and as records are written.
     address = str(net[0x25])
@@ -128,7 +128,9 @@ def generate(directory, cold=20000, warm=50, slow=3000, seed=7):
     }
     for i in range(slow):
         domain = f"s{i}.dead.example"
-        entry = sender(rng, "s", i, records, ptrs, domain=domain, spf_shape="ip6")
+        # A good PTR, so that only the SPF lookup (under the dead zone) decides.
+        entry = sender(rng, "s", i, records, ptrs, domain=domain, spf_shape="ip6",
+                       ptr_shape="fcrdns")
         records.append(f"{domain}. NS ns.{domain}.")
         records.append(f"ns.{domain}. AAAA {DEAD_PREFIX}::{i + 1:x}")
         population["slow"].append(entry)
