@@ -1,8 +1,10 @@
 """Build, lint, install and purge the Debian package, for the package tests.
 
 Contract:
-- `build(workdir)` copies the repository's tracked files (their content in the work tree;
-  with `ref`, that commit's content through `git archive`) to `workdir/src`, checks the build
+- `build(workdir)` copies the repository's files as git sees them - tracked and untracked,
+  without ignored ones (build output, caches, virtual environments), i.e. the code every other
+  test runs; with `ref` (or POLICYD_IPV6_DEB_REF=<commit>), that commit's files through
+  `git archive` - to `workdir/src`, checks the build
   dependencies and runs `dpkg-buildpackage -us -uc -b` there, so the build never writes into
   the work tree. It returns a `Build` (the .deb, the .changes, the build log) or raises
   `DebError` with the log's tail. Debian's tools run with Debian's own PATH and a clean
@@ -87,7 +89,7 @@ def _tail(text: str, lines: int = 40) -> str:
 
 
 def copy_source(dest: Path, ref: str | None = None) -> None:
-    """Copy the tracked files of the repository (or commit `ref`) into `dest`."""
+    """Copy the repository's files (see the module docstring), or commit `ref`'s, into `dest`."""
     dest.mkdir(parents=True)
     if ref is not None:
         archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", ref],
@@ -95,7 +97,8 @@ def copy_source(dest: Path, ref: str | None = None) -> None:
         with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
             tar.extractall(dest)
         return
-    listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z"], capture_output=True,
+    listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others",
+                             "--exclude-standard"], capture_output=True,
                             check=True).stdout.decode().split("\0")
     for name in filter(None, listed):
         source = REPO / name
@@ -117,6 +120,7 @@ def changelog_version() -> str:
 
 def build(workdir: Path, ref: str | None = None) -> Build:
     """Build the binary package from a copy of the tree in `workdir` (see the module docstring)."""
+    ref = ref or os.environ.get("POLICYD_IPV6_DEB_REF") or None
     src = workdir / "src"
     copy_source(src, ref)
     deps = _run(["dpkg-checkbuilddeps"], cwd=src)

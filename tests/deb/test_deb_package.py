@@ -25,20 +25,10 @@ from lab.policyd import config_from_example
 
 from . import debbuild
 from .debbuild import debian_env, require
+from .expect import CONFIG, ETC, FAKE_DKIM_KEY, NO_AUTH, NO_PTR, NOT_OPTED, OPTIN
 from .unitrun import UNIT_PATH, Unit
 
 pytestmark = pytest.mark.deb
-
-ETC = Path("/etc/policyd-ipv6")
-CONFIG = ETC / "policyd-ipv6.toml"
-OPTIN = ETC / "optin-domains"
-# Any valid base64 will do: these tests never verify a DKIM signature.
-FAKE_DKIM_KEY = "MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA" + "x" * 300 + "IDAQAB"
-
-NOT_OPTED = "550 5.2.1 Service unavailable, [%s] does not accept email over IPv6."
-NO_PTR = "450 4.7.25 Service unavailable, sending IPv6 address [%s] must have reverse DNS record."
-NO_AUTH = ("450 4.7.26 Service unavailable, message sent over IPv6 [%s] must pass either SPF "
-           "or DKIM validation.")
 
 
 def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:

@@ -18,7 +18,8 @@ Contract:
   `PolicyDaemon` (same start, readiness, stop and log parsing) running the unit's ExecStart in
   that sandbox - with `config_path` in place of the unit's --config when given.
   `reload()` runs the unit's ExecReload= with $MAINPID replaced, as `systemctl reload` does.
-- `credentials(pid)` reads uid, gid, groups, NoNewPrivs and the capability sets from /proc.
+- `credentials(pid)` reads uid, gid, groups, NoNewPrivs and the capability sets from /proc;
+  `mount_options(pid)` the mounts the process sees; `command_line(pid)` its argv.
 """
 
 from __future__ import annotations
@@ -35,13 +36,15 @@ UNIT_PATH = Path("/lib/systemd/system/policyd-ipv6.service")
 SERVICE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # The mount-namespace part of the sandbox; the command comes as "$@" (see sandbox_argv).
+# The writable paths become mounts of their own first: a bind mount copies the flags of the
+# mount it is made from, so one made after / turned read-only would be read-only too.
 _MOUNTS = """set -e
+for dir in %(rw)s; do mount --bind "$dir" "$dir"; done
 mount -o remount,bind,ro /
 for dir in /tmp /var/tmp; do mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$dir"; done
 for dir in /home /root /run/user; do
     if [ -d "$dir" ]; then mount -t tmpfs -o ro,mode=755 tmpfs "$dir"; fi
 done
-for dir in %(rw)s; do mount --bind "$dir" "$dir"; done
 umask %(umask)s
 exec "$@"
 """
@@ -136,6 +139,16 @@ def credentials(pid: int) -> dict[str, str]:
         if key in wanted:
             fields[key] = value.strip()
     return fields
+
+
+def mount_options(pid: int) -> dict[str, tuple[str, str]]:
+    """Mount point -> (per-mount options, file system type) as process `pid` sees them."""
+    mounts = {}
+    for line in Path("/proc/%d/mountinfo" % pid).read_text().splitlines():
+        fields = line.split()
+        fstype = fields[fields.index("-") + 1]
+        mounts[fields[4]] = (fields[5], fstype)  # a later mount on the same point wins
+    return mounts
 
 
 def command_line(pid: int) -> list[str]:

@@ -1,0 +1,298 @@
+"""The installed daemon in the end-to-end lab, started exactly as its systemd unit starts it.
+
+Real Postfix, wired with README.Debian's main.cf lines, and real Knot run in two network
+namespaces of this module's own (p6d-mx, p6d-snd) with the addresses and zones of the e2e lab
+(tests/e2e/topology.py); swaks sends from the sender side. The daemon is the installed
+/usr/bin/policyd-ipv6 running the unit's ExecStart verbatim - so on the installed
+/etc/policyd-ipv6/policyd-ipv6.toml, unchanged - as the unit's user, in the unit's sandbox as far
+as it can be reproduced without systemd (unitrun.py). Its DNS is the namespace's resolv.conf,
+which the installed config's empty `nameservers` reads and which names the lab's Knot. The one
+change to the installed files: example.com is added to /etc/policyd-ipv6/optin-domains while
+this module runs (the file is restored afterwards). A second installed daemon listens on the
+Unix socket that README.Debian's recipe sets up.
+
+The lab lives under /var/spool, not /tmp: the reproduced PrivateTmp= hides /tmp from the daemon.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from e2e import topology as T
+from lab import knot, netns, postfix, smtp
+from lab.policyd import config_from_example
+
+from . import readme_debian
+from .debbuild import require
+from .expect import CONFIG, FAKE_DKIM_KEY, NO_AUTH, NO_PTR, NOT_OPTED, OPTIN
+from .unitrun import (UNIT_PATH, InstalledDaemon, Unit, command_line, credentials,
+                      mount_options)
+
+pytestmark = pytest.mark.deb
+
+MX_NS, SENDER_NS = "p6d-mx", "p6d-snd"
+MX_IF, SENDER_IF = "p6d-mx0", "p6d-snd0"
+README_DEBIAN = Path("/usr/share/doc/policyd-ipv6/README.Debian")
+POSTFIX_SPOOL = "/var/spool/postfix"
+OK = r"250 2\.1\.5 Ok"
+
+
+@dataclass
+class DebLab:
+    root: Path
+    unit: Unit
+    mx: netns.Namespace = field(default_factory=lambda: netns.Namespace(MX_NS))
+    sender: netns.Namespace = field(default_factory=lambda: netns.Namespace(SENDER_NS))
+    postfix: postfix.PostfixInstance | None = None
+    daemon: InstalledDaemon | None = None
+    unix_daemon: InstalledDaemon | None = None
+    socket_path: Path | None = None
+
+    def send(self, source: str, recipient: str, port: int = T.SMTP_PORT) -> smtp.SmtpResult:
+        """One swaks transaction from `source` to `recipient`, with a unique subject."""
+        server = T.MX4 if ":" not in source else T.MX6
+        return smtp.send(server=server, port=port, sender=T.SENDER, recipients=[recipient],
+                         helo=T.HELO, source=source, netns=self.sender,
+                         subject="deb %s" % uuid.uuid4().hex[:12])
+
+    def context(self) -> str:
+        """Logs for an assertion message."""
+        return "\n--- maillog ---\n%s\n--- daemon ---\n%s\n--- unix daemon ---\n%s" % (
+            self.postfix.log_tail(20), self.daemon.log_tail(15), self.unix_daemon.log_tail(15))
+
+
+def _requirements() -> str | None:
+    for check in (netns.netns_unavailable, postfix.postfix_unavailable, knot.knot_unavailable,
+                  smtp.swaks_unavailable):
+        problem = check()
+        if problem:
+            return problem
+    return None
+
+
+def _in_postfix_queue(path: str, queue_dir: Path) -> str:
+    """A README.Debian path below /var/spool/postfix, moved below the lab's queue directory."""
+    if not path.startswith(POSTFIX_SPOOL + "/"):
+        raise ValueError("%s is not below %s" % (path, POSTFIX_SPOOL))
+    return str(queue_dir) + path[len(POSTFIX_SPOOL):]
+
+
+def _network(lab: DebLab, request) -> None:
+    for ns in (lab.mx, lab.sender):
+        request.addfinalizer(ns.delete)
+        ns.create()
+    netns.veth_pair(lab.mx, MX_IF, lab.sender, SENDER_IF)
+    for cidr in T.MX_ADDRESSES:
+        lab.mx.add_address(MX_IF, cidr)
+    for cidr in T.SENDER_ADDRESSES:
+        lab.sender.add_address(SENDER_IF, cidr)
+    lab.mx.add_route("2001:db8::/32", MX_IF)
+    lab.sender.add_route("2001:db8::/32", SENDER_IF)
+    lab.mx.set_resolv_conf([T.DNS6])
+    lab.sender.set_resolv_conf([T.DNS6])
+
+
+def _postfix(lab: DebLab, readme: str, request) -> dict:
+    """Postfix with README.Debian's main.cf lines; returns README.Debian's Unix socket recipe."""
+    lines = readme_debian.main_cf_lines(readme)
+    recipe = readme_debian.unix_socket_recipe(readme)
+    socket_rel = re.fullmatch(r"check_policy_service \{ unix:(\S+), timeout=30s \}",
+                              recipe["check_policy_service"]).group(1)
+    restrictions = postfix.main_cf_value(lines, "smtpd_recipient_restrictions")
+    # The e2e listeners minus the one wired to a policy service that is down there.
+    services = [s for s in T.postfix_services() if "]:%d " % T.SMTP_PORT_DNS_DOWN not in s]
+    lab.postfix = postfix.PostfixInstance(lab.root / "postfix",
+                                          T.postfix_settings(restrictions, socket_rel), [lines],
+                                          services, lab.mx)
+    request.addfinalizer(lab.postfix.stop)
+    lab.postfix.start()
+    return recipe
+
+
+def _daemons(lab: DebLab, recipe: dict, request) -> None:
+    queue = lab.postfix.queue_dir
+    # README.Debian's steps, verbatim but for /var/spool/postfix -> the lab's queue directory.
+    install = recipe["install"][:-1] + [_in_postfix_queue(recipe["install"][-1], queue)]
+    made = subprocess.run(install, capture_output=True, text=True)
+    assert made.returncode == 0, "%s: %s" % (install, made.stderr)
+    listen = [re.sub(r"^unix:([^:]+)", lambda m: "unix:" + _in_postfix_queue(m.group(1), queue),
+                     endpoint) for endpoint in recipe["listen"]]
+    lab.socket_path = Path(listen[0].split(":")[1])
+    unix_config = lab.root / "unix-socket.toml"
+    unix_config.write_text(config_from_example(CONFIG.read_text(), {
+        "listen": listen, "optin_file": str(OPTIN)}))
+    os.chmod(unix_config, 0o644)
+    lab.daemon = InstalledDaemon(lab.unit, lab.root / "daemon.log", lab.mx)
+    lab.unix_daemon = InstalledDaemon(
+        lab.unit, lab.root / "unix-daemon.log", lab.mx, config_path=unix_config,
+        read_write_paths=[_in_postfix_queue(p, queue) for p in recipe["read_write_paths"]])
+    for daemon in (lab.daemon, lab.unix_daemon):
+        request.addfinalizer(daemon.stop)
+        daemon.launch()
+    for daemon in (lab.daemon, lab.unix_daemon):
+        daemon.wait_ready()
+
+
+@pytest.fixture(scope="module")
+def deb_lab(package, request) -> DebLab:
+    """The lab with the installed daemons running (see the module docstring)."""
+    require(_requirements())
+    package.ensure_installed()
+    root = Path(tempfile.mkdtemp(prefix="p6d-lab-", dir="/var/spool"))
+    request.addfinalizer(lambda: shutil.rmtree(root, ignore_errors=True))
+    os.chmod(root, 0o755)  # the daemon's user and Postfix's processes walk below it
+    lab = DebLab(root, Unit.read(UNIT_PATH))
+    _network(lab, request)
+    dns = knot.KnotServer(T.zones(FAKE_DKIM_KEY), [(T.DNS6, 53)], netns=MX_NS, workdir=root)
+    request.addfinalizer(dns.stop)
+    dns.start()
+    recipe = _postfix(lab, README_DEBIAN.read_text(), request)
+    original = OPTIN.read_bytes()
+    request.addfinalizer(lambda: OPTIN.write_bytes(original))
+    OPTIN.write_bytes(original + ("%s\n" % T.OPTED_IN).encode())
+    _daemons(lab, recipe, request)
+    return lab
+
+
+def rcpt(domain: str = T.OPTED_IN) -> str:
+    return "bob-%s@%s" % (uuid.uuid4().hex[:8], domain)
+
+
+def refused(code: str, recipient: str, text: str) -> str:
+    """Postfix's RCPT reply carrying the policy reply `code text`, as a regex."""
+    return r"%s <%s>: Recipient address rejected: %s" % (
+        re.escape(code), re.escape(recipient), re.escape(text))
+
+
+def decision(daemon: InstalledDaemon, recipient: str) -> dict:
+    (line,) = [d for d in daemon.decisions() if d.get("recipient") == recipient]
+    return line
+
+
+def assert_delivered(lab: DebLab, result: smtp.SmtpResult, recipient: str) -> None:
+    assert result.accepted, result.transcript + lab.context()
+    (message,) = lab.postfix.wait_for_message(result.subject)
+    assert message["Delivered-To"] == recipient
+
+
+def test_daemon_runs_as_its_unit_says(deb_lab):
+    """The installed daemon runs the unit's ExecStart as the unit's user, without privileges or
+    capabilities, on a read-only file system with a private /tmp, on the installed config, the
+    namespace's DNS and the installed opt-in table."""
+    pid = deb_lab.daemon.process.pid
+    user = pwd.getpwnam(deb_lab.unit.user)
+    creds = credentials(pid)
+    assert set(creds["Uid"].split()) == {str(user.pw_uid)}, creds
+    assert set(creds["Gid"].split()) == {str(user.pw_gid)}, creds
+    assert creds["NoNewPrivs"] == "1"
+    assert {creds["CapEff"], creds["CapPrm"], creds["CapBnd"]} == {"0" * 16}
+    assert command_line(pid)[1:] == deb_lab.unit.exec_start
+    mounts = mount_options(pid)
+    assert mounts["/"][0].split(",")[0] == "ro", mounts["/"]
+    assert mounts["/tmp"][1] == "tmpfs" and mounts["/root"][0].startswith("ro"), mounts
+    (ready,) = [line for line in deb_lab.daemon.log().splitlines() if " ready: " in line]
+    assert T.DNS6 in ready and "opt-in table %s (1 entries)" % OPTIN in ready, ready
+
+
+def test_ptr_and_spf_pass_is_delivered(deb_lab):
+    """An IPv6 sender with a PTR and an SPF pass to an opted-in domain gets its mail delivered."""
+    bob = rcpt()
+    result = deb_lab.send(T.GOOD, bob)
+    assert re.fullmatch(OK, result.rcpt_reply(bob)), result.transcript + deb_lab.context()
+    assert_delivered(deb_lab, result, bob)
+    assert decision(deb_lab.daemon, bob)["reply"] == "DUNNO"
+
+
+def test_no_ptr_is_refused_with_4_7_25(deb_lab):
+    """An IPv6 sender without PTR gets 450 4.7.25 from the installed daemon, via Postfix."""
+    bob = rcpt()
+    result = deb_lab.send(T.NOPTR, bob)
+    assert re.fullmatch(refused("450 4.7.25", bob, NO_PTR.split(" ", 2)[2] % T.NOPTR),
+                        result.rcpt_reply(bob)), result.transcript + deb_lab.context()
+    assert not result.accepted
+    assert decision(deb_lab.daemon, bob)["rule"] == "no-rdns"
+
+
+def test_spf_fail_is_refused_with_4_7_26(deb_lab):
+    """An IPv6 sender with a PTR but outside the sender's SPF record gets 450 4.7.26."""
+    bob = rcpt()
+    result = deb_lab.send(T.OUTSIDE, bob)
+    assert re.fullmatch(refused("450 4.7.26", bob, NO_AUTH.split(" ", 2)[2] % T.OUTSIDE),
+                        result.rcpt_reply(bob)), result.transcript + deb_lab.context()
+    assert not result.accepted
+    assert decision(deb_lab.daemon, bob)["rule"] == "spf-failed"
+
+
+def test_domain_not_opted_in_is_refused_with_5_2_1(deb_lab):
+    """Mail over IPv6 to a domain missing from the installed opt-in table gets 550 5.2.1."""
+    bob = rcpt(T.NOT_OPTED_IN)
+    result = deb_lab.send(T.GOOD, bob)
+    assert re.fullmatch(refused("550 5.2.1", bob, NOT_OPTED.split(" ", 2)[2] % T.NOT_OPTED_IN),
+                        result.rcpt_reply(bob)), result.transcript + deb_lab.context()
+    assert not result.accepted
+
+
+def test_ipv4_sender_is_not_affected(deb_lab):
+    """Over IPv4 even a domain that has not opted in gets its mail (the daemon says DUNNO)."""
+    bob = rcpt(T.NOT_OPTED_IN)
+    result = deb_lab.send(T.IPV4, bob)
+    assert_delivered(deb_lab, result, bob)
+    assert decision(deb_lab.daemon, bob)["rule"] == "ipv4"
+
+
+def test_reload_applies_an_optin_edit(deb_lab):
+    """The unit's ExecReload (SIGHUP to $MAINPID, as `systemctl reload` sends it) makes a domain
+    just added to /etc/policyd-ipv6/optin-domains accept mail over IPv6."""
+    before = rcpt(T.ADDED_LATER)
+    result = deb_lab.send(T.GOOD, before)
+    assert result.rcpt_reply(before).startswith("550 5.2.1"), result.transcript
+    reloads = deb_lab.daemon.log().count("configuration reloaded (SIGHUP)")
+    with open(OPTIN, "a") as table:
+        table.write("%s\n" % T.ADDED_LATER)
+    deb_lab.daemon.reload()
+    deadline = time.monotonic() + 10
+    while deb_lab.daemon.log().count("configuration reloaded (SIGHUP)") == reloads:
+        assert time.monotonic() < deadline, deb_lab.context()
+        time.sleep(0.05)
+    after = rcpt(T.ADDED_LATER)
+    result = deb_lab.send(T.GOOD, after)
+    assert re.fullmatch(OK, result.rcpt_reply(after)), result.transcript + deb_lab.context()
+    assert_delivered(deb_lab, result, after)
+
+
+def test_unix_socket_set_up_as_readme_debian_says(deb_lab):
+    """README.Debian's Unix-socket recipe works: the socket belongs to the unit's user and group
+    postfix, mode 660, and Postfix's smtpd gets the installed daemon's replies through it."""
+    info = deb_lab.socket_path.stat()
+    assert stat.S_ISSOCK(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o660
+    assert pwd.getpwuid(info.st_uid).pw_name == deb_lab.unit.user
+    assert info.st_gid == grp.getgrnam("postfix").gr_gid
+    good, noptr = rcpt(), rcpt()
+    result = deb_lab.send(T.GOOD, good, port=T.SMTP_PORT_FCRDNS)
+    assert_delivered(deb_lab, result, good)
+    result = deb_lab.send(T.NOPTR, noptr, port=T.SMTP_PORT_FCRDNS)
+    assert result.rcpt_reply(noptr).startswith("450 4.7.25"), result.transcript
+    assert decision(deb_lab.unix_daemon, good)["reply"] == "DUNNO"
+    assert decision(deb_lab.unix_daemon, noptr)["rule"] == "no-rdns"
+
+
+def test_sigterm_stops_the_daemon_with_status_0(deb_lab):
+    """SIGTERM, what `systemctl stop` sends, ends the installed daemon with exit status 0."""
+    process, deb_lab.daemon.process = deb_lab.daemon.process, None
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=15) == 0, deb_lab.daemon.log_tail()
+    assert "policyd-ipv6 stopped" in deb_lab.daemon.log()
