@@ -47,6 +47,13 @@ def daemon(tmp_path, **settings) -> ServeProcess:
                         rlimit_nofile=limit)
 
 
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One daemon for the abusers that do not change its settings."""
+    with daemon(tmp_path_factory.mktemp("abuse")) as proc:
+        yield proc
+
+
 def accept_queue(port: int) -> int:
     """Connections waiting in the kernel's accept queue of the daemon's listening socket."""
     with open("/proc/net/tcp") as table:
@@ -177,47 +184,48 @@ def test_open_files_limit_below_max_connections(tmp_path):
         assert proc.alive()
 
 
-def test_one_byte_at_a_time_is_cut_off_at_the_idle_timeout(tmp_path):
+def test_one_byte_at_a_time_is_cut_off_at_the_idle_timeout(shared):
     """A client trickling a request one byte every half second is closed without a reply
     once it has been at it for idle_timeout_seconds; the others are served meanwhile."""
-    with daemon(tmp_path) as proc:
-        data = PROBE
-        sock = proc.connect()
-        sock.setblocking(False)
-        start = time.monotonic()
-        sent, state = 0, False
-        while state is False and time.monotonic() - start < IDLE + 4 and sent < len(data):
-            try:
-                sock.send(data[sent:sent + 1])
-                sent += 1
-            except (BrokenPipeError, ConnectionResetError):
-                state = True
-                break
-            time.sleep(0.5)
-            state = closed_by_peer(sock)
-            assert served_ms(proc) < SERVED_MS
-        took = time.monotonic() - start
-        sock.close()
-        assert state is True, f"still open after {took:.1f} s and {sent} bytes"
-        assert took < IDLE + 1.5, f"closed only after {took:.1f} s"
-        assert proc.alive() and proc.problems() == []
+    proc = shared
+    data = PROBE
+    sock = proc.connect()
+    sock.setblocking(False)
+    start = time.monotonic()
+    sent, state = 0, False
+    while state is False and time.monotonic() - start < IDLE + 4 and sent < len(data):
+        try:
+            sock.send(data[sent:sent + 1])
+            sent += 1
+        except (BrokenPipeError, ConnectionResetError):
+            state = True
+            break
+        time.sleep(0.5)
+        state = closed_by_peer(sock)
+        assert served_ms(proc) < SERVED_MS
+    took = time.monotonic() - start
+    sock.close()
+    assert state is True, f"still open after {took:.1f} s and {sent} bytes"
+    assert took < IDLE + 1.5, f"closed only after {took:.1f} s"
+    assert proc.alive() and proc.problems() == []
 
 
-def test_request_without_its_empty_line_is_closed_at_the_idle_timeout(tmp_path):
+def test_request_without_its_empty_line_is_closed_at_the_idle_timeout(shared):
     """A request whose terminating empty line never comes gets no reply; the connection is
     closed at the idle timeout and the warning logged."""
-    with daemon(tmp_path) as proc:
-        sock = proc.connect()
-        sock.sendall(PROBE[:-1])  # every attribute line, but not the empty line
-        sock.setblocking(False)
-        start = time.monotonic()
-        closed, answered = wait_closed([sock], IDLE + 3)
-        took = time.monotonic() - start
-        sock.close()
-        assert (closed, answered) == (1, 0)
-        assert IDLE - 0.2 < took < IDLE + 1.5
-        proc.wait_for("left a request unfinished", 2)
-        assert_still_served(proc)
+    proc = shared
+    mark = len(proc.log())
+    sock = proc.connect()
+    sock.sendall(PROBE[:-1])  # every attribute line, but not the empty line
+    sock.setblocking(False)
+    start = time.monotonic()
+    closed, answered = wait_closed([sock], IDLE + 3)
+    took = time.monotonic() - start
+    sock.close()
+    assert (closed, answered) == (1, 0)
+    assert IDLE - 0.2 < took < IDLE + 1.5
+    proc.wait_for("left a request unfinished", 2, after=mark)
+    assert_still_served(proc)
 
 
 MALFORMED = [
@@ -234,24 +242,25 @@ MALFORMED = [
 
 
 @pytest.mark.parametrize("what, data", MALFORMED, ids=[w for w, _ in MALFORMED])
-def test_oversized_or_malformed_input_is_closed_without_reply(tmp_path, what, data):
+def test_oversized_or_malformed_input_is_closed_without_reply(shared, what, data):
     """Oversized lines and requests and malformed input close the connection at once, with
     no reply and a warning; the daemon keeps serving."""
-    with daemon(tmp_path) as proc:
-        sock = proc.connect()
-        try:
-            sock.sendall(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # closed while we were still sending: fine
-        sock.setblocking(False)
-        start = time.monotonic()
-        closed, answered = wait_closed([sock], 2.0)
-        sock.close()
-        assert (closed, answered) == (1, 0), what
-        assert time.monotonic() - start < 1.0, f"{what}: not closed at once"
-        proc.wait_for("malformed policy request", 2)
-        assert_still_served(proc)
-        assert proc.alive() and proc.problems() == []
+    proc = shared
+    mark = len(proc.log())
+    sock = proc.connect()
+    try:
+        sock.sendall(data)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # closed while we were still sending: fine
+    sock.setblocking(False)
+    start = time.monotonic()
+    closed, answered = wait_closed([sock], 2.0)
+    sock.close()
+    assert (closed, answered) == (1, 0), what
+    assert time.monotonic() - start < 1.0, f"{what}: not closed at once"
+    proc.wait_for("malformed policy request", 2, after=mark)
+    assert_still_served(proc)
+    assert proc.alive() and proc.problems() == []
 
 
 def test_junk_floods_keep_memory_bounded(tmp_path):
