@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import resource
 import signal
@@ -74,7 +75,8 @@ class ServeProcess:
         if not self.user and os.geteuid() == 0:
             argv.append("--allow-root")  # a disposable test lab; the privilege tests are elsewhere
         if self.user:
-            argv = ["setpriv", f"--reuid={self.user}", f"--regid={self.user}",
+            entry = pwd.getpwnam(self.user)
+            argv = ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}",
                     "--clear-groups", "--", *argv]
         return argv
 
