@@ -4,15 +4,33 @@ Contract: ``check(config, args)`` builds the same service parts as ``serve`` (sa
 same decision table), decides one RCPT-stage request made from the command-line options,
 prints ``action=<reply>`` as the first line of standard output, then one line per step that
 was evaluated, and returns 0. It raises ``ConfigError`` like ``serve``.
+
+With ``args.message`` (a stored RFC 5322 message, ``--message FILE``) it decides as the policy
+service and the built-in milter together would: the RCPT-stage request as if the milter were
+on the connection, then the end-of-message rules (``end_of_message``) on that message, its
+DKIM signatures verified with the configured nameservers. The first line is then the reply
+the SMTP client would get, at RCPT or after DATA (``action=DUNNO`` when the message would be
+taken), and the trace adds each signature's result and the Authentication-Results header.
 """
 
 from __future__ import annotations
 
-from .decision import RULES
-from .engine import Outcome
-from .service import PolicyService
+import re
+import sys
 
-__all__ = ["check", "trace_lines"]
+from twisted.internet import defer
+
+from .decision import RULES
+from .dkim_check import check_dkim
+from .end_of_message import decide_end, needs_check
+from .engine import Outcome
+from .milter_codec import ReplyCode
+from .milter_events import Header
+from .milter_session import DEFAULT_MAX_HEADERS, DEFAULT_MAX_MESSAGE_BYTES
+from .service import PolicyService, authserv_id
+from .sessions import MessageRecord
+
+__all__ = ["check", "trace_lines", "read_message"]
 
 
 def request_from_args(args) -> dict[str, str]:
@@ -57,22 +75,108 @@ def trace_lines(outcome: Outcome, optin_matches: bool) -> list[str]:
     return lines
 
 
+class _MilterOnConnection:
+    """The ``sessions`` registry as the engine sees it when the milter is on the connection."""
+
+    def __init__(self, record: MessageRecord) -> None:
+        self.record = record
+
+    def message_for(self, attributes) -> MessageRecord:
+        return self.record
+
+
+def read_message(path: str) -> tuple[bytes, tuple[Header, ...]]:
+    """A stored message as Postfix passes it to a milter: CRLF line ends (an mbox "From "
+    line dropped), and its headers (unfolded with bare LF, counted per name)."""
+    with open(path, "rb") as handle:
+        data = handle.read(DEFAULT_MAX_MESSAGE_BYTES + 1)
+    if data.startswith(b"From "):
+        data = data.partition(b"\n")[2]
+    data = re.sub(rb"\r?\n", b"\r\n", data)
+    head = data.split(b"\r\n\r\n", 1)[0]
+    headers, counts = [], {}
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") and headers:
+            last = headers[-1]
+            headers[-1] = Header(last.name, last.value + b"\n" + line, last.index)
+        elif b":" in line:
+            name, _, value = line.partition(b":")
+            counts[name.lower()] = counts.get(name.lower(), 0) + 1
+            headers.append(Header(name.rstrip(), value, counts[name.lower()]))
+    return data, tuple(headers)
+
+
+def dkim_lines(dkim) -> list[str]:
+    if not dkim.signatures:
+        return ["DKIM: none (the message is not signed)"]
+    lines = [f"DKIM: {dkim.describe()}"]
+    for sig in dkim.signatures:
+        lines.append(f"DKIM signature d={sig.domain or '?'} s={sig.selector or '?'}: "
+                     f"{sig.result}" + (f" ({sig.reason})" if sig.reason else ""))
+    return lines
+
+
+@defer.inlineCallbacks
+def _decide(parts, args, record, data, headers):
+    outcome = yield parts.engine.answer(request_from_args(args))
+    if record is None:
+        return outcome, None, None
+    dkim = yield check_dkim(parts.lookups, data)
+    too_large = len(data) > DEFAULT_MAX_MESSAGE_BYTES or len(headers) > DEFAULT_MAX_HEADERS
+    if outcome.verdict.action != "DUNNO":
+        return outcome, dkim, None  # refused at RCPT: no end of message
+    end = decide_end(record, too_large, dkim if needs_check(record, too_large) else None,
+                     parts.engine.policy.replies, authserv_id(parts.config), headers)
+    return outcome, dkim, end
+
+
 def check(config, args) -> int:
     from twisted.internet import reactor
 
+    message = getattr(args, "message", None)
+    data, headers = b"", ()
+    if message:
+        try:
+            data, headers = read_message(message)
+        except OSError as error:
+            print(f"policyd-ipv6: cannot read --message {message}: {error.strerror}",
+                  file=sys.stderr)
+            return 1
     parts = PolicyService(config, reactor)
-    done: list[Outcome] = []
+    record = MessageRecord(args.sender) if message else None
+    if record is not None:
+        parts.engine.sessions = _MilterOnConnection(record)
+    done: list = []
 
     def run() -> None:
-        d = parts.engine.answer(request_from_args(args))
-        d.addCallback(done.append)
+        d = _decide(parts, args, record, data, headers)
+        d.addBoth(done.append)
         d.addBoth(lambda _: reactor.stop())
 
     reactor.callWhenRunning(run)
     reactor.run()
-    outcome = done[0]
-    print(f"action={outcome.verdict.action}")
+    if not isinstance(done[0], tuple):
+        done[0].raiseException()
+    outcome, dkim, end = done[0]
+    action = outcome.verdict.action
+    if end is not None and isinstance(end.response, ReplyCode):
+        action = end.response.text  # refused after DATA
+    print(f"action={action}")
     optin_matches = parts.optin.table.matches(outcome.subject.recipient_domain)
-    for line in trace_lines(outcome, optin_matches):
+    lines = trace_lines(outcome, optin_matches)
+    if dkim is not None:
+        lines += dkim_lines(dkim)
+    if end is not None:
+        said = (end.response.text if isinstance(end.response, ReplyCode)
+                else end.response.name.lower())
+        lines.append(f"end of message: {end.rule}: {said}")
+        if end.auth_results:
+            lines.append("Authentication-Results:" + end.auth_results.replace("\n\t", " "))
+    elif record is not None:
+        lines.append("end of message: not reached (refused at RCPT)")
+    if record is not None and not config.milter_listen:
+        lines.append("note: milter_listen is empty in this configuration: the daemon itself "
+                     "would decide on SPF alone, at RCPT")
+    for line in lines:
         print("  " + line)
     return 0

@@ -9,8 +9,10 @@ reached with ``python3 -m policyd_ipv6``.
   configuration (it drops to that user after binding) or ``--allow-root``. A bad configuration prints ``policyd-ipv6: configuration error: ...``
   (naming the key and value) to standard error and exits 1.
 - ``check [--config F | --sample-config] --client-address A --sender S --recipient R
-  [--helo H] [--sasl-username U]`` decides one request exactly as ``serve`` would, prints the
-  reply (``action=...``) as its first line and then a trace of each step, and exits 0.
+  [--helo H] [--sasl-username U] [--message FILE]`` decides one request exactly as ``serve``
+  would, prints the reply (``action=...``) as its first line and then a trace of each step,
+  and exits 0. With ``--message`` the stored message's DKIM signatures are verified too and
+  the decision is the one of the policy service plus the built-in milter (SPF or DKIM).
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--recipient", required=True, help="the RCPT TO address")
     check.add_argument("--helo", default="", help="the HELO/EHLO name")
     check.add_argument("--sasl-username", default="", help="the SASL login, if authenticated")
+    check.add_argument("--message", metavar="FILE",
+                       help="a stored message: also verify its DKIM signatures and decide as "
+                            "the policy service and the built-in milter together would")
     return parser
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -25,6 +26,7 @@ from .replies import Replies, validate_reply
 __all__ = ["Config", "ConfigError", "KEYS", "load_config", "parse_config", "DEFAULT_CONFIG_PATH"]
 
 DEFAULT_CONFIG_PATH = "/etc/policyd-ipv6/policyd-ipv6.toml"
+_AUTHSERV_ID = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?")
 
 
 class ConfigError(Exception):
@@ -70,6 +72,15 @@ def _listen(key: str, value: Any) -> tuple[str, ...]:
     if not items:
         raise _bad(key, value, "must name at least one endpoint")
     return items
+
+
+def _authserv_id(key: str, value: Any) -> str:
+    # RFC 8601 §2.5: a name the receiving domain controls, usually the host name; it goes
+    # into a header unquoted, so only host-name characters are allowed.
+    if not isinstance(value, str) or (value and not _AUTHSERV_ID.fullmatch(value)):
+        raise _bad(key, value, 'must be a host name such as "mx.example.com" (or "" for this '
+                   "host's name)")
+    return value
 
 
 def _path(key: str, value: Any) -> str:
@@ -184,6 +195,14 @@ KEYS: tuple[Key, ...] = (
     Key("user", "", _user,
         "The unprivileged account to run as. Started as root, the daemon binds its listeners "
         "and then becomes this user; as root with no user it refuses to start."),
+    Key("milter_listen", [], _string_list,
+        "Where Postfix reaches the built-in milter (smtpd_milters), as Twisted server endpoint "
+        'strings such as "tcp:10046:interface=127.0.0.1"; empty: no milter. With the milter, '
+        "a sender failing SPF may still pass with a valid DKIM signature, checked at end of "
+        "message; without it SPF alone decides at RCPT."),
+    Key("authserv_id", "", _authserv_id,
+        "The authserv-id the milter writes in its Authentication-Results header (RFC 8601), "
+        "and whose forged copies it removes from incoming mail; empty: this host's name."),
     Key("replies", {}, _replies,
         "A table overriding the reply texts: not_opted_in ({domain}), no_reverse_dns "
         "({address}), auth_failed ({address}), temporary ({address}, {check}; must be 4xx)."),
@@ -210,6 +229,8 @@ class Config:
     max_connections: int
     idle_timeout_seconds: float
     user: str
+    milter_listen: tuple[str, ...]
+    authserv_id: str
     replies: Replies
     source: str = "<defaults>"
 

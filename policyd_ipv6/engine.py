@@ -6,6 +6,12 @@ facts; only when the table needs one does it start (or join) the message's looku
 decides again each time a needed fact arrives. It holds no socket and writes no reply: the
 Twisted adapter (``policy_server``) does that; the ``check`` command uses it too.
 
+With a ``sessions`` registry (the built-in milter is configured), a request about a message
+the milter is collecting may be answered DUNNO although SPF failed (the milter checks DKIM at
+end of message), and every verdict reached while that message is open is recorded on it
+(``sessions.MessageRecord``). Without one, or for a connection the milter is not on, SPF alone
+decides at RCPT.
+
 Log format (one line per decision, ``key=value``, untrusted values quoted and escaped):
 ``decision client=... helo="..." sender="..." recipient="..." instance=... rdns=... spf=...
 rule=... reply="..." facts=new|shared|none ms=...``
@@ -62,7 +68,8 @@ class PolicyEngine:
         self.optin = optin
         self.finder = finder
         self.clock = clock
-        # Which SMTP sessions have the built-in milter in their path (None: no milter).
+        # Which SMTP sessions have the built-in milter in their path (None: no milter); the
+        # engine records its verdicts there for the milter's end-of-message decision.
         self.sessions = sessions
 
     def answer(self, attributes: dict[str, str]) -> defer.Deferred:
@@ -76,22 +83,28 @@ class PolicyEngine:
             raise AssertionError(first)
         message, shared = self.finder.for_message(subject)
         source = "shared" if shared else "new"
-        pending = self._dkim_pending(attributes)
+        milter = self._milter_message(attributes)
         result = defer.Deferred()
 
         def step(_ignored=None) -> None:
+            # Asked again at each step: if the milter's message ended while the lookups ran
+            # (connection lost), nobody will check DKIM, so SPF alone decides.
+            pending = milter is not None and milter.open
             facts = message.facts.with_(dkim_pending=pending)
             verdict = decide(subject, facts, self.policy, optin)
             if isinstance(verdict, Need):
                 message.when(verdict).addCallback(step)
             else:
+                if pending:
+                    milter.record(subject, verdict, facts)  # read back at end of message
                 result.callback(self._done(verdict, subject, facts, source, start))
 
         step()
         return result
 
-    def _dkim_pending(self, attributes: dict[str, str]) -> bool:
-        return self.sessions is not None and self.sessions.milter_in_path(attributes)
+    def _milter_message(self, attributes: dict[str, str]):
+        """The built-in milter's record of this request's message (``sessions``), or None."""
+        return None if self.sessions is None else self.sessions.message_for(attributes)
 
     def _done(self, verdict: Verdict, subject: Subject, facts: Facts, source: str,
               start: float) -> Outcome:

@@ -43,6 +43,12 @@ def serve(config: Config, log_level: str = "info", allow_root: bool = False) -> 
                   version=__version__, rdns=config.rdns, servers=servers,
                   path=config.optin_file, count=len(service.optin.table), files=soft,
                   user=f", running as {plan[2]}" if plan else "")
+        if service.milter_factory is not None:
+            _log.info("milter: SPF or DKIM (DKIM checked at end of message), "
+                      "Authentication-Results authserv-id {authserv_id}",
+                      authserv_id=service.milter_factory.authserv_id)
+        else:
+            _log.info("no milter_listen: SPF alone decides at RCPT (no DKIM)")
         if allow_root and plan is None:
             _log.warn("running as root (--allow-root): meant for disposable test labs only")
 

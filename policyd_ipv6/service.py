@@ -3,8 +3,10 @@
 Contract: ``PolicyService(config, reactor)`` creates the long-lived parts (DNS client, lookup
 cache, fact finder, opt-in watcher, engine, protocol factory) and raises ``ConfigError``
 naming the key and value when one cannot start (an unreadable or invalid opt-in file).
-``listen()`` binds every ``listen`` endpoint (a Deferred failing with ``ConfigError`` naming
-the endpoint). ``reload()`` (SIGHUP) re-reads the configuration file: a file that does not load
+``listen()`` binds every ``listen`` endpoint, then every ``milter_listen`` endpoint (a Deferred
+failing with ``ConfigError`` naming the key and the endpoint). With ``milter_listen`` set, the
+policy engine and the milter share one ``sessions.Sessions`` registry (the milter tells the
+policy side which SMTP sessions it is on); without it the engine has none and SPF alone decides. ``reload()`` (SIGHUP) re-reads the configuration file: a file that does not load
 leaves the running configuration in force and logs why; otherwise every key takes effect at
 once except those in ``RESTART_KEYS``, which are logged as needing a restart.
 ``system_nameservers()`` reads /etc/resolv.conf's nameserver lines (the search list is never
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import socket
 
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
@@ -26,16 +29,22 @@ from .dns_client import DnsClient, Nameserver
 from .engine import PolicyEngine
 from .lookups import Lookups
 from .message_facts import FactFinder
+from .milter_server import MilterFactory
 from .optin import OptinSyntaxError
 from .optin_watch import OptinWatcher
 from .policy_server import PolicyFactory
+from .sessions import Sessions
 
 __all__ = ["PolicyService", "system_nameservers", "install_sighup", "RESTART_KEYS"]
 
 _log = Logger(namespace="policyd-ipv6")
 
 # Keys whose change needs a restart: bound sockets, the process's user, sizes of live caches.
-RESTART_KEYS = ("listen", "user", "max_connections", "dns_cache_size", "message_cache_size")
+RESTART_KEYS = ("listen", "milter_listen", "user", "max_connections", "dns_cache_size",
+                "message_cache_size")
+# How long a milter session's entry outlives the milter's last event if its close is missed;
+# Postfix ends an SMTP session idle for smtpd_timeout (300s) long before.
+SESSION_TTL_SECONDS = 3600.0
 
 
 def system_nameservers(path: str = "/etc/resolv.conf") -> list[Nameserver]:
@@ -78,11 +87,19 @@ class PolicyService:
                                  config.decision_deadline_seconds, config.message_cache_size,
                                  config.message_cache_ttl_seconds)
         self.optin = _watcher(config, reactor)
+        # One entry per SMTP session the milter is on: bounded like the connections.
+        sessions = (Sessions(reactor, config.max_connections, SESSION_TTL_SECONDS)
+                    if config.milter_listen else None)
         self.engine = PolicyEngine(Policy(config.trusted_networks, config.replies),
-                                   self.optin, self.finder, reactor)
+                                   self.optin, self.finder, reactor, sessions)
         self.factory = PolicyFactory(self.engine, reactor, config.max_connections,
                                      config.idle_timeout_seconds)
         self.factory.noisy = False
+        self.milter_factory = None
+        if sessions is not None:
+            self.milter_factory = MilterFactory(
+                self.engine, self.lookups, reactor, authserv_id(config),
+                config.max_connections, config.idle_timeout_seconds)
 
     @staticmethod
     def _servers(config: Config) -> list[Nameserver]:
@@ -90,21 +107,28 @@ class PolicyService:
 
     @defer.inlineCallbacks
     def listen(self):
-        """Bind every endpoint of ``listen``; fails with ConfigError naming the one that failed."""
+        """Bind every endpoint of ``listen`` and ``milter_listen``; fails with ConfigError
+        naming the key and the endpoint that failed (and unbinds the others)."""
         ports = []
-        for description in self.config.listen:
+        wanted = [("listen", d, self.factory, "policy requests") for d in self.config.listen]
+        if self.milter_factory is not None:
+            wanted += [("milter_listen", d, self.milter_factory, "the milter")
+                       for d in self.config.milter_listen]
+        for key, description, factory, what in wanted:
             try:
                 endpoint = serverFromString(self.reactor, description)
             except Exception as error:
-                raise ConfigError(f'listen = "{description}": not a valid endpoint ({error})')
+                for bound in ports:
+                    bound.stopListening()
+                raise ConfigError(f'{key} = "{description}": not a valid endpoint ({error})')
             try:
-                port = yield endpoint.listen(self.factory)
+                port = yield endpoint.listen(factory)
             except Exception as error:
                 for bound in ports:
                     bound.stopListening()
-                raise ConfigError(f'listen = "{description}": cannot listen ({error})')
+                raise ConfigError(f'{key} = "{description}": cannot listen ({error})')
             ports.append(port)
-            _log.info("listening for policy requests on {where}", where=description)
+            _log.info("listening for {what} on {where}", what=what, where=description)
         return ports
 
     def reload(self) -> bool:
@@ -134,6 +158,9 @@ class PolicyService:
         self.finder.message_ttl_seconds = new.message_cache_ttl_seconds
         self.engine.policy = Policy(new.trusted_networks, new.replies)
         self.factory.idle_timeout_seconds = new.idle_timeout_seconds
+        if self.milter_factory is not None:
+            self.milter_factory.idle_timeout_seconds = new.idle_timeout_seconds
+            self.milter_factory.authserv_id = authserv_id(new)
         if optin is None:
             self.optin.reload("SIGHUP")
             if new.optin_reload_interval_seconds != old.optin_reload_interval_seconds:
@@ -147,6 +174,15 @@ class PolicyService:
         self.config = new
         _log.info("configuration reloaded (SIGHUP) from {path}", path=new.source)
         return True
+
+
+def authserv_id(config: Config) -> str:
+    """The configured authserv_id, or this host's fully qualified name (RFC 8601 §2.5)."""
+    if config.authserv_id:
+        return config.authserv_id
+    name = socket.getfqdn()
+    # A name that could not go into the header unquoted would make every header invalid.
+    return name if name and all(c.isalnum() or c in ".-_" for c in name) else "localhost"
 
 
 def install_sighup(reactor, action) -> None:

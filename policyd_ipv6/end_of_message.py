@@ -1,0 +1,166 @@
+"""The milter's decision at end of message, and the Authentication-Results header it writes.
+
+Contract: pure functions, no I/O, shared by the milter adapter (``milter_server``) and
+``policyd-ipv6 check --message``.
+
+- ``needs_check(record, too_large)`` tells what end of message needs before it can decide:
+  ``None`` (decide at once, see ``decide_end``) or ``"dkim"`` (run ``check_dkim`` first).
+- ``decide_end(record, too_large, dkim, replies, authserv_id, headers)`` returns an
+  ``EndDecision``: the milter response (``Verdict`` or an exact ``ReplyCode``), the header
+  edits, the rule that chose it (for the log) and the Authentication-Results text.
+
+The rules, first match wins:
+
+====================  ===============================================================
+not-concerned         the policy recorded nothing the milter acts on (IPv4, trusted and
+                      authenticated clients never get here; Postmaster-only mail, a
+                      policy not wired): ACCEPT, untouched
+too-large-unverified  SPF failed and the message is over the collection bound, so DKIM
+                      cannot be checked: the configured ``auth_failed`` reply (4.7.26)
+too-large             SPF passed, message over the bound: ACCEPT untouched (the header
+                      list is incomplete, so forged headers could not all be removed)
+dkim-temporary        SPF failed, no signature verifies, a key lookup failed
+                      temporarily: ``temporary`` with check="DKIM" (451 4.4.3)
+dkim-failed           SPF failed, signed, no valid signature: ``auth_failed``
+unsigned              SPF failed, no signature: ``auth_failed``
+dkim-pass / spf-pass  CONTINUE, after deleting every incoming Authentication-Results
+                      that claims our authserv-id (RFC 8601 §5) and inserting ours just
+                      below Postfix's own Received: header
+====================  ===============================================================
+
+The refusals are the configured texts exactly (``replies``, validated at start-up as one
+line, 4xx/5xx with a matching enhanced code), so Postfix passes them to the client verbatim.
+Unsigned and badly signed mail are told apart in the log and the rule name, not in the text.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .addresses import domain_key, helo_domain, printable, recipient_domain
+from .dkim_check import DkimFact
+from .facts import RdnsOutcome
+from .milter_codec import ChangeHeader, HeaderEdit, InsertHeader, ReplyCode, Verdict
+from .replies import Replies
+
+__all__ = ["EndDecision", "needs_check", "decide_end", "auth_results", "claims_authserv_id",
+           "AR_HEADER"]
+
+AR_HEADER = "Authentication-Results"
+# Below Postfix's own Received: header (index 0 would put it above), as trace headers go.
+AR_INDEX = 1
+_IPREV = {RdnsOutcome.PASS: "pass", RdnsOutcome.MISSING: "fail",
+          RdnsOutcome.UNCONFIRMED: "fail", RdnsOutcome.TEMPFAIL: "temperror"}
+_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+_SELECTOR = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
+_COMMENT = re.compile(r"\([^()]*\)")
+
+
+@dataclass(frozen=True)
+class EndDecision:
+    response: Verdict | ReplyCode
+    edits: tuple[HeaderEdit, ...] = ()
+    rule: str = ""
+    auth_results: str = ""  # the header value inserted, "" if none
+
+
+def needs_check(record, too_large: bool) -> str | None:
+    """"dkim" when end of message must verify signatures first, else None."""
+    if record is None or not record.concerned or too_large:
+        return None
+    return "dkim"
+
+
+def decide_end(record, too_large: bool, dkim: DkimFact | None, replies: Replies,
+               authserv_id: str, headers=()) -> EndDecision:
+    """See the module docstring. ``headers`` are the message's ``milter_events.Header``s."""
+    if record is None or not record.concerned:
+        return EndDecision(Verdict.ACCEPT, rule="not-concerned")
+    subject, facts = record.evidence()
+    address = str(subject.ip) if subject.ip is not None else printable(subject.client_address, 64)
+    if too_large:
+        if record.needs_dkim:
+            return EndDecision(ReplyCode(replies.auth_failed.format(address=address)),
+                               rule="too-large-unverified")
+        return EndDecision(Verdict.ACCEPT, rule="too-large")
+    if dkim is None:
+        raise ValueError("decide_end needs the DKIM fact of a concerned message")
+    if record.needs_dkim and dkim.result != "pass":
+        if dkim.result == "temperror":
+            text = replies.temporary.format(address=address, check="DKIM")
+            return EndDecision(ReplyCode(text), rule="dkim-temporary")
+        rule = "unsigned" if dkim.result == "none" else "dkim-failed"
+        return EndDecision(ReplyCode(replies.auth_failed.format(address=address)), rule=rule)
+    value = auth_results(authserv_id, subject, facts, dkim)
+    forged = [header for header in headers if header.name.decode("ascii", "replace").lower()
+              == AR_HEADER.lower() and claims_authserv_id(header.value, authserv_id)]
+    deletions = _deletions(forged)
+    edits = (*deletions, InsertHeader(AR_INDEX, AR_HEADER, " " + value))
+    rule = "dkim-pass" if record.needs_dkim else "spf-pass"
+    return EndDecision(Verdict.CONTINUE, edits, rule, value)
+
+
+def _deletions(forged) -> tuple:
+    # Highest index first: Postfix unlinks a deleted header (see Message.header_deletions).
+    return tuple(ChangeHeader(h.index, h.name.decode("ascii", "replace"), "")
+                 for h in sorted(forged, key=lambda h: h.index, reverse=True))
+
+
+def claims_authserv_id(value: bytes, authserv_id: str) -> bool:
+    """Whether an Authentication-Results value names ``authserv_id`` (RFC 8601 §2.2: the
+    first token, after any comments, before ";" or a version number); case does not matter."""
+    text = value.decode("ascii", "replace")
+    for _ in range(5):  # nested comments, innermost first
+        text = _COMMENT.sub(" ", text)
+    words = text.split(";", 1)[0].split()
+    return bool(words) and words[0].strip('"').casefold() == authserv_id.casefold()
+
+
+def _pvalue_address(address: str) -> str | None:
+    """An envelope address as an RFC 8601 pvalue: local@domain, or the domain alone when the
+    local part is not a dot-atom; None when there is no usable domain."""
+    address = address.strip().strip("<>")
+    domain = domain_key(recipient_domain(address) or "")
+    if domain is None:
+        return None
+    local = address.rpartition("@")[0]
+    return f"{local}@{domain}" if _DOT_ATOM.fullmatch(local) else domain
+
+
+def _reason(text: str) -> str:
+    # A quoted-string: printable() escapes '"' and '\' as quoted-pairs.
+    return f' reason="{printable(text, 80)}"' if text else ""
+
+
+def auth_results(authserv_id: str, subject, facts, dkim: DkimFact) -> str:
+    """The Authentication-Results value (RFC 8601), folded with "\\n\\t" between results."""
+    parts = [authserv_id]
+    rdns = facts.rdns
+    if rdns is not None and subject.ip is not None:
+        name = rdns.confirmed or (rdns.names[0] if rdns.names else "")
+        comment = f" ({name})" if name else ""
+        parts.append(f"iprev={_IPREV[rdns.outcome]} policy.iprev={subject.ip}{comment}")
+    spf = facts.spf
+    if spf is not None:
+        if subject.sender:
+            identity = _pvalue_address(subject.sender)
+            prop = f" smtp.mailfrom={identity}" if identity else ""
+        else:
+            helo = helo_domain(subject.helo_name)
+            prop = f" smtp.helo={helo}" if helo else ""
+        parts.append(f"spf={spf.result}{prop}")
+    if not dkim.signatures:
+        parts.append("dkim=none")
+    for sig in dkim.signatures:
+        props = ""
+        d, s = domain_key(sig.domain), sig.selector
+        if d:
+            props += f" header.d={d}"
+        if s and _SELECTOR.fullmatch(s):
+            props += f" header.s={s}"
+        if sig.b_prefix:
+            props += f" header.b={sig.b_prefix}"
+        reason = _reason(sig.reason) if sig.result != "pass" else ""
+        parts.append(f"dkim={sig.result}{reason}{props}")
+    return ";\n\t".join(parts)

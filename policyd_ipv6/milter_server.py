@@ -1,0 +1,220 @@
+"""The Twisted adapter of the built-in milter: Postfix's milter connection in, verdicts out.
+
+Contract: ``MilterFactory(engine, lookups, clock, authserv_id, ...)`` builds one
+``MilterProtocol`` per milter connection (Postfix opens one per SMTP session). Parsing and
+protocol state are ``milter_session``'s; the end-of-message rules are ``end_of_message``'s;
+DKIM is ``dkim_check``'s; this module moves bytes, keeps time and ties the SMTP session to
+the policy side through ``engine.sessions`` (``sessions``).
+
+What it answers:
+- CONNECT: an IPv4 client, one in ``trusted_networks``, or one whose address and port are
+  unknown: ACCEPT (Postfix then leaves this milter out of the whole session: untouched and
+  fast). Otherwise the session is registered, so the policy side knows a milter is on it.
+- MAIL FROM: a SASL-authenticated client ({auth_authen}): ACCEPT for this message (the policy
+  says DUNNO for it anyway); otherwise a new message is opened for the policy to record on.
+- End of message: what ``end_of_message`` decides, after ``check_dkim`` when the message is
+  concerned. Messages over ``DKIM_THREAD_BYTES`` are verified on the reactor's thread pool.
+- ABORT (RSET) closes the open message; QUIT or a lost connection removes the session.
+
+Failure contract: a protocol error (bytes Postfix would not send) is logged and the connection
+dropped without a reply; Postfix applies ``milter_default_action``. An internal error at end
+of message answers TEMPFAIL when the message needed DKIM (the sender retries: an error never
+lets unauthenticated mail in), ACCEPT otherwise. Connections over ``max_connections`` and
+ones idle for ``idle_timeout_seconds`` are closed.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer, protocol, threads
+from twisted.logger import Logger
+
+from .addresses import client_ip, printable
+from .dkim_check import check_dkim
+from .end_of_message import decide_end, needs_check
+from .milter_codec import MilterProtocolError, Verdict
+from .milter_events import Aborted, Closed, Connected, EndOfMessage, MailFrom
+from .milter_session import MilterSession
+
+__all__ = ["MilterFactory", "MilterProtocol", "DKIM_THREAD_BYTES"]
+
+_log = Logger(namespace="policyd-ipv6")
+
+# Above this size dkimpy's hashing would hold the reactor for more than a few milliseconds
+# (about 5 ms at 64 kB, 0.1-0.35 s at 1 MB): such messages are verified in a thread.
+DKIM_THREAD_BYTES = 64 * 1024
+
+
+class MilterProtocol(protocol.Protocol):
+    def __init__(self, factory: MilterFactory) -> None:
+        self.factory = factory
+        self.session = MilterSession()
+        self.state = None  # sessions.SessionState once registered
+        self.client = "-"
+        self.closed = False
+        self.timer = None
+
+    def connectionMade(self) -> None:
+        self.factory.connections += 1
+        if self.factory.connections > self.factory.max_connections:
+            _log.warn("milter connection refused: more than max_connections={limit} open",
+                      limit=self.factory.max_connections)
+            self._close()
+            return
+        self._arm_timer()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            received = self.session.receive(data)
+        except MilterProtocolError as error:
+            _log.warn("milter protocol error from {peer}, closing without a reply: {error}",
+                      peer=self._peer(), error=printable(str(error), 200))
+            self._close()
+            return
+        self.transport.write(received.reply)
+        self._arm_timer()
+        for event in received.events:
+            if self.closed:
+                return
+            self._event(event)
+
+    def _event(self, event) -> None:
+        sessions = self.factory.engine.sessions
+        if isinstance(event, Connected):
+            self._answer(self._connect(event.connection, sessions))
+        elif isinstance(event, MailFrom):
+            if self.state is None:
+                self._answer(Verdict.ACCEPT)
+            elif event.macros.get("auth_authen"):
+                self.state.skip_message()
+                self._answer(Verdict.ACCEPT)
+            else:
+                self.state.begin_message(event.sender)
+                sessions.touch(self.state)
+                self._answer(Verdict.CONTINUE)
+        elif isinstance(event, EndOfMessage):
+            self._end_of_message(event)
+        elif isinstance(event, Aborted):
+            if self.state is not None:
+                self.state.end_message()
+        elif isinstance(event, Closed):
+            self._unregister()
+            if not event.new_connection:
+                self._close()
+        elif event.needs_verdict:  # a stage we did not ask for: never blocks Postfix
+            self._answer(Verdict.CONTINUE)
+
+    def _connect(self, connection, sessions) -> Verdict:
+        self._unregister()
+        ip = client_ip(connection.address or "") if connection.family in ("4", "6") else None
+        self.client = printable(connection.address or "-", 64)
+        if ip is None or ip.version == 4 or self.factory.engine.policy.trusts(ip):
+            return Verdict.ACCEPT
+        self.state = sessions.register(connection)
+        # Unregistered, the policy side enforces SPF alone for this session: nothing to do.
+        return Verdict.CONTINUE if self.state is not None else Verdict.ACCEPT
+
+    def _end_of_message(self, event: EndOfMessage) -> None:
+        record = self.state.take_message() if self.state is not None else None
+        message = event.message
+        start = self.factory.clock.seconds()
+        if needs_check(record, message.too_large) == "dkim":
+            raw = message.raw()
+            run = self.factory.run_in_thread if len(raw) > DKIM_THREAD_BYTES else None
+            d = check_dkim(self.factory.lookups, raw, run)
+        else:
+            d = defer.succeed(None)
+        d.addCallback(lambda dkim: (decide_end(
+            record, message.too_large, dkim, self.factory.engine.policy.replies,
+            self.factory.authserv_id, message.headers), dkim))
+        d.addCallback(self._send_end, record, message, start)
+        d.addErrback(self._end_failed, record)
+
+    def _send_end(self, decided, record, message, start: float) -> None:
+        decision, dkim = decided
+        if not self.closed:
+            self.transport.write(self.session.send_verdict(decision.response, decision.edits))
+        response = getattr(decision.response, "text", None) or decision.response.name
+        _log.info('milter client={client} sender="{sender}" queue_id={queue_id} '
+                  'size={size} dkim={dkim} rule={rule} reply="{reply}" ms={ms:.1f}',
+                  client=self.client, sender=printable(message.sender or "", 200),
+                  queue_id=printable(message.macros.get("i", ""), 20) or "-",
+                  size=len(message.body), dkim=dkim.describe() if dkim else "-",
+                  rule=decision.rule, reply=printable(response, 300),
+                  ms=(self.factory.clock.seconds() - start) * 1000)
+        if decision.rule.startswith("too-large"):
+            _log.warn("milter: message from {client} too large to check ({rule})",
+                      client=self.client, rule=decision.rule)
+
+    def _end_failed(self, failure, record) -> None:
+        _log.failure("internal error at end of message", failure)
+        if not self.closed and self.session.pending is not None:
+            needs_dkim = record is not None and record.needs_dkim
+            self.transport.write(self.session.send_verdict(
+                Verdict.TEMPFAIL if needs_dkim else Verdict.ACCEPT))
+
+    def _answer(self, verdict: Verdict) -> None:
+        self.transport.write(self.session.send_verdict(verdict))
+
+    def _unregister(self) -> None:
+        if self.state is not None:
+            self.factory.engine.sessions.remove(self.state)
+            self.state = None
+
+    def _arm_timer(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.reset(self.factory.idle_timeout_seconds)
+        else:
+            self.timer = self.factory.clock.callLater(self.factory.idle_timeout_seconds,
+                                                      self._timed_out)
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        if self.session.pending is not None:  # waiting for our own verdict, not for Postfix
+            self._arm_timer()
+            return
+        self._close()
+
+    def _close(self) -> None:
+        self.closed = True
+        self._unregister()
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason=None) -> None:
+        self.closed = True
+        self._unregister()
+        self.factory.connections -= 1
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+    def _peer(self) -> str:
+        try:
+            return printable(str(self.transport.getPeer()), 120)
+        except Exception:
+            return "?"
+
+
+class MilterFactory(protocol.Factory):
+    """``engine`` gives the live policy (trusted networks, replies) and ``sessions``."""
+
+    noisy = False
+
+    def __init__(self, engine, lookups, clock, authserv_id: str, max_connections: int = 1000,
+                 idle_timeout_seconds: float = 600.0, run_in_thread=None) -> None:
+        if engine.sessions is None:
+            raise ValueError("the milter needs an engine with a sessions registry")
+        self.engine = engine
+        self.lookups = lookups
+        self.clock = clock
+        self.authserv_id = authserv_id
+        self.max_connections = max_connections
+        self.idle_timeout_seconds = idle_timeout_seconds
+        self.connections = 0
+        # (function, *args) -> Deferred; the reactor's thread pool unless a test injects one.
+        self.run_in_thread = run_in_thread or (
+            lambda f, *args: threads.deferToThreadPool(clock, clock.getThreadPool(), f, *args))
+
+    def buildProtocol(self, addr) -> MilterProtocol:
+        return MilterProtocol(self)

@@ -1,0 +1,455 @@
+"""Tests of the built-in milter's Twisted adapter (policyd_ipv6.milter_server) together with the
+policy side, as Postfix drives them: policy requests and milter packets of the same SMTP
+sessions, a fake transport and clock, the DNS fake, keys made by openssl, dkimpy signatures."""
+
+import ipaddress
+import struct
+
+import pytest
+from twisted.internet import defer, task
+from twisted.internet.testing import StringTransport
+
+from dkimkeys import DkimKey, message, require_openssl, sign
+from fakes import FakeDnsClient
+from lab.zones import txt_rdata
+from policyd_ipv6 import end_of_message, milter_server
+from policyd_ipv6.decision import Policy
+from policyd_ipv6.engine import PolicyEngine
+from policyd_ipv6.lookups import Lookups
+from policyd_ipv6.message_facts import FactFinder
+from policyd_ipv6.milter_server import MilterFactory
+from policyd_ipv6.optin import parse_optin
+from policyd_ipv6.policy_server import PolicyFactory
+from policyd_ipv6.replies import Replies
+from policyd_ipv6.sessions import Sessions
+from test_milter_session import cstr, macro, optneg, pkt
+
+ADDR = "2001:db8:1::10"
+SERVER = "2001:db8:25::25"
+AUTHSERV = "mx.contoso.com"
+PTR = ipaddress.ip_address(ADDR).reverse_pointer
+TRUSTED = "2001:db8:ffff::1"
+NO_AUTH = (f"450 4.7.26 Service unavailable, message sent over IPv6 [{ADDR}] must pass either "
+           "SPF or DKIM validation.")
+TEMP_DKIM = (f"451 4.4.3 Service unavailable, temporary DNS failure while checking DKIM for IPv6"
+             f" address [{ADDR}], please try again later.")
+
+
+@pytest.fixture(scope="module")
+def key():
+    require_openssl()
+    return DkimKey.generate(1024)
+
+
+def records(key):
+    return {(PTR, "PTR"): ["mail.sender.test."],
+            ("pass.test", "TXT"): ['"v=spf1 ip6:2001:db8:1::/64 -all"'],
+            ("fail.test", "TXT"): ['"v=spf1 -all"'],
+            ("lab._domainkey.fail.test", "TXT"): [txt_rdata(key.record())]}
+
+
+class Harness:
+    """One daemon's policy and milter sides sharing a sessions registry, on a fake clock."""
+
+    def __init__(self, key, broken=(), max_sessions=100, dns_delay=0.0, max_connections=10,
+                 run_in_thread=None):
+        self.clock = task.Clock()
+        self.fake = FakeDnsClient(records(key), broken=set(broken), clock=self.clock,
+                                  delay=dns_delay)
+        self.lookups = Lookups(self.fake, self.clock)
+        finder = FactFinder(self.lookups, self.clock, "ptr", 5.0)
+        table = parse_optin("contoso.com\n")
+        self.sessions = Sessions(self.clock, max_sessions, 3600.0)
+        policy = Policy((ipaddress.ip_network("2001:db8:ffff::/48"),), Replies())
+        self.engine = PolicyEngine(policy, lambda: table, finder, self.clock, self.sessions)
+        self.policy_factory = PolicyFactory(self.engine, self.clock, 10, 600.0)
+        self.threaded = []
+
+        def runner(function, *args):
+            self.threaded.append(len(args[0]))
+            return defer.maybeDeferred(function, *args)
+
+        self.milter_factory = MilterFactory(self.engine, self.lookups, self.clock, AUTHSERV,
+                                            max_connections, 600.0, run_in_thread or runner)
+
+    def policy(self):
+        return Connection(self.policy_factory)
+
+    def milter(self):
+        return Connection(self.milter_factory)
+
+
+class Connection:
+    def __init__(self, factory):
+        self.proto = factory.buildProtocol(None)
+        self.transport = StringTransport()
+        self.proto.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> bytes:
+        """Feed bytes; return (and clear) what was written back."""
+        self.proto.dataReceived(data)
+        return self.take()
+
+    def take(self) -> bytes:
+        out = self.transport.value()
+        self.transport.clear()
+        return out
+
+    @property
+    def closed(self) -> bool:
+        return self.transport.disconnecting
+
+
+def packets(data: bytes) -> list[tuple[bytes, bytes]]:
+    """(code, payload) of each response packet."""
+    out = []
+    while data:
+        (length,) = struct.unpack(">I", data[:4])
+        out.append((data[4:5], data[5:4 + length]))
+        data = data[4 + length:]
+    return out
+
+
+def ask(policy: Connection, sender: str, port: int, recipient="bob@contoso.com",
+        address=ADDR, server=True, **extra) -> str:
+    attrs = {"request": "smtpd_access_policy", "protocol_state": "RCPT",
+             "client_address": address, "client_port": str(port), "client_name": "unknown",
+             "reverse_client_name": "unknown", "helo_name": "mail.sender.test",
+             "sender": sender, "recipient": recipient, "instance": f"i{port}.{sender}"}
+    if server:
+        attrs.update(server_address=SERVER, server_port="25")
+    attrs.update(extra)
+    reply = policy.send(b"".join(f"{k}={v}\n".encode() for k, v in attrs.items()) + b"\n")
+    return reply.decode().strip().removeprefix("action=")
+
+
+def connect(milter: Connection, port: int, address=ADDR) -> bytes:
+    """OPTNEG, then CONNECT with the macros Postfix sends (we asked for them)."""
+    milter.send(optneg())
+    family = b"6" if ":" in address else b"4"
+    return milter.send(macro(b"C", j="mx", daemon_addr=SERVER, daemon_port="25",
+                             client_addr="IPv6:" + address, client_port=str(port))
+                       + pkt(b"C", b"[x]\0" + family + struct.pack(">H", port)
+                             + address.encode() + b"\0"))
+
+
+def mail(milter: Connection, sender: str, **macros) -> bytes:
+    return milter.send(macro(b"M", i="", mail_addr=sender, **macros)
+                       + pkt(b"M", cstr(f"<{sender}>".encode(), b"SIZE=100")))
+
+
+def content(raw: bytes) -> bytes:
+    """RCPT, DATA, the message as header/body packets, end of message (Postfix's order)."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    out = pkt(b"R", cstr(b"<bob@contoso.com>")) + pkt(b"T")
+    for line in head.split(b"\r\n"):
+        if line[:1] in b" \t":  # folded: Postfix joins continuation lines with bare LF
+            out = out[:-len(last)] + (last := pkt(b"L", cstr(name, value + b"\n" + line)))
+            value = value + b"\n" + line
+            continue
+        name, _, value = line.partition(b":")
+        last = pkt(b"L", cstr(name, value))
+        out += last
+    out += pkt(b"N") + pkt(b"B", body) + macro(b"E", i="4ABC") + pkt(b"E")
+    return out
+
+
+def session(h, port=4000, sender="alice@fail.test", raw=None, policy=None):
+    """One message through milter and policy; returns (policy reply, EOM packets, milter)."""
+    milter = h.milter()
+    assert packets(connect(milter, port)) == [(b"c", b"")]
+    assert packets(mail(milter, sender)) == [(b"c", b"")]
+    reply = ask(policy or h.policy(), sender, port)
+    out = milter.send(content(raw if raw is not None else message(sender)))
+    return reply, packets(out), milter
+
+
+# -- end of message ------------------------------------------------------------------------
+
+def test_spf_failed_but_validly_signed_is_accepted_with_authentication_results(key):
+    """SPF fail at RCPT gives DUNNO (the milter is on the connection); a valid DKIM signature
+    then passes at end of message, and our Authentication-Results is inserted."""
+    h = Harness(key)
+    raw = sign(message("alice@fail.test"), key, "fail.test", "lab")
+    reply, eom, _ = session(h, raw=raw)
+    assert reply == "DUNNO"
+    assert [code for code, _ in eom] == [b"i", b"c"]
+    index, name, value = eom[0][1][:4], *eom[0][1][4:-1].split(b"\0")
+    assert struct.unpack(">I", index) == (1,) and name == b"Authentication-Results"
+    text = value.decode()
+    assert text.startswith(f" {AUTHSERV};\n\tiprev=pass policy.iprev={ADDR} (mail.sender.test);")
+    assert "spf=fail smtp.mailfrom=alice@fail.test;" in text
+    assert "dkim=pass header.d=fail.test header.s=lab header.b=" in text
+
+
+def test_spf_failed_and_unsigned_gets_the_4_7_26_reply_verbatim(key):
+    """Unsigned: the milter replies with the configured auth_failed text, exactly."""
+    h = Harness(key)
+    reply, eom, _ = session(h)
+    assert reply == "DUNNO"
+    assert eom == [(b"y", NO_AUTH.encode() + b"\0")]
+
+
+def test_spf_failed_and_body_altered_after_signing_gets_4_7_26(key):
+    """A signature broken by a changed body is no better than none."""
+    h = Harness(key)
+    raw = sign(message("alice@fail.test", body=b"Pay 10 EUR.\r\n"), key, "fail.test", "lab")
+    _, eom, _ = session(h, raw=raw.replace(b"10 EUR", b"99 EUR"))
+    assert eom == [(b"y", NO_AUTH.encode() + b"\0")]
+
+
+def test_a_key_lookup_failing_temporarily_gives_451_4_4_3_never_5xx(key):
+    """SERVFAIL for the key: 451 4.4.3 with check "DKIM" (the configured temporary reply)."""
+    h = Harness(key, broken=["lab._domainkey.fail.test"])
+    raw = sign(message("alice@fail.test"), key, "fail.test", "lab")
+    _, eom, _ = session(h, raw=raw)
+    assert eom == [(b"y", TEMP_DKIM.encode() + b"\0")]
+
+
+def test_spf_pass_gets_our_header_and_forgeries_of_our_authserv_id_are_deleted(key):
+    """SPF pass: continue with our A-R; incoming A-R claiming our authserv-id (any case, with
+    a comment or a version) are deleted highest index first; another server's A-R stays."""
+    h = Harness(key)
+    extra = (f"Authentication-Results: {AUTHSERV}; spf=pass smtp.mailfrom=x@pass.test\r\n"
+             "Authentication-Results: other.example; dkim=pass\r\n"
+             f"Authentication-Results: (forged) {AUTHSERV.upper()} 1;\r\n dkim=pass\r\n").encode()
+    reply, eom, _ = session(h, sender="alice@pass.test",
+                            raw=message("alice@pass.test", extra=extra))
+    assert reply == "DUNNO"
+    assert [code for code, _ in eom] == [b"m", b"m", b"i", b"c"]
+    deleted = [(struct.unpack(">I", p[:4])[0], p[4:]) for _, p in eom[:2]]
+    assert deleted == [(3, b"Authentication-Results\0\0"), (1, b"Authentication-Results\0\0")]
+    assert b"spf=pass smtp.mailfrom=alice@pass.test;\n\tdkim=none" in eom[2][1]
+
+
+def test_ipv4_and_trusted_clients_are_accepted_at_connect_and_not_registered(key):
+    """IPv4 and trusted_networks: ACCEPT at CONNECT (Postfix drops the milter), no entry."""
+    h = Harness(key)
+    assert packets(connect(h.milter(), 4001, "192.0.2.10")) == [(b"a", b"")]
+    assert packets(connect(h.milter(), 4002, TRUSTED)) == [(b"a", b"")]
+    assert len(h.sessions) == 0
+
+
+def test_authenticated_message_is_accepted_at_mail_and_policy_enforces_nothing(key):
+    """{auth_authen} at MAIL: ACCEPT for that message; the milter is out of its path."""
+    h = Harness(key)
+    milter = h.milter()
+    connect(milter, 4003)
+    assert packets(mail(milter, "alice@fail.test", auth_authen="alice")) == [(b"a", b"")]
+    assert h.sessions.message_for({"client_address": ADDR, "client_port": "4003",
+                                   "server_address": SERVER, "server_port": "25",
+                                   "sender": "alice@fail.test"}) is None
+
+
+# -- fail-safe and correlation ----------------------------------------------------------------
+
+def test_no_milter_on_the_connection_means_spf_alone_at_rcpt(key):
+    """A policy request for a connection the milter never registered: 450 4.7.26 at RCPT."""
+    h = Harness(key)
+    assert ask(h.policy(), "alice@fail.test", 5000).startswith("450 4.7.26 ")
+
+
+def test_milter_closed_connection_falls_back_to_spf_alone(key):
+    """After the milter's QUIT the same client port gets SPF-only enforcement again."""
+    h = Harness(key)
+    milter = h.milter()
+    connect(milter, 4004)
+    mail(milter, "alice@fail.test")
+    milter.send(pkt(b"Q"))
+    assert milter.closed and len(h.sessions) == 0
+    assert ask(h.policy(), "alice@fail.test", 4004).startswith("450 4.7.26 ")
+
+
+def test_connection_lost_while_the_policy_looks_up_makes_the_verdict_spf_only(key):
+    """If the milter's message ends while SPF is being looked up, nobody will check DKIM at
+    end of message, so the policy refuses at RCPT."""
+    h = Harness(key, dns_delay=1.0)
+    milter, policy = h.milter(), h.policy()
+    connect(milter, 4005)
+    mail(milter, "alice@fail.test")
+    policy.proto.dataReceived(b"".join(f"{k}={v}\n".encode() for k, v in {
+        "request": "smtpd_access_policy", "protocol_state": "RCPT", "client_address": ADDR,
+        "client_port": "4005", "server_address": SERVER, "server_port": "25",
+        "helo_name": "mail.sender.test", "sender": "alice@fail.test",
+        "recipient": "bob@contoso.com", "instance": "lost"}.items()) + b"\n")
+    milter.proto.connectionLost(None)
+    h.clock.advance(2)
+    assert policy.take().decode().startswith("action=450 4.7.26 ")
+
+
+def test_a_sender_other_than_the_milters_mail_from_is_enforced_at_rcpt(key):
+    """The policy request's sender must be the MAIL FROM the milter saw; otherwise SPF only."""
+    h = Harness(key)
+    milter = h.milter()
+    connect(milter, 4006)
+    mail(milter, "someone@fail.test")
+    assert ask(h.policy(), "alice@fail.test", 4006).startswith("450 4.7.26 ")
+
+
+def test_rset_leaves_no_state_that_a_later_message_could_use(key):
+    """Message 1 passes SPF and is recorded; RSET (ABORT); message 2 from an SPF-failing,
+    unsigned sender gets no benefit: refused at end of message; and a policy request before
+    the next MAIL FROM finds no open message (SPF alone)."""
+    h = Harness(key)
+    milter, policy = h.milter(), h.policy()
+    connect(milter, 4007)
+    mail(milter, "alice@pass.test")
+    assert ask(policy, "alice@pass.test", 4007) == "DUNNO"
+    assert milter.send(pkt(b"A")) == b""
+    assert ask(policy, "alice@pass.test", 4007) == "DUNNO"  # SPF pass needs no milter
+    assert ask(policy, "alice@fail.test", 4007).startswith("450 4.7.26 ")
+    mail(milter, "alice@fail.test")
+    assert ask(policy, "alice@fail.test", 4007) == "DUNNO"
+    eom = packets(milter.send(content(message("alice@fail.test"))))
+    assert eom == [(b"y", NO_AUTH.encode() + b"\0")]
+
+
+def test_several_messages_in_one_session_each_decided_on_its_own(key):
+    """Two messages on one connection: an SPF-pass one gets A-R, then an unsigned SPF-fail
+    one is refused, then a signed SPF-fail one passes."""
+    h = Harness(key)
+    milter, policy = h.milter(), h.policy()
+    connect(milter, 4008)
+    for sender, raw, codes in [
+            ("alice@pass.test", message("alice@pass.test"), [b"i", b"c"]),
+            ("alice@fail.test", message("alice@fail.test"), [b"y"]),
+            ("alice@fail.test", sign(message("alice@fail.test"), key, "fail.test", "lab"),
+             [b"i", b"c"])]:
+        mail(milter, sender)
+        assert ask(policy, sender, 4008) == "DUNNO"
+        assert [c for c, _ in packets(milter.send(content(raw)))] == codes
+
+
+def test_two_smtpd_processes_at_once_are_kept_apart(key):
+    """Two SMTP sessions from the same address (two client ports) interleaved: each message
+    gets the verdict recorded for its own session."""
+    h = Harness(key)
+    one, two = h.milter(), h.milter()
+    connect(one, 4010)
+    connect(two, 4011)
+    mail(one, "alice@pass.test")
+    mail(two, "alice@fail.test")
+    assert ask(h.policy(), "alice@fail.test", 4011) == "DUNNO"
+    assert ask(h.policy(), "alice@pass.test", 4010) == "DUNNO"
+    assert packets(two.send(content(message("alice@fail.test")))) == [
+        (b"y", NO_AUTH.encode() + b"\0")]
+    assert [c for c, _ in packets(one.send(content(message("alice@pass.test"))))] == [b"i", b"c"]
+
+
+def test_a_policy_connection_reopened_mid_message_still_reaches_the_message(key):
+    """Postfix may close its policy connection and open another for the next recipient: the
+    record is per SMTP session, not per policy connection."""
+    h = Harness(key)
+    milter = h.milter()
+    connect(milter, 4012)
+    mail(milter, "alice@fail.test")
+    first = h.policy()
+    assert ask(first, "alice@fail.test", 4012) == "DUNNO"
+    first.proto.connectionLost(None)
+    assert ask(h.policy(), "alice@fail.test", 4012, recipient="carol@contoso.com") == "DUNNO"
+    eom = packets(milter.send(content(message("alice@fail.test"))))
+    assert eom == [(b"y", NO_AUTH.encode() + b"\0")]
+
+
+def test_a_policy_request_without_server_attributes_matches_a_milter_without_them(key):
+    """Key without the server part on both sides (Postfix 3.0/3.1) still correlates."""
+    h = Harness(key)
+    milter = h.milter()
+    milter.send(optneg())
+    milter.send(macro(b"C", client_port="4013") + pkt(
+        b"C", b"[x]\0" + b"6" + struct.pack(">H", 4013) + ADDR.encode() + b"\0"))
+    mail(milter, "alice@fail.test")
+    assert ask(h.policy(), "alice@fail.test", 4013, server=False) == "DUNNO"
+
+
+# -- bounds, errors, threads ------------------------------------------------------------------
+
+def test_too_large_message_needing_dkim_is_refused_and_one_passing_spf_is_untouched(key,
+                                                                                     monkeypatch):
+    """Over the collection bound: DKIM cannot be checked, so an SPF failure gets 4.7.26; an
+    SPF pass is accepted untouched."""
+    monkeypatch.setattr(milter_server, "MilterSession",
+                        lambda: milter_server_session(max_message_bytes=100))
+    h = Harness(key)
+    big = message("alice@fail.test", body=b"x" * 200 + b"\r\n")
+    _, eom, _ = session(h, raw=sign(big, key, "fail.test", "lab"))
+    assert eom == [(b"y", NO_AUTH.encode() + b"\0")]
+    _, eom, _ = session(h, port=4014, sender="alice@pass.test",
+                        raw=message("alice@pass.test", body=b"x" * 200 + b"\r\n"))
+    assert eom == [(b"a", b"")]
+
+
+def milter_server_session(**kwargs):
+    from policyd_ipv6.milter_session import MilterSession
+
+    return MilterSession(**kwargs)
+
+
+def test_large_messages_are_verified_through_the_thread_runner(key):
+    """Above DKIM_THREAD_BYTES the verification goes to the thread runner; small ones do not."""
+    h = Harness(key)
+    body = b"z" * 76 + b"\r\n"
+    big = sign(message("alice@fail.test", body=body * 1000), key, "fail.test", "lab")
+    _, eom, _ = session(h, raw=big)
+    assert [c for c, _ in eom] == [b"i", b"c"]
+    assert h.threaded and h.threaded[0] > milter_server.DKIM_THREAD_BYTES
+    _, eom, _ = session(h, port=4015, raw=sign(message("alice@fail.test"), key, "fail.test",
+                                                "lab"))
+    assert len(h.threaded) == 1
+
+
+def test_an_internal_error_at_end_of_message_tempfails_a_message_needing_dkim(key, monkeypatch):
+    """A bug while deciding never lets unauthenticated mail in: TEMPFAIL, logged."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(milter_server, "decide_end", broken)
+    h = Harness(key)
+    _, eom, milter = session(h)
+    assert eom == [(b"t", b"")]
+    assert not milter.closed
+
+
+def test_a_protocol_error_closes_without_reply_and_unregisters(key):
+    """Bytes Postfix would not send: the connection is dropped and its entry removed."""
+    h = Harness(key)
+    milter = h.milter()
+    connect(milter, 4016)
+    assert len(h.sessions) == 1
+    assert milter.send(b"\x00\x00\x00\x01Z") == b""
+    assert milter.closed and len(h.sessions) == 0
+
+
+def test_connections_over_the_limit_are_closed(key):
+    """More than max_connections milter connections: the extra one is closed at once."""
+    h = Harness(key, max_connections=1)
+    first, second = h.milter(), h.milter()
+    assert not first.closed and second.closed
+
+
+def test_idle_connections_are_closed_but_not_while_we_are_deciding(key):
+    """An idle milter connection is closed after idle_timeout_seconds; one waiting for our own
+    end-of-message verdict (slow DNS) is kept."""
+    h = Harness(key)
+    idle = h.milter()
+    connect(idle, 4017)
+    busy = h.milter()
+    connect(busy, 4018)
+    mail(busy, "alice@fail.test")
+    assert ask(h.policy(), "alice@fail.test", 4018) == "DUNNO"
+    h.fake.delay = 700.0  # the key lookup answers after the idle timeout
+    busy.proto.dataReceived(content(sign(message("alice@fail.test"), key, "fail.test", "lab")))
+    h.clock.advance(601)
+    assert idle.closed and not busy.closed and busy.take() == b""
+    h.clock.advance(100)
+    assert [c for c, _ in packets(busy.take())] == [b"i", b"c"]
+
+
+def test_the_authentication_results_header_value_is_valid_on_the_wire(key):
+    """The inserted value is accepted by the codec's header checks (folded with LF + tab)."""
+    h = Harness(key)
+    raw = sign(message("alice@fail.test"), key, "fail.test", "lab")
+    _, eom, _ = session(h, raw=raw)
+    value = eom[0][1][4:-1].split(b"\0")[1]
+    assert b"\r" not in value and all(line.startswith(b"\t") for line in value.split(b"\n")[1:])
+    assert end_of_message.claims_authserv_id(value, AUTHSERV)
