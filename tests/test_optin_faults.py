@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import stat
-import tempfile
 import time
 
 import pytest
@@ -112,32 +111,25 @@ def test_truncated_file_keeps_the_last_table(tmp_path, dns):
         assert_table(daemon, KEPT, LATER)
 
 
-def test_unreadable_file_keeps_the_last_table(dns):
-    """A file made unreadable (mode 000) under a daemon that is not root logs an error and
-    keeps the last table; readable again, it is loaded again."""
+def test_unreadable_file_keeps_the_last_table(tmp_path, dns):
+    """A file made unreadable (mode 000) logs an error and keeps the last table; readable
+    again, it is loaded again. (Root ignores file modes: the daemon runs without the
+    capabilities that allow that.)"""
     if os.geteuid() == 0 and shutil.which("setpriv") is None:
         pytest.skip("NOT TESTED: root reads a mode-000 file, and setpriv (util-linux) is "
-                    "missing to run the daemon as nobody")
-    directory = tempfile.mkdtemp(prefix="policyd-optin-")
-    try:
-        os.chmod(directory, 0o755)  # the unprivileged daemon must reach its files
-        user = "nobody" if os.geteuid() == 0 else None
-        daemon = ServeProcess(directory, settings(dns), optin=f"{KEPT}\n", user=user)
-        for name in ("optin", "policyd.toml"):
-            os.chmod(os.path.join(directory, name), 0o644)
-        with daemon:
-            path = daemon.optin_path
-            assert_table(daemon, KEPT, LATER)
-            mark = len(daemon.log())
-            path.write_text(f"{LATER}\n")
-            os.chmod(path, 0)
-            os.utime(path, (time.time() + 5, time.time() + 5))  # a visible change
-            mark = fault(daemon, mark, "Permission denied")
-            assert_table(daemon, KEPT, LATER)
-            os.chmod(path, stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IROTH)
-            os.utime(path, (time.time() + 10, time.time() + 10))
-            daemon.wait_for("opt-in table loaded (file changed)", 5, after=mark)
-            assert_table(daemon, LATER, KEPT)
-            assert daemon.alive() and daemon.problems() == []
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+                    "missing to take that power away from the daemon")
+    with ServeProcess(tmp_path, settings(dns), optin=f"{KEPT}\n",
+                      file_modes_apply=os.geteuid() == 0) as daemon:
+        path = daemon.optin_path
+        assert_table(daemon, KEPT, LATER)
+        mark = len(daemon.log())
+        path.write_text(f"{LATER}\n")
+        os.chmod(path, 0)
+        os.utime(path, (time.time() + 5, time.time() + 5))  # a change the poll notices
+        mark = fault(daemon, mark, "Permission denied")
+        assert_table(daemon, KEPT, LATER)
+        os.chmod(path, stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IROTH)
+        os.utime(path, (time.time() + 10, time.time() + 10))
+        daemon.wait_for("opt-in table loaded (file changed)", 5, after=mark)
+        assert_table(daemon, LATER, KEPT)
+        assert daemon.alive() and daemon.problems() == []

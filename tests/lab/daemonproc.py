@@ -6,8 +6,9 @@ Contract:
   into ``directory``, runs ``python -m policyd_ipv6 serve --config FILE`` from the repository
   (as test_cli.py does; ``--allow-root`` when run by root) with its output in ``serve.log``, and returns from ``start()`` once the
   daemon logs "ready". ``rlimit_nofile=(soft, hard)`` starts it under that open-file limit;
-  ``user="nobody"`` starts it as that user (``setpriv``), for tests root would spoil (file
-  modes). ``stop()`` sends SIGTERM to its PID (SIGKILL after 10 s) and is idempotent.
+  ``file_modes_apply=True`` starts it without the capabilities that let root ignore file
+  modes (``setpriv`` drops CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from its bounding set),
+  so a mode-000 file is unreadable to it even when the tests run as root. ``stop()`` sends SIGTERM to its PID (SIGKILL after 10 s) and is idempotent.
 - ``rss_kib()`` reads VmRSS from /proc/PID/status; ``log()``, ``wait_for(text)``,
   ``problems()`` (logged tracebacks, unhandled errors and internal-error lines, which no test
   may ever see) help the assertions.
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import re
 import resource
 import signal
@@ -55,7 +55,8 @@ def _toml(value) -> str:
 
 class ServeProcess:
     def __init__(self, directory, settings: dict | None = None, optin: str = "",
-                 rlimit_nofile: tuple[int, int] | None = None, user: str | None = None) -> None:
+                 rlimit_nofile: tuple[int, int] | None = None,
+                 file_modes_apply: bool = False) -> None:
         self.directory = Path(directory)
         self.port = free_port()
         self.settings = {"listen": [f"tcp:{self.port}:interface=127.0.0.1"],
@@ -64,7 +65,7 @@ class ServeProcess:
         self.config_path = self.directory / "policyd.toml"
         self.log_path = self.directory / "serve.log"
         self.rlimit_nofile = rlimit_nofile
-        self.user = user
+        self.file_modes_apply = file_modes_apply
         self.process: subprocess.Popen | None = None
         self.optin_path.write_text(optin)
         self.config_path.write_text("".join(f"{k} = {_toml(v)}\n"
@@ -72,16 +73,18 @@ class ServeProcess:
 
     def argv(self) -> list[str]:
         argv = [sys.executable, "-m", "policyd_ipv6", "serve", "--config", str(self.config_path)]
-        if not self.user and os.geteuid() == 0:
+        if os.geteuid() == 0:
             argv.append("--allow-root")  # a disposable test lab; the privilege tests are elsewhere
-        if self.user:
-            entry = pwd.getpwnam(self.user)
-            argv = ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}",
-                    "--clear-groups", "--", *argv]
+        if self.file_modes_apply:
+            argv = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--", *argv]
         return argv
 
     def start(self) -> "ServeProcess":
         limit = self.rlimit_nofile
+        if limit is not None and os.geteuid() != 0:
+            # only root may raise its hard limit; others stay within theirs
+            current_hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            limit = (min(limit[0], current_hard), min(limit[1], current_hard))
 
         def preexec() -> None:
             if limit is not None:
