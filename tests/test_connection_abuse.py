@@ -8,7 +8,6 @@ without its empty line, oversized lines and requests, megabytes of junk. Memory 
 within a bound while the abuse goes on.
 """
 
-import re
 import resource
 import select
 import socket

@@ -10,7 +10,6 @@ not pass, including every malformed or over-limit SPF record) give ``450 4.7.25`
 4.7.26``; nothing gives a 5xx, logs a traceback or ends the process.
 """
 
-import ipaddress
 import itertools
 import re
 import time
@@ -18,11 +17,13 @@ import time
 import pytest
 from twisted.logger import globalLogPublisher
 
-from lab.baddns import BadDns, Behaviour
-from lab.daemonproc import ServeProcess, request
+from faultlab import (AUTH, BAD_REV, DROPPED_REV, DUNNO, HUGE_SPF, KNOT_REV, LONG_LOCAL,
+                      NO_PTR, SPF_KNOT_CASES, TEMP_RDNS, TEMP_SPF, bad_ip, bad_table, knot_ip,
+                      knot_zones)
+from lab.baddns import BadDns
+from lab.daemonproc import ServeProcess, ask, request
 from lab.knot import KnotServer, free_port, require_knot
 from lab.unbound import BlackHoles, UnboundServer, require_unbound
-from lab.zones import Zone, reverse_zone_name, txt_rdata
 from policyd_ipv6.decision import Policy
 from policyd_ipv6.dns_client import DnsClient, Nameserver
 from policyd_ipv6.engine import PolicyEngine
@@ -31,138 +32,6 @@ from policyd_ipv6.lookups import Lookups
 from policyd_ipv6.message_facts import FactFinder
 from policyd_ipv6.optin import parse_optin
 from realtime import wait
-
-DUNNO = r"DUNNO"
-TEMP_RDNS = r"451 4\.4\.3 .*reverse DNS.*"
-TEMP_SPF = r"451 4\.4\.3 .*SPF.*"
-NO_PTR = r"450 4\.7\.25 .*"
-AUTH = r"450 4\.7\.26 .*"
-
-# -- the data -------------------------------------------------------------------------------
-# 2001:db8:6::/64 and robust.test: served by Knot. 2001:db8:7::/64 and bad.test: the bad server.
-# 2001:db8:8::/64 and dropped.test: denied by unbound. hole.test: a black-holed stub zone.
-
-
-def knot_ip(n: int) -> str:
-    return f"2001:db8:6::{n}"
-
-
-def bad_ip(n: int) -> str:
-    return f"2001:db8:7::{n:x}"
-
-
-def ptr_name(address: str) -> str:
-    return ipaddress.ip_address(address).reverse_pointer
-
-
-KNOT_REV = reverse_zone_name("2001:db8:6::/64")
-BAD_REV = reverse_zone_name("2001:db8:7::/64")
-DROPPED_REV = reverse_zone_name("2001:db8:8::/64")
-HUGE_SPF = ("v=spf1 " + " ".join(f"ip6:2001:db8:{i:x}::/48" for i in range(0x100, 0x400))
-            + " ip6:2001:db8:6::/64 ip6:2001:db8:7::/64 -all")
-LONG_LOCAL = "x" * 63  # %{l} five times: a name over 255 octets
-
-SPF_RECORDS = {
-    "pass": "v=spf1 ip6:2001:db8:6::/64 ip6:2001:db8:7::/64 -all",
-    "selfloop": "v=spf1 include:selfloop.robust.test -all",
-    "loopa": "v=spf1 include:loopb.robust.test -all",
-    "loopb": "v=spf1 include:loopa.robust.test -all",
-    "eleven": "v=spf1 " + " ".join(f"a:h{i}.robust.test" for i in range(11))
-              + " ip6:2001:db8:6::/64 -all",
-    "voids": "v=spf1 a:v1.robust.test a:v2.robust.test a:v3.robust.test ip6:2001:db8:6::/64 -all",
-    "unknownmech": "v=spf1 frobnicate:x.robust.test ip6:2001:db8:6::/64 -all",
-    "nonascii": "v=spf1 ip6:2001:db8:6::/64 a:bücher.robust.test -all",
-    "macro": "v=spf1 exists:%{l}.%{l}.%{l}.%{l}.%{l}.robust.test ip6:2001:db8:6::/64 -all",
-    "huge": HUGE_SPF,
-}
-# (sender domain under robust.test, client address, SPF result, reply)
-SPF_KNOT_CASES = [
-    ("pass", knot_ip(10), "pass", DUNNO),
-    ("selfloop", knot_ip(10), "permerror", AUTH),       # include loop
-    ("loopa", knot_ip(10), "permerror", AUTH),          # include loop over two records
-    ("eleven", knot_ip(10), "permerror", AUTH),         # 11 DNS-querying terms
-    ("voids", knot_ip(10), "permerror", AUTH),          # 3 void lookups
-    ("unknownmech", knot_ip(10), "permerror", AUTH),
-    ("nonascii", knot_ip(10), "permerror", AUTH),       # UTF-8 in the record
-    ("latin1", knot_ip(10), "permerror", AUTH),         # not even UTF-8
-    ("lf", knot_ip(10), "fail", AUTH),                  # ip4:1.2.3.4\010 (pyspf#15)
-    ("two", knot_ip(10), "permerror", AUTH),            # two SPF records
-    ("macro", knot_ip(10), "pass", DUNNO),              # a macro name over 255 octets
-    ("huge", knot_ip(10), "pass", DUNNO),               # ~8 KB TXT: TCP fallback
-    ("nothere", knot_ip(10), "none", AUTH),
-]
-
-
-def knot_zones() -> dict[str, str]:
-    forward = Zone("robust.test")
-    forward.add("mail", "AAAA", knot_ip(10))
-    for i in range(11):
-        forward.add(f"h{i}", "AAAA", knot_ip(200 + i))
-    for name, text in SPF_RECORDS.items():
-        forward.add(name, "TXT", txt_rdata(text))
-    forward.add("lf", "TXT", '"v=spf1 ip4:1.2.3.4\\010 -all"')
-    forward.add("latin1", "TXT", '"v=spf1 ip6:2001:db8:6::/64 a:b\\252cher.robust.test -all"')
-    forward.add("two", "TXT", txt_rdata(SPF_RECORDS["pass"]))
-    forward.add("two", "TXT", txt_rdata("v=spf1 -all"))
-    forward.add("13.ptr", "PTR", "mail.robust.test.")
-    rev = Zone(KNOT_REV)
-    rev.add(ptr_name(knot_ip(10)) + ".", "PTR", "mail.robust.test.")
-    # RFC 2317 style: the ip6.arpa owner is itself a CNAME (in the zone, and into another zone).
-    rev.add(ptr_name(knot_ip(12)) + ".", "CNAME", f"12.sub.{KNOT_REV}.")
-    rev.add(f"12.sub.{KNOT_REV}.", "PTR", "mail.robust.test.")
-    rev.add(ptr_name(knot_ip(13)) + ".", "CNAME", "13.ptr.robust.test.")
-    # A chain of 11 CNAMEs (a resolver follows it), one of 31 (no resolver does), a loop.
-    rev.add(ptr_name(knot_ip(14)) + ".", "CNAME", f"c1.chain.{KNOT_REV}.")
-    for i in range(1, 10):
-        rev.add(f"c{i}.chain.{KNOT_REV}.", "CNAME", f"c{i + 1}.chain.{KNOT_REV}.")
-    rev.add(f"c10.chain.{KNOT_REV}.", "PTR", "mail.robust.test.")
-    rev.add(ptr_name(knot_ip(15)) + ".", "CNAME", f"l1.long.{KNOT_REV}.")
-    for i in range(1, 30):
-        rev.add(f"l{i}.long.{KNOT_REV}.", "CNAME", f"l{i + 1}.long.{KNOT_REV}.")
-    rev.add(f"l30.long.{KNOT_REV}.", "PTR", "mail.robust.test.")
-    rev.add(ptr_name(knot_ip(16)) + ".", "CNAME", f"a.loop.{KNOT_REV}.")
-    rev.add(f"a.loop.{KNOT_REV}.", "CNAME", f"b.loop.{KNOT_REV}.")
-    rev.add(f"b.loop.{KNOT_REV}.", "CNAME", f"a.loop.{KNOT_REV}.")
-    return {"robust.test": forward.text(), KNOT_REV: rev.text()}
-
-
-GOOD_PTR = (("PTR", "mail.bad.test."),)
-# PTR behaviours of the bad server, by host number in 2001:db8:7::/64.
-BAD_PTRS = {
-    0x1: Behaviour("servfail"),
-    0x2: Behaviour("refused"),
-    0x3: Behaviour("silent"),
-    0x4: Behaviour("garbage"),
-    0x5: Behaviour("garbage", GOOD_PTR, then_answer=True),
-    0x6: Behaviour("wrong-id", GOOD_PTR),
-    0x7: Behaviour("wrong-id", GOOD_PTR, then_answer=True),
-    0x8: Behaviour("truncate", GOOD_PTR, tcp="close"),
-    0x9: Behaviour("truncate", GOOD_PTR, tcp="answer"),
-    0xa: Behaviour("answer", GOOD_PTR, delay_ms=150),
-    0xb: Behaviour("truncate", GOOD_PTR, tcp="garbage"),
-    0xc: Behaviour("truncate", GOOD_PTR, tcp="silent"),
-    0x100: Behaviour("answer", GOOD_PTR),
-}
-PASS_BAD = (("TXT", txt_rdata(SPF_RECORDS["pass"])),)
-BAD_NAMES = {
-    "pass.bad.test": Behaviour(records=PASS_BAD),
-    "servfail.bad.test": Behaviour("servfail"),
-    "refused.bad.test": Behaviour("refused"),
-    "silent.bad.test": Behaviour("silent"),
-    "garbage.bad.test": Behaviour("garbage"),
-    "truncate.bad.test": Behaviour("truncate", PASS_BAD, tcp="close"),
-    "huge.bad.test": Behaviour(records=(("TXT", txt_rdata(HUGE_SPF)),)),
-    "incfail.bad.test": Behaviour(records=(("TXT", txt_rdata(
-        "v=spf1 include:servfail.bad.test ip6:2001:db8:7::/64 -all")),)),
-    "asilent.bad.test": Behaviour(records=(("TXT", txt_rdata(
-        "v=spf1 a:silent.bad.test ip6:2001:db8:7::/64 -all")),)),
-}
-
-
-def bad_table() -> dict:
-    table = {ptr_name(bad_ip(n)): b for n, b in BAD_PTRS.items()}
-    table.update(BAD_NAMES)
-    return table
 
 
 # -- fixtures -------------------------------------------------------------------------------
@@ -392,7 +261,6 @@ UNBOUND_CASES = [
 def assert_served(daemon, cases):
     replies = []
     with daemon.connect(timeout=15) as sock:
-        from lab.daemonproc import ask
         for address, sender, pattern in cases:
             reply = ask(sock, request(client_address=address, sender=sender,
                                       recipient="bob@robust.test",
