@@ -7,6 +7,7 @@ Contract (pure text functions; they raise ValueError when README.Debian no longe
   `install` (the `install -d ...` command, as argv), `read_write_paths` (the ReadWritePaths=
   value of the drop-in), `listen` (the TOML line's list) and `check_policy_service` (the
   main.cf line).
+- `milter_main_cf_lines(text)` is the block of main.cf lines of the optional milter section.
 """
 
 from __future__ import annotations
@@ -61,3 +62,13 @@ def unix_socket_recipe(text: str) -> dict:
         "listen": listen,
         "check_policy_service": _one_line(body, "check_policy_service "),
     }
+
+
+def milter_main_cf_lines(text: str) -> str:
+    """The main.cf lines README.Debian gives for the built-in milter."""
+    section = text.split("the built-in milter)", 1)
+    if len(section) != 2:
+        raise ValueError("README.Debian has no milter section")
+    return "\n".join(_indented_block_after(section[1], "run \"systemctl restart "
+                                           "policyd-ipv6\", then add to /etc/postfix/main.cf:"))\
+        + "\n"

@@ -83,6 +83,26 @@ def test_readme_debian_wiring_is_the_examples_wiring():
     assert "inet:127.0.0.1:10045" in main_cf_value(readme, name)
 
 
+def test_readme_debian_milter_wiring_is_the_examples_wiring():
+    """README.Debian's milter lines are the example fragment's (commented) milter lines, and
+    its milter_listen line is a key the packaged configuration accepts."""
+    readme = packaged("README.Debian")
+    lines = readme_debian.milter_main_cf_lines(readme)
+    fragment = (EXAMPLES / "main.cf.fragment").read_text()
+    for name in ("smtpd_milters", "milter_protocol", "milter_default_action"):
+        commented = [line[1:] for line in fragment.splitlines() if line.startswith("#" + name)]
+        assert commented, "main.cf.fragment no longer shows %s" % name
+        assert main_cf_value(lines, name) == main_cf_value(commented[0], name)
+    (listen,) = [line.strip() for line in readme.splitlines()
+                 if line.strip().startswith("milter_listen = ")]
+    example = (EXAMPLES / "policyd-ipv6.toml").read_text()
+    assert example.count("\nmilter_listen = []\n") == 1
+    config = parse_config(example.replace("\nmilter_listen = []\n", "\n%s\n" % listen),
+                          "/etc/policyd-ipv6")
+    assert config.milter_listen == ("tcp:10046:interface=127.0.0.1",)
+    assert main_cf_value(lines, "smtpd_milters") == "inet:127.0.0.1:10046"
+
+
 def test_readme_debian_unix_socket_recipe_is_consistent():
     """The Unix-socket steps create the socket's directory, make it writable for the unit, and
     point Postfix (relative to its queue directory) at the socket the daemon listens on."""

@@ -38,7 +38,8 @@ from lab.policyd import config_from_example
 
 from . import readme_debian
 from .debbuild import require
-from .expect import CONFIG, FAKE_DKIM_KEY, NO_AUTH, NO_PTR, NOT_OPTED, OPTIN
+from .expect import (CONFIG, FAKE_DKIM_KEY, NO_AUTH, NO_PTR, NOT_OPTED, OPTIN,
+                     installed_readme_debian)
 from .unitrun import (UNIT_PATH, InstalledDaemon, Unit, command_line, credentials,
                       mount_options)
 
@@ -46,7 +47,6 @@ pytestmark = pytest.mark.deb
 
 MX_NS, SENDER_NS = "p6d-mx", "p6d-snd"
 MX_IF, SENDER_IF = "p6d-mx0", "p6d-snd0"
-README_DEBIAN = Path("/usr/share/doc/policyd-ipv6/README.Debian")
 POSTFIX_SPOOL = "/var/spool/postfix"
 OK = r"250 2\.1\.5 Ok"
 
@@ -160,7 +160,7 @@ def deb_lab(package, request) -> DebLab:
     dns = knot.KnotServer(T.zones(FAKE_DKIM_KEY), [(T.DNS6, 53)], netns=MX_NS, workdir=root)
     request.addfinalizer(dns.stop)
     dns.start()
-    recipe = _postfix(lab, README_DEBIAN.read_text(), request)
+    recipe = _postfix(lab, installed_readme_debian(), request)
     original = OPTIN.read_bytes()
     request.addfinalizer(lambda: OPTIN.write_bytes(original))
     OPTIN.write_bytes(original + ("%s\n" % T.OPTED_IN).encode())

@@ -25,7 +25,8 @@ from lab.policyd import config_from_example
 
 from . import debbuild
 from .debbuild import debian_env, require
-from .expect import CONFIG, ETC, FAKE_DKIM_KEY, NO_AUTH, NO_PTR, NOT_OPTED, OPTIN
+from .expect import (CONFIG, ETC, FAKE_DKIM_KEY, NO_AUTH, NO_PTR, NOT_OPTED, OPTIN,
+                     README_DEBIAN)
 from .unitrun import UNIT_PATH, Unit
 
 pytestmark = pytest.mark.deb
@@ -65,8 +66,9 @@ def test_package_ships_command_unit_manuals_and_two_conffiles(package, tmp_path)
                      "/usr/lib/python3/dist-packages/policyd_ipv6/cli.py",
                      "/usr/share/man/man8/policyd-ipv6.8.gz",
                      "/usr/share/man/man5/policyd-ipv6.toml.5.gz",
-                     "/usr/share/doc/policyd-ipv6/README.Debian", str(CONFIG), str(OPTIN)):
+                     str(CONFIG), str(OPTIN)):
         assert expected in paths, expected
+    assert {str(README_DEBIAN), str(README_DEBIAN) + ".gz"} & paths
     assert not [p for p in paths if "/tests/" in p or "__pycache__" in p or p.endswith(".pyc")]
     run(["dpkg-deb", "-e", str(package.build.deb), str(tmp_path / "control")])
     conffiles = (tmp_path / "control" / "conffiles").read_text().split()
