@@ -45,13 +45,31 @@ def client_ip(text: str) -> IPAddress | None:
 def recipient_domain(address: str) -> str | None:
     """The domain part of an envelope address, lower-cased, without a trailing dot.
 
-    The domain follows the last "@" (a quoted local part may contain "@"). An address without
-    a domain (RFC 5321 allows a bare "Postmaster") gives None.
+    The domain follows the "@" after the local part; a quoted local part (RFC 5321
+    Quoted-string) may itself contain "@" and backslash escapes. An address without a domain
+    (RFC 5321 allows a bare "Postmaster") gives None.
     """
     address = address.strip().strip("<>")
-    _, at, domain = address.rpartition("@")
-    if not at:
-        return None
+    if address.startswith('"'):
+        i, end = 1, -1
+        while i < len(address):
+            if address[i] == "\\":
+                i += 2
+                continue
+            if address[i] == '"':
+                end = i
+                break
+            i += 1
+        if end < 0:
+            return None  # an unterminated quoted string has no domain
+        rest = address[end + 1:]
+        if not rest.startswith("@"):
+            return None
+        domain = rest[1:]
+    else:
+        _, at, domain = address.rpartition("@")
+        if not at:
+            return None
     domain = domain.rstrip(".").lower()
     return domain or None
 

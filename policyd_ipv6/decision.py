@@ -118,7 +118,9 @@ def _reply_domain(domain: str) -> str:
 
 
 def _not_opted_in(s: Subject, f: Facts, p: Policy) -> str:
-    return p.replies.not_opted_in.format(domain=_reply_domain(s.recipient_domain or ""))
+    # A recipient without a domain is named whole (printable, bounded).
+    shown = s.recipient_domain if s.recipient_domain is not None else s.recipient.strip("<> ")
+    return p.replies.not_opted_in.format(domain=_reply_domain(shown))
 
 
 def _no_rdns(s: Subject, f: Facts, p: Policy) -> str:
@@ -150,8 +152,10 @@ RULES: tuple[Rule, ...] = (
     Rule("ipv4", (), lambda s, f, p, o: s.ip.version == 4, _dunno),
     Rule("authenticated", (), lambda s, f, p, o: s.sasl_username != "", _dunno),
     Rule("trusted-network", (), lambda s, f, p, o: p.trusts(s.ip), _dunno),
-    # RFC 5321 §4.5.1: a bare "Postmaster" (no domain) must be accepted.
-    Rule("no-recipient-domain", (), lambda s, f, p, o: s.recipient_domain is None, _dunno),
+    # RFC 5321 §4.5.1: a bare "Postmaster" (no domain) must be accepted. Other recipients
+    # without a domain cannot be in the opt-in table: the next rule refuses them.
+    Rule("postmaster", (), lambda s, f, p, o: s.recipient_domain is None
+         and s.recipient.strip().strip("<>").lower() == "postmaster", _dunno),
     Rule("not-opted-in", (), lambda s, f, p, o: not o.matches(s.recipient_domain), _not_opted_in),
     Rule("rdns-temporary", (Need.RDNS,),
          lambda s, f, p, o: f.rdns.outcome is RdnsOutcome.TEMPFAIL, _rdns_temporary),

@@ -10,7 +10,8 @@ TXT as a tuple of ``bytes`` strings per record.
 
 Answers are cached for their DNS TTL (negative answers for the SOA minimum, RFC 2308), bounded
 by ``max_ttl_seconds`` and by ``max_entries``; concurrent lookups of the same name share one
-query. Temporary failures are not cached. Names are always absolute: no search list.
+query, and at most ``max_inflight`` names are asked at once (each holds a socket). Temporary
+failures are not cached. Names are always absolute: no search list.
 """
 
 from __future__ import annotations
@@ -77,8 +78,11 @@ class Lookups:
     """See the module docstring. ``client`` is a ``DnsClient`` (or a fake with ``query``)."""
 
     def __init__(self, client, clock, max_entries: int = 100_000,
-                 max_ttl_seconds: float = 3600.0) -> None:
+                 max_ttl_seconds: float = 3600.0, max_inflight: int = 10_000) -> None:
         self.client = client
+        # Each query in flight holds a socket: past this many, a new name fails temporarily at
+        # once rather than running the process out of file descriptors.
+        self.max_inflight = max_inflight
         self.cache = ExpiringCache(max_entries, clock)
         self.max_ttl_seconds = max_ttl_seconds
         self._inflight: dict[tuple[str, str], list[defer.Deferred]] = {}
@@ -102,6 +106,8 @@ class Lookups:
             qtype = dns.rdatatype.from_text(rrtype)
         except (dns.exception.DNSException, ValueError, UnicodeError) as error:
             return defer.succeed(Answer("nodata", detail=f"not a DNS name ({error.__class__.__name__})"))
+        if len(self._inflight) >= self.max_inflight:
+            return defer.succeed(Answer("tempfail", detail="too many DNS queries in flight"))
         self._inflight[key] = [mine]
         self.queries_sent += 1
         d = self.client.query(qname, qtype)

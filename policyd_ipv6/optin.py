@@ -8,7 +8,7 @@ A-labels (IDNA) are equivalent.
 
 ``parse_optin(text)`` returns an immutable ``OptinTable`` or raises ``OptinSyntaxError`` naming
 the first bad line. ``load_optin(path)`` reads a file (raising ``OSError`` or
-``OptinSyntaxError``). Reloading on change is the job of the service (``optin_watch``); this
+``OptinSyntaxError``; an empty file is refused, a file of comments is an empty table). Reloading on change is the job of the service (``optin_watch``); this
 module is pure apart from the one file read in ``load_optin``.
 """
 
@@ -84,6 +84,12 @@ def load_optin(path: str) -> OptinTable:
         data = handle.read(MAX_OPTIN_BYTES + 1)
     if len(data) > MAX_OPTIN_BYTES:
         raise OptinSyntaxError(path, 0, "", f"file larger than {MAX_OPTIN_BYTES} bytes")
+    if not data.strip():
+        # A zero-byte file is what a crash or a half-done copy leaves: never read it as "no
+        # domain opted in", which would refuse all IPv6 mail. An intentionally empty table is
+        # a file with a comment line.
+        raise OptinSyntaxError(path, 0, "", "the file is empty (write a comment line if no "
+                               "domain is to accept mail over IPv6)")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:

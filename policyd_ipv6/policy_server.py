@@ -5,14 +5,20 @@ Contract: ``PolicyFactory(engine, clock, max_connections, idle_timeout_seconds)`
 (one request, one reply; the connection stays open for more). Postfix's failure contract
 (SMTPD_POLICY_README: "in case of trouble the policy server must not send a reply; instead
 the server must log a warning and disconnect") applies to a malformed request, a connection
-over ``max_connections``, one idle for ``idle_timeout_seconds`` or stuck mid-request that long,
-and more than ``MAX_QUEUED`` requests sent ahead of their replies. Parsing is the codec's,
-deciding the engine's; this module only moves bytes and keeps time.
+idle for ``idle_timeout_seconds``, a request that has not arrived whole that long after its
+first byte (a client trickling bytes cannot hold a connection), and more than ``MAX_QUEUED``
+requests sent ahead of their replies.
+
+Connections beyond ``max_connections``: the connection idle the longest is closed to make room
+(Postfix reconnects on its next request, transparently); only when every connection is busy is
+the newcomer closed. Either way Postfix retries, so no mail is lost, and the warning is logged
+at most once a minute with a count. Parsing is the codec's, deciding the engine's; this module
+only moves bytes and keeps time.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
@@ -26,6 +32,7 @@ _log = Logger(namespace="policyd-ipv6")
 
 # Postfix never sends a request before the previous reply; a peer that does is bounded.
 MAX_QUEUED = 16
+WARN_INTERVAL_SECONDS = 60.0
 
 
 class PolicyProtocol(protocol.Protocol):
@@ -37,11 +44,13 @@ class PolicyProtocol(protocol.Protocol):
         self.closed = False
         self.timer = None
 
+    @property
+    def idle(self) -> bool:
+        """Waiting for the client's next request, with nothing of it received yet."""
+        return not (self.busy or self.queue or self.decoder.pending or self.closed)
+
     def connectionMade(self) -> None:
-        self.factory.connections += 1
-        if self.factory.connections > self.factory.max_connections:
-            _log.warn("policy connection refused: more than max_connections={limit} open",
-                      limit=self.factory.max_connections)
+        if not self.factory.admit(self):
             self._close()
             return
         self._arm_timer()
@@ -49,6 +58,7 @@ class PolicyProtocol(protocol.Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.closed:
             return
+        started = not self.decoder.pending
         try:
             requests = self.decoder.feed(data)
         except PolicyProtocolError as error:
@@ -62,7 +72,11 @@ class PolicyProtocol(protocol.Protocol):
                       "closing", peer=self._peer(), n=MAX_QUEUED)
             self._close()
             return
-        self._arm_timer()
+        # The clock of a request starts at its first byte: more bytes of the same request do
+        # not restart it, so trickling cannot hold a connection for ever.
+        if requests or started:
+            self._arm_timer()
+        self.factory.touch(self)
         self._next()
 
     def _next(self) -> None:
@@ -79,6 +93,7 @@ class PolicyProtocol(protocol.Protocol):
             return
         self.transport.write(encode_reply(outcome.verdict.action))
         self._arm_timer()
+        self.factory.touch(self)
         self._next()
 
     def _failed(self, failure) -> None:
@@ -113,7 +128,7 @@ class PolicyProtocol(protocol.Protocol):
 
     def connectionLost(self, reason=None) -> None:
         self.closed = True
-        self.factory.connections -= 1
+        self.factory.forget(self)
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
         self.timer = None
@@ -126,13 +141,53 @@ class PolicyProtocol(protocol.Protocol):
 
 
 class PolicyFactory(protocol.Factory):
+    noisy = False
+
     def __init__(self, engine, clock, max_connections: int = 1000,
                  idle_timeout_seconds: float = 600.0) -> None:
         self.engine = engine
         self.clock = clock
         self.max_connections = max_connections
         self.idle_timeout_seconds = idle_timeout_seconds
-        self.connections = 0
+        # Open connections, least recently active first.
+        self.open: OrderedDict[PolicyProtocol, None] = OrderedDict()
+        self._over_limit = 0
+        self._warned_at: float | None = None
+
+    @property
+    def connections(self) -> int:
+        return len(self.open)
 
     def buildProtocol(self, addr) -> PolicyProtocol:
         return PolicyProtocol(self)
+
+    def admit(self, proto: PolicyProtocol) -> bool:
+        """Take a new connection in, closing the longest-idle one if the limit is reached."""
+        if len(self.open) >= self.max_connections:
+            victim = next((p for p in self.open if p.idle), None)
+            self._count_over_limit(evicted=victim is not None)
+            if victim is None:
+                return False
+            victim._close()
+            self.forget(victim)
+        self.open[proto] = None
+        return True
+
+    def touch(self, proto: PolicyProtocol) -> None:
+        if proto in self.open:
+            self.open.move_to_end(proto)
+
+    def forget(self, proto: PolicyProtocol) -> None:
+        self.open.pop(proto, None)
+
+    def _count_over_limit(self, evicted: bool) -> None:
+        self._over_limit += 1
+        now = self.clock.seconds()
+        if self._warned_at is not None and now - self._warned_at < WARN_INTERVAL_SECONDS:
+            return
+        _log.warn("max_connections={limit} reached: {n} time(s) since the last warning; "
+                  "{what}", limit=self.max_connections, n=self._over_limit,
+                  what="closed the longest-idle connection" if evicted
+                  else "every connection busy, closed the new one")
+        self._over_limit = 0
+        self._warned_at = now

@@ -8,7 +8,8 @@ non-root process is asked to become someone else. ``drop_privileges(plan)`` then
 groups, gid and uid for good (after the listeners are bound, so a port below 1024 or a socket
 in a root-owned directory can still be used). ``raise_open_files_limit()`` lifts the soft
 RLIMIT_NOFILE to the hard limit: every smtpd process holds one policy connection, and the
-default soft limit of 1024 is below what a busy MX needs.
+default soft limit of 1024 is below what a busy MX needs. ``descriptor_budget`` splits what
+there is between policy connections and DNS queries in flight.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import resource
 
 from .config import ConfigError
 
-__all__ = ["plan_privileges", "drop_privileges", "raise_open_files_limit"]
+__all__ = ["plan_privileges", "drop_privileges", "raise_open_files_limit", "descriptor_budget"]
 
 
 def plan_privileges(user: str, allow_root: bool = False, euid: int | None = None):
@@ -66,3 +67,14 @@ def raise_open_files_limit() -> tuple[int, int]:
         except (ValueError, OSError):
             pass
     return soft, hard
+
+
+def descriptor_budget(open_files: int, max_connections: int) -> tuple[int, int]:
+    """Split the open-files limit: (policy connections, DNS queries in flight).
+
+    A quarter of the descriptors (at least 64) stays for DNS sockets, log files and listeners,
+    so that accept() never meets EMFILE, which Twisted answers by dropping clients silently.
+    """
+    reserve = max(64, open_files // 4)
+    connections = max(1, min(max_connections, open_files - reserve))
+    return connections, max(8, reserve - 32)

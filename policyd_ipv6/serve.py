@@ -16,7 +16,8 @@ from twisted.logger import Logger
 from . import __version__
 from .config import Config, ConfigError
 from .logsetup import start_logging
-from .privileges import drop_privileges, plan_privileges, raise_open_files_limit
+from .privileges import (descriptor_budget, drop_privileges, plan_privileges,
+                         raise_open_files_limit)
 from .service import PolicyService, install_sighup
 
 __all__ = ["serve"]
@@ -31,6 +32,13 @@ def serve(config: Config, log_level: str = "info", allow_root: bool = False) -> 
     service = PolicyService(config, reactor)  # raises ConfigError before anything is bound
     start_logging(sys.stdout, log_level)
     soft, _hard = raise_open_files_limit()
+    connections, dns_inflight = descriptor_budget(soft, config.max_connections)
+    service.factory.max_connections = connections
+    service.lookups.max_inflight = dns_inflight
+    if connections < config.max_connections:
+        _log.warn("max_connections = {asked} lowered to {connections}: the open-files limit is "
+                  "{soft} (raise LimitNOFILE / ulimit -n)", asked=config.max_connections,
+                  connections=connections, soft=soft)
     failure: list[ConfigError] = []
 
     def started(_ports) -> None:

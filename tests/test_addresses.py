@@ -28,6 +28,9 @@ def test_client_ip(text, expected):
     ("bob@Contoso.COM", "contoso.com"),
     ("bob@contoso.com.", "contoso.com"),
     ('"a@b"@contoso.com', "contoso.com"),   # quoted local part containing @
+    ('"bob@x"', None),                       # quoted local part only: no domain
+    ('"a\\"@b"@contoso.com', "contoso.com"),  # escaped quote inside the quoted string
+    ('"unterminated@x', None),
     ("postmaster", None),
     ("bob@", None),
     ("<bob@x.example>", "x.example"),

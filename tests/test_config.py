@@ -102,3 +102,12 @@ def test_sample_config_mentions_every_key():
     text = open(SAMPLE_CONFIG).read()
     for key in KEYS:
         assert key.name in text, key.name
+
+
+def test_descriptor_budget_keeps_room_for_dns():
+    """max_connections is capped below the open-files limit, leaving room for DNS sockets."""
+    from policyd_ipv6.privileges import descriptor_budget
+
+    assert descriptor_budget(1_048_576, 1000) == (1000, 262_112)
+    connections, dns = descriptor_budget(256, 1000)
+    assert connections == 192 and dns == 32 and connections + dns < 256

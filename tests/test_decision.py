@@ -44,7 +44,8 @@ def verdict(s=None, rdns=None, spf=None, dkim_pending=False):
     ({"client_address": "::ffff:192.0.2.10"}, "ipv4"),
     ({"sasl_username": "alice"}, "authenticated"),
     ({"client_address": "2001:db8:ffff::1"}, "trusted-network"),
-    ({"recipient": "postmaster"}, "no-recipient-domain"),
+    ({"recipient": "postmaster"}, "postmaster"),
+    ({"recipient": "<PostMaster>"}, "postmaster"),
 ])
 def test_not_applicable_requests_get_dunno_without_lookups(overrides, rule):
     """Requests outside the rules' scope are answered DUNNO before any fact is needed."""
@@ -56,6 +57,13 @@ def test_not_opted_in_gives_550_with_the_domain_as_written_lowercased():
     result = verdict(subject(recipient="Bob@Fabrikam.COM."))
     assert result == Verdict("550 5.2.1 Service unavailable, [fabrikam.com] does not accept "
                              "email over IPv6.", "not-opted-in")
+
+
+def test_recipient_without_domain_other_than_postmaster_is_not_opted_in():
+    """Only Postmaster is exempt (RFC 5321 §4.5.1); a bare "bob" is not in any opt-in table."""
+    result = verdict(subject(recipient="bob"))
+    assert result.rule == "not-opted-in" and "[bob]" in result.action
+    assert verdict(subject(recipient='"bob@x"')).rule == "not-opted-in"
 
 
 def test_not_opted_in_is_decided_before_any_lookup():
@@ -134,5 +142,5 @@ def test_every_rule_is_reachable():
     """The table has no dead rows: each rule name is produced by some test case above."""
     assert [r.name for r in RULES] == [
         "wrong-stage", "not-an-address", "ipv4", "authenticated", "trusted-network",
-        "no-recipient-domain", "not-opted-in", "rdns-temporary", "no-rdns", "spf-temporary",
+        "postmaster", "not-opted-in", "rdns-temporary", "no-rdns", "spf-temporary",
         "spf-failed-dkim-pending", "spf-failed", "pass"]

@@ -96,3 +96,13 @@ def test_load_refuses_non_utf8(tmp_path):
     path.write_bytes(b"ok.com\n\xff\xfe\n")
     with pytest.raises(OptinSyntaxError, match="line 2"):
         load_optin(str(path))
+
+
+def test_empty_file_is_refused_but_comments_only_is_an_empty_table(tmp_path):
+    """A zero-byte file is an error (truncation), a file of comments a deliberate empty table."""
+    path = tmp_path / "optin"
+    path.write_bytes(b"")
+    with pytest.raises(OptinSyntaxError, match="empty"):
+        load_optin(str(path))
+    path.write_text("# no domain accepts IPv6 mail yet\n")
+    assert len(load_optin(str(path))) == 0

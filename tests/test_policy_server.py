@@ -141,15 +141,40 @@ def test_slow_answer_is_not_an_idle_connection():
     assert replies(transport)[0].startswith("action=451")
 
 
-def test_connection_limit():
-    """Connections beyond max_connections are closed at once; closing one frees a slot."""
+def test_connection_limit_evicts_the_longest_idle_connection():
+    """At max_connections the longest-idle connection is closed to make room for a new one."""
     h = Harness(max_connections=2)
-    (p1, t1), (p2, t2), (p3, t3) = h.connect(), h.connect(), h.connect()
-    assert t3.disconnecting and not t1.disconnecting
-    p3.connectionLost(None)
+    (p1, t1), (p2, t2) = h.connect(), h.connect()
+    p1.dataReceived(request())          # p1 was active last
+    p3, t3 = h.connect()
+    assert t2.disconnecting and not t1.disconnecting and not t3.disconnecting
+
+
+def test_connection_limit_with_every_connection_busy_refuses_the_newcomer():
+    """When no connection is idle, the new one is closed (Postfix retries); no reply is lost."""
+    h = Harness(FakeDnsClient(RECORDS, silent={PTR}), max_connections=2)
+    (p1, t1), (p2, t2) = h.connect(), h.connect()
+    p1.dataReceived(request())
+    p2.dataReceived(request()[:20])     # in the middle of a request: not idle either
+    p3, t3 = h.connect()
+    assert t3.disconnecting and not t1.disconnecting and not t2.disconnecting
     p1.connectionLost(None)
-    _, t4 = h.connect()
+    p4, t4 = h.connect()
     assert not t4.disconnecting
+
+
+def test_trickling_client_is_cut_off_at_the_request_timeout():
+    """Bytes of one request trickling in do not restart its clock."""
+    h = Harness(idle=10.0)
+    proto, transport = h.connect()
+    data = request()
+    for i in range(9):
+        proto.dataReceived(data[i:i + 1])
+        h.clock.advance(1.0)
+    assert not transport.disconnecting
+    proto.dataReceived(data[9:10])
+    h.clock.advance(1.5)
+    assert transport.disconnecting and replies(transport) == []
 
 
 def test_too_many_requests_ahead_of_replies():
