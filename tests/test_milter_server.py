@@ -141,17 +141,16 @@ def mail(milter: Connection, sender: str, **macros) -> bytes:
 def content(raw: bytes) -> bytes:
     """RCPT, DATA, the message as header/body packets, end of message (Postfix's order)."""
     head, _, body = raw.partition(b"\r\n\r\n")
-    out = pkt(b"R", cstr(b"<bob@contoso.com>")) + pkt(b"T")
+    headers: list[list[bytes]] = []
     for line in head.split(b"\r\n"):
-        if line[:1] in b" \t":  # folded: Postfix joins continuation lines with bare LF
-            out = out[:-len(last)] + (last := pkt(b"L", cstr(name, value + b"\n" + line)))
-            value = value + b"\n" + line
-            continue
-        name, _, value = line.partition(b":")
-        last = pkt(b"L", cstr(name, value))
-        out += last
-    out += pkt(b"N") + pkt(b"B", body) + macro(b"E", i="4ABC") + pkt(b"E")
-    return out
+        if line[:1] in (b" ", b"\t") and headers:
+            headers[-1][1] += b"\n" + line  # Postfix joins folded lines with a bare LF
+        else:
+            name, _, value = line.partition(b":")
+            headers.append([name, value])
+    out = pkt(b"R", cstr(b"<bob@contoso.com>")) + pkt(b"T")
+    out += b"".join(pkt(b"L", cstr(name, value)) for name, value in headers)
+    return out + pkt(b"N") + pkt(b"B", body) + macro(b"E", i="4ABC") + pkt(b"E")
 
 
 def session(h, port=4000, sender="alice@fail.test", raw=None, policy=None):

@@ -73,7 +73,8 @@ def test_entries_expire_unless_touched():
     """An entry lives ttl_seconds after the milter last touched it."""
     clock = task.Clock()
     sessions = Sessions(clock, ttl_seconds=100)
-    kept, dropped = sessions.register(conn(4001)), sessions.register(conn(4002))
+    kept = sessions.register(conn(4001))
+    sessions.register(conn(4002))
     clock.advance(60)
     sessions.touch(kept)
     clock.advance(60)

@@ -1,0 +1,280 @@
+"""The built-in milter end to end: real Postfix with smtpd_milters, real Knot, real swaks.
+
+A lab of its own (namespaces p6k-mx / p6k-snd, so it runs beside the shared lab), built from
+the same parts (tests/lab) and the same plan (topology.py: addresses, zones). Postfix's main.cf
+is the lab's settings, postfix-examples/main.cf.fragment verbatim, then the fragment's own
+commented milter lines, uncommented: the documented wiring is what is tested. The daemon runs
+postfix-examples/policyd-ipv6.toml with milter_listen and authserv_id set.
+
+Scenarios (issue "SPF or DKIM"): from an IPv6 sender whose SPF fails, a message validly
+DKIM-signed (dkimpy, key published in Knot) is delivered with our Authentication-Results; an
+unsigned one and one whose body was altered after signing get EOP's 450 4.7.26 text verbatim
+after DATA; a forged Authentication-Results with our authserv-id is gone from the delivered
+copy; on a listener whose milter is not running, SPF-failed mail is refused at RCPT (the
+fail-safe) and SPF-passing mail flows (milter_default_action = accept).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from dkimkeys import DkimKey, message, sign
+from lab import knot, netns, policyd, postfix, smtp
+
+from . import topology as T
+from .conftest import EXAMPLES, IN_CI, _missing_requirement
+
+pytestmark = pytest.mark.e2e
+
+MX_NS, SENDER_NS = "p6k-mx", "p6k-snd"
+MX_IF, SENDER_IF = "p6k-mx0", "p6k-snd0"
+MILTER_PORT = 10046           # as in main.cf.fragment's milter lines
+DEAD_MILTER_PORT = 10099      # nothing listens there: "the milter is not running"
+SMTP_PORT_NO_MILTER = 2727
+AUTHSERV = "mx.example.com"
+MILTER_LINE = re.compile(r"^#((?:smtpd_milters|milter_[a-z_]+) = .+)$", re.M)
+
+
+def no_auth(address: str) -> str:
+    return ("450 4.7.26 Service unavailable, message sent over IPv6 [%s] must pass either SPF "
+            "or DKIM validation." % address)
+
+
+class MilterLab:
+    def __init__(self, root: Path):
+        self.root = root
+        self.mx = netns.Namespace(MX_NS)
+        self.sender = netns.Namespace(SENDER_NS)
+        self.key: DkimKey | None = None
+        self.knot = None
+        self.postfix: postfix.PostfixInstance | None = None
+        self.daemon: policyd.PolicyDaemon | None = None
+
+    def send(self, source: str, raw: bytes, subject: str, recipient: str,
+             sender: str = T.SENDER, port: int = T.SMTP_PORT) -> smtp.SmtpResult:
+        """One swaks transaction whose DATA is `raw` exactly (no header added by swaks)."""
+        assert raw.endswith(b"\r\n") and b"\n." not in raw  # no dot-stuffing is done
+        path = self.root / ("%s.eml" % uuid.uuid4().hex)
+        # --no-data-fixup sends the file as it is followed by CRLF: the file ends in the dot.
+        path.write_bytes(raw + b".")
+        os.chmod(path, 0o644)
+        return smtp.send(server=T.MX6 if ":" in source else T.MX4, port=port, sender=sender,
+                         recipients=[recipient], helo=T.HELO, source=source,
+                         netns=self.sender, subject=subject,
+                         extra=["--data", "@%s" % path, "--no-data-fixup"])
+
+    def milter_lines(self) -> list[str]:
+        return [line for line in self.daemon.log().splitlines() if " milter client=" in line]
+
+
+def milter_fragment(fragment: str) -> str:
+    """The commented milter settings of main.cf.fragment, uncommented."""
+    lines = MILTER_LINE.findall(fragment)
+    names = [line.split(" =")[0] for line in lines]
+    assert names == ["smtpd_milters", "milter_protocol", "milter_default_action"], names
+    assert "inet:127.0.0.1:%d" % MILTER_PORT in lines[0]
+    return "\n".join(lines) + "\n"
+
+
+def _wait_for_port(daemon: policyd.PolicyDaemon, port: int) -> None:
+    deadline = time.monotonic() + policyd.START_TIMEOUT_SECONDS
+    while port not in policyd._listening_tcp_ports(daemon.process.pid):
+        assert daemon.running, daemon.log_tail()
+        assert time.monotonic() < deadline, "milter port %d not listening:\n%s" % (
+            port, daemon.log_tail())
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def milter_lab(request):
+    problem = _missing_requirement() or (None if shutil.which("openssl")
+                                         else "openssl is not installed")
+    if problem:
+        if IN_CI:
+            pytest.fail("CI=true, but the milter lab cannot run: %s" % problem, pytrace=False)
+        pytest.skip("END-TO-END MILTER LAB NOT RUN: %s" % problem)
+    root = Path(tempfile.mkdtemp(prefix="p6k-lab-"))
+    request.addfinalizer(lambda: shutil.rmtree(root, ignore_errors=True))
+    os.chmod(root, 0o755)
+    lab = MilterLab(root)
+    for ns in (lab.mx, lab.sender):
+        request.addfinalizer(ns.delete)
+        ns.create()
+    netns.veth_pair(lab.mx, MX_IF, lab.sender, SENDER_IF)
+    for cidr in T.MX_ADDRESSES:
+        lab.mx.add_address(MX_IF, cidr)
+    for cidr in T.SENDER_ADDRESSES:
+        lab.sender.add_address(SENDER_IF, cidr)
+    lab.mx.add_route("2001:db8::/32", MX_IF)
+    lab.sender.add_route("2001:db8::/32", SENDER_IF)
+    lab.mx.set_resolv_conf([T.DNS6])
+    lab.sender.set_resolv_conf([T.DNS6])
+
+    lab.key = DkimKey.generate(2048)  # its key record needs two TXT strings
+    lab.knot = knot.KnotServer(T.zones(lab.key.public_b64), [(T.DNS6, 53)], netns=MX_NS,
+                               workdir=root)
+    request.addfinalizer(lab.knot.stop)
+    lab.knot.start()
+
+    fragment = (EXAMPLES / "main.cf.fragment").read_text()
+    restrictions = postfix.main_cf_value(fragment, "smtpd_recipient_restrictions")
+    settings = {k: v for k, v in T.postfix_settings(restrictions, "unused").items()
+                if not k.startswith("lab_")}
+    smtpd = "inet  n       -       n       -       -       smtpd"
+    services = ["[%s]:%d %s" % (T.MX6, T.SMTP_PORT, smtpd),
+                "%s:%d %s" % (T.MX4, T.SMTP_PORT, smtpd),
+                "[%s]:%d %s\n  -o smtpd_milters=inet:127.0.0.1:%d"
+                % (T.MX6, SMTP_PORT_NO_MILTER, smtpd, DEAD_MILTER_PORT)]
+    lab.postfix = postfix.PostfixInstance(root / "postfix", settings,
+                                          [fragment, milter_fragment(fragment)], services,
+                                          lab.mx)
+    request.addfinalizer(lab.postfix.stop)
+    lab.postfix.start()
+
+    directory = root / "policyd"
+    directory.mkdir()
+    optin = directory / "optin-domains"
+    shutil.copyfile(EXAMPLES / "optin-domains", optin)
+    config = directory / "milter.toml"
+    config.write_text(policyd.config_from_example(
+        (EXAMPLES / "policyd-ipv6.toml").read_text(), {
+            "user": "nobody", "optin_file": str(optin), "dns_timeout_seconds": 1.0,
+            "decision_deadline_seconds": 5.0,
+            "milter_listen": ["tcp:%d:interface=127.0.0.1" % MILTER_PORT],
+            "authserv_id": AUTHSERV}))
+    os.chmod(directory, 0o755)
+    lab.daemon = policyd.PolicyDaemon(config, directory / "milter.log", lab.mx)
+    request.addfinalizer(lab.daemon.stop)
+    lab.daemon.start()
+    _wait_for_port(lab.daemon, MILTER_PORT)
+    return lab
+
+
+@pytest.fixture
+def show_logs_on_failure(request, milter_lab):
+    yield
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print("--- maillog ---\n" + milter_lab.postfix.log_tail(30))
+        print("--- policyd-ipv6 ---\n" + milter_lab.daemon.log_tail(20))
+
+
+def fresh(local: str = "bob") -> tuple[str, str]:
+    """(a recipient no other test uses, a unique subject)."""
+    tag = uuid.uuid4().hex[:10]
+    return "%s-%s@%s" % (local, tag, T.OPTED_IN), "milter %s" % tag
+
+
+def signed_message(lab: MilterLab, recipient: str, subject: str, extra: bytes = b"",
+                   body: bytes = b"Forwarded by a list.\r\n") -> bytes:
+    return sign(message(T.SENDER, recipient, subject, body, extra), lab.key,
+                T.SENDER_DOMAIN, T.DKIM_SELECTOR)
+
+
+def our_headers(copy) -> list[str]:
+    return [str(v) for v in copy.get_all("Authentication-Results", [])
+            if str(v).strip().lower().startswith(AUTHSERV)]
+
+
+def test_spf_fail_but_dkim_signed_is_delivered_with_our_authentication_results(milter_lab):
+    """OUTSIDE fails SPF; its validly signed message passes RCPT (DUNNO) and DATA, and the
+    delivered copy carries our Authentication-Results with dkim=pass, the forged one with our
+    authserv-id (outside the signed headers) is gone, another server's stays."""
+    lab = milter_lab
+    bob, subject = fresh()
+    forged = ("Authentication-Results: %s; dkim=pass header.d=bank.example\r\n"
+              "Authentication-Results: other.example; spf=pass\r\n" % AUTHSERV).encode()
+    result = lab.send(T.OUTSIDE, signed_message(lab, bob, subject, extra=forged), subject, bob)
+    assert re.fullmatch(r"250 2\.1\.5 Ok", result.rcpt_reply(bob)), result.transcript
+    assert result.accepted, result.transcript
+    (copy,) = lab.postfix.wait_for_message(subject)
+    (ours,) = our_headers(copy)
+    assert "dkim=pass header.d=%s header.s=%s" % (T.SENDER_DOMAIN, T.DKIM_SELECTOR) in ours
+    assert "spf=fail smtp.mailfrom=%s" % T.SENDER in ours
+    assert "iprev=pass policy.iprev=%s (out.sender.test)" % T.OUTSIDE in ours
+    assert "bank.example" not in str(copy)
+    assert any("other.example" in str(v) for v in copy.get_all("Authentication-Results"))
+    rules = [d["rule"] for d in lab.daemon.decisions() if d.get("recipient") == bob]
+    assert rules == ["spf-failed-dkim-pending"]
+
+
+@pytest.mark.parametrize("kind", ["unsigned", "altered"])
+def test_spf_fail_unsigned_or_altered_gets_4_7_26_verbatim_after_data(milter_lab, kind):
+    """An unsigned message, or one whose body changed after signing, from an SPF-failing IPv6
+    sender: RCPT is accepted, the final dot gets EOP's text exactly (no Postfix prefix), and
+    nothing is delivered or queued."""
+    lab = milter_lab
+    bob, subject = fresh()
+    if kind == "unsigned":
+        raw = message(T.SENDER, bob, subject)
+    else:
+        raw = signed_message(lab, bob, subject, body=b"Pay 10 EUR.\r\n").replace(
+            b"Pay 10 EUR.", b"Pay 99 EUR.")
+    result = lab.send(T.OUTSIDE, raw, subject, bob)
+    assert re.fullmatch(r"250 2\.1\.5 Ok", result.rcpt_reply(bob)), result.transcript
+    assert result.final_reply() == no_auth(T.OUTSIDE), result.transcript
+    assert lab.postfix.wait_until_queue_empty() == []
+    assert lab.postfix.messages_with_subject(subject) == []
+    assert any("rule=%s" % ("unsigned" if kind == "unsigned" else "dkim-failed") in line
+               for line in lab.milter_lines())
+
+
+def test_spf_pass_is_delivered_with_our_header_and_without_the_forgery(milter_lab):
+    """GOOD passes SPF: delivered with our spf=pass header; a forged one claiming our
+    authserv-id (any case) is removed."""
+    lab = milter_lab
+    bob, subject = fresh()
+    forged = ("Authentication-Results: %s; spf=pass smtp.mailfrom=ceo@bank.example\r\n"
+              % AUTHSERV.upper()).encode()
+    result = lab.send(T.GOOD, message(T.SENDER, bob, subject, extra=forged), subject, bob)
+    assert result.accepted, result.transcript
+    (copy,) = lab.postfix.wait_for_message(subject)
+    (ours,) = our_headers(copy)
+    assert "spf=pass smtp.mailfrom=%s" % T.SENDER in ours and "dkim=none" in ours
+    assert "bank.example" not in str(copy)
+
+
+def test_ipv4_mail_passes_the_milter_untouched(milter_lab):
+    """An IPv4 client is accepted at CONNECT by the milter: delivered, no header added."""
+    lab = milter_lab
+    bob, subject = fresh()
+    result = lab.send(T.IPV4, message(T.SENDER, bob, subject), subject, bob)
+    assert result.accepted, result.transcript
+    (copy,) = lab.postfix.wait_for_message(subject)
+    assert copy.get_all("Authentication-Results") is None
+
+
+def test_milter_not_running_spf_failed_is_refused_at_rcpt(milter_lab):
+    """Fail-safe: on a listener whose milter is unreachable, the policy knows no milter is on
+    the connection and refuses the SPF failure at RCPT, signed or not."""
+    lab = milter_lab
+    bob, subject = fresh()
+    result = lab.send(T.OUTSIDE, signed_message(lab, bob, subject), subject, bob,
+                      port=SMTP_PORT_NO_MILTER)
+    expected = r"450 4\.7\.26 <%s>: Recipient address rejected: %s" % (
+        re.escape(bob), re.escape(no_auth(T.OUTSIDE)[len("450 4.7.26 "):]))
+    assert re.fullmatch(expected, result.rcpt_reply(bob)), result.transcript
+    assert result.final_reply() is None
+    rules = [d["rule"] for d in lab.daemon.decisions() if d.get("recipient") == bob]
+    assert rules == ["spf-failed"]
+
+
+def test_milter_not_running_spf_pass_still_flows(milter_lab):
+    """milter_default_action = accept: with the milter unreachable, SPF-passing mail is
+    delivered (without our header) and Postfix logs why."""
+    lab = milter_lab
+    bob, subject = fresh()
+    result = lab.send(T.GOOD, message(T.SENDER, bob, subject), subject, bob,
+                      port=SMTP_PORT_NO_MILTER)
+    assert result.accepted, result.transcript
+    (copy,) = lab.postfix.wait_for_message(subject)
+    assert copy.get_all("Authentication-Results") is None
+    assert "127.0.0.1:%d" % DEAD_MILTER_PORT in lab.postfix.log()
