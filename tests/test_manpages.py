@@ -146,7 +146,8 @@ def test_no_unknown_option_is_documented():
 def test_log_level_choices_are_documented():
     """The --log-level values in policyd-ipv6(8) are exactly the parser's choices."""
     parser = cli._parser()
-    serve = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["serve"]
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    serve = commands.choices["serve"]
     (level,) = [a for a in serve._actions if "--log-level" in a.option_strings]
     (body,) = [b for tag, b in entries(sections(PAGE_8.read_text())["OPTIONS"]).items()
                if tag.startswith("--log-level")]
@@ -175,7 +176,7 @@ def test_pages_render_without_warnings(page):
 
 
 def test_keys_that_need_a_restart_say_so():
-    """The entry of each key that SIGHUP cannot change (service.RESTART_KEYS) says it needs a restart."""
+    """Each key SIGHUP cannot change (service.RESTART_KEYS) is documented as needing a restart."""
     from policyd_ipv6.service import RESTART_KEYS
 
     documented = {tag.split(" = ", 1)[0]: plain(" ".join(body))

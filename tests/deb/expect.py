@@ -1,9 +1,9 @@
 """What the package tests expect of the installed package, written down once.
 
-The paths the package installs its configuration and README.Debian to, and the replies the daemon gives, as
-Exchange Online Protection documents them (copied from the specification, not from the code,
-so that a changed text in the code fails the tests). Each reply is "CODE ENHANCED text" with
-one %s for the address or domain.
+The paths the package installs its configuration and README.Debian to, and the replies the
+daemon gives, as Exchange Online Protection documents them (copied from the specification,
+not from the code, so that a changed text in the code fails the tests). Each reply is
+"CODE ENHANCED text" with one %s for the address or domain.
 """
 
 import gzip

@@ -75,7 +75,7 @@ def test_packaged_configuration_listens_on_loopback_and_finds_the_optin_file():
 
 
 def test_readme_debian_wiring_is_the_examples_wiring():
-    """README.Debian's main.cf lines set the same restrictions as postfix-examples/main.cf.fragment."""
+    """README.Debian's main.cf lines set the restrictions of postfix-examples/main.cf.fragment."""
     readme = readme_debian.main_cf_lines(packaged("README.Debian"))
     fragment = (EXAMPLES / "main.cf.fragment").read_text()
     name = "smtpd_recipient_restrictions"

@@ -4,9 +4,11 @@ Real Postfix, wired with README.Debian's main.cf lines, and real Knot run in two
 namespaces of this module's own (p6d-mx, p6d-snd) with the addresses and zones of the e2e lab
 (tests/e2e/topology.py); swaks sends from the sender side. The daemon is the installed
 /usr/bin/policyd-ipv6 running the unit's ExecStart verbatim - so on the installed
-/etc/policyd-ipv6/policyd-ipv6.toml, unchanged - as the unit's user, in the unit's sandbox as far
-as it can be reproduced without systemd (unitrun.py). Its DNS is the namespace's resolv.conf,
-which the installed config's empty `nameservers` reads and which names the lab's Knot. The one
+/etc/policyd-ipv6/policyd-ipv6.toml, unchanged - as the unit's user, in the unit's sandbox as
+far as it can be reproduced without systemd (unitrun.py, unitfilter.py: no capabilities, a
+read-only file system, private /tmp, the system-call filter, address families and W^X). Its
+DNS is the namespace's resolv.conf, which the installed config's empty `nameservers` reads
+and which names the lab's Knot. The one
 change to the installed files: example.com is added to /etc/policyd-ipv6/optin-domains while
 this module runs (the file is restored afterwards). A second installed daemon listens on the
 Unix socket that README.Debian's recipe sets up.
@@ -17,6 +19,7 @@ The lab lives under /var/spool, not /tmp: the reproduced PrivateTmp= hides /tmp 
 from __future__ import annotations
 
 import grp
+import json
 import os
 import pwd
 import re
@@ -40,8 +43,9 @@ from . import readme_debian
 from .debbuild import require
 from .expect import (CONFIG, FAKE_DKIM_KEY, NO_AUTH, NO_PTR, NOT_OPTED, OPTIN,
                      installed_readme_debian)
+from .unitfilter import filter_unavailable
 from .unitrun import (UNIT_PATH, InstalledDaemon, Unit, command_line, credentials,
-                      mount_options)
+                      mount_options, sandbox_argv)
 
 pytestmark = pytest.mark.deb
 
@@ -77,7 +81,7 @@ class DebLab:
 
 def _requirements() -> str | None:
     for check in (netns.netns_unavailable, postfix.postfix_unavailable, knot.knot_unavailable,
-                  smtp.swaks_unavailable):
+                  smtp.swaks_unavailable, filter_unavailable):
         problem = check()
         if problem:
             return problem
@@ -189,10 +193,50 @@ def assert_delivered(lab: DebLab, result: smtp.SmtpResult, recipient: str) -> No
     assert message["Delivered-To"] == recipient
 
 
+# Run inside the reproduced sandbox: what the daemon's process may and may not do there.
+PROBE = r"""
+import errno, json, mmap, os, resource, socket
+out = {"uid": os.getuid()}
+def attempt(name, action):
+    try:
+        action()
+        out[name] = "ok"
+    except OSError as error:
+        out[name] = errno.errorcode.get(error.errno, str(error.errno))
+attempt("inet6 socket", lambda: socket.socket(socket.AF_INET6, socket.SOCK_STREAM).close())
+attempt("unix socket", lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).close())
+attempt("netlink socket", lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW))
+attempt("writable+executable memory", lambda: mmap.mmap(-1, 4096, prot=7))
+attempt("write /etc", lambda: open("/etc/p6d-probe", "w"))
+attempt("chown (@privileged)", lambda: os.chown("/nonexistent-p6d", 0, 0))
+attempt("sched_setaffinity (@resources)", lambda: os.sched_setaffinity(0, {0}))
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+attempt("raise open files limit", lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard)))
+out["/root"] = os.listdir("/root")
+print(json.dumps(out))
+"""
+
+
+def test_reproduced_sandbox_enforces_the_units_restrictions(deb_lab):
+    """The sandbox the lab runs the daemon in denies what the unit denies (other address
+    families, W+X memory, writes outside ReadWritePaths, @privileged and @resources calls),
+    hides /root, and allows what the daemon needs (IP and Unix sockets, its open-files limit)."""
+    run = subprocess.run(sandbox_argv(deb_lab.unit, ["/usr/bin/python3", "-c", PROBE]),
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    seen = json.loads(run.stdout)
+    assert seen == {
+        "uid": pwd.getpwnam(deb_lab.unit.user).pw_uid,
+        "inet6 socket": "ok", "unix socket": "ok", "netlink socket": "EAFNOSUPPORT",
+        "writable+executable memory": "EACCES", "write /etc": "EROFS",
+        "chown (@privileged)": "EPERM", "sched_setaffinity (@resources)": "EPERM",
+        "raise open files limit": "ok", "/root": []}
+
+
 def test_daemon_runs_as_its_unit_says(deb_lab):
     """The installed daemon runs the unit's ExecStart as the unit's user, without privileges or
-    capabilities, on a read-only file system with a private /tmp, on the installed config, the
-    namespace's DNS and the installed opt-in table."""
+    capabilities, under the unit's seccomp filter, on a read-only file system with a private
+    /tmp, on the installed config, the namespace's DNS and the installed opt-in table."""
     pid = deb_lab.daemon.process.pid
     user = pwd.getpwnam(deb_lab.unit.user)
     creds = credentials(pid)
@@ -200,6 +244,7 @@ def test_daemon_runs_as_its_unit_says(deb_lab):
     assert set(creds["Gid"].split()) == {str(user.pw_gid)}, creds
     assert creds["NoNewPrivs"] == "1"
     assert {creds["CapEff"], creds["CapPrm"], creds["CapBnd"]} == {"0" * 16}
+    assert (creds["Seccomp"], creds["Seccomp_filters"]) == ("2", "1"), creds
     assert command_line(pid)[1:] == deb_lab.unit.exec_start
     mounts = mount_options(pid)
     assert mounts["/"][0].split(",")[0] == "ro", mounts["/"]

@@ -9,11 +9,11 @@ Contract:
   UMask= and a clean environment, in a private mount namespace where the whole file system is
   read-only (ProtectSystem=strict) except `read_write_paths` (ReadWritePaths=), /tmp and
   /var/tmp are empty private tmpfs (PrivateTmp=) and /home, /root, /run/user are empty
-  (ProtectHome=). Every step execs the next, so the process's PID is the daemon's own.
-  Not reproduced here (systemd-analyze verify and security check them in the unit file): the
-  system-call filter, RestrictAddressFamilies=, MemoryDenyWriteExecute=, PrivateDevices= and
-  the Protect{Kernel*,Clock,Hostname,ControlGroups,Proc}= settings. Paths the daemon needs must
-  therefore not lie below /tmp or /var/tmp.
+  (ProtectHome=); and, last, under the unit's SystemCallFilter=, RestrictAddressFamilies= and
+  MemoryDenyWriteExecute= (unitfilter.py). Every step execs the next, so the process's PID is
+  the daemon's own. Not reproduced (systemd-analyze verify and security check them in the unit
+  file): PrivateDevices=, PrivateIPC=, the Protect{Kernel*,Clock,Hostname,ControlGroups,Proc}=
+  settings and RestrictNamespaces=. Paths the daemon needs must not lie below /tmp or /var/tmp.
 - `InstalledDaemon(unit, log_path, netns, config_path, read_write_paths)` is the lab's
   `PolicyDaemon` (same start, readiness, stop and log parsing) running the unit's ExecStart in
   that sandbox - with `config_path` in place of the unit's --config when given.
@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lab.policyd import PolicyDaemon
+
+from .unitfilter import filter_argv
 
 UNIT_PATH = Path("/lib/systemd/system/policyd-ipv6.service")
 # systemd's default PATH for system services (systemd.exec(5), "Environment variables").
@@ -103,7 +105,7 @@ def sandbox_argv(unit: Unit, command: list[str], read_write_paths=()) -> list[st
     environment = ["env", "-i", "PATH=" + SERVICE_PATH, "LANG=C.UTF-8",
                    "USER=" + unit.user, "LOGNAME=" + unit.user, "HOME=/nonexistent"]
     return ["unshare", "--mount", "--propagation", "private", "--",
-            "sh", "-c", script, "sandbox", *identity, *environment, *command]
+            "sh", "-c", script, "sandbox", *identity, *environment, *filter_argv(unit, command)]
 
 
 class InstalledDaemon(PolicyDaemon):
@@ -131,8 +133,9 @@ class InstalledDaemon(PolicyDaemon):
 
 
 def credentials(pid: int) -> dict[str, str]:
-    """Uid, Gid, Groups, NoNewPrivs, CapEff, CapPrm, CapBnd of process `pid` (from /proc)."""
-    wanted = ("Uid", "Gid", "Groups", "NoNewPrivs", "CapEff", "CapPrm", "CapBnd")
+    """Uid, Gid, Groups, NoNewPrivs, the capability sets and the seccomp mode of `pid`."""
+    wanted = ("Uid", "Gid", "Groups", "NoNewPrivs", "CapEff", "CapPrm", "CapBnd", "Seccomp",
+              "Seccomp_filters")
     fields = {}
     for line in Path("/proc/%d/status" % pid).read_text().splitlines():
         key, _, value = line.partition(":")
