@@ -4,8 +4,9 @@
 Contract: `markdown(results)` returns the tables (one per scenario/round trip/connections
 cell, one row per server) followed by the issue 7 target checks, each computed from runs of
 the same results file (ratios within one run, never across runs). `chart(results, path)`
-draws p50 and p99 latency against connections, one panel per scenario and round trip, and
-returns False when matplotlib is missing or no panel has two connection counts.
+draws p50 and p99 latency (top) and requests/s (bottom) against connections, one column per
+scenario and round trip, and returns False when matplotlib is missing or no column has two
+connection counts.
 `python3 bench/report.py RESULTS.json [--chart OUT.png]` prints the report.
 """
 
@@ -179,21 +180,30 @@ def chart(results, path):
               if len({r["connections"] for r in v}) >= 2}
     if not panels:
         return False
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
-    for ax, ((scenario, delay), runs) in zip(axes[0], panels.items()):
+    fig, axes = plt.subplots(2, len(panels), figsize=(5.5 * len(panels), 8), squeeze=False)
+    for col, ((scenario, delay), runs) in enumerate(panels.items()):
+        top, bottom = axes[0][col], axes[1][col]
         for server in sorted({r["server"] for r in runs}):
             mine = sorted((r for r in runs if r["server"] == server), key=lambda r: r["connections"])
             x = [r["connections"] for r in mine]
-            line, = ax.plot(x, [_lat(r)["p50_ms"] for r in mine], marker="o", label=f"{server} p50")
-            ax.plot(x, [_lat(r)["p99_ms"] for r in mine], marker="x", linestyle="--",
-                    color=line.get_color(), label=f"{server} p99")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("concurrent connections")
-        ax.set_ylabel("latency per request (ms)")
-        ax.set_title(f"{scenario}, DNS round trip {delay} ms")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+            line, = top.plot(x, [_lat(r)["p50_ms"] for r in mine], marker="o", label=f"{server} p50")
+            top.plot(x, [_lat(r)["p99_ms"] for r in mine], marker="x", linestyle="--",
+                     color=line.get_color(), label=f"{server} p99")
+            bottom.plot(x, [r["requests_per_s"] for r in mine], marker="o",
+                        color=line.get_color(), label=server)
+        conns = sorted({r["connections"] for r in runs})
+        for ax in (top, bottom):
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xticks(conns)
+            ax.set_xticklabels([str(c) for c in conns])
+            ax.minorticks_off()
+            ax.set_xlabel("concurrent connections")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+        top.set_ylabel("latency per request (ms)")
+        top.set_title(f"{scenario}, DNS round trip {delay} ms")
+        bottom.set_ylabel("requests per second")
     fig.suptitle(f"Policy request latency vs connections ({results.get('started', '')})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
