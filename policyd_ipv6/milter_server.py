@@ -39,9 +39,10 @@ __all__ = ["MilterFactory", "MilterProtocol", "DKIM_THREAD_BYTES"]
 
 _log = Logger(namespace="policyd-ipv6")
 
-# Above this size dkimpy's hashing would hold the reactor for more than a few milliseconds
-# (about 5 ms at 64 kB, 0.1-0.35 s at 1 MB): such messages are verified in a thread.
-DKIM_THREAD_BYTES = 64 * 1024
+# Above this size dkimpy's canonicalisation and hashing would hold the reactor for more than
+# a few milliseconds (1-2 ms at 16 kB, 7-9 ms at 64 kB, up to 0.35 s at 1 MB; dkim_check): such
+# messages are verified on the thread pool, where the GIL still lets the reactor run every 5 ms.
+DKIM_THREAD_BYTES = 32 * 1024
 
 
 class MilterProtocol(protocol.Protocol):

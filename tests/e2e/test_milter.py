@@ -28,6 +28,7 @@ import pytest
 
 from dkimkeys import DkimKey, message, sign
 from lab import knot, netns, policyd, postfix, smtp
+from policyd_ipv6 import milter_server
 
 from . import topology as T
 from .conftest import EXAMPLES, IN_CI, _missing_requirement
@@ -187,12 +188,17 @@ def our_headers(copy) -> list[str]:
 def test_spf_fail_but_dkim_signed_is_delivered_with_our_authentication_results(milter_lab):
     """OUTSIDE fails SPF; its validly signed message passes RCPT (DUNNO) and DATA, and the
     delivered copy carries our Authentication-Results with dkim=pass, the forged one with our
-    authserv-id (outside the signed headers) is gone, another server's stays."""
+    authserv-id (outside the signed headers) is gone, another server's stays. The body is
+    large enough to be verified on the daemon's thread pool."""
     lab = milter_lab
     bob, subject = fresh()
     forged = ("Authentication-Results: %s; dkim=pass header.d=bank.example\r\n"
               "Authentication-Results: other.example; spf=pass\r\n" % AUTHSERV).encode()
-    result = lab.send(T.OUTSIDE, signed_message(lab, bob, subject, extra=forged), subject, bob)
+    body = b"".join(b"line %05d of a digest a mailing list forwarded\r\n" % n
+                    for n in range(800))
+    assert len(body) > milter_server.DKIM_THREAD_BYTES
+    result = lab.send(T.OUTSIDE, signed_message(lab, bob, subject, extra=forged, body=body),
+                      subject, bob)
     assert re.fullmatch(r"250 2\.1\.5 Ok", result.rcpt_reply(bob)), result.transcript
     assert result.accepted, result.transcript
     (copy,) = lab.postfix.wait_for_message(subject)
@@ -204,6 +210,9 @@ def test_spf_fail_but_dkim_signed_is_delivered_with_our_authentication_results(m
     assert any("other.example" in str(v) for v in copy.get_all("Authentication-Results"))
     rules = [d["rule"] for d in lab.daemon.decisions() if d.get("recipient") == bob]
     assert rules == ["spf-failed-dkim-pending"]
+    assert copy.get_payload().encode() == body.replace(b"\r\n", b"\n")
+    assert any("rule=dkim-pass" in line and "size=%d" % len(body) in line
+               for line in lab.milter_lines()), lab.milter_lines()
 
 
 @pytest.mark.parametrize("kind", ["unsigned", "altered"])
