@@ -215,3 +215,21 @@ def test_check_message_that_cannot_be_read(tmp_path, knot):
                  "--sender", "a@x.test", "--recipient", "b@contoso.com", "--message",
                  str(tmp_path / "nope.eml"))
     assert result.returncode == 1 and "cannot read --message" in result.stderr
+
+
+def test_sighup_applies_a_new_authserv_id_and_asks_a_restart_for_milter_listen(tmp_path, knot):
+    """reload(): authserv_id takes effect at once; a changed milter_listen waits for a restart
+    (its sockets are bound), and the running milter keeps its sessions registry."""
+    from twisted.internet import task
+
+    from policyd_ipv6.config import load_config
+
+    path = write_config(tmp_path, knot, 'milter_listen = ["tcp:0"]\nauthserv_id = "a.example"\n')
+    service = PolicyService(load_config(path), task.Clock())
+    sessions = service.engine.sessions
+    text = open(path).read().replace('"a.example"', '"b.example"').replace(
+        '["tcp:0"]', '["tcp:1"]')
+    open(path, "w").write(text)
+    assert service.reload()
+    assert service.milter_factory.authserv_id == "b.example"
+    assert service.config.milter_listen == ("tcp:0",) and service.engine.sessions is sessions
