@@ -9,30 +9,27 @@ other exception. Interpreting the answer (CNAME chains, TTLs, caching) is ``look
 How a query runs: tries go round-robin over the nameservers, ``attempts`` rounds, each try on
 a fresh UDP socket with a kernel-chosen source port and a random query ID (RFC 5452), connected
 to the server so that only its datagrams are read and an ICMP "port unreachable" fails the try
-at once. A response must match the question (``Message.is_response``); anything else is
-dropped. A truncated (TC) response is retried over TCP to the same server (RFC 7766). The
+at once. A response must match the query's ID and question (``dns_wire.is_reply_to``);
+anything else is dropped. A truncated (TC) response is retried over TCP to the same server (RFC 7766). The
 resolv.conf search list is never applied: names are always absolute.
 """
 
 from __future__ import annotations
 
+import secrets
 import struct
 from dataclasses import dataclass
 
-import dns.exception
 import dns.flags
 import dns.message
-import dns.name
 import dns.rcode
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 
+from .dns_wire import encode_name, encode_query, is_reply_to
+
 __all__ = ["DnsClient", "Nameserver", "TransientDnsError"]
 
-# EDNS0 with a 1232-byte payload (the 2020 "DNS flag day" value): large TXT sets arrive in one
-# datagram where the path allows, and TCP handles the rest.
-EDNS_PAYLOAD = 1232
-_MAX_TCP_MESSAGE = 65535
 
 
 class TransientDnsError(Exception):
@@ -64,21 +61,22 @@ class DnsClient:
         self.timeout_seconds = timeout_seconds
         self.attempts = attempts
 
-    def query(self, qname: dns.name.Name, rdtype: int) -> defer.Deferred:
-        """Resolve ``qname``/``rdtype``; see the module docstring."""
-        request = dns.message.make_query(qname, rdtype, use_edns=0, payload=EDNS_PAYLOAD)
-        request.flags |= dns.flags.RD
+    def query(self, name: str, rdtype: int) -> defer.Deferred:
+        """Resolve ``name`` (absolute, as text) / ``rdtype``; see the module docstring.
+
+        Raises ValueError at once for a name DNS cannot carry (``dns_wire.encode_name``).
+        """
+        wire = encode_query(secrets.randbits(16), encode_name(name), rdtype)
         tries = [ns for _ in range(self.attempts) for ns in self.nameservers]
-        return _Query(self, request, tries).start()
+        return _Query(self, wire, tries).start()
 
 
 class _Query:
     """The tries of one query, one after another."""
 
-    def __init__(self, client: DnsClient, request: dns.message.Message, tries: list) -> None:
+    def __init__(self, client: DnsClient, wire: bytes, tries: list) -> None:
         self.client = client
-        self.request = request
-        self.wire = request.to_wire()
+        self.wire = wire
         self.tries = tries
         self.problems: list[str] = []
         self.result = defer.Deferred(self._cancel)
@@ -178,13 +176,11 @@ class _UdpTry(_Try, protocol.DatagramProtocol):
         self._arm("timeout")
 
     def datagramReceived(self, data: bytes, addr) -> None:
-        if self.done:
-            return
+        if self.done or not is_reply_to(self.query.wire, data):
+            return  # not ours (spoofed, late, junk): keep waiting for the real answer
         try:
             response = dns.message.from_wire(data, ignore_trailing=True)
         except Exception:  # dnspython raises many kinds on junk: drop it, keep waiting
-            return
-        if not self.query.request.is_response(response):
             return
         self._finish()
         if response.flags & dns.flags.TC:
@@ -240,13 +236,14 @@ class _TcpTry(_Try, protocol.Protocol):
         if len(self.buffer) < 2 + length:
             return
         self._finish()
+        wire = self.buffer[2:2 + length]
+        if not is_reply_to(self.query.wire, wire):
+            self.query.failed(self.server, "mismatched TCP response")
+            return
         try:
-            response = dns.message.from_wire(self.buffer[2:2 + length], ignore_trailing=True)
+            response = dns.message.from_wire(wire, ignore_trailing=True)
         except Exception:
             self.query.failed(self.server, "malformed TCP response")
-            return
-        if not self.query.request.is_response(response):
-            self.query.failed(self.server, "mismatched TCP response")
             return
         self.query.answered(self.server, response)
 

@@ -20,13 +20,13 @@ from dataclasses import dataclass
 
 import dns.exception
 import dns.message
-import dns.name
 import dns.rcode
 import dns.rdatatype
 import dns.ttl
 from twisted.internet import defer
 
 from .cache import ExpiringCache
+from .dns_wire import encode_name
 
 __all__ = ["Answer", "Lookups", "RRTYPES"]
 
@@ -102,15 +102,15 @@ class Lookups:
             waiting.append(mine)
             return mine
         try:
-            qname = dns.name.from_text(key[0], origin=dns.name.root)
+            encode_name(key[0])
             qtype = dns.rdatatype.from_text(rrtype)
-        except (dns.exception.DNSException, ValueError, UnicodeError) as error:
-            return defer.succeed(Answer("nodata", detail=f"not a DNS name ({error.__class__.__name__})"))
+        except (dns.exception.DNSException, ValueError) as error:
+            return defer.succeed(Answer("nodata", detail=f"not a DNS name ({error})"[:200]))
         if len(self._inflight) >= self.max_inflight:
             return defer.succeed(Answer("tempfail", detail="too many DNS queries in flight"))
         self._inflight[key] = [mine]
         self.queries_sent += 1
-        d = self.client.query(qname, qtype)
+        d = self.client.query(key[0], qtype)
         d.addCallbacks(lambda r: interpret(r, rrtype, self.max_ttl_seconds),
                        lambda f: Answer("tempfail", detail=f.getErrorMessage()))
         d.addBoth(self._deliver, key)

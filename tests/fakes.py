@@ -36,7 +36,9 @@ class FakeDnsClient:
         self.records.setdefault((name.lower().rstrip("."), rtype), []).extend(values)
         return self
 
-    def response(self, qname: dns.name.Name, rdtype: int) -> dns.message.Message:
+    def response(self, qname, rdtype: int) -> dns.message.Message:
+        if isinstance(qname, str):
+            qname = dns.name.from_text(qname, origin=dns.name.root)
         request = dns.message.make_query(qname, rdtype)
         response = dns.message.make_response(request)
         name = qname.to_text(omit_final_dot=True).lower()
@@ -66,8 +68,9 @@ class FakeDnsClient:
         # message's rrset index, which resolve_chaining relies on).
         return dns.message.from_wire(response.to_wire())
 
-    def query(self, qname: dns.name.Name, rdtype: int) -> defer.Deferred:
-        name = qname.to_text(omit_final_dot=True).lower()
+    def query(self, qname: str, rdtype: int) -> defer.Deferred:
+        """Same signature as DnsClient.query: the name as absolute text, the type as a number."""
+        name = qname.rstrip(".").lower()
         self.queries.append((name, dns.rdatatype.to_text(rdtype)))
         if name in self.silent:
             return defer.Deferred()  # never answers, like a black-holed server
