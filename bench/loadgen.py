@@ -222,6 +222,10 @@ class Generator:
                     if conn.sock is None and now < window_end and measuring:
                         self.send_next(conn, now)
                     continue
+                if not reply.startswith(b"action=") or reply.startswith(b"action=\n"):
+                    # Postfix counts a reply without an action as a failed request, and an
+                    # empty action as OK (PROTOCOL.md A.5): both are errors here.
+                    self.errors["bad_reply"] = self.errors.get("bad_reply", 0) + 1
                 if measuring:
                     lat[conn.kind].append(now - conn.sent_at)
                     if conn.first and conn.kind == "normal":
