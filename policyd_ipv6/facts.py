@@ -41,6 +41,7 @@ class SpfFact:
     identity: str = ""  # the identity checked: the MAIL FROM, or postmaster@HELO
     lookups: int = 0  # DNS answers the evaluation needed
     ttl: float = 0.0  # how long the result may be reused: the shortest TTL among those answers
+    macros: bool = False  # a record consulted had macros: the result may depend on more than IP+domain
 
     def describe(self) -> str:
         return self.result

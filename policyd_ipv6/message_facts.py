@@ -24,7 +24,7 @@ from .cache import ExpiringCache
 from .decision import Need, Subject
 from .facts import Facts, RdnsFact, RdnsOutcome, SpfFact
 from .rdns import check_rdns
-from .spf_check import check_spf
+from .spf_check import SpfResults, check_spf
 
 __all__ = ["FactFinder", "MessageFacts"]
 
@@ -64,20 +64,22 @@ class MessageFacts:
             self._wake(Need.SPF)
 
     def _wake(self, need: Need) -> None:
-        if self.facts.rdns is not None and self.facts.spf is not None and self._timer.active():
-            self._timer.cancel()
+        if self.facts.rdns is not None and self.facts.spf is not None:
+            self.work = []  # nothing left to cancel: let the finished checks go
+            if self._timer.active():
+                self._timer.cancel()
         waiting, self._waiting[need] = self._waiting[need], []
         for d in waiting:
             d.callback(self.facts)
 
     def _deadline(self) -> None:
+        running, self.work = self.work, []
         self.set_rdns(RdnsFact(RdnsOutcome.TEMPFAIL, detail="deadline reached"))
         self.set_spf(SpfFact("temperror", "deadline reached"))
         # Stop the checks still running: their answers can no longer change any reply.
-        for d in self.work:
+        for d in running:
             if not d.called:
                 d.cancel()
-        self.work = []
 
 
 class FactFinder:
@@ -91,9 +93,8 @@ class FactFinder:
         self.deadline_seconds = deadline_seconds
         self.message_ttl_seconds = message_ttl_seconds
         self.messages = ExpiringCache(max_messages, clock)
-        # SPF results by their inputs (RFC 7208 §4.1: IP, MAIL FROM, HELO), each kept for the
-        # shortest TTL of the DNS answers it was computed from: a repeat sender costs no run.
-        self.spf_results = ExpiringCache(max_messages, clock)
+        # A repeat sender (same IP and domain) costs no SPF run while its answers are fresh.
+        self.spf_results = SpfResults(max_messages, clock)
         self._unique = itertools.count()
 
     def for_message(self, subject: Subject) -> tuple[MessageFacts, bool]:
@@ -115,20 +116,19 @@ class FactFinder:
         rdns.addCallback(message.set_rdns)
         rdns.addErrback(self._bug, "reverse DNS check", message.set_rdns,
                         RdnsFact(RdnsOutcome.TEMPFAIL, detail="internal error"))
-        spf_key = (subject.ip, subject.sender.lower(), subject.helo_name.lower())
-        known = self.spf_results.get(spf_key)
-        spf = defer.succeed(known) if known is not None else check_spf(
-            self.lookups, subject.ip, subject.sender, subject.helo_name)
+        inputs = (subject.ip, subject.sender, subject.helo_name)
+        known = self.spf_results.get(*inputs)
+        spf = defer.succeed(known) if known is not None else check_spf(self.lookups, *inputs)
         if known is None:
             message.work.append(spf)
-            spf.addCallback(self._remember_spf, spf_key)
+            spf.addCallback(self._remember_spf, inputs)
         spf.addCallback(message.set_spf)
         spf.addErrback(self._bug, "SPF check", message.set_spf,
                        SpfFact("temperror", "internal error"))
         return message, False
 
-    def _remember_spf(self, fact: SpfFact, key) -> SpfFact:
-        self.spf_results.put(key, fact, fact.ttl)
+    def _remember_spf(self, fact: SpfFact, inputs) -> SpfFact:
+        self.spf_results.put(*inputs, fact)
         return fact
 
     def _bug(self, failure, what: str, setter, fallback) -> None:

@@ -22,6 +22,7 @@ assertions) becomes ``permerror``; the hook maps a transient DNS fault to ``spf.
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import spf
 from twisted.internet import defer
@@ -29,7 +30,7 @@ from twisted.internet import defer
 from .addresses import IPAddress, domain_key, helo_domain, recipient_domain
 from .facts import SpfFact
 
-__all__ = ["check_spf", "MAX_RUNS"]
+__all__ = ["check_spf", "SpfResults", "MAX_RUNS"]
 
 MAX_RUNS = 150
 
@@ -136,10 +137,16 @@ class _Evaluation:
                                                      for a in self.answers.values())
             ttl = min(ttls, default=0.0) if reusable else 0.0
             self.result.callback(SpfFact(result, explanation, self.identity, len(self.answers),
-                                         ttl))
+                                         ttl, self._macros()))
             return
         self.result.callback(SpfFact("permerror", f"more than {MAX_RUNS} evaluation steps",
                                      self.identity, len(self.answers)))
+
+    def _macros(self) -> bool:
+        """Whether a TXT record consulted holds a macro (RFC 7208 §7): then the result may
+        depend on the local part or the HELO, not only on the IP address and the domain."""
+        return any(b"%{" in chunk for (_name, rrtype), answer in self.answers.items()
+                   if rrtype == "TXT" for record in answer.values for chunk in record)
 
     def _fetch(self, key) -> None:
         self.lookups.lookup(*key).addCallback(self._arrived, key)
@@ -154,3 +161,35 @@ class _Evaluation:
             for _pref, exchange in answer.values[:10]:
                 self.lookups.lookup(exchange, rrtype)
         self._run()
+
+
+class SpfResults:
+    """SPF results kept for reuse, each for the shortest TTL of the answers it came from.
+
+    RFC 7208 §4.1: the result is a function of the IP address, the identity and the HELO
+    name. Without macros in the records consulted it depends on the IP address and the
+    identity's domain alone, so one result serves every local part of that domain (the
+    common case of a busy sender); with macros it is reused only for the same three inputs.
+    """
+
+    def __init__(self, max_entries: int, clock) -> None:
+        from .cache import ExpiringCache
+
+        self.cache = ExpiringCache(max_entries, clock)
+
+    @staticmethod
+    def _keys(ip: IPAddress, sender: str, helo: str):
+        domain = recipient_domain(sender) if sender else "postmaster@" + helo.lower()
+        return (ip, domain), (ip, sender.lower(), helo.lower())
+
+    def get(self, ip: IPAddress, sender: str, helo: str) -> SpfFact | None:
+        general, exact = self._keys(ip, sender, helo)
+        fact = self.cache.get(general) or self.cache.get(exact)
+        if fact is None:
+            return None
+        identity = sender or "postmaster@" + (helo_domain(helo) or helo[:100])
+        return fact if fact.identity == identity else replace(fact, identity=identity)
+
+    def put(self, ip: IPAddress, sender: str, helo: str, fact: SpfFact) -> None:
+        general, exact = self._keys(ip, sender, helo)
+        self.cache.put(exact if fact.macros else general, fact, fact.ttl)

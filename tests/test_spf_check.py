@@ -139,3 +139,28 @@ def test_evaluation_waits_for_asynchronous_answers():
     assert results == []
     clock.advance(0.5)
     assert [r.result for r in results] == ["pass"]
+
+
+def test_results_are_reused_per_domain_unless_macros_are_used():
+    """A macro-free result serves every local part of the domain; a macro result only its own."""
+    from twisted.internet import task as _task
+
+    from policyd_ipv6.spf_check import SpfResults
+
+    fake = FakeDnsClient({("example.net", "TXT"): ['"v=spf1 ip6:2001:db8::/64 -all"'],
+                          ("macro.example", "TXT"): ['"v=spf1 exists:%{l}.x.macro.example -all"']})
+    clock = _task.Clock()
+    results = SpfResults(100, clock)
+    fact, _ = run(fake, sender="alice@example.net")
+    results.put(IP, "alice@example.net", "mx.example.net", fact)
+    reused = results.get(IP, "bob@example.net", "other.example.net")
+    assert reused.result == "pass" and reused.identity == "bob@example.net"
+    assert results.get(ipaddress.ip_address("2001:db8::26"), "bob@example.net", "h.example") is None
+
+    macro, _ = run(fake, sender="alice@macro.example")
+    assert macro.macros
+    results.put(IP, "alice@macro.example", "mx.example.net", macro)
+    assert results.get(IP, "bob@macro.example", "mx.example.net") is None
+    assert results.get(IP, "alice@macro.example", "mx.example.net") is not None
+    clock.advance(301)  # the fake's TTL is 300 s
+    assert results.get(IP, "alice@example.net", "mx.example.net") is None
