@@ -6,10 +6,11 @@ string. No DNS, no I/O.
 
 - ``client_ip``: the ``client_address`` attribute as an ``ipaddress`` object; an IPv4-mapped
   IPv6 address becomes the IPv4 address (Postfix already converts them, PROTOCOL.md A.2).
+  Results are memoised (a busy sender's address recurs; the objects are immutable).
 - ``recipient_domain``: the domain of an envelope address as the client wrote it (lower-cased,
   no trailing dot), for the reply text.
 - ``domain_key``: the form used to compare domains: A-labels (IDNA), lower case, no trailing
-  dot; ``None`` for an address literal or anything that is not a domain name.
+  dot; ``None`` for an address literal or anything that is not a domain name (memoised).
 - ``host_name``: a domain name that can name a host (a PTR target), else ``None``.
 - ``helo_domain``: the HELO name if it is a usable SPF identity (RFC 7208 §2.3: a multi-label
   domain name, not an address literal), else ``None``.
@@ -18,6 +19,7 @@ string. No DNS, no I/O.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 
@@ -31,6 +33,7 @@ _LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
 _MAX_NAME = 253
 
 
+@functools.lru_cache(maxsize=4096)
 def client_ip(text: str) -> IPAddress | None:
     """Parse ``client_address``; IPv4-mapped IPv6 gives the IPv4 address; junk gives None."""
     try:
@@ -74,6 +77,7 @@ def recipient_domain(address: str) -> str | None:
     return domain or None
 
 
+@functools.lru_cache(maxsize=16384)
 def domain_key(domain: str) -> str | None:
     """The comparable form of a domain name (A-labels, lower case), or None if it is not one."""
     domain = domain.strip().rstrip(".")
@@ -113,6 +117,8 @@ def helo_domain(helo: str) -> str | None:
 def printable(text: str, limit: int = 200) -> str:
     """Untrusted text bounded to ``limit`` characters, non-printable ones escaped as \\xNN."""
     clipped = text[:limit]
+    if clipped.isascii() and clipped.isprintable() and '"' not in clipped and "\\" not in clipped:
+        return clipped if len(text) <= limit else clipped + "..."  # the common case, at C speed
     out = "".join(
         ch if (32 <= ord(ch) < 127 and ch not in '"\\') else _escape(ch) for ch in clipped
     )

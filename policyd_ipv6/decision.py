@@ -172,6 +172,8 @@ RULES: tuple[Rule, ...] = (
 )
 
 _FACT_OF = {Need.RDNS: "rdns", Need.SPF: "spf"}
+# The table with each rule's needs as (fact attribute, Need) pairs, computed once.
+_STEPS = tuple((rule, tuple((_FACT_OF[n], n) for n in rule.needs)) for rule in RULES)
 
 
 def decide(subject: Subject, facts: Facts, policy: Policy, optin) -> Verdict | Need:
@@ -179,9 +181,9 @@ def decide(subject: Subject, facts: Facts, policy: Policy, optin) -> Verdict | N
 
     ``optin`` is anything with ``matches(domain) -> bool`` (an ``OptinTable``).
     """
-    for rule in RULES:
-        for need in rule.needs:
-            if getattr(facts, _FACT_OF[need]) is None:
+    for rule, needs in _STEPS:
+        for attribute, need in needs:
+            if getattr(facts, attribute) is None:
                 return need
         if rule.applies(subject, facts, policy, optin):
             return Verdict(rule.reply(subject, facts, policy), rule.name)

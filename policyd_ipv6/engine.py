@@ -90,7 +90,9 @@ class PolicyEngine:
             # Asked again at each step: if the milter's message ended while the lookups ran
             # (connection lost), nobody will check DKIM, so SPF alone decides.
             pending = milter is not None and milter.open
-            facts = message.facts.with_(dkim_pending=pending)
+            facts = message.facts
+            if facts.dkim_pending != pending:
+                facts = facts.with_(dkim_pending=pending)
             verdict = decide(subject, facts, self.policy, optin)
             if isinstance(verdict, Need):
                 message.when(verdict).addCallback(step)

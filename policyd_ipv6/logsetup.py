@@ -20,7 +20,8 @@ LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn,
 def _observer(stream):
     def write(event) -> None:
         level = event.get("log_level", LogLevel.info)
-        text = formatEvent(event)
+        # The decision lines are preformatted ("{line}"): skip the format machinery for them.
+        text = event["line"] if event.get("log_format") == "{line}" else formatEvent(event)
         failure = event.get("log_failure")
         if failure is not None:
             text += "\n" + "\n".join("    " + line

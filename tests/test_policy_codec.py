@@ -77,7 +77,7 @@ def test_overlong_line_is_refused_before_its_end_arrives():
 
 def test_too_many_attributes_and_too_large_request_are_refused():
     """Attribute count and total request size are bounded."""
-    many = b"".join(b"a%d=1\n" % i for i in range(MAX_ATTRIBUTES + 1))
+    many = b"".join(b"a%d=1\n" % i for i in range(MAX_ATTRIBUTES + 1)) + b"\n"
     with pytest.raises(PolicyProtocolError, match="attributes"):
         PolicyDecoder().feed(many)
     big = b"".join(b"a%d=%s\n" % (i, b"x" * 8000) for i in range(MAX_REQUEST_BYTES // 8000 + 1))
@@ -89,7 +89,7 @@ def test_decoder_stays_dead_after_an_error():
     """After a protocol error every later feed raises too (the connection must be closed)."""
     decoder = PolicyDecoder()
     with pytest.raises(PolicyProtocolError):
-        decoder.feed(b"garbage\n")
+        decoder.feed(b"garbage\n\n")
     with pytest.raises(PolicyProtocolError):
         decoder.feed(POSTFIX_RCPT)
 
