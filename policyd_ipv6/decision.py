@@ -72,8 +72,14 @@ class Policy:
     trusted_networks: tuple = ()
     replies: Replies = field(default_factory=Replies)
 
+    def __post_init__(self) -> None:
+        # (version, network as integer, netmask as integer): one AND and compare per network.
+        object.__setattr__(self, "_nets", tuple(
+            (n.version, int(n.network_address), int(n.netmask)) for n in self.trusted_networks))
+
     def trusts(self, ip: IPAddress) -> bool:
-        return any(ip.version == net.version and ip in net for net in self.trusted_networks)
+        value, version = int(ip), ip.version
+        return any(v == version and value & mask == net for v, net, mask in self._nets)
 
 
 class Need(enum.Enum):

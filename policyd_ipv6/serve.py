@@ -9,6 +9,7 @@ SIGHUP re-reads the configuration and the opt-in table.
 
 from __future__ import annotations
 
+import gc
 import sys
 
 from twisted.logger import Logger
@@ -30,7 +31,7 @@ def serve(config: Config, log_level: str = "info", allow_root: bool = False) -> 
 
     plan = plan_privileges(config.user, allow_root)
     service = PolicyService(config, reactor)  # raises ConfigError before anything is bound
-    start_logging(sys.stdout, log_level)
+    start_logging(sys.stdout, log_level, reactor)
     soft, _hard = raise_open_files_limit()
     connections, dns_inflight = descriptor_budget(soft, config.max_connections)
     service.factory.max_connections = connections
@@ -43,6 +44,12 @@ def serve(config: Config, log_level: str = "info", allow_root: bool = False) -> 
 
     def started(_ports) -> None:
         drop_privileges(plan)
+        # The start-up objects (modules, config, tables) never die: keep them out of every
+        # collection, and collect the young generation less often. The caches hold many
+        # long-lived objects, and each full collection would walk them with the reactor stopped.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(20_000, 20, 20)
         service.optin.start()
         install_sighup(reactor, service.reload)
         servers = ", ".join(str(s) for s in service.client.nameservers)
