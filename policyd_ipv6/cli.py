@@ -18,6 +18,7 @@ reached with ``python3 -m policyd_ipv6``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -43,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
                            help=f"configuration file (default: {DEFAULT_CONFIG_PATH})")
         group.add_argument("--sample-config", action="store_true",
                            help="use the sample configuration shipped with the program "
-                                "(127.0.0.1:10045, example.com opted in)")
+                                "(127.0.0.1:10045, example.com opted in; started as root, "
+                                "serve runs as nobody)")
 
     serve = commands.add_parser("serve", help="run the policy service in the foreground")
     config_options(serve)
@@ -67,7 +69,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _config(args):
-    return load_config(SAMPLE_CONFIG if args.sample_config else args.config)
+    if not args.sample_config:
+        return load_config(args.config)
+    config = load_config(SAMPLE_CONFIG)
+    if os.geteuid() == 0 and not config.user:
+        # A first try as root on a fresh machine: serve as nobody rather than refuse or stay root.
+        config = dataclasses.replace(config, user="nobody")
+    return config
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -283,3 +283,34 @@ def test_nothing_listens_beyond_listen(tmp_path, knot):
         conn.close()
     finally:
         daemon.stop()
+
+
+def test_sample_config_serves_as_nobody_when_started_as_root():
+    """The README's first command (serve --sample-config, as root) starts and drops to nobody."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the quick start runs as root")
+    busy = socket.socket()
+    try:
+        busy.bind(("127.0.0.1", 10045))
+    except OSError:
+        pytest.skip("127.0.0.1:10045 is in use")
+    busy.close()
+    log = open(os.path.join(ROOT, ".sample-serve.log"), "w+")
+    process = subprocess.Popen([sys.executable, "-m", "policyd_ipv6", "serve", "--sample-config"],
+                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        end = time.monotonic() + 10
+        while "ready" not in open(log.name).read():
+            assert process.poll() is None, open(log.name).read()
+            assert time.monotonic() < end
+            time.sleep(0.05)
+        assert "running as nobody" in open(log.name).read()
+        conn = socket.create_connection(("127.0.0.1", 10045))
+        assert ask(conn, client_address="192.0.2.1", sender="a@x.test",
+                   recipient="b@example.com") == "action=DUNNO"
+        conn.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        log.close()
+        os.unlink(log.name)
