@@ -12,8 +12,9 @@ the evaluation stops, the answer is fetched asynchronously (``lookups``) and the
 starts again from the top. SPF evaluation is a pure function of its DNS answers, so the last
 run gives exactly the result a blocking run would, with pyspf's own limits (10 DNS mechanisms,
 2 void lookups, MX/PTR bounds) intact. A run costs tens of microseconds; a record needing k
-lookups costs k+1 runs, and ``MAX_RUNS`` caps hostile records. When an MX answer arrives, the
-exchanges' addresses are fetched at once, in parallel, before pyspf asks for them.
+lookups costs k+1 runs, and ``MAX_RUNS`` caps hostile records. When a record arrives, the
+names its mechanisms need (include, a, mx, exists, redirect) are fetched at once, in parallel,
+before pyspf asks for them one by one; so are the addresses of MX exchanges.
 
 Every exception pyspf raises on hostile input (over-long names, bad records, its internal
 assertions) becomes ``permerror``; the hook maps a transient DNS fault to ``spf.TempError``.
@@ -109,6 +110,24 @@ def check_spf(lookups, ip: IPAddress, sender: str, helo: str) -> defer.Deferred:
     return _Evaluation(lookups, str(ip), sender, helo_name or "unknown", identity).start()
 
 
+_PREFETCH_TYPES = {"include": "TXT", "redirect": "TXT", "a": None, "mx": "MX", "exists": "A"}
+
+
+def _named_lookups(record: str, domain: str, address_type: str):
+    """(name, type) of the lookups an SPF record's terms will need, macro-free ones only."""
+    for term in record.split()[1:]:
+        term = term.lstrip("+-~?")
+        name, sep, target = term.replace("=", ":", 1).partition(":")
+        name = name.split("/", 1)[0].lower()
+        if name not in _PREFETCH_TYPES:
+            continue
+        target = (target.split("/", 1)[0] if sep else "") or (domain if name in ("a", "mx")
+                                                             else "")
+        if not target or "%" in target:
+            continue
+        yield target.lower().rstrip("."), _PREFETCH_TYPES[name] or address_type
+
+
 class _Evaluation:
     def __init__(self, lookups, ip: str, sender: str, helo: str, identity: str) -> None:
         self.lookups = lookups
@@ -155,12 +174,26 @@ class _Evaluation:
         if self.result.called:  # cancelled: nobody waits for this evaluation any more
             return
         self.answers[key] = answer
-        if key[1] == "MX" and answer.ok:
-            # pyspf will ask for each exchange's addresses next: ask for them all now.
-            rrtype = "AAAA" if ":" in self.args[0] else "A"
-            for _pref, exchange in answer.values[:10]:
-                self.lookups.lookup(exchange, rrtype)
+        if answer.ok:
+            self._prefetch(key, answer)
         self._run()
+
+    def _prefetch(self, key, answer) -> None:
+        """Ask now for what pyspf will ask next, so that its lookups overlap instead of
+        queuing one round trip after another: the addresses of MX exchanges, and the names a
+        record's mechanisms name (macro-free ones only; at most 10, as RFC 7208 §4.6.4)."""
+        address_type = "AAAA" if ":" in self.args[0] else "A"
+        wanted: list[tuple[str, str]] = []
+        if key[1] == "MX":
+            wanted = [(exchange, address_type) for _pref, exchange in answer.values[:10]]
+        elif key[1] == "TXT":
+            for record in answer.values:
+                text = b"".join(record).decode("ascii", "replace")
+                if text.lower().startswith("v=spf1 "):
+                    wanted = list(_named_lookups(text, key[0], address_type))[:10]
+                    break
+        for name, rrtype in wanted:
+            self.lookups.lookup(name, rrtype)
 
 
 class SpfResults:

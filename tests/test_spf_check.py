@@ -164,3 +164,32 @@ def test_results_are_reused_per_domain_unless_macros_are_used():
     assert results.get(IP, "alice@macro.example", "mx.example.net") is not None
     clock.advance(301)  # the fake's TTL is 300 s
     assert results.get(IP, "alice@example.net", "mx.example.net") is None
+
+
+def test_names_a_record_needs_are_fetched_at_once():
+    """include/a/mx names of a record are asked for together, before pyspf reaches them."""
+    clock = task.Clock()
+    fake = FakeDnsClient({
+        ("example.net", "TXT"): ['"v=spf1 include:one.example a:host.example mx -all"'],
+        ("one.example", "TXT"): ['"v=spf1 ip6:2001:db8:9::/64 -all"'],
+        ("host.example", "AAAA"): ["2001:db8::25"],
+        ("example.net", "MX"): ["10 mx.example.net."],
+    }, clock=clock, delay=0.02)
+    results = []
+    check_spf(Lookups(fake, clock), IP, "alice@example.net", "mx.example.net").addCallback(
+        results.append)
+    clock.advance(0.02)   # the record arrives; its names are asked for at once
+    assert {("one.example", "TXT"), ("host.example", "AAAA"), ("example.net", "MX")} <= set(
+        fake.queries)
+    clock.advance(0.02)
+    clock.advance(0.02)
+    assert [r.result for r in results] == ["pass"]   # two round trips after the record
+
+
+def test_macro_names_are_not_prefetched():
+    """A name with a macro depends on the evaluation: it is left to pyspf."""
+    from policyd_ipv6.spf_check import _named_lookups
+
+    names = list(_named_lookups("v=spf1 include:%{d}.x.example exists:%{i}.y.example "
+                                "a mx/24 redirect=r.example", "d.example", "AAAA"))
+    assert names == [("d.example", "AAAA"), ("d.example", "MX"), ("r.example", "TXT")]
