@@ -29,6 +29,7 @@ from twisted.internet import defer, protocol, threads
 from twisted.logger import Logger
 
 from .addresses import client_ip, printable
+from .connection import TimedConnection
 from .dkim_check import check_dkim
 from .end_of_message import decide_end, needs_check
 from .milter_codec import MilterProtocolError, Verdict
@@ -45,14 +46,13 @@ _log = Logger(namespace="policyd-ipv6")
 DKIM_THREAD_BYTES = 32 * 1024
 
 
-class MilterProtocol(protocol.Protocol):
+class MilterProtocol(TimedConnection, protocol.Protocol):
     def __init__(self, factory: MilterFactory) -> None:
         self.factory = factory
         self.session = MilterSession()
         self.state = None  # sessions.SessionState once registered
         self.client = "-"
         self.closed = False
-        self.timer = None
 
     def connectionMade(self) -> None:
         self.factory.connections += 1
@@ -163,15 +163,7 @@ class MilterProtocol(protocol.Protocol):
             self.factory.engine.sessions.remove(self.state)
             self.state = None
 
-    def _arm_timer(self) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.reset(self.factory.idle_timeout_seconds)
-        else:
-            self.timer = self.factory.clock.callLater(self.factory.idle_timeout_seconds,
-                                                      self._timed_out)
-
     def _timed_out(self) -> None:
-        self.timer = None
         if self.session.pending is not None:  # waiting for our own verdict, not for Postfix
             self._arm_timer()
             return
@@ -186,15 +178,7 @@ class MilterProtocol(protocol.Protocol):
         self.closed = True
         self._unregister()
         self.factory.connections -= 1
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
-
-    def _peer(self) -> str:
-        try:
-            return printable(str(self.transport.getPeer()), 120)
-        except Exception:
-            return "?"
+        self._stop_timer()
 
 
 class MilterFactory(protocol.Factory):

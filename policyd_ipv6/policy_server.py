@@ -23,7 +23,7 @@ from collections import OrderedDict, deque
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
-from .addresses import printable
+from .connection import TimedConnection
 from .policy_codec import PolicyDecoder, PolicyProtocolError, encode_reply
 
 __all__ = ["PolicyFactory", "PolicyProtocol", "MAX_QUEUED"]
@@ -35,14 +35,13 @@ MAX_QUEUED = 16
 WARN_INTERVAL_SECONDS = 60.0
 
 
-class PolicyProtocol(protocol.Protocol):
+class PolicyProtocol(TimedConnection, protocol.Protocol):
     def __init__(self, factory: PolicyFactory) -> None:
         self.factory = factory
         self.decoder = PolicyDecoder()
         self.queue: deque = deque()
         self.busy = False
         self.closed = False
-        self.timer = None
 
     @property
     def idle(self) -> bool:
@@ -104,15 +103,7 @@ class PolicyProtocol(protocol.Protocol):
                      failure)
         self._close()
 
-    def _arm_timer(self) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.reset(self.factory.idle_timeout_seconds)
-        else:
-            self.timer = self.factory.clock.callLater(self.factory.idle_timeout_seconds,
-                                                      self._timed_out)
-
     def _timed_out(self) -> None:
-        self.timer = None
         if self.busy:  # waiting for our own answer, not for the client
             self._arm_timer()
             return
@@ -129,15 +120,7 @@ class PolicyProtocol(protocol.Protocol):
     def connectionLost(self, reason=None) -> None:
         self.closed = True
         self.factory.forget(self)
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
-
-    def _peer(self) -> str:
-        try:
-            return printable(str(self.transport.getPeer()), 120)
-        except Exception:
-            return "?"
+        self._stop_timer()
 
 
 class PolicyFactory(protocol.Factory):

@@ -1,7 +1,5 @@
 """Tests of untrusted-name normalisation (policyd_ipv6.addresses)."""
 
-import ipaddress
-
 import pytest
 from hypothesis import given, strategies as st
 

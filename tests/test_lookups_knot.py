@@ -27,7 +27,7 @@ pytestmark = pytest.mark.knot
 def knot():
     require_knot()
     port = free_port()
-    with KnotServer(dnslab.zones(), [("127.0.0.1", port), ("::1", port)]) as server:
+    with KnotServer(dnslab.zones(), [("127.0.0.1", port), ("::1", port)]):
         yield port
 
 

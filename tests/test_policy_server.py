@@ -144,7 +144,7 @@ def test_slow_answer_is_not_an_idle_connection():
 def test_connection_limit_evicts_the_longest_idle_connection():
     """At max_connections the longest-idle connection is closed to make room for a new one."""
     h = Harness(max_connections=2)
-    (p1, t1), (p2, t2) = h.connect(), h.connect()
+    (p1, t1), (_, t2) = h.connect(), h.connect()
     p1.dataReceived(request())          # p1 was active last
     p3, t3 = h.connect()
     assert t2.disconnecting and not t1.disconnecting and not t3.disconnecting

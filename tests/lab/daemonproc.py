@@ -24,7 +24,6 @@ import json
 import os
 import re
 import resource
-import signal
 import socket
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import time
 from pathlib import Path
 
 from .knot import free_port
+from .process import terminate
 
 __all__ = ["ServeProcess", "request", "ask", "is_valid_action", "ROOT"]
 
@@ -151,14 +151,7 @@ class ServeProcess:
 
     def stop(self) -> None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        terminate(process, grace_seconds=10)
 
     def __enter__(self) -> "ServeProcess":
         return self.start()

@@ -25,12 +25,12 @@ from __future__ import annotations
 import ipaddress
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+from .process import terminate
 
 KNOTD = shutil.which("knotd") or "/usr/sbin/knotd"
 KNOTC = shutil.which("knotc") or "/usr/sbin/knotc"
@@ -223,13 +223,7 @@ class KnotServer:
     def stop(self) -> None:
         """Stop knotd by PID (SIGTERM, then SIGKILL) and remove the directory. Idempotent."""
         process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+        terminate(process, grace_seconds=5)
         directory, self.directory = self.directory, None
         if directory is not None:
             shutil.rmtree(directory, ignore_errors=True)

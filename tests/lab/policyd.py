@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ import tomllib
 from pathlib import Path
 
 from .netns import Namespace
+from .process import terminate
 
 START_TIMEOUT_SECONDS = 20.0
 _FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
@@ -149,14 +149,7 @@ class PolicyDaemon:
     def stop(self) -> None:
         """SIGTERM by PID, SIGKILL if it does not exit within 10 s. Idempotent."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        terminate(process, grace_seconds=10)
 
     def restart(self) -> "PolicyDaemon":
         self.stop()

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -42,6 +41,7 @@ import dns.query
 import dns.rcode
 
 from .knot import free_port
+from .process import terminate
 
 __all__ = ["UnboundServer", "UnboundError", "BlackHoles", "require_unbound", "unbound_available"]
 
@@ -206,13 +206,7 @@ class UnboundServer:
     def stop(self) -> None:
         """Stop unbound by PID (SIGTERM, then SIGKILL) and remove its directory. Idempotent."""
         process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+        terminate(process, grace_seconds=5)
         directory, self.directory = self.directory, None
         if directory is not None:
             shutil.rmtree(directory, ignore_errors=True)
