@@ -73,13 +73,20 @@ class Policy:
     replies: Replies = field(default_factory=Replies)
 
     def __post_init__(self) -> None:
-        # (version, network as integer, netmask as integer): one AND and compare per network.
-        object.__setattr__(self, "_nets", tuple(
-            (n.version, int(n.network_address), int(n.netmask)) for n in self.trusted_networks))
+        # (network, netmask) as integers per IP version: one AND and compare per network.
+        nets = {4: [], 6: []}
+        for n in self.trusted_networks:
+            nets[n.version].append((int(n.network_address), int(n.netmask)))
+        object.__setattr__(self, "_nets", {v: tuple(pairs) for v, pairs in nets.items()})
 
     def trusts(self, ip: IPAddress) -> bool:
-        value, version = int(ip), ip.version
-        return any(v == version and value & mask == net for v, net, mask in self._nets)
+        nets = self._nets[ip.version]
+        if nets:
+            value = int(ip)
+            for network, mask in nets:
+                if value & mask == network:
+                    return True
+        return False
 
 
 class Need(enum.Enum):

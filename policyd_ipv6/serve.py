@@ -10,6 +10,7 @@ SIGHUP re-reads the configuration and the opt-in table.
 from __future__ import annotations
 
 import gc
+import os
 import sys
 
 from twisted.logger import Logger
@@ -31,7 +32,11 @@ def serve(config: Config, log_level: str = "info", allow_root: bool = False) -> 
 
     plan = plan_privileges(config.user, allow_root)
     service = PolicyService(config, reactor)  # raises ConfigError before anything is bound
-    start_logging(sys.stdout, log_level, reactor)
+    # Our own buffered stream on standard output, whatever python -u or PYTHONUNBUFFERED say:
+    # lines are flushed once per reactor turn (logsetup), not written one system call each.
+    stream = os.fdopen(sys.stdout.fileno(), "w", buffering=1 << 16, encoding="utf-8",
+                       errors="backslashreplace", closefd=False)
+    start_logging(stream, log_level, reactor)
     soft, _hard = raise_open_files_limit()
     connections, dns_inflight = descriptor_budget(soft, config.max_connections)
     service.factory.max_connections = connections
