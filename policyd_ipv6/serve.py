@@ -80,6 +80,8 @@ def serve(config: Config, log_level: str = "info", allow_root: bool = False) -> 
         lambda: service.listen().addCallbacks(started, not_started))
     reactor.run()
     if failure:
+        stream.flush()
         raise failure[0]
     _log.info("policyd-ipv6 stopped")
+    stream.flush()  # the reactor's last turn is over: nothing else will flush this line
     return 0

@@ -314,3 +314,12 @@ def test_sample_config_serves_as_nobody_when_started_as_root():
         process.wait(timeout=10)
         log.close()
         os.unlink(log.name)
+
+
+def test_last_log_line_is_written_on_sigterm(tmp_path, knot):
+    """SIGTERM ends serve with status 0 and its last line ("stopped") reaches the log."""
+    daemon = Daemon(write_config(tmp_path, knot, [f"tcp:{free_port()}:interface=127.0.0.1"]))
+    daemon.stop()
+    assert daemon.process.returncode == 0
+    with open(daemon.log.name) as handle:
+        assert handle.read().rstrip().endswith("policyd-ipv6 stopped")

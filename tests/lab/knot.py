@@ -30,7 +30,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from .process import terminate
+from .process import ServerProcess
 
 KNOTD = shutil.which("knotd") or "/usr/sbin/knotd"
 KNOTC = shutil.which("knotc") or "/usr/sbin/knotc"
@@ -87,7 +87,7 @@ def _quote(value: str) -> str:
     return '"%s"' % value
 
 
-class KnotServer:
+class KnotServer(ServerProcess):
     """One knotd process serving `zones` on `listen`, in its own temporary directory."""
 
     def __init__(self, zones: dict[str, str], listen: list[tuple[str, int]],
@@ -219,20 +219,6 @@ class KnotServer:
                 raise KnotError("knotd does not serve %s after %.0f s:\n%s"
                                 % (", ".join(pending), START_TIMEOUT_SECONDS, self.log_tail()))
             time.sleep(0.05)
-
-    def stop(self) -> None:
-        """Stop knotd by PID (SIGTERM, then SIGKILL) and remove the directory. Idempotent."""
-        process, self.process = self.process, None
-        terminate(process, grace_seconds=5)
-        directory, self.directory = self.directory, None
-        if directory is not None:
-            shutil.rmtree(directory, ignore_errors=True)
-
-    def __enter__(self) -> "KnotServer":
-        return self.start()
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
 
 
 def require_knot() -> None:

@@ -41,7 +41,7 @@ import dns.query
 import dns.rcode
 
 from .knot import free_port
-from .process import terminate
+from .process import ServerProcess
 
 __all__ = ["UnboundServer", "UnboundError", "BlackHoles", "require_unbound", "unbound_available"]
 
@@ -106,7 +106,7 @@ def _zone(name: str) -> str:
     return name.rstrip(".").lower() + "."
 
 
-class UnboundServer:
+class UnboundServer(ServerProcess):
     """One unbound process; see the module docstring."""
 
     def __init__(self, stubs: dict[str, list[tuple[str, int]]], deny: list[str] = (),
@@ -202,17 +202,3 @@ class UnboundServer:
                 raise UnboundError("unbound does not answer after %.0f s:\n%s"
                                    % (START_TIMEOUT_SECONDS, self.log_tail()))
             time.sleep(0.05)
-
-    def stop(self) -> None:
-        """Stop unbound by PID (SIGTERM, then SIGKILL) and remove its directory. Idempotent."""
-        process, self.process = self.process, None
-        terminate(process, grace_seconds=5)
-        directory, self.directory = self.directory, None
-        if directory is not None:
-            shutil.rmtree(directory, ignore_errors=True)
-
-    def __enter__(self) -> "UnboundServer":
-        return self.start()
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
