@@ -287,3 +287,64 @@ def test_milter_not_running_spf_pass_still_flows(milter_lab):
     (copy,) = lab.postfix.wait_for_message(subject)
     assert copy.get_all("Authentication-Results") is None
     assert "127.0.0.1:%d" % DEAD_MILTER_PORT in lab.postfix.log()
+
+
+SESSION_SCRIPT = r"""
+import json, smtplib, sys
+plan = json.loads(sys.argv[1])
+smtp = smtplib.SMTP(plan["server"], plan["port"], local_hostname=plan["helo"],
+                    source_address=(plan["source"], 0), timeout=30)
+out = []
+for step in plan["steps"]:
+    if step["do"] == "abort":   # MAIL and RCPT, then RSET instead of DATA
+        out.append([smtp.mail(plan["sender"])[0], smtp.rcpt(step["rcpt"])[0], smtp.rset()[0]])
+        continue
+    mail, rcpt = smtp.mail(plan["sender"]), smtp.rcpt(step["rcpt"])
+    code, text = smtp.data(step["raw"].encode("latin-1"))
+    out.append([mail[0], rcpt[0], "%d %s" % (code, text.decode())])
+smtp.quit()
+print(json.dumps(out))
+"""
+
+
+def test_several_messages_and_a_rset_in_one_smtp_session(milter_lab):
+    """One SMTP session from an SPF-failing sender: unsigned, signed, an aborted transaction
+    (RSET), unsigned, signed. Each message is judged on its own: the policy and the milter
+    keep their correlation across messages, and RSET leaves nothing behind that could let the
+    next message through."""
+    import json
+    import subprocess
+    import sys
+
+    lab = milter_lab
+    steps, subjects = [], []
+    for kind in ("unsigned", "signed", "abort", "unsigned", "signed"):
+        bob, subject = fresh()
+        subjects.append((kind, subject, bob))
+        if kind == "abort":
+            steps.append({"do": "abort", "rcpt": bob})
+            continue
+        raw = (signed_message(lab, bob, subject) if kind == "signed"
+               else message(T.SENDER, bob, subject))
+        steps.append({"do": "send", "rcpt": bob, "raw": raw.decode("latin-1")})
+    plan = {"server": T.MX6, "port": T.SMTP_PORT, "helo": T.HELO, "source": T.OUTSIDE,
+            "sender": T.SENDER, "steps": steps}
+    done = lab.sender.run([sys.executable, "-c", SESSION_SCRIPT, json.dumps(plan)],
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    replies = json.loads(done.stdout)
+    assert [r[:2] for r in replies] == [[250, 250]] * 5, replies
+    assert replies[2][2] == 250                                   # RSET accepted
+    assert replies[0][2] == no_auth(T.OUTSIDE) == replies[3][2]   # unsigned: refused after DATA
+    assert replies[1][2].startswith("250 ") and replies[4][2].startswith("250 "), replies
+    for kind, subject, bob in subjects:
+        delivered = lab.postfix.messages_with_subject(subject) if kind != "signed" else \
+            lab.postfix.wait_for_message(subject)
+        if kind == "signed":
+            (copy,) = delivered
+            (ours,) = our_headers(copy)
+            assert "dkim=pass" in ours and "spf=fail" in ours
+        else:
+            assert delivered == []
+        rules = [d["rule"] for d in lab.daemon.decisions() if d.get("recipient") == bob]
+        assert rules == ["spf-failed-dkim-pending"], (kind, rules)
