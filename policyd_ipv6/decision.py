@@ -24,7 +24,7 @@ from .addresses import IPAddress, client_ip, domain_key, printable, recipient_do
 from .facts import Facts, RdnsOutcome, SpfFact
 from .replies import Replies
 
-__all__ = ["Subject", "Policy", "Verdict", "Need", "decide", "RULES", "DUNNO"]
+__all__ = ["Subject", "Policy", "Verdict", "Need", "decide", "RULES", "FACT_RULES", "DUNNO"]
 
 DUNNO = "DUNNO"
 
@@ -189,12 +189,20 @@ _FACT_OF = {Need.RDNS: "rdns", Need.SPF: "spf"}
 _STEPS = tuple((rule, tuple((_FACT_OF[n], n) for n in rule.needs)) for rule in RULES)
 
 
-def decide(subject: Subject, facts: Facts, policy: Policy, optin) -> Verdict | Need:
+# Rules before this index need no fact: once a walk has passed them (and returned a Need), a
+# later walk for the same request may start here.
+FACT_RULES = next(i for i, rule in enumerate(RULES) if rule.needs)
+
+
+def decide(subject: Subject, facts: Facts, policy: Policy, optin,
+           start: int = 0) -> Verdict | Need:
     """Return the verdict of the first rule that applies, or the first fact still needed.
 
-    ``optin`` is anything with ``matches(domain) -> bool`` (an ``OptinTable``).
+    ``optin`` is anything with ``matches(domain) -> bool`` (an ``OptinTable``). ``start``
+    skips the first rules; ``FACT_RULES`` is valid for a request whose walk from 0 returned
+    a ``Need``, since the rules before it do not depend on facts.
     """
-    for rule, needs in _STEPS:
+    for rule, needs in _STEPS[start:]:
         for attribute, need in needs:
             if getattr(facts, attribute) is None:
                 return need

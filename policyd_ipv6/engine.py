@@ -25,7 +25,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from .addresses import printable
-from .decision import Need, Policy, Subject, Verdict, decide
+from .decision import FACT_RULES, Need, Policy, Subject, Verdict, decide
 from .facts import Facts
 
 __all__ = ["PolicyEngine", "Outcome"]
@@ -93,7 +93,7 @@ class PolicyEngine:
             facts = message.facts
             if facts.dkim_pending != pending:
                 facts = facts.with_(dkim_pending=pending)
-            verdict = decide(subject, facts, self.policy, optin)
+            verdict = decide(subject, facts, self.policy, optin, FACT_RULES)
             if isinstance(verdict, Need):
                 message.when(verdict).addCallback(step)
             else:

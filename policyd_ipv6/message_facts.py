@@ -39,7 +39,8 @@ class MessageFacts:
         self.started = clock.seconds()
         self.shared = 0  # how many later requests reused these facts
         self._waiting: dict[Need, list[defer.Deferred]] = {Need.RDNS: [], Need.SPF: []}
-        self._timer = clock.callLater(deadline_seconds, self._deadline)
+        self._clock, self._deadline_seconds = clock, deadline_seconds
+        self._timer = None  # armed by start_deadline() once the checks are under way
         self.work: list[defer.Deferred] = []  # the checks under way, cancelled at the deadline
 
     def when(self, need: Need) -> defer.Deferred:
@@ -66,11 +67,16 @@ class MessageFacts:
     def _wake(self, need: Need) -> None:
         if self.facts.rdns is not None and self.facts.spf is not None:
             self.work = []  # nothing left to cancel: let the finished checks go
-            if self._timer.active():
+            if self._timer is not None and self._timer.active():
                 self._timer.cancel()
         waiting, self._waiting[need] = self._waiting[need], []
         for d in waiting:
             d.callback(self.facts)
+
+    def start_deadline(self) -> None:
+        """Arm the deadline, unless every fact is already known (answered from caches)."""
+        if self.facts.rdns is None or self.facts.spf is None:
+            self._timer = self._clock.callLater(self._deadline_seconds, self._deadline)
 
     def _deadline(self) -> None:
         running, self.work = self.work, []
@@ -125,6 +131,7 @@ class FactFinder:
         spf.addCallback(message.set_spf)
         spf.addErrback(self._bug, "SPF check", message.set_spf,
                        SpfFact("temperror", "internal error"))
+        message.start_deadline()
         return message, False
 
     def _remember_spf(self, fact: SpfFact, inputs) -> SpfFact:

@@ -109,23 +109,25 @@ def _parse(block: bytes) -> dict[str, str]:
     """One request's lines (without the empty line) to attributes; PolicyProtocolError if bad."""
     if len(block) + 2 > MAX_REQUEST_BYTES:
         raise PolicyProtocolError(f"request longer than {MAX_REQUEST_BYTES} bytes")
-    raw_lines = block.split(b"\n") if block else []
-    if len(raw_lines) > MAX_ATTRIBUTES:
+    if not block:
+        raise PolicyProtocolError("empty request (no request attribute)")
+    if block.count(b"\n") >= MAX_ATTRIBUTES:
         raise PolicyProtocolError(f"more than {MAX_ATTRIBUTES} attributes")
+    raw_lines = block.split(b"\n")  # for the checks below that the common case skips
     if len(block) > MAX_LINE_BYTES and max(map(len, raw_lines)) > MAX_LINE_BYTES:
         raise PolicyProtocolError(f"line longer than {MAX_LINE_BYTES} bytes")
     if b"\0" in block:
         raise PolicyProtocolError("NUL byte in attribute " + _show(
             next(line for line in raw_lines if b"\0" in line).partition(b"=")[0]))
     # Postfix sends UTF-8 (SMTPUTF8) or ASCII; anything else is replaced, not trusted.
-    pairs = [line.split("=", 1) for line in block.decode("utf-8", "replace").split("\n")] \
-        if block else []
-    for pair, raw in zip(pairs, raw_lines):
-        if len(pair) != 2:
-            raise PolicyProtocolError("line without '=': " + _show(raw))
-        if not pair[0]:
-            raise PolicyProtocolError("attribute without a name")
-    attributes = dict(pairs)
+    pairs = [line.split("=", 1) for line in block.decode("utf-8", "replace").split("\n")]
+    try:
+        attributes = dict(pairs)
+    except ValueError:  # a line without "=" gives a one-element pair
+        bad = next(raw for pair, raw in zip(pairs, raw_lines) if len(pair) != 2)
+        raise PolicyProtocolError("line without '=': " + _show(bad)) from None
+    if "" in attributes:
+        raise PolicyProtocolError("attribute without a name")
     if len(attributes) != len(pairs):
         seen: set[str] = set()
         twice = next(name for name, _ in pairs if name in seen or seen.add(name))

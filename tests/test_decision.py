@@ -144,3 +144,15 @@ def test_every_rule_is_reachable():
         "wrong-stage", "not-an-address", "ipv4", "authenticated", "trusted-network",
         "postmaster", "not-opted-in", "rdns-temporary", "no-rdns", "spf-temporary",
         "spf-failed-dkim-pending", "spf-failed", "pass"]
+
+
+def test_walk_resumed_at_fact_rules_gives_the_same_verdict():
+    """Resuming at FACT_RULES after a Need gives what a walk from the start gives."""
+    from policyd_ipv6.decision import FACT_RULES
+
+    assert all(not rule.needs for rule in RULES[:FACT_RULES]) and RULES[FACT_RULES].needs
+    for rdns, spf in [(PASS, SpfFact("pass")), (MISSING, None), (PASS, SpfFact("fail")),
+                      (RDNS_TEMP, None)]:
+        facts = Facts(rdns, spf)
+        assert decide(subject(), facts, POLICY, OPTIN, FACT_RULES) == decide(
+            subject(), facts, POLICY, OPTIN)
