@@ -2,7 +2,7 @@
 """A load generator that talks to a policy server the way Postfix's smtpd processes do.
 
 Contract: open C connections to one policy server; on each, send one request at a time
-(never pipelined, PROTOCOL.md A.1): messages of 1-3 recipients, one RCPT-state request per
+(never pipelined: SMTPD_POLICY_README, one request then its reply): messages of 1-3 recipients, one RCPT-state request per
 recipient, sharing an `instance`, with the attributes Postfix 3.7 sends in its order
 (smtpd_check.c check_policy_service(); `queue_id` empty at the first recipient, A.8).
 Stop issuing requests after --duration seconds or when the sender pool is used up, then wait
@@ -87,7 +87,7 @@ class Source:
         self.seq += 1
         now = time.time()
         addr, cname, rname, helo, domain = entry[:5]
-        # smtpd's instance: pid.arrival_sec.arrival_usec.seqno (PROTOCOL.md A.6)
+        # smtpd's instance: pid.arrival_sec.arrival_usec.seqno (smtpd.c, mail_cmd)
         inst = "%x.%x.%x.%x" % (1000 + conn_id, int(now), int(now * 1e6) % 1000000, self.seq)
         qid = "".join(rng.choice(QID_CHARS) for _ in range(11))
         rcpt_domain = self.pop["other_domain"] if rng.random() < 0.05 else self.pop["optin_domain"]
@@ -224,7 +224,7 @@ class Generator:
                     continue
                 if not reply.startswith(b"action=") or reply.startswith(b"action=\n"):
                     # Postfix counts a reply without an action as a failed request, and an
-                    # empty action as OK (PROTOCOL.md A.5): both are errors here.
+                    # empty action as OK (smtpd_check.c, "has empty value"): both are errors here.
                     self.errors["bad_reply"] = self.errors.get("bad_reply", 0) + 1
                 if measuring:
                     lat[conn.kind].append(now - conn.sent_at)

@@ -143,7 +143,7 @@ class Lab:
             "peer", "name", self.veth_mx, "netns", self.ns_mx)
         for ns, veth, addr in ((self.ns_dns, self.veth_dns, LINK_DNS),
                                (self.ns_mx, self.veth_mx, LINK_MX)):
-            # DAD would leave the addresses tentative for seconds (LAB.md).
+            # DAD would leave the addresses tentative for seconds.
             run("ip", "netns", "exec", ns, "sysctl", "-qw", f"net.ipv6.conf.{veth}.accept_dad=0")
             run("ip", "-n", ns, "addr", "add", f"{addr}/64", "dev", veth, "nodad")
             run("ip", "-n", ns, "link", "set", veth, "up")

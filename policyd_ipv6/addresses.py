@@ -5,7 +5,7 @@ and returns a normalised value or ``None`` for "not usable"; none of them raises
 string. No DNS, no I/O.
 
 - ``client_ip``: the ``client_address`` attribute as an ``ipaddress`` object; an IPv4-mapped
-  IPv6 address becomes the IPv4 address (Postfix already converts them, PROTOCOL.md A.2).
+  IPv6 address becomes the IPv4 address (Postfix already converts them: sane_sockaddr_to_hostaddr.c).
   Results are memoised (a busy sender's address recurs; the objects are immutable).
 - ``recipient_domain``: the domain of an envelope address as the client wrote it (lower-cased,
   no trailing dot), for the reply text.

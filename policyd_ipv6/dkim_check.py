@@ -18,7 +18,7 @@ signatures are parsed from the header block, each key record (TXT at
 ``selector._domainkey.domain``) is fetched through the daemon's own ``Lookups`` (its resolver,
 timeouts, cache, no search list), all at once; then ``dkim.DKIM(message).verify(idx,
 dnsfunc=...)`` runs for each signature with a ``dnsfunc`` that only returns the fetched
-record. dkimpy reports a DNS timeout as an ordinary failure (PROTOCOL.md B.5); fetching first
+record. dkimpy reports a DNS timeout as an ordinary failure (DKIM.verify_sig catches DnsTimeoutError); fetching first
 keeps "temporary" apart.
 
 The verification itself is CPU work proportional to the message size (measured with dkimpy

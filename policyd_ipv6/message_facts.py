@@ -9,7 +9,7 @@ When ``deadline_seconds`` pass before a fact is known, the fact becomes a tempor
 
 One message, one evaluation: Postfix sends one request per recipient with the same
 ``instance`` (SMTPD_POLICY_README), possibly over a new connection if it closed the old one
-(PROTOCOL.md A.6), so the facts are kept process-wide, keyed by instance and the SPF inputs,
+(SMTPD_POLICY_README, on the instance attribute), so the facts are kept process-wide, keyed by instance and the SPF inputs,
 in a bounded, expiring cache. A request without an instance is never shared.
 """
 

@@ -12,7 +12,7 @@ Deferred that always fires with an ``RdnsFact``; it never fails.
 
 Postfix has already looked the client up: ``reverse_client_name`` (unverified PTR name) and
 ``client_name`` (forward-confirmed name) are "unknown" when its lookup failed, whether the
-failure was temporary or not (PROTOCOL.md A.3). A name there is therefore proof and saves the
+failure was temporary or not (smtpd_peer.c). A name there is therefore proof and saves the
 lookups; "unknown" is checked with our own lookups, which tell the two failures apart.
 """
 

@@ -18,7 +18,7 @@ the policy engine (``engine``); both run on the reactor thread, so nothing here 
   RCPT (the fail-safe). With a record it may answer DUNNO for an SPF failure
   (``Facts.dkim_pending``) and ``record()``s its verdict there for the milter.
 
-How the two sides meet (PROTOCOL.md B.2.5): the key is the SMTP client's address and port,
+How the two sides meet: the key is the SMTP client's address and port,
 which the policy request carries (``client_address``, ``client_port``, Postfix 3.0+) and the
 milter gets in SMFIC_CONNECT; when both sides also know the server's address and port
 (``server_address``/``server_port``, 3.2+; ``{daemon_addr}``/``{daemon_port}``) they are part of

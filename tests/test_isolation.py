@@ -2,7 +2,7 @@
 
 A real unbound resolves for the daemon process: the test zones come from Knot, and each of
 200 names has its own black-holed server (one dead address per name, so unbound never gives up
-early and answers SERVFAIL, LAB.md). 200 policy connections ask about messages whose PTR or
+early and answers SERVFAIL). 200 policy connections ask about messages whose PTR or
 SPF lookups hit those names. While they wait, requests that need no DNS (IPv4, a domain that
 has not opted in, a trusted client) and requests whose facts are cached (another recipient of
 a known message, a new message from a known client and sender) must be answered at once; and

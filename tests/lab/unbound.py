@@ -14,7 +14,7 @@ Contract:
 - ``deny`` zones are dropped by unbound itself: a query under them is never answered, the most
   repeatable "zone that never answers" there is.
 - Black-holed stub servers: a server that never answers is soon marked down in unbound's
-  infrastructure cache, after which unbound answers SERVFAIL at once (LAB.md). A test that
+  infrastructure cache, after which unbound answers SERVFAIL at once. A test that
   needs queries to stay unanswered gives each name its own dead address (``BlackHoles``, one
   never-read UDP socket per address); one shared dead address gives the SERVFAIL behaviour.
 - unbound runs in the foreground (``-d``) from its own config in a private temporary directory
