@@ -10,7 +10,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 
-import pytest
 
 from lab.postfix import main_cf_value
 from policyd_ipv6 import __version__

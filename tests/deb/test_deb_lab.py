@@ -96,18 +96,8 @@ def _in_postfix_queue(path: str, queue_dir: Path) -> str:
 
 
 def _network(lab: DebLab, request) -> None:
-    for ns in (lab.mx, lab.sender):
-        request.addfinalizer(ns.delete)
-        ns.create()
-    netns.veth_pair(lab.mx, MX_IF, lab.sender, SENDER_IF)
-    for cidr in T.MX_ADDRESSES:
-        lab.mx.add_address(MX_IF, cidr)
-    for cidr in T.SENDER_ADDRESSES:
-        lab.sender.add_address(SENDER_IF, cidr)
-    lab.mx.add_route("2001:db8::/32", MX_IF)
-    lab.sender.add_route("2001:db8::/32", SENDER_IF)
-    lab.mx.set_resolv_conf([T.DNS6])
-    lab.sender.set_resolv_conf([T.DNS6])
+    netns.build_link(lab.mx, MX_IF, T.MX_ADDRESSES, lab.sender, SENDER_IF, T.SENDER_ADDRESSES,
+                     "2001:db8::/32", [T.DNS6], request.addfinalizer)
 
 
 def _postfix(lab: DebLab, readme: str, request) -> dict:

@@ -132,22 +132,10 @@ def _assert_no_process_left(*namespaces: netns.Namespace) -> None:
 
 
 def _build_network(lab: Lab, request) -> None:
-    for ns in (lab.mx, lab.sender):
-        request.addfinalizer(ns.delete)
-        ns.create()
+    netns.build_link(lab.mx, T.MX_IF, T.MX_ADDRESSES, lab.sender, T.SENDER_IF,
+                     T.SENDER_ADDRESSES, "2001:db8::/32", [T.DNS6], request.addfinalizer)
     # Runs after every process of the lab was stopped (finalizers run last-in, first-out).
     request.addfinalizer(lambda: _assert_no_process_left(lab.mx, lab.sender))
-    netns.veth_pair(lab.mx, T.MX_IF, lab.sender, T.SENDER_IF)
-    for cidr in T.MX_ADDRESSES:
-        lab.mx.add_address(T.MX_IF, cidr)
-    for cidr in T.SENDER_ADDRESSES:
-        lab.sender.add_address(T.SENDER_IF, cidr)
-    # The sender's addresses span several /64s on one link: route all of 2001:db8::/32 there.
-    lab.mx.add_route("2001:db8::/32", T.MX_IF)
-    lab.sender.add_route("2001:db8::/32", T.SENDER_IF)
-    # Before anything starts inside: `ip netns exec` bind-mounts these over /etc/resolv.conf.
-    lab.mx.set_resolv_conf([T.DNS6])
-    lab.sender.set_resolv_conf([T.DNS6])
 
 
 def _build_postfix(lab: Lab, request) -> None:

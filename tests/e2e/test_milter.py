@@ -106,18 +106,8 @@ def milter_lab(request):
     request.addfinalizer(lambda: shutil.rmtree(root, ignore_errors=True))
     os.chmod(root, 0o755)
     lab = MilterLab(root)
-    for ns in (lab.mx, lab.sender):
-        request.addfinalizer(ns.delete)
-        ns.create()
-    netns.veth_pair(lab.mx, MX_IF, lab.sender, SENDER_IF)
-    for cidr in T.MX_ADDRESSES:
-        lab.mx.add_address(MX_IF, cidr)
-    for cidr in T.SENDER_ADDRESSES:
-        lab.sender.add_address(SENDER_IF, cidr)
-    lab.mx.add_route("2001:db8::/32", MX_IF)
-    lab.sender.add_route("2001:db8::/32", SENDER_IF)
-    lab.mx.set_resolv_conf([T.DNS6])
-    lab.sender.set_resolv_conf([T.DNS6])
+    netns.build_link(lab.mx, MX_IF, T.MX_ADDRESSES, lab.sender, SENDER_IF, T.SENDER_ADDRESSES,
+                     "2001:db8::/32", [T.DNS6], request.addfinalizer)
 
     lab.key = DkimKey.generate(2048)  # its key record needs two TXT strings
     lab.knot = knot.KnotServer(T.zones(lab.key.public_b64), [(T.DNS6, 53)], netns=MX_NS,
@@ -313,7 +303,6 @@ def test_several_messages_and_a_rset_in_one_smtp_session(milter_lab):
     keep their correlation across messages, and RSET leaves nothing behind that could let the
     next message through."""
     import json
-    import subprocess
     import sys
 
     lab = milter_lab

@@ -14,6 +14,8 @@ Contract:
   afterwards: those programs resolve through the lab's DNS without touching the host's file.
 - `ns.argv(cmd)` / `ns.run(cmd)` / `ns.popen(cmd)` run a program inside. `ip netns exec` execs the
   program, so `popen(...).pid` is the program's own PID (never wrap it in a shell).
+- `build_link(a, if_a, addrs_a, b, if_b, addrs_b, route, nameservers, addfinalizer)` is the
+  two-host lab the tests share: both namespaces, the veth pair, addresses, routes, resolv.conf.
 - `ns.delete()` removes /etc/netns/NAME and the namespace (its veth end goes with it). It does
   not stop processes: their owners stop them by PID first. Idempotent.
 
@@ -149,3 +151,21 @@ def veth_pair(a: Namespace, if_a: str, b: Namespace, if_b: str) -> None:
         # Before "up": the link-local address would otherwise go through DAD too.
         ns.sysctl("net.ipv6.conf.%s.accept_dad" % dev, "0")
         ns.run(["ip", "link", "set", dev, "up"])
+
+
+def build_link(a: Namespace, if_a: str, a_addresses, b: Namespace, if_b: str, b_addresses,
+               route: str, nameservers: list[str], addfinalizer) -> None:
+    """The lab's two hosts: create both namespaces (``addfinalizer(ns.delete)`` for each, so
+    they go even if a later step fails), join them with a veth pair, add each side's
+    addresses, route ``route`` over the link on both sides (the sender's addresses span
+    several /64s on one link), and point both resolv.conf at ``nameservers`` before anything
+    starts inside."""
+    for ns in (a, b):
+        addfinalizer(ns.delete)
+        ns.create()
+    veth_pair(a, if_a, b, if_b)
+    for ns, dev, addresses in ((a, if_a, a_addresses), (b, if_b, b_addresses)):
+        for cidr in addresses:
+            ns.add_address(dev, cidr)
+        ns.add_route(route, dev)
+        ns.set_resolv_conf(nameservers)
