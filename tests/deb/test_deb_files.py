@@ -10,7 +10,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 
-
 from lab.postfix import main_cf_value
 from policyd_ipv6 import __version__
 from policyd_ipv6.config import DEFAULT_CONFIG_PATH, parse_config
