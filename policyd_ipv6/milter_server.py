@@ -29,7 +29,7 @@ from twisted.internet import defer, protocol, threads
 from twisted.logger import Logger
 
 from .addresses import client_ip, printable
-from .connection import TimedConnection
+from .connection import OverLimitWarning, TimedConnection
 from .dkim_check import check_dkim
 from .end_of_message import decide_end, needs_check
 from .milter_codec import MilterProtocolError, Verdict
@@ -57,8 +57,9 @@ class MilterProtocol(TimedConnection, protocol.Protocol):
     def connectionMade(self) -> None:
         self.factory.connections += 1
         if self.factory.connections > self.factory.max_connections:
-            _log.warn("milter connection refused: more than max_connections={limit} open",
-                      limit=self.factory.max_connections)
+            # Postfix applies milter_default_action to this session; the policy side then
+            # sees no milter on it and enforces SPF alone (the fail-safe).
+            self.factory.over_limit.note(self.factory.max_connections, "closed the new one")
             self._close()
             return
         self._arm_timer()
@@ -197,6 +198,7 @@ class MilterFactory(protocol.Factory):
         self.max_connections = max_connections
         self.idle_timeout_seconds = idle_timeout_seconds
         self.connections = 0
+        self.over_limit = OverLimitWarning(clock, "milter")
         # (function, *args) -> Deferred; the reactor's thread pool unless a test injects one.
         self.run_in_thread = run_in_thread or (
             lambda f, *args: threads.deferToThreadPool(clock, clock.getThreadPool(), f, *args))

@@ -23,7 +23,7 @@ from collections import OrderedDict, deque
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
-from .connection import TimedConnection
+from .connection import OverLimitWarning, TimedConnection
 from .policy_codec import PolicyDecoder, PolicyProtocolError, encode_reply
 
 __all__ = ["PolicyFactory", "PolicyProtocol", "MAX_QUEUED"]
@@ -32,7 +32,6 @@ _log = Logger(namespace="policyd-ipv6")
 
 # Postfix never sends a request before the previous reply; a peer that does is bounded.
 MAX_QUEUED = 16
-WARN_INTERVAL_SECONDS = 60.0
 
 
 class PolicyProtocol(TimedConnection, protocol.Protocol):
@@ -134,8 +133,7 @@ class PolicyFactory(protocol.Factory):
         self.idle_timeout_seconds = idle_timeout_seconds
         # Open connections, least recently active first.
         self.open: OrderedDict[PolicyProtocol, None] = OrderedDict()
-        self._over_limit = 0
-        self._warned_at: float | None = None
+        self.over_limit = OverLimitWarning(clock, "policy")
 
     @property
     def connections(self) -> int:
@@ -148,7 +146,9 @@ class PolicyFactory(protocol.Factory):
         """Take a new connection in, closing the longest-idle one if the limit is reached."""
         if len(self.open) >= self.max_connections:
             victim = next((p for p in self.open if p.idle), None)
-            self._count_over_limit(evicted=victim is not None)
+            self.over_limit.note(self.max_connections,
+                                 "closed the longest-idle connection" if victim is not None
+                                 else "every connection busy, closed the new one")
             if victim is None:
                 return False
             victim._close()
@@ -162,15 +162,3 @@ class PolicyFactory(protocol.Factory):
 
     def forget(self, proto: PolicyProtocol) -> None:
         self.open.pop(proto, None)
-
-    def _count_over_limit(self, evicted: bool) -> None:
-        self._over_limit += 1
-        now = self.clock.seconds()
-        if self._warned_at is not None and now - self._warned_at < WARN_INTERVAL_SECONDS:
-            return
-        _log.warn("max_connections={limit} reached: {n} time(s) since the last warning; "
-                  "{what}", limit=self.max_connections, n=self._over_limit,
-                  what="closed the longest-idle connection" if evicted
-                  else "every connection busy, closed the new one")
-        self._over_limit = 0
-        self._warned_at = now

@@ -69,12 +69,15 @@ def raise_open_files_limit() -> tuple[int, int]:
     return soft, hard
 
 
-def descriptor_budget(open_files: int, max_connections: int) -> tuple[int, int]:
-    """Split the open-files limit: (policy connections, DNS queries in flight).
+def descriptor_budget(open_files: int, max_connections: int,
+                      listeners: int = 1) -> tuple[int, int]:
+    """Split the open-files limit: (connections per kind of listener, DNS queries in flight).
 
     A quarter of the descriptors (at least 64) stays for DNS sockets, log files and listeners,
     so that accept() never meets EMFILE, which Twisted answers by dropping clients silently.
+    The rest is shared by the ``listeners`` kinds of connection (policy, and the milter's when
+    it is on: one SMTP session can hold one of each).
     """
     reserve = max(64, open_files // 4)
-    connections = max(1, min(max_connections, open_files - reserve))
+    connections = max(1, min(max_connections, (open_files - reserve) // listeners))
     return connections, max(8, reserve - 32)

@@ -38,8 +38,12 @@ def serve(config: Config, log_level: str = "info", allow_root: bool = False) -> 
                        errors="backslashreplace", closefd=False)
     start_logging(stream, log_level, reactor)
     soft, _hard = raise_open_files_limit()
-    connections, dns_inflight = descriptor_budget(soft, config.max_connections)
+    milter = service.milter_factory
+    connections, dns_inflight = descriptor_budget(soft, config.max_connections,
+                                                  2 if milter is not None else 1)
     service.factory.max_connections = connections
+    if milter is not None:
+        milter.max_connections = connections
     service.lookups.max_inflight = dns_inflight
     if connections < config.max_connections:
         _log.warn("max_connections = {asked} lowered to {connections}: the open-files limit is "

@@ -111,3 +111,11 @@ def test_descriptor_budget_keeps_room_for_dns():
     assert descriptor_budget(1_048_576, 1000) == (1000, 262_112)
     connections, dns = descriptor_budget(256, 1000)
     assert connections == 192 and dns == 32 and connections + dns < 256
+
+
+def test_descriptor_budget_is_shared_with_the_milter():
+    """With the milter on, policy and milter connections share what DNS leaves."""
+    from policyd_ipv6.privileges import descriptor_budget
+
+    connections, dns = descriptor_budget(1024, 1000, listeners=2)
+    assert connections == 384 and 2 * connections + dns < 1024

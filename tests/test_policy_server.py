@@ -212,3 +212,26 @@ def test_deadline_stops_the_checks_still_running():
     # without cancellation the evaluation would go on to the include once example.net arrived
     assert ("example.net", "TXT") in fake.queries
     assert ("a.example", "TXT") not in fake.queries
+
+
+def test_over_limit_warning_is_logged_at_most_once_a_minute():
+    """Connections turned away in a flood give one log line a minute, carrying the count."""
+    from twisted.logger import globalLogPublisher
+
+    from policyd_ipv6.connection import OverLimitWarning
+
+    lines = []
+    observer = lambda event: lines.append(event) if "max_connections" in event.get(  # noqa
+        "log_format", "") else None
+    globalLogPublisher.addObserver(observer)
+    try:
+        clock = task.Clock()
+        warning = OverLimitWarning(clock, "milter")
+        for _ in range(100):
+            warning.note(10, "closed the new one")
+        assert len(lines) == 1
+        clock.advance(61)
+        warning.note(10, "closed the new one")
+        assert len(lines) == 2 and lines[1]["n"] == 100
+    finally:
+        globalLogPublisher.removeObserver(observer)
