@@ -28,9 +28,8 @@ from twisted.internet import defer
 from .cache import ExpiringCache
 from .dns_wire import encode_name
 
-__all__ = ["Answer", "Lookups", "RRTYPES"]
+__all__ = ["Answer", "Lookups"]
 
-RRTYPES = ("A", "AAAA", "MX", "PTR", "TXT", "CNAME")
 _NEGATIVE_TTL_FALLBACK = 60.0  # when a negative answer carries no SOA
 
 
@@ -86,7 +85,6 @@ class Lookups:
         self.cache = ExpiringCache(max_entries, clock)
         self.max_ttl_seconds = max_ttl_seconds
         self._inflight: dict[tuple[str, str], list[defer.Deferred]] = {}
-        self.queries_sent = 0
 
     def cached(self, name: str, rrtype: str) -> Answer | None:
         return self.cache.get((name.lower().rstrip("."), rrtype))
@@ -109,7 +107,6 @@ class Lookups:
         if len(self._inflight) >= self.max_inflight:
             return defer.succeed(Answer("tempfail", detail="too many DNS queries in flight"))
         self._inflight[key] = [mine]
-        self.queries_sent += 1
         d = self.client.query(key[0], qtype)
         d.addCallbacks(lambda r: interpret(r, rrtype, self.max_ttl_seconds),
                        lambda f: Answer("tempfail", detail=f.getErrorMessage()))

@@ -37,7 +37,6 @@ class MessageFacts:
     def __init__(self, clock, deadline_seconds: float) -> None:
         self.facts = Facts()
         self.started = clock.seconds()
-        self.shared = 0  # how many later requests reused these facts
         self._waiting: dict[Need, list[defer.Deferred]] = {Need.RDNS: [], Need.SPF: []}
         self._clock, self._deadline_seconds = clock, deadline_seconds
         self._timer = None  # armed by start_deadline() once the checks are under way
@@ -111,7 +110,6 @@ class FactFinder:
             key = ("", next(self._unique))
         found = self.messages.get(key)
         if found is not None:
-            found.shared += 1
             return found, True
         message = MessageFacts(self.clock, self.deadline_seconds)
         if subject.instance:

@@ -29,6 +29,7 @@ import spf
 from twisted.internet import defer
 
 from .addresses import IPAddress, domain_key, helo_domain, recipient_domain
+from .cache import ExpiringCache
 from .facts import SpfFact
 
 __all__ = ["check_spf", "SpfResults", "MAX_RUNS"]
@@ -206,8 +207,6 @@ class SpfResults:
     """
 
     def __init__(self, max_entries: int, clock) -> None:
-        from .cache import ExpiringCache
-
         self.cache = ExpiringCache(max_entries, clock)
 
     @staticmethod
