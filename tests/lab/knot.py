@@ -155,12 +155,6 @@ class KnotServer(ServerProcess):
     def _wrap(self, argv: list[str]) -> list[str]:
         return ["ip", "netns", "exec", self.netns, *argv] if self.netns else argv
 
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except (OSError, TypeError):
-            return "(no log)"
-
     def start(self) -> "KnotServer":
         """Write the files, check the config, start knotd and wait until every zone answers."""
         problem = knot_unavailable()

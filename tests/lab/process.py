@@ -4,7 +4,7 @@ Contract: ``terminate(process, grace_seconds)`` takes a ``subprocess.Popen`` (or
 this test run started, sends SIGTERM, waits up to ``grace_seconds``, then SIGKILLs and reaps
 it. Idempotent: an already finished process (or None) is left as it is. Only the given PID is
 signalled, never a name or a process group. ``ServerProcess`` is the shape the lab's servers
-share: a ``process`` and a private ``directory``, removed by an idempotent ``stop()`` that
+share: a ``process``, a private ``directory`` and a ``log_path``, removed by an idempotent ``stop()`` that
 also runs on leaving a ``with`` block (subclasses provide ``start()``).
 """
 
@@ -33,6 +33,13 @@ class ServerProcess:
 
     def start(self):
         raise NotImplementedError
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines of the server's log (``log_path``), for error messages."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except (OSError, TypeError, AttributeError):  # no directory yet, or no log
+            return "(no log)"
 
     def stop(self) -> None:
         """Stop the process by PID (SIGTERM, then SIGKILL) and remove the directory."""

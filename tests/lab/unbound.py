@@ -155,12 +155,6 @@ class UnboundServer(ServerProcess):
     def log_path(self) -> Path:
         return self.directory / "unbound.log"
 
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except (OSError, TypeError):
-            return "(no log)"
-
     def start(self) -> "UnboundServer":
         problem = unbound_available()
         if problem:
