@@ -2,6 +2,6 @@
 
 import sys
 
-from .cli import main
+from policyd_ipv6.daemon.cli import main
 
 sys.exit(main())

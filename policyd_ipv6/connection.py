@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from twisted.logger import Logger
 
-from .addresses import printable
+from policyd_ipv6.text import printable
 
 __all__ = ["TimedConnection", "OverLimitWarning", "WARN_INTERVAL_SECONDS"]
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, replace
 
-__all__ = ["RdnsOutcome", "RdnsFact", "SpfFact", "Facts", "SPF_RESULTS"]
+__all__ = ["RdnsOutcome", "RdnsFact", "SpfFact", "Facts", "SPF_RESULTS", "DkimFact",
+           "SignatureResult"]
 
 # RFC 7208 §2.6 results, as pyspf's check2() names them.
 SPF_RESULTS = ("pass", "fail", "softfail", "neutral", "none", "permerror", "temperror")
@@ -56,3 +57,26 @@ class Facts:
 
     def with_(self, **changes) -> Facts:
         return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class SignatureResult:
+    result: str  # "pass" | "fail" | "permerror" | "temperror" (RFC 8601 §2.7.1)
+    domain: str = ""  # d=, printable
+    selector: str = ""  # s=, printable
+    b_prefix: str = ""  # the first 8 characters of b= (RFC 6008 header.b)
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class DkimFact:
+    result: str  # "pass" | "fail" | "none" | "temperror"
+    domain: str = ""
+    selector: str = ""
+    reason: str = ""
+    signatures: tuple[SignatureResult, ...] = ()
+
+    def describe(self) -> str:
+        if self.result == "pass":
+            return f"pass(d={self.domain} s={self.selector})"
+        return self.result

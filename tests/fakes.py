@@ -17,7 +17,7 @@ import dns.rdatatype
 import dns.rrset
 from twisted.internet import defer
 
-from policyd_ipv6.dns_client import TransientDnsError
+from policyd_ipv6.resolver.client import TransientDnsError
 
 
 class FakeDnsClient:
@@ -32,7 +32,7 @@ class FakeDnsClient:
         self.ttl = ttl
         self.queries: list[tuple[str, str]] = []
 
-    def add(self, name: str, rtype: str, *values: str) -> "FakeDnsClient":
+    def add(self, name: str, rtype: str, *values: str) -> FakeDnsClient:
         self.records.setdefault((name.lower().rstrip("."), rtype), []).extend(values)
         return self
 

@@ -1,9 +1,11 @@
 """Tests of untrusted-name normalisation (policyd_ipv6.addresses)."""
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from policyd_ipv6.addresses import client_ip, domain_key, helo_domain, printable, recipient_domain
+from policyd_ipv6.names import client_ip, domain_key, helo_domain, recipient_domain
+from policyd_ipv6.text import printable
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -12,10 +12,10 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 import dnslab
+import pytest
 from lab.knot import KnotServer, free_port, require_knot
+
 from policyd_ipv6 import __version__
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from policyd_ipv6.cli import SAMPLE_CONFIG
-from policyd_ipv6.config import KEYS, Config, ConfigError, load_config, parse_config
-from policyd_ipv6.dns_client import Nameserver
+from policyd_ipv6.daemon.cli import SAMPLE_CONFIG
+from policyd_ipv6.daemon.config import KEYS, Config, ConfigError, load_config, parse_config
+from policyd_ipv6.resolver.wire import Nameserver
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -106,7 +106,7 @@ def test_sample_config_mentions_every_key():
 
 def test_descriptor_budget_keeps_room_for_dns():
     """max_connections is capped below the open-files limit, leaving room for DNS sockets."""
-    from policyd_ipv6.privileges import descriptor_budget
+    from policyd_ipv6.daemon.limits import descriptor_budget
 
     assert descriptor_budget(1_048_576, 1000) == (1000, 262_112)
     connections, dns = descriptor_budget(256, 1000)
@@ -115,7 +115,7 @@ def test_descriptor_budget_keeps_room_for_dns():
 
 def test_descriptor_budget_is_shared_with_the_milter():
     """With the milter on, policy and milter connections share what DNS leaves."""
-    from policyd_ipv6.privileges import descriptor_budget
+    from policyd_ipv6.daemon.limits import descriptor_budget
 
     connections, dns = descriptor_budget(1024, 1000, listeners=2)
     assert connections == 384 and 2 * connections + dns < 1024

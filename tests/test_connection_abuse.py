@@ -14,9 +14,9 @@ import socket
 import time
 
 import pytest
-
 from lab.daemonproc import ServeProcess, request
-from policyd_ipv6.policy_codec import MAX_LINE_BYTES, MAX_REQUEST_BYTES
+
+from policyd_ipv6.policy.codec import MAX_LINE_BYTES, MAX_REQUEST_BYTES
 
 IDLE = 2.0            # idle_timeout_seconds in these tests (the smallest allowed is 1)
 SERVED_MS = 200.0     # a request needing no DNS is answered within this, whatever the abuse

@@ -4,10 +4,10 @@ import ipaddress
 
 import pytest
 
-from policyd_ipv6.decision import DUNNO, RULES, Need, Policy, Subject, Verdict, decide
 from policyd_ipv6.facts import Facts, RdnsFact, RdnsOutcome, SpfFact
-from policyd_ipv6.optin import parse_optin
-from policyd_ipv6.replies import Replies
+from policyd_ipv6.optin.table import parse_optin
+from policyd_ipv6.policy.decision import DUNNO, RULES, Need, Policy, Subject, Verdict, decide
+from policyd_ipv6.policy.replies import Replies
 
 OPTIN = parse_optin("contoso.com\n.example.org\n")
 POLICY = Policy(trusted_networks=(ipaddress.ip_network("2001:db8:ffff::/48"),))
@@ -148,7 +148,7 @@ def test_every_rule_is_reachable():
 
 def test_walk_resumed_at_fact_rules_gives_the_same_verdict():
     """Resuming at FACT_RULES after a Need gives what a walk from the start gives."""
-    from policyd_ipv6.decision import FACT_RULES
+    from policyd_ipv6.policy.decision import FACT_RULES
 
     assert all(not rule.needs for rule in RULES[:FACT_RULES]) and RULES[FACT_RULES].needs
     for rdns, spf in [(PASS, SpfFact("pass")), (MISSING, None), (PASS, SpfFact("fail")),

@@ -2,16 +2,16 @@
 dkimpy, key records served by the DNS fake and by a real Knot server."""
 
 import pytest
-from twisted.internet import defer, task
-
 from dkimkeys import DkimKey, message, require_openssl, sign
 from fakes import FakeDnsClient
 from lab.knot import KnotServer, free_port, require_knot
 from lab.zones import Zone, txt_rdata
-from policyd_ipv6 import dkim_check
-from policyd_ipv6.dkim_check import MAX_SIGNATURES, check_dkim
-from policyd_ipv6.lookups import Lookups
 from realtime import wait
+from twisted.internet import defer, task
+
+from policyd_ipv6.checks import dkim as dkim_check
+from policyd_ipv6.checks.dkim import MAX_SIGNATURES, check_dkim
+from policyd_ipv6.resolver.lookups import Lookups
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +175,8 @@ def test_against_knot_valid_altered_unknown_selector_long_key_and_thread(knot_ke
     from twisted.internet import reactor, threads
     from twisted.python.threadpool import ThreadPool
 
-    from policyd_ipv6.dns_client import DnsClient, Nameserver
+    from policyd_ipv6.resolver.client import DnsClient
+    from policyd_ipv6.resolver.wire import Nameserver
 
     server, big = knot_keys
     lookups = Lookups(DnsClient(reactor, [Nameserver("127.0.0.1", server.listen[0][1])],

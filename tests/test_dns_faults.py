@@ -15,23 +15,38 @@ import re
 import time
 
 import pytest
-from twisted.logger import globalLogPublisher
-
-from faultlab import (AUTH, BAD_REV, DROPPED_REV, DUNNO, HUGE_SPF, KNOT_REV, LONG_LOCAL,
-                      NO_PTR, SPF_KNOT_CASES, TEMP_RDNS, TEMP_SPF, bad_ip, bad_table, knot_ip,
-                      knot_zones)
+from faultlab import (
+    AUTH,
+    BAD_REV,
+    DROPPED_REV,
+    DUNNO,
+    HUGE_SPF,
+    KNOT_REV,
+    LONG_LOCAL,
+    NO_PTR,
+    SPF_KNOT_CASES,
+    TEMP_RDNS,
+    TEMP_SPF,
+    bad_ip,
+    bad_table,
+    knot_ip,
+    knot_zones,
+)
 from lab.baddns import BadDns
 from lab.daemonproc import ServeProcess, ask, request
 from lab.knot import KnotServer, free_port, require_knot
 from lab.unbound import BlackHoles, UnboundServer, require_unbound
-from policyd_ipv6.decision import Policy
-from policyd_ipv6.dns_client import DnsClient, Nameserver
-from policyd_ipv6.engine import PolicyEngine
-from policyd_ipv6.facts import RdnsOutcome
-from policyd_ipv6.lookups import Lookups
-from policyd_ipv6.message_facts import FactFinder
-from policyd_ipv6.optin import parse_optin
 from realtime import wait
+from twisted.logger import globalLogPublisher
+
+from policyd_ipv6.checks.gather import FactFinder
+from policyd_ipv6.facts import RdnsOutcome
+from policyd_ipv6.optin.table import parse_optin
+from policyd_ipv6.policy.decision import Policy
+from policyd_ipv6.policy.engine import PolicyEngine
+from policyd_ipv6.resolver.client import DnsClient
+from policyd_ipv6.resolver.lookups import Lookups
+from policyd_ipv6.resolver.wire import Nameserver
 
 
 # -- fixtures -------------------------------------------------------------------------------

@@ -5,9 +5,10 @@ import dns.message
 import dns.name
 import dns.rdatatype
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from policyd_ipv6.dns_wire import EDNS_PAYLOAD, encode_name, encode_query, is_reply_to
+from policyd_ipv6.resolver.wire import EDNS_PAYLOAD, encode_name, encode_query, is_reply_to
 
 PTR_NAME = "5.2.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa"
 

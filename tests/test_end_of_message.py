@@ -3,15 +3,19 @@
 
 import pytest
 
-from policyd_ipv6.decision import Subject, Verdict as PolicyVerdict
-from policyd_ipv6.dkim_check import DkimFact, SignatureResult
-from policyd_ipv6.end_of_message import (auth_results, claims_authserv_id, decide_end,
-                                         needs_check)
-from policyd_ipv6.facts import Facts, RdnsFact, RdnsOutcome, SpfFact
-from policyd_ipv6.milter_codec import ChangeHeader, InsertHeader, ReplyCode, Verdict
-from policyd_ipv6.milter_events import Header
-from policyd_ipv6.replies import Replies
-from policyd_ipv6.sessions import MessageRecord
+from policyd_ipv6.facts import DkimFact, Facts, RdnsFact, RdnsOutcome, SignatureResult, SpfFact
+from policyd_ipv6.milter.codec import ChangeHeader, Disposition, InsertHeader, ReplyCode
+from policyd_ipv6.milter.end_of_message import (
+    auth_results,
+    claims_authserv_id,
+    decide_end,
+    needs_check,
+)
+from policyd_ipv6.milter.events import Header
+from policyd_ipv6.milter.registry import MessageRecord
+from policyd_ipv6.policy.decision import Subject
+from policyd_ipv6.policy.decision import Verdict as PolicyVerdict
+from policyd_ipv6.policy.replies import Replies
 
 ADDR = "2001:db8:1::10"
 FACTS = Facts(RdnsFact(RdnsOutcome.PASS, ("mail.sender.test",)), SpfFact("fail"))
@@ -44,9 +48,9 @@ def record(rule, sender="alice@sender.test", facts=FACTS):
      "dkim-failed"),
     ("spf-failed-dkim-pending", TEMP, ReplyCode(f"451 4.4.3 try later (DKIM) [{ADDR}]"),
      "dkim-temporary"),
-    ("spf-failed-dkim-pending", PASSED, Verdict.CONTINUE, "dkim-pass"),
-    ("pass", UNSIGNED, Verdict.CONTINUE, "spf-pass"),
-    ("pass", TEMP, Verdict.CONTINUE, "spf-pass"),
+    ("spf-failed-dkim-pending", PASSED, Disposition.CONTINUE, "dkim-pass"),
+    ("pass", UNSIGNED, Disposition.CONTINUE, "spf-pass"),
+    ("pass", TEMP, Disposition.CONTINUE, "spf-pass"),
 ])
 def test_each_rule_gives_its_response(rule, dkim, response, name):
     """Every end-of-message rule, with the configured reply texts used exactly."""
@@ -60,7 +64,7 @@ def test_not_concerned_and_too_large():
     refused = record("not-opted-in")
     for r in (None, MessageRecord("<a@b>"), refused):
         assert needs_check(r, False) is None
-        assert decide_end(r, False, None, REPLIES, "mx").response is Verdict.ACCEPT
+        assert decide_end(r, False, None, REPLIES, "mx").response is Disposition.ACCEPT
     assert needs_check(record("pass"), True) is None
     assert decide_end(record("pass"), True, None, REPLIES, "mx").rule == "too-large"
     big = decide_end(record("spf-failed-dkim-pending"), True, None, REPLIES, "mx")

@@ -14,22 +14,23 @@ import ipaddress
 import re
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from fakes import FakeDnsClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from lab.baddns import BadDns, Behaviour
+from lab.daemonproc import ServeProcess, ask, is_valid_action, request
+from lab.zones import txt_rdata
 from twisted.internet import task
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 
-from fakes import FakeDnsClient
-from lab.baddns import BadDns, Behaviour
-from lab.daemonproc import ServeProcess, ask, is_valid_action, request
-from lab.zones import txt_rdata
-from policyd_ipv6.decision import Policy
-from policyd_ipv6.engine import PolicyEngine
-from policyd_ipv6.lookups import Lookups
-from policyd_ipv6.message_facts import FactFinder
-from policyd_ipv6.optin import parse_optin
-from policyd_ipv6.policy_codec import encode_reply
-from policyd_ipv6.policy_server import PolicyFactory
+from policyd_ipv6.checks.gather import FactFinder
+from policyd_ipv6.optin.table import parse_optin
+from policyd_ipv6.policy.codec import encode_reply
+from policyd_ipv6.policy.decision import Policy
+from policyd_ipv6.policy.engine import PolicyEngine
+from policyd_ipv6.policy.server import PolicyFactory
+from policyd_ipv6.resolver.lookups import Lookups
 
 DEADLINE = 5.0
 WITH_PTR = "2001:db8::25"

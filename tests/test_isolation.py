@@ -15,7 +15,6 @@ import selectors
 import time
 
 import pytest
-
 from lab.daemonproc import ServeProcess, ask, request
 from lab.knot import KnotServer, free_port, require_knot
 from lab.unbound import BlackHoles, UnboundServer, require_unbound

@@ -13,10 +13,16 @@ import dns.query
 import dns.rcode
 import dns.rdatatype
 import pytest
-
 from lab.knot import KnotError, KnotServer, free_port, require_knot
-from lab.zones import (Zone, dkim_txt_rdata, forward_zone, reverse_zone, reverse_zone_name,
-                       reverse_zones, txt_rdata)
+from lab.zones import (
+    Zone,
+    dkim_txt_rdata,
+    forward_zone,
+    reverse_zone,
+    reverse_zone_name,
+    reverse_zones,
+    txt_rdata,
+)
 
 SENDER_NET6 = "2001:db8:1::/64"
 SENDER_NET4 = "192.0.2.0/24"

@@ -4,8 +4,11 @@ import os
 
 import pytest
 
-from policyd_ipv6 import optin, policy_codec, policy_server, spf_check
-from policyd_ipv6.config import KEYS
+from policyd_ipv6.checks import spf as spf_check
+from policyd_ipv6.daemon.config import KEYS
+from policyd_ipv6.optin import table as optin
+from policyd_ipv6.policy import codec as policy_codec
+from policyd_ipv6.policy import server as policy_server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = {"README.md": os.path.join(ROOT, "README.md"),

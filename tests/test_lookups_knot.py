@@ -8,17 +8,18 @@ SPF checks run on the real reactor. A second part runs the same lookups through 
 import ipaddress
 import time
 
-import pytest
-
 import dnslab
+import pytest
 from fakes import FakeDnsClient
 from lab.knot import KnotServer, free_port, require_knot
-from policyd_ipv6.dns_client import DnsClient, Nameserver
-from policyd_ipv6.facts import RdnsOutcome
-from policyd_ipv6.lookups import Lookups
-from policyd_ipv6.rdns import check_rdns
-from policyd_ipv6.spf_check import check_spf
 from realtime import wait
+
+from policyd_ipv6.checks.rdns import check_rdns
+from policyd_ipv6.checks.spf import check_spf
+from policyd_ipv6.facts import RdnsOutcome
+from policyd_ipv6.resolver.client import DnsClient
+from policyd_ipv6.resolver.lookups import Lookups
+from policyd_ipv6.resolver.wire import Nameserver
 
 pytestmark = pytest.mark.knot
 

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from policyd_ipv6 import __version__, cli
-from policyd_ipv6.config import KEYS
-from policyd_ipv6.replies import Replies
+from policyd_ipv6 import __version__
+from policyd_ipv6.daemon import cli
+from policyd_ipv6.daemon.config import KEYS
+from policyd_ipv6.policy.replies import Replies
 
 DEBIAN = Path(__file__).resolve().parents[1] / "debian"
 PAGE_8 = DEBIAN / "policyd-ipv6.8"
@@ -177,7 +178,7 @@ def test_pages_render_without_warnings(page):
 
 def test_keys_that_need_a_restart_say_so():
     """Each key SIGHUP cannot change (service.RESTART_KEYS) is documented as needing a restart."""
-    from policyd_ipv6.service import RESTART_KEYS
+    from policyd_ipv6.daemon.wiring import RESTART_KEYS
 
     documented = {tag.split(" = ", 1)[0]: plain(" ".join(body))
                   for tag, body in entries(sections(PAGE_5.read_text())["KEYS"]).items()}

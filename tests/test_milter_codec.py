@@ -8,14 +8,36 @@ command byte, then the payload; strings end in NUL; numbers are big-endian.
 import struct
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from policyd_ipv6.milter_codec import (
-    Action, AddHeader, BodyCommand, ChangeHeader, ConnectCommand, EndOfMessageCommand,
-    HeaderCommand, HeloCommand, InsertHeader, MacroCommand, MacroStage, MailCommand,
-    MilterProtocolError, MilterUsageError, OptNegCommand, PacketReader, Protocol,
-    RcptCommand, ReplyCode, SimpleCommand, UnknownCommand, Verdict, encode_optneg,
-    encode_packet, encode_response)
+from policyd_ipv6.milter.codec import (
+    Action,
+    AddHeader,
+    BodyCommand,
+    ChangeHeader,
+    ConnectCommand,
+    EndOfMessageCommand,
+    HeaderCommand,
+    HeloCommand,
+    InsertHeader,
+    MacroCommand,
+    MacroStage,
+    MailCommand,
+    MilterProtocolError,
+    MilterUsageError,
+    OptNegCommand,
+    PacketReader,
+    Protocol,
+    RcptCommand,
+    ReplyCode,
+    SimpleCommand,
+    UnknownCommand,
+    encode_optneg,
+    encode_packet,
+    encode_response,
+)
+from policyd_ipv6.milter.codec import Disposition as Verdict
 
 
 def pkt(code: bytes, payload: bytes = b"") -> bytes:

@@ -8,15 +8,15 @@ import subprocess
 import sys
 
 import pytest
-
 from dkimkeys import DkimKey, message, require_openssl, sign
 from lab.knot import KnotServer, free_port, require_knot
 from lab.zones import Zone, reverse_zones, txt_rdata
-from policyd_ipv6.config import Config, parse_config
-from policyd_ipv6.service import PolicyService, authserv_id
 from test_cli import Daemon, ask
 from test_milter_server import content
 from test_milter_session import cstr, macro, optneg, pkt
+
+from policyd_ipv6.daemon.config import Config, parse_config
+from policyd_ipv6.daemon.wiring import PolicyService, authserv_id
 
 pytestmark = pytest.mark.knot
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,7 +174,7 @@ def test_authserv_id_defaults_to_the_host_name():
 ])
 def test_bad_milter_keys_are_errors_naming_the_key(text, words):
     """Bad values of the two milter keys are configuration errors naming key and value."""
-    from policyd_ipv6.config import ConfigError
+    from policyd_ipv6.daemon.config import ConfigError
 
     with pytest.raises(ConfigError) as raised:
         parse_config(text)
@@ -222,7 +222,7 @@ def test_sighup_applies_a_new_authserv_id_and_asks_a_restart_for_milter_listen(t
     (its sockets are bound), and the running milter keeps its sessions registry."""
     from twisted.internet import task
 
-    from policyd_ipv6.config import load_config
+    from policyd_ipv6.daemon.config import load_config
 
     path = write_config(tmp_path, knot, 'milter_listen = ["tcp:0"]\nauthserv_id = "a.example"\n')
     service = PolicyService(load_config(path), task.Clock())

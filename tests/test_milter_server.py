@@ -6,23 +6,24 @@ import ipaddress
 import struct
 
 import pytest
-from twisted.internet import defer, task
-from twisted.internet.testing import StringTransport
-
 from dkimkeys import DkimKey, message, require_openssl, sign
 from fakes import FakeDnsClient
 from lab.zones import txt_rdata
-from policyd_ipv6 import end_of_message, milter_server
-from policyd_ipv6.decision import Policy
-from policyd_ipv6.engine import PolicyEngine
-from policyd_ipv6.lookups import Lookups
-from policyd_ipv6.message_facts import FactFinder
-from policyd_ipv6.milter_server import MilterFactory
-from policyd_ipv6.optin import parse_optin
-from policyd_ipv6.policy_server import PolicyFactory
-from policyd_ipv6.replies import Replies
-from policyd_ipv6.sessions import Sessions
 from test_milter_session import cstr, macro, optneg, pkt
+from twisted.internet import defer, task
+from twisted.internet.testing import StringTransport
+
+from policyd_ipv6.checks.gather import FactFinder
+from policyd_ipv6.milter import end_of_message
+from policyd_ipv6.milter import server as milter_server
+from policyd_ipv6.milter.registry import Sessions
+from policyd_ipv6.milter.server import MilterFactory
+from policyd_ipv6.optin.table import parse_optin
+from policyd_ipv6.policy.decision import Policy
+from policyd_ipv6.policy.engine import PolicyEngine
+from policyd_ipv6.policy.replies import Replies
+from policyd_ipv6.policy.server import PolicyFactory
+from policyd_ipv6.resolver.lookups import Lookups
 
 ADDR = "2001:db8:1::10"
 SERVER = "2001:db8:25::25"
@@ -379,7 +380,7 @@ def test_too_large_message_needing_dkim_is_refused_and_one_passing_spf_is_untouc
 
 
 def milter_server_session(**kwargs):
-    from policyd_ipv6.milter_session import MilterSession
+    from policyd_ipv6.milter.session import MilterSession
 
     return MilterSession(**kwargs)
 

@@ -8,13 +8,31 @@ answers it skips once SMFIP_NR_* flags are agreed.
 import struct
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from policyd_ipv6.milter_codec import (AddHeader, ChangeHeader, InsertHeader, MilterProtocolError,
-                                       MilterUsageError, ReplyCode, Verdict)
-from policyd_ipv6.milter_events import (Aborted, Closed, Connected, DataStarted, EndOfMessage,
-                                        Helo, MailFrom, Negotiated, Recipient, UnknownCommand)
-from policyd_ipv6.milter_session import MilterSession, Stage, State
+from policyd_ipv6.milter.codec import (
+    AddHeader,
+    ChangeHeader,
+    InsertHeader,
+    MilterProtocolError,
+    MilterUsageError,
+    ReplyCode,
+)
+from policyd_ipv6.milter.codec import Disposition as Verdict
+from policyd_ipv6.milter.events import (
+    Aborted,
+    Closed,
+    Connected,
+    DataStarted,
+    EndOfMessage,
+    Helo,
+    MailFrom,
+    Negotiated,
+    Recipient,
+    UnknownCommand,
+)
+from policyd_ipv6.milter.session import MilterSession, Stage, State
 
 CONTINUE = b"\x00\x00\x00\x01c"
 

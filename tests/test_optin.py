@@ -5,8 +5,8 @@ import os
 import pytest
 from twisted.internet import task
 
-from policyd_ipv6.optin import OptinSyntaxError, load_optin, parse_optin
-from policyd_ipv6.optin_watch import OptinWatcher
+from policyd_ipv6.optin.table import OptinSyntaxError, load_optin, parse_optin
+from policyd_ipv6.optin.watch import OptinWatcher
 
 TEXT = """
 # opted-in domains

@@ -15,7 +15,6 @@ import stat
 import time
 
 import pytest
-
 from lab.baddns import BadDns, Behaviour
 from lab.daemonproc import ServeProcess, request
 from lab.zones import txt_rdata

@@ -1,10 +1,17 @@
 """Tests of the sans-IO policy protocol codec (policyd_ipv6.policy_codec)."""
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from policyd_ipv6.policy_codec import (MAX_ATTRIBUTES, MAX_LINE_BYTES, MAX_REQUEST_BYTES,
-                                       PolicyDecoder, PolicyProtocolError, encode_reply)
+from policyd_ipv6.policy.codec import (
+    MAX_ATTRIBUTES,
+    MAX_LINE_BYTES,
+    MAX_REQUEST_BYTES,
+    PolicyDecoder,
+    PolicyProtocolError,
+    encode_reply,
+)
 
 # A request exactly as Postfix 3.7 sends it at RCPT (attribute order as in smtpd_check.c).
 POSTFIX_RCPT = (

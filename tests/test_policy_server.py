@@ -2,16 +2,16 @@
 
 import ipaddress
 
+from fakes import FakeDnsClient
 from twisted.internet import task
 from twisted.internet.testing import StringTransport
 
-from fakes import FakeDnsClient
-from policyd_ipv6.decision import Policy
-from policyd_ipv6.engine import PolicyEngine
-from policyd_ipv6.lookups import Lookups
-from policyd_ipv6.message_facts import FactFinder
-from policyd_ipv6.optin import parse_optin
-from policyd_ipv6.policy_server import MAX_QUEUED, PolicyFactory
+from policyd_ipv6.checks.gather import FactFinder
+from policyd_ipv6.optin.table import parse_optin
+from policyd_ipv6.policy.decision import Policy
+from policyd_ipv6.policy.engine import PolicyEngine
+from policyd_ipv6.policy.server import MAX_QUEUED, PolicyFactory
+from policyd_ipv6.resolver.lookups import Lookups
 
 ADDR = "2001:db8::25"
 PTR = ipaddress.ip_address(ADDR).reverse_pointer

@@ -3,12 +3,12 @@
 import ipaddress
 
 import pytest
+from fakes import FakeDnsClient
 from twisted.internet import task
 
-from fakes import FakeDnsClient
+from policyd_ipv6.checks.rdns import check_rdns
 from policyd_ipv6.facts import RdnsOutcome
-from policyd_ipv6.lookups import Lookups
-from policyd_ipv6.rdns import check_rdns
+from policyd_ipv6.resolver.lookups import Lookups
 
 IP = ipaddress.ip_address("2001:db8::25")
 PTR = IP.reverse_pointer

@@ -3,11 +3,17 @@ cycle, with literal milter connections and policy attributes and a fake clock.""
 
 from twisted.internet import task
 
-from policyd_ipv6.decision import Verdict
 from policyd_ipv6.facts import Facts
-from policyd_ipv6.milter_events import Connection
-from policyd_ipv6.sessions import (DKIM_PENDING_RULE, Sessions, SessionKey, milter_key,
-                                   policy_key, same_sender)
+from policyd_ipv6.milter.events import Connection
+from policyd_ipv6.milter.registry import (
+    DKIM_PENDING_RULE,
+    SessionKey,
+    Sessions,
+    milter_key,
+    policy_key,
+    same_sender,
+)
+from policyd_ipv6.policy.decision import Verdict
 
 ADDR = "2001:db8:1::10"
 

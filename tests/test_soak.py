@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 from lab.knot import require_knot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -3,11 +3,11 @@
 import ipaddress
 
 import pytest
+from fakes import FakeDnsClient
 from twisted.internet import task
 
-from fakes import FakeDnsClient
-from policyd_ipv6.lookups import Lookups
-from policyd_ipv6.spf_check import check_spf
+from policyd_ipv6.checks.spf import check_spf
+from policyd_ipv6.resolver.lookups import Lookups
 
 IP = ipaddress.ip_address("2001:db8::25")
 
@@ -145,7 +145,7 @@ def test_results_are_reused_per_domain_unless_macros_are_used():
     """A macro-free result serves every local part of the domain; a macro result only its own."""
     from twisted.internet import task as _task
 
-    from policyd_ipv6.spf_check import SpfResults
+    from policyd_ipv6.checks.spf import SpfResults
 
     fake = FakeDnsClient({("example.net", "TXT"): ['"v=spf1 ip6:2001:db8::/64 -all"'],
                           ("macro.example", "TXT"): ['"v=spf1 exists:%{l}.x.macro.example -all"']})
@@ -188,7 +188,7 @@ def test_names_a_record_needs_are_fetched_at_once():
 
 def test_macro_names_are_not_prefetched():
     """A name with a macro depends on the evaluation: it is left to pyspf."""
-    from policyd_ipv6.spf_check import _named_lookups
+    from policyd_ipv6.checks.spf import _named_lookups
 
     names = list(_named_lookups("v=spf1 include:%{d}.x.example exists:%{i}.y.example "
                                 "a mx/24 redirect=r.example", "d.example", "AAAA"))

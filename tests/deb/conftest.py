@@ -23,6 +23,7 @@ import pytest
 from . import debbuild
 from .debbuild import require
 
+
 def pytest_terminal_summary(terminalreporter):
     skipped = [r for r in terminalreporter.stats.get("skipped", [])
                if "deb" in getattr(r, "keywords", {})]

@@ -11,8 +11,9 @@ import shutil
 import subprocess
 
 from lab.postfix import main_cf_value
+
 from policyd_ipv6 import __version__
-from policyd_ipv6.config import DEFAULT_CONFIG_PATH, parse_config
+from policyd_ipv6.daemon.config import DEFAULT_CONFIG_PATH, parse_config
 
 from . import debbuild, readme_debian
 from .debbuild import require

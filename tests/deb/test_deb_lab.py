@@ -34,18 +34,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
 from e2e import topology as T
 from lab import knot, netns, postfix, smtp
 from lab.policyd import config_from_example
 
 from . import readme_debian
 from .debbuild import require
-from .expect import (CONFIG, FAKE_DKIM_KEY, NO_AUTH, NO_PTR, NOT_OPTED, OPTIN,
-                     installed_readme_debian)
+from .expect import (
+    CONFIG,
+    FAKE_DKIM_KEY,
+    NO_AUTH,
+    NO_PTR,
+    NOT_OPTED,
+    OPTIN,
+    installed_readme_debian,
+)
 from .unitfilter import filter_unavailable
-from .unitrun import (UNIT_PATH, InstalledDaemon, Unit, command_line, credentials,
-                      mount_options, sandbox_argv)
+from .unitrun import (
+    UNIT_PATH,
+    InstalledDaemon,
+    Unit,
+    command_line,
+    credentials,
+    mount_options,
+    sandbox_argv,
+)
 
 pytestmark = pytest.mark.deb
 

@@ -18,15 +18,13 @@ import tomllib
 from pathlib import Path
 
 import pytest
-
 from e2e import topology as T
 from lab.knot import KnotServer, free_port, require_knot
 from lab.policyd import config_from_example
 
 from . import debbuild
 from .debbuild import debian_env, require
-from .expect import (CONFIG, ETC, FAKE_DKIM_KEY, NO_AUTH, NO_PTR, NOT_OPTED, OPTIN,
-                     README_DEBIAN)
+from .expect import CONFIG, ETC, FAKE_DKIM_KEY, NO_AUTH, NO_PTR, NOT_OPTED, OPTIN, README_DEBIAN
 from .unitrun import UNIT_PATH, Unit
 
 pytestmark = pytest.mark.deb
@@ -63,7 +61,7 @@ def test_package_ships_command_unit_manuals_and_two_conffiles(package, tmp_path)
     listing = run(["dpkg-deb", "-c", str(package.build.deb)]).stdout
     paths = {line.split()[-1].lstrip(".") for line in listing.splitlines()}
     for expected in ("/usr/bin/policyd-ipv6", "/lib/systemd/system/policyd-ipv6.service",
-                     "/usr/lib/python3/dist-packages/policyd_ipv6/cli.py",
+                     "/usr/lib/python3/dist-packages/policyd_ipv6/daemon/cli.py",
                      "/usr/share/man/man8/policyd-ipv6.8.gz",
                      "/usr/share/man/man5/policyd-ipv6.toml.5.gz",
                      str(CONFIG), str(OPTIN)):

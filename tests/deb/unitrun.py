@@ -57,7 +57,7 @@ class Unit:
     settings: dict[str, list[str]]
 
     @classmethod
-    def read(cls, path: Path = UNIT_PATH) -> "Unit":
+    def read(cls, path: Path = UNIT_PATH) -> Unit:
         """The [Service] settings of a unit file (systemd.syntax(7): repeated keys add up)."""
         settings: dict[str, list[str]] = {}
         section = None

@@ -26,7 +26,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from lab import knot, netns, policyd, postfix, smtp
 
 from . import topology as T

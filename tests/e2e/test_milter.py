@@ -25,10 +25,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from dkimkeys import DkimKey, message, sign
 from lab import knot, netns, policyd, postfix, smtp
-from policyd_ipv6 import milter_server
+
+from policyd_ipv6.milter import server as milter_server
 
 from . import topology as T
 from .conftest import EXAMPLES, IN_CI, _missing_requirement

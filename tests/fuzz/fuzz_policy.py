@@ -2,7 +2,7 @@
 
 Contract: ``check(data)`` feeds ``data`` to a ``PolicyDecoder`` in slices cut where the input's
 first bytes say, and every decoded value (plus the raw input as text) to the normalisation
-functions of ``policyd_ipv6.addresses``; it raises AssertionError (or lets through any other
+functions of ``policyd_ipv6.names``; it raises AssertionError (or lets through any other
 exception) when an invariant breaks:
 
 - the decoder returns requests (dicts of str, with ``request=smtpd_access_policy``) or raises
@@ -25,9 +25,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from policyd_ipv6.addresses import (client_ip, domain_key, helo_domain, host_name,  # noqa: E402
-                                    printable, recipient_domain)
-from policyd_ipv6.policy_codec import PolicyDecoder, PolicyProtocolError  # noqa: E402
+from policyd_ipv6.names import client_ip, domain_key, helo_domain, host_name, recipient_domain
+from policyd_ipv6.policy.codec import PolicyDecoder, PolicyProtocolError  # noqa: E402
+from policyd_ipv6.text import printable
 
 SEEDS = [
     b"request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=2001:db8::25\n"

@@ -104,7 +104,7 @@ class BadDns:
         self._wake_r, self._wake_w = socket.socketpair()
 
     # -- lifecycle --------------------------------------------------------------------------
-    def start(self) -> "BadDns":
+    def start(self) -> BadDns:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         self.udp = socket.socket(family, socket.SOCK_DGRAM)
         self.tcp = socket.socket(family, socket.SOCK_STREAM)
@@ -139,7 +139,7 @@ class BadDns:
             self._thread.join(timeout=5)
             self._thread = None
 
-    def __enter__(self) -> "BadDns":
+    def __enter__(self) -> BadDns:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:

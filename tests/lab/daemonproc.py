@@ -79,7 +79,7 @@ class ServeProcess:
             argv = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--", *argv]
         return argv
 
-    def start(self) -> "ServeProcess":
+    def start(self) -> ServeProcess:
         limit = self.rlimit_nofile
         if limit is not None and os.geteuid() != 0:
             # only root may raise its hard limit; others stay within theirs
@@ -153,7 +153,7 @@ class ServeProcess:
         process, self.process = self.process, None
         terminate(process, grace_seconds=10)
 
-    def __enter__(self) -> "ServeProcess":
+    def __enter__(self) -> ServeProcess:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:

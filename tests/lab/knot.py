@@ -30,6 +30,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+
 from .process import ServerProcess
 
 KNOTD = shutil.which("knotd") or "/usr/sbin/knotd"
@@ -155,7 +156,7 @@ class KnotServer(ServerProcess):
     def _wrap(self, argv: list[str]) -> list[str]:
         return ["ip", "netns", "exec", self.netns, *argv] if self.netns else argv
 
-    def start(self) -> "KnotServer":
+    def start(self) -> KnotServer:
         """Write the files, check the config, start knotd and wait until every zone answers."""
         problem = knot_unavailable()
         if problem:

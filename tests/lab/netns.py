@@ -95,7 +95,7 @@ class Namespace:
         self.run(["sysctl", "-q", "-w", "%s=%s" % (key, value)])
 
     # -- life cycle ----------------------------------------------------------------------
-    def create(self) -> "Namespace":
+    def create(self) -> Namespace:
         """Create the namespace (lo up, DAD off). A leftover one of the same name is replaced."""
         if self.name in existing_namespaces():
             # A run that was killed hard left it behind; the processes still inside (if any)

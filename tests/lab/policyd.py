@@ -13,7 +13,7 @@ Contract:
   daemon's own network namespace, read from /proc/PID/net; unix: the socket file exists);
   it raises `DaemonError` with the log's tail if the daemon exits or is not ready in time.
 - `stop()` sends SIGTERM to the daemon's PID (SIGKILL after 10 s); `restart()` = stop + start.
-- `decisions()` returns the daemon's `decision ...` log lines (see policyd_ipv6/engine.py for
+- `decisions()` returns the daemon's `decision ...` log lines (see policyd_ipv6/policy/engine.py for
   the fields) as dicts.
 """
 
@@ -111,11 +111,11 @@ class PolicyDaemon:
                 paths.append(Path(rest.split(":", 1)[0].replace("address=", "")))
         return ports, paths
 
-    def start(self) -> "PolicyDaemon":
+    def start(self) -> PolicyDaemon:
         """Start the daemon and wait until it listens (see the module docstring)."""
         return self.launch().wait_ready()
 
-    def launch(self) -> "PolicyDaemon":
+    def launch(self) -> PolicyDaemon:
         """Start the process without waiting; `wait_ready()` then waits for its listeners."""
         if self.process is not None and self.process.poll() is None:
             raise DaemonError("already running as PID %d" % self.process.pid)
@@ -128,7 +128,7 @@ class PolicyDaemon:
                                             stderr=subprocess.STDOUT)
         return self
 
-    def wait_ready(self) -> "PolicyDaemon":
+    def wait_ready(self) -> PolicyDaemon:
         """Wait until every listen endpoint is up; DaemonError if it exits or takes too long."""
         ports, paths = self.endpoints()
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
@@ -151,7 +151,7 @@ class PolicyDaemon:
         process, self.process = self.process, None
         terminate(process, grace_seconds=10)
 
-    def restart(self) -> "PolicyDaemon":
+    def restart(self) -> PolicyDaemon:
         self.stop()
         return self.start()
 

@@ -184,7 +184,7 @@ class PostfixInstance:
                 self.log_tail()))
         return result.stdout + result.stderr
 
-    def start(self) -> "PostfixInstance":
+    def start(self) -> PostfixInstance:
         """Write the files, check them with `postfix check`, start master, wait for its PID."""
         self.write()
         self.command("postfix", "check")

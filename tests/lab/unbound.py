@@ -95,7 +95,7 @@ class BlackHoles:
             sock.close()
         self.sockets = []
 
-    def __enter__(self) -> "BlackHoles":
+    def __enter__(self) -> BlackHoles:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -155,7 +155,7 @@ class UnboundServer(ServerProcess):
     def log_path(self) -> Path:
         return self.directory / "unbound.log"
 
-    def start(self) -> "UnboundServer":
+    def start(self) -> UnboundServer:
         problem = unbound_available()
         if problem:
             raise UnboundError(problem)

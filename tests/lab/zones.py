@@ -16,7 +16,7 @@ Contract: pure functions and one small builder class, no I/O.
 from __future__ import annotations
 
 import ipaddress
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 DEFAULT_TTL = 300
 # The apex NS must exist (Knot refuses a zone without one); a name outside every test zone
@@ -57,7 +57,7 @@ class Zone:
         self.ns = absolute(ns)
         self.records: list[tuple[str, str, str]] = [("@", "NS", self.ns)]
 
-    def add(self, owner: str, rtype: str, rdata: str) -> "Zone":
+    def add(self, owner: str, rtype: str, rdata: str) -> Zone:
         """Add one record; `owner` is "@", relative to the origin, or absolute (inside the zone)."""
         if owner.endswith(".") and not (owner.lower() == self.origin
                                         or owner.lower().endswith("." + self.origin)):

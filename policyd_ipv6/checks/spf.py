@@ -28,9 +28,9 @@ from dataclasses import replace
 import spf
 from twisted.internet import defer
 
-from .addresses import IPAddress, domain_key, helo_domain, recipient_domain
-from .cache import ExpiringCache
-from .facts import SpfFact
+from policyd_ipv6.cache import ExpiringCache
+from policyd_ipv6.facts import SpfFact
+from policyd_ipv6.names import IPAddress, domain_key, helo_domain, recipient_domain
 
 __all__ = ["check_spf", "SpfResults", "MAX_RUNS"]
 

@@ -28,13 +28,14 @@ from __future__ import annotations
 from twisted.internet import defer, protocol, threads
 from twisted.logger import Logger
 
-from .addresses import client_ip, printable
-from .connection import OverLimitWarning, TimedConnection
-from .dkim_check import check_dkim
-from .end_of_message import decide_end, needs_check
-from .milter_codec import MilterProtocolError, Verdict
-from .milter_events import Aborted, Closed, Connected, EndOfMessage, MailFrom
-from .milter_session import MilterSession
+from policyd_ipv6.checks.dkim import check_dkim
+from policyd_ipv6.connection import OverLimitWarning, TimedConnection
+from policyd_ipv6.milter.codec import Disposition, MilterProtocolError
+from policyd_ipv6.milter.end_of_message import decide_end, needs_check
+from policyd_ipv6.milter.events import Aborted, Closed, Connected, EndOfMessage, MailFrom
+from policyd_ipv6.milter.session import MilterSession
+from policyd_ipv6.names import client_ip
+from policyd_ipv6.text import printable
 
 __all__ = ["MilterFactory", "MilterProtocol", "DKIM_THREAD_BYTES"]
 
@@ -87,14 +88,14 @@ class MilterProtocol(TimedConnection, protocol.Protocol):
             self._answer(self._connect(event.connection, sessions))
         elif isinstance(event, MailFrom):
             if self.state is None:
-                self._answer(Verdict.ACCEPT)
+                self._answer(Disposition.ACCEPT)
             elif event.macros.get("auth_authen"):
                 self.state.skip_message()
-                self._answer(Verdict.ACCEPT)
+                self._answer(Disposition.ACCEPT)
             else:
                 self.state.begin_message(event.sender)
                 sessions.touch(self.state)
-                self._answer(Verdict.CONTINUE)
+                self._answer(Disposition.CONTINUE)
         elif isinstance(event, EndOfMessage):
             self._end_of_message(event)
         elif isinstance(event, Aborted):
@@ -105,17 +106,17 @@ class MilterProtocol(TimedConnection, protocol.Protocol):
             if not event.new_connection:
                 self._close()
         elif event.needs_verdict:  # a stage we did not ask for: never blocks Postfix
-            self._answer(Verdict.CONTINUE)
+            self._answer(Disposition.CONTINUE)
 
-    def _connect(self, connection, sessions) -> Verdict:
+    def _connect(self, connection, sessions) -> Disposition:
         self._unregister()
         ip = client_ip(connection.address or "") if connection.family in ("4", "6") else None
         self.client = printable(connection.address or "-", 64)
         if ip is None or ip.version == 4 or self.factory.engine.policy.trusts(ip):
-            return Verdict.ACCEPT
+            return Disposition.ACCEPT
         self.state = sessions.register(connection)
         # Unregistered, the policy side enforces SPF alone for this session: nothing to do.
-        return Verdict.CONTINUE if self.state is not None else Verdict.ACCEPT
+        return Disposition.CONTINUE if self.state is not None else Disposition.ACCEPT
 
     def _end_of_message(self, event: EndOfMessage) -> None:
         record = self.state.take_message() if self.state is not None else None
@@ -154,9 +155,9 @@ class MilterProtocol(TimedConnection, protocol.Protocol):
         if not self.closed and self.session.pending is not None:
             needs_dkim = record is not None and record.needs_dkim
             self.transport.write(self.session.send_verdict(
-                Verdict.TEMPFAIL if needs_dkim else Verdict.ACCEPT))
+                Disposition.TEMPFAIL if needs_dkim else Disposition.ACCEPT))
 
-    def _answer(self, verdict: Verdict) -> None:
+    def _answer(self, verdict: Disposition) -> None:
         self.transport.write(self.session.send_verdict(verdict))
 
     def _unregister(self) -> None:

@@ -36,10 +36,11 @@ never loses what the policy already recorded.
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import NamedTuple
 
-from .addresses import client_ip
-from .cache import ExpiringCache
+from policyd_ipv6.cache import ExpiringCache
+from policyd_ipv6.names import client_ip
 
 __all__ = ["Sessions", "SessionState", "MessageRecord", "SessionKey", "milter_key",
            "policy_key", "same_sender", "DKIM_PENDING_RULE", "PASS_RULE"]

@@ -25,8 +25,8 @@ import dns.rdatatype
 import dns.ttl
 from twisted.internet import defer
 
-from .cache import ExpiringCache
-from .dns_wire import encode_name
+from policyd_ipv6.cache import ExpiringCache
+from policyd_ipv6.resolver.wire import encode_name
 
 __all__ = ["Answer", "Lookups"]
 

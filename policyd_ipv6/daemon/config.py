@@ -17,11 +17,12 @@ import ipaddress
 import os
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-from .dns_client import Nameserver
-from .replies import Replies, validate_reply
+from policyd_ipv6.policy.replies import Replies, validate_reply
+from policyd_ipv6.resolver.wire import Nameserver
 
 __all__ = ["Config", "ConfigError", "KEYS", "load_config", "parse_config", "DEFAULT_CONFIG_PATH"]
 

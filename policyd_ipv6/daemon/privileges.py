@@ -6,21 +6,17 @@ Contract: ``plan_privileges(user, allow_root)`` is called before anything is bou
 was given no user to become (unless ``allow_root``), when the user does not exist, or when a
 non-root process is asked to become someone else. ``drop_privileges(plan)`` then switches
 groups, gid and uid for good (after the listeners are bound, so a port below 1024 or a socket
-in a root-owned directory can still be used). ``raise_open_files_limit()`` lifts the soft
-RLIMIT_NOFILE to the hard limit: every smtpd process holds one policy connection, and the
-default soft limit of 1024 is below what a busy MX needs. ``descriptor_budget`` splits what
-there is between policy connections and DNS queries in flight.
+in a root-owned directory can still be used).
 """
 
 from __future__ import annotations
 
 import os
 import pwd
-import resource
 
-from .config import ConfigError
+from policyd_ipv6.daemon.config import ConfigError
 
-__all__ = ["plan_privileges", "drop_privileges", "raise_open_files_limit", "descriptor_budget"]
+__all__ = ["plan_privileges", "drop_privileges"]
 
 
 def plan_privileges(user: str, allow_root: bool = False, euid: int | None = None):
@@ -54,30 +50,3 @@ def drop_privileges(plan) -> None:
     os.setuid(uid)
     if os.getuid() != uid or os.geteuid() != uid:  # pragma: no cover - defensive
         raise OSError(f"could not drop privileges to {name}")
-
-
-def raise_open_files_limit() -> tuple[int, int]:
-    """Raise the soft open-files limit to the hard one; return (soft, hard) afterwards."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
-    if soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError):
-            pass
-    return soft, hard
-
-
-def descriptor_budget(open_files: int, max_connections: int,
-                      listeners: int = 1) -> tuple[int, int]:
-    """Split the open-files limit: (connections per kind of listener, DNS queries in flight).
-
-    A quarter of the descriptors (at least 64) stays for DNS sockets, log files and listeners,
-    so that accept() never meets EMFILE, which Twisted answers by dropping clients silently.
-    The rest is shared by the ``listeners`` kinds of connection (policy, and the milter's when
-    it is on: one SMTP session can hold one of each).
-    """
-    reserve = max(64, open_files // 4)
-    connections = max(1, min(max_connections, (open_files - reserve) // listeners))
-    return connections, max(8, reserve - 32)

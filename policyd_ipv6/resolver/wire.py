@@ -15,8 +15,9 @@ suffix of the name, which for a 34-label ip6.arpa name was a fifth of the daemon
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
-__all__ = ["encode_name", "encode_query", "is_reply_to", "EDNS_PAYLOAD"]
+__all__ = ["encode_name", "encode_query", "is_reply_to", "EDNS_PAYLOAD", "Nameserver"]
 
 # EDNS0 with a 1232-byte payload (the 2020 "DNS flag day" value): large TXT sets arrive in one
 # datagram where the path allows, and TCP handles the rest.
@@ -63,3 +64,16 @@ def is_reply_to(query: bytes, reply: bytes) -> bool:
         return False
     question_length = len(query) - 12 - len(_OPT)
     return reply[12:12 + question_length].lower() == query[12:12 + question_length].lower()
+
+
+@dataclass(frozen=True)
+class Nameserver:
+    host: str
+    port: int = 53
+
+    @property
+    def ipv6(self) -> bool:
+        return ":" in self.host
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if self.ipv6 else f"{self.host}:{self.port}"

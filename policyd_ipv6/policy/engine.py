@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from .addresses import printable
-from .decision import FACT_RULES, Need, Policy, Subject, Verdict, decide
-from .facts import Facts
+from policyd_ipv6.facts import Facts
+from policyd_ipv6.policy.decision import FACT_RULES, Need, Policy, Subject, Verdict, decide
+from policyd_ipv6.text import printable
 
 __all__ = ["PolicyEngine", "Outcome"]
 

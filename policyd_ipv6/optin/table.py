@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .addresses import domain_key
+from policyd_ipv6.names import domain_key
 
 __all__ = ["OptinTable", "OptinSyntaxError", "parse_optin", "load_optin"]
 

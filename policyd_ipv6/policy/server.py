@@ -23,8 +23,8 @@ from collections import OrderedDict, deque
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
-from .connection import OverLimitWarning, TimedConnection
-from .policy_codec import PolicyDecoder, PolicyProtocolError, encode_reply
+from policyd_ipv6.connection import OverLimitWarning, TimedConnection
+from policyd_ipv6.policy.codec import PolicyDecoder, PolicyProtocolError, encode_reply
 
 __all__ = ["PolicyFactory", "PolicyProtocol", "MAX_QUEUED"]
 

@@ -32,22 +32,47 @@ transport adapter (every event has ``needs_verdict``)::
     transport.write(reply)
     for event in events:
         if event.needs_verdict:  # now or later, exactly once:
-            transport.write(session.send_verdict(Verdict.CONTINUE))
+            transport.write(session.send_verdict(Disposition.CONTINUE))
         elif isinstance(event, Closed) and not event.new_connection:
             transport.loseConnection()
 """
 
 import enum
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Mapping, NamedTuple
+from typing import NamedTuple
 
-from . import milter_codec as codec
-from .milter_codec import (Action, AddHeader, ChangeHeader, HeaderEdit, InsertHeader,
-                           MacroStage, MilterProtocolError, MilterUsageError, Protocol,
-                           ReplyCode, Verdict)
-from .milter_events import (Aborted, Closed, Connected, Connection, DataStarted,
-                            EndOfMessage, Event, Header, Helo, MailFrom, Message, Negotiated,
-                            Recipient, UnknownCommand, text)
+from policyd_ipv6.milter import codec
+from policyd_ipv6.milter.codec import (
+    Action,
+    AddHeader,
+    ChangeHeader,
+    Disposition,
+    HeaderEdit,
+    InsertHeader,
+    MacroStage,
+    MilterProtocolError,
+    MilterUsageError,
+    Protocol,
+    ReplyCode,
+)
+from policyd_ipv6.milter.events import (
+    Aborted,
+    Closed,
+    Connected,
+    Connection,
+    DataStarted,
+    EndOfMessage,
+    Event,
+    Header,
+    Helo,
+    MailFrom,
+    Message,
+    Negotiated,
+    Recipient,
+    UnknownCommand,
+    text,
+)
 
 
 class Stage(enum.Enum):
@@ -291,12 +316,12 @@ class MilterSession:
         if needs_verdict:
             self.pending = stage
         elif not self.protocol & _NO_REPLY[stage]:
-            reply += codec.encode_response(Verdict.CONTINUE)
+            reply += codec.encode_response(Disposition.CONTINUE)
         events.append(make_event(needs_verdict))
 
     def _content_reply(self, code: bytes, reply: bytearray) -> None:
         if not self.protocol & _NO_REPLY_CONTENT[code]:
-            reply += codec.encode_response(Verdict.CONTINUE)
+            reply += codec.encode_response(Disposition.CONTINUE)
 
     def _add_header(self, message: _MessageBuilder, name: bytes, value: bytes) -> None:
         key = name.lower()  # Postfix matches header names with strncasecmp()
@@ -323,7 +348,7 @@ class MilterSession:
 
     # --- output ---
 
-    def send_verdict(self, verdict: Verdict | ReplyCode,
+    def send_verdict(self, verdict: Disposition | ReplyCode,
                      header_edits: Iterable[HeaderEdit] = ()) -> bytes:
         """Answer the pending event and return the bytes to write.
 
@@ -335,7 +360,7 @@ class MilterSession:
         """
         if self.pending is None:
             raise MilterUsageError("no event is waiting for a verdict")
-        if not isinstance(verdict, (Verdict, ReplyCode)):
+        if not isinstance(verdict, (Disposition, ReplyCode)):
             raise MilterUsageError(f"not a verdict: {verdict!r}")
         edits = sorted(header_edits, key=lambda edit: not isinstance(edit, ChangeHeader))
         if edits and self.pending is not Stage.EOM:
@@ -346,7 +371,7 @@ class MilterSession:
         stage, self.pending = self.pending, None
         if stage is Stage.EOM:
             self._message, self._stage_macros = _MessageBuilder(), {}
-        elif stage in (Stage.CONNECT, Stage.HELO) and verdict is not Verdict.CONTINUE:
+        elif stage in (Stage.CONNECT, Stage.HELO) and verdict is not Disposition.CONTINUE:
             self.state = State.CLOSED  # Postfix closes the connection (milter8_event)
         return data
 

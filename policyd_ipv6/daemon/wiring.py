@@ -23,17 +23,18 @@ from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
-from .config import Config, ConfigError, load_config, parse_nameserver
-from .decision import Policy
-from .dns_client import DnsClient, Nameserver
-from .engine import PolicyEngine
-from .lookups import Lookups
-from .message_facts import FactFinder
-from .milter_server import MilterFactory
-from .optin import OptinSyntaxError
-from .optin_watch import OptinWatcher
-from .policy_server import PolicyFactory
-from .sessions import Sessions
+from policyd_ipv6.checks.gather import FactFinder
+from policyd_ipv6.daemon.config import Config, ConfigError, load_config, parse_nameserver
+from policyd_ipv6.milter.registry import Sessions
+from policyd_ipv6.milter.server import MilterFactory
+from policyd_ipv6.optin.table import OptinSyntaxError
+from policyd_ipv6.optin.watch import OptinWatcher
+from policyd_ipv6.policy.decision import Policy
+from policyd_ipv6.policy.engine import PolicyEngine
+from policyd_ipv6.policy.server import PolicyFactory
+from policyd_ipv6.resolver.client import DnsClient
+from policyd_ipv6.resolver.lookups import Lookups
+from policyd_ipv6.resolver.wire import Nameserver
 
 __all__ = ["PolicyService", "system_nameservers", "install_sighup", "RESTART_KEYS"]
 

@@ -20,8 +20,9 @@ No I/O, no logging, nothing from Twisted.
 
 import enum
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar, Mapping
+from typing import ClassVar
 
 # --- Vocabulary: the single definition of codes and flags, as in milter8.c L119-333 ---
 
@@ -38,7 +39,7 @@ SMFIC_EOH, SMFIC_OPTNEG, SMFIC_QUIT, SMFIC_RCPT = b"N", b"O", b"Q", b"R"
 SMFIC_DATA, SMFIC_UNKNOWN, SMFIC_QUIT_NC = b"T", b"U", b"K"
 
 # Responses, filter -> MTA (SMFIR_*) that this project sends; the four data-less
-# verdicts (accept, continue, reject, tempfail) are the Verdict enumeration below.
+# verdicts (accept, continue, reject, tempfail) are the Disposition enumeration below.
 SMFIR_PROGRESS, SMFIR_REPLYCODE = b"p", b"y"
 SMFIR_ADDHEADER, SMFIR_INSHEADER, SMFIR_CHGHEADER = b"h", b"i", b"m"
 # The OPTNEG answer reuses the command code 'O'; the SETSYMLIST macro lists ride in its
@@ -288,7 +289,7 @@ def encode_optneg(version: int, actions: Action, protocol: Protocol,
     return encode_packet(SMFIR_OPTNEG, payload)
 
 
-class Verdict(enum.Enum):
+class Disposition(enum.Enum):
     """Answers without data (milter8_event); the value is the SMFIR_* code."""
 
     CONTINUE = b"c"  # go on with the next event
@@ -383,14 +384,14 @@ class ChangeHeader(_HeaderEdit):
 
 
 HeaderEdit = AddHeader | InsertHeader | ChangeHeader
-Response = Verdict | ReplyCode | HeaderEdit
+Response = Disposition | ReplyCode | HeaderEdit
 _EDIT_CODES = {AddHeader: SMFIR_ADDHEADER, InsertHeader: SMFIR_INSHEADER,
                ChangeHeader: SMFIR_CHGHEADER}
 
 
 def encode_response(response: Response) -> bytes:
     """Encode one response packet; raise MilterUsageError for anything else."""
-    if isinstance(response, Verdict):
+    if isinstance(response, Disposition):
         return encode_packet(response.value)
     if isinstance(response, ReplyCode):
         # Postfix, like Sendmail, treats the text as a format string: "%%" means "%".

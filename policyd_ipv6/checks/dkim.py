@@ -32,13 +32,13 @@ inline. Every exception dkimpy raises on hostile input becomes a failed signatur
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import dkim
 from twisted.internet import defer
 
-from .addresses import printable
-from .lookups import Answer
+from policyd_ipv6.facts import DkimFact, SignatureResult
+from policyd_ipv6.resolver.lookups import Answer
+from policyd_ipv6.text import printable
 
 __all__ = ["check_dkim", "DkimFact", "SignatureResult", "MAX_SIGNATURES"]
 
@@ -47,29 +47,6 @@ __all__ = ["check_dkim", "DkimFact", "SignatureResult", "MAX_SIGNATURES"]
 MAX_SIGNATURES = 10
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _BASE64 = re.compile(rb"[A-Za-z0-9+/]+")
-
-
-@dataclass(frozen=True)
-class SignatureResult:
-    result: str  # "pass" | "fail" | "permerror" | "temperror" (RFC 8601 §2.7.1)
-    domain: str = ""  # d=, printable
-    selector: str = ""  # s=, printable
-    b_prefix: str = ""  # the first 8 characters of b= (RFC 6008 header.b)
-    reason: str = ""
-
-
-@dataclass(frozen=True)
-class DkimFact:
-    result: str  # "pass" | "fail" | "none" | "temperror"
-    domain: str = ""
-    selector: str = ""
-    reason: str = ""
-    signatures: tuple[SignatureResult, ...] = ()
-
-    def describe(self) -> str:
-        if self.result == "pass":
-            return f"pass(d={self.domain} s={self.selector})"
-        return self.result
 
 
 class _Notes:

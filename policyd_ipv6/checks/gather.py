@@ -20,11 +20,11 @@ import itertools
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from .cache import ExpiringCache
-from .decision import Need, Subject
-from .facts import Facts, RdnsFact, RdnsOutcome, SpfFact
-from .rdns import check_rdns
-from .spf_check import SpfResults, check_spf
+from policyd_ipv6.cache import ExpiringCache
+from policyd_ipv6.checks.rdns import check_rdns
+from policyd_ipv6.checks.spf import SpfResults, check_spf
+from policyd_ipv6.facts import Facts, RdnsFact, RdnsOutcome, SpfFact
+from policyd_ipv6.policy.decision import Need, Subject
 
 __all__ = ["FactFinder", "MessageFacts"]
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from twisted.internet import defer
 
-from .addresses import IPAddress, client_ip, host_name
-from .facts import RdnsFact, RdnsOutcome
+from policyd_ipv6.facts import RdnsFact, RdnsOutcome
+from policyd_ipv6.names import IPAddress, client_ip, host_name
 
 __all__ = ["check_rdns", "MAX_PTR_NAMES"]
 

@@ -17,12 +17,13 @@ temporary reply is validated to be 4xx when the configuration is loaded.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
-from .addresses import IPAddress, client_ip, domain_key, printable, recipient_domain
-from .facts import Facts, RdnsOutcome, SpfFact
-from .replies import Replies
+from policyd_ipv6.facts import Facts, RdnsOutcome, SpfFact
+from policyd_ipv6.names import IPAddress, client_ip, domain_key, recipient_domain
+from policyd_ipv6.policy.replies import Replies
+from policyd_ipv6.text import printable
 
 __all__ = ["Subject", "Policy", "Verdict", "Need", "decide", "RULES", "FACT_RULES", "DUNNO"]
 

@@ -17,7 +17,7 @@ import os
 from twisted.internet import task
 from twisted.logger import Logger
 
-from .optin import OptinSyntaxError, OptinTable, load_optin
+from policyd_ipv6.optin.table import OptinSyntaxError, OptinTable, load_optin
 
 __all__ = ["OptinWatcher"]
 

@@ -22,12 +22,13 @@ import dataclasses
 import os
 import sys
 
-from . import __version__
-from .config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from policyd_ipv6 import __version__
+from policyd_ipv6.daemon.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
 
 __all__ = ["main"]
 
-SAMPLE_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample",
+# The sample files are package data of the top-level package, one directory up.
+SAMPLE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sample",
                              "policyd-ipv6.toml")
 
 
@@ -86,10 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = _config(args)
         if args.command == "serve":
-            from .serve import serve
+            from policyd_ipv6.daemon.serve_command import serve
 
             return serve(config, args.log_level, args.allow_root)
-        from .check import check
+        from policyd_ipv6.daemon.check_command import check
 
         return check(config, args)
     except ConfigError as error:

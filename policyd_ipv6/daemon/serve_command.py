@@ -15,12 +15,12 @@ import sys
 
 from twisted.logger import Logger
 
-from . import __version__
-from .config import Config, ConfigError
-from .logsetup import start_logging
-from .privileges import (descriptor_budget, drop_privileges, plan_privileges,
-                         raise_open_files_limit)
-from .service import PolicyService, install_sighup
+from policyd_ipv6 import __version__
+from policyd_ipv6.daemon.config import Config, ConfigError
+from policyd_ipv6.daemon.limits import descriptor_budget, raise_open_files_limit
+from policyd_ipv6.daemon.logs import start_logging
+from policyd_ipv6.daemon.privileges import drop_privileges, plan_privileges
+from policyd_ipv6.daemon.wiring import PolicyService, install_sighup
 
 __all__ = ["serve"]
 

@@ -7,10 +7,11 @@ and the body stay ``bytes`` so that DKIM sees the exact bytes. Macro names lose 
 braces: ``{daemon_name}`` becomes ``daemon_name``. Nothing here does I/O.
 """
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Mapping
+from typing import ClassVar
 
-from .milter_codec import Action, ChangeHeader, Protocol
+from policyd_ipv6.milter.codec import Action, ChangeHeader, Protocol
 
 
 def text(raw: bytes) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import secrets
 import struct
-from dataclasses import dataclass
 
 import dns.flags
 import dns.message
@@ -26,7 +25,7 @@ import dns.rcode
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 
-from .dns_wire import encode_name, encode_query, is_reply_to
+from policyd_ipv6.resolver.wire import Nameserver, encode_name, encode_query, is_reply_to
 
 __all__ = ["DnsClient", "Nameserver", "TransientDnsError"]
 
@@ -34,19 +33,6 @@ __all__ = ["DnsClient", "Nameserver", "TransientDnsError"]
 
 class TransientDnsError(Exception):
     """No nameserver gave a usable answer in time (timeout, SERVFAIL, REFUSED...)."""
-
-
-@dataclass(frozen=True)
-class Nameserver:
-    host: str
-    port: int = 53
-
-    @property
-    def ipv6(self) -> bool:
-        return ":" in self.host
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if self.ipv6 else f"{self.host}:{self.port}"
 
 
 class DnsClient:

@@ -14,7 +14,6 @@ string. No DNS, no I/O.
 - ``host_name``: a domain name that can name a host (a PTR target), else ``None``.
 - ``helo_domain``: the HELO name if it is a usable SPF identity (RFC 7208 §2.3: a multi-label
   domain name, not an address literal), else ``None``.
-- ``printable``: untrusted text made safe for a reply or a log line.
 """
 
 from __future__ import annotations
@@ -23,8 +22,7 @@ import functools
 import ipaddress
 import re
 
-__all__ = ["client_ip", "recipient_domain", "domain_key", "host_name", "helo_domain", "printable",
-           "IPAddress"]
+__all__ = ["client_ip", "recipient_domain", "domain_key", "host_name", "helo_domain", "IPAddress"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -112,21 +110,3 @@ def helo_domain(helo: str) -> str | None:
     """The HELO name if it can be an SPF identity: a host name with at least two labels."""
     key = host_name(helo)
     return key if key is not None and "." in key else None
-
-
-def printable(text: str, limit: int = 200) -> str:
-    """Untrusted text bounded to ``limit`` characters, non-printable ones escaped as \\xNN."""
-    clipped = text[:limit]
-    if clipped.isascii() and clipped.isprintable() and '"' not in clipped and "\\" not in clipped:
-        return clipped if len(text) <= limit else clipped + "..."  # the common case, at C speed
-    out = "".join(
-        ch if (32 <= ord(ch) < 127 and ch not in '"\\') else _escape(ch) for ch in clipped
-    )
-    return out + ("..." if len(text) > limit else "")
-
-
-def _escape(ch: str) -> str:
-    if ch in '"\\':
-        return "\\" + ch
-    code = ord(ch)
-    return f"\\x{code:02x}" if code < 256 else f"\\u{code:04x}" if code < 65536 else f"\\U{code:08x}"

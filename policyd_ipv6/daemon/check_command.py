@@ -20,15 +20,15 @@ import sys
 
 from twisted.internet import defer
 
-from .decision import RULES
-from .dkim_check import check_dkim
-from .end_of_message import decide_end, needs_check
-from .engine import Outcome
-from .milter_codec import ReplyCode
-from .milter_events import Header
-from .milter_session import DEFAULT_MAX_HEADERS, DEFAULT_MAX_MESSAGE_BYTES
-from .service import PolicyService, authserv_id
-from .sessions import MessageRecord
+from policyd_ipv6.checks.dkim import check_dkim
+from policyd_ipv6.daemon.wiring import PolicyService, authserv_id
+from policyd_ipv6.milter.codec import ReplyCode
+from policyd_ipv6.milter.end_of_message import decide_end, needs_check
+from policyd_ipv6.milter.events import Header
+from policyd_ipv6.milter.registry import MessageRecord
+from policyd_ipv6.milter.session import DEFAULT_MAX_HEADERS, DEFAULT_MAX_MESSAGE_BYTES
+from policyd_ipv6.policy.decision import RULES
+from policyd_ipv6.policy.engine import Outcome
 
 __all__ = ["check", "trace_lines", "read_message"]
 

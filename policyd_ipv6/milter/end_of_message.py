@@ -6,7 +6,7 @@ Contract: pure functions, no I/O, shared by the milter adapter (``milter_server`
 - ``needs_check(record, too_large)`` tells what end of message needs before it can decide:
   ``None`` (decide at once, see ``decide_end``) or ``"dkim"`` (run ``check_dkim`` first).
 - ``decide_end(record, too_large, dkim, replies, authserv_id, headers)`` returns an
-  ``EndDecision``: the milter response (``Verdict`` or an exact ``ReplyCode``), the header
+  ``EndDecision``: the milter response (``Disposition`` or an exact ``ReplyCode``), the header
   edits, the rule that chose it (for the log) and the Authentication-Results text.
 
 The rules, first match wins:
@@ -38,11 +38,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .addresses import domain_key, helo_domain, printable, recipient_domain
-from .dkim_check import DkimFact
-from .facts import RdnsOutcome
-from .milter_codec import ChangeHeader, HeaderEdit, InsertHeader, ReplyCode, Verdict
-from .replies import Replies
+from policyd_ipv6.facts import DkimFact, RdnsOutcome
+from policyd_ipv6.milter.codec import ChangeHeader, Disposition, HeaderEdit, InsertHeader, ReplyCode
+from policyd_ipv6.names import domain_key, helo_domain, recipient_domain
+from policyd_ipv6.policy.replies import Replies
+from policyd_ipv6.text import printable
 
 __all__ = ["EndDecision", "needs_check", "decide_end", "auth_results", "claims_authserv_id",
            "AR_HEADER"]
@@ -59,7 +59,7 @@ _COMMENT = re.compile(r"\([^()]*\)")
 
 @dataclass(frozen=True)
 class EndDecision:
-    response: Verdict | ReplyCode
+    response: Disposition | ReplyCode
     edits: tuple[HeaderEdit, ...] = ()
     rule: str = ""
     auth_results: str = ""  # the header value inserted, "" if none
@@ -76,14 +76,14 @@ def decide_end(record, too_large: bool, dkim: DkimFact | None, replies: Replies,
                authserv_id: str, headers=()) -> EndDecision:
     """See the module docstring. ``headers`` are the message's ``milter_events.Header``s."""
     if record is None or not record.concerned:
-        return EndDecision(Verdict.ACCEPT, rule="not-concerned")
+        return EndDecision(Disposition.ACCEPT, rule="not-concerned")
     subject, facts = record.evidence()
     address = str(subject.ip) if subject.ip is not None else printable(subject.client_address, 64)
     if too_large:
         if record.needs_dkim:
             return EndDecision(ReplyCode(replies.auth_failed.format(address=address)),
                                rule="too-large-unverified")
-        return EndDecision(Verdict.ACCEPT, rule="too-large")
+        return EndDecision(Disposition.ACCEPT, rule="too-large")
     if dkim is None:
         raise ValueError("decide_end needs the DKIM fact of a concerned message")
     if record.needs_dkim and dkim.result != "pass":
@@ -98,7 +98,7 @@ def decide_end(record, too_large: bool, dkim: DkimFact | None, replies: Replies,
     deletions = _deletions(forged)
     edits = (*deletions, InsertHeader(AR_INDEX, AR_HEADER, " " + value))
     rule = "dkim-pass" if record.needs_dkim else "spf-pass"
-    return EndDecision(Verdict.CONTINUE, edits, rule, value)
+    return EndDecision(Disposition.CONTINUE, edits, rule, value)
 
 
 def _deletions(forged) -> tuple:
