@@ -100,12 +100,27 @@ def test_the_registry_is_bounded_and_an_evicted_session_keeps_its_records():
     assert first.take_message() is record and record.needs_dkim
 
 
-def test_a_reused_key_belongs_to_the_newest_connection():
-    """A second CONNECT with the same key replaces the first; the old one's close leaves it."""
+def test_a_second_registration_of_a_live_key_never_replaces_it():
+    """A second CONNECT with a live key gets no session and the key matches nothing (SPF
+    decides at RCPT) until the first connection closes; then it is free again."""
     sessions = Sessions(task.Clock())
-    old, new = sessions.register(conn()), sessions.register(conn())
-    sessions.remove(old)
-    assert sessions.find(attrs()) is new and old.closed
+    first = sessions.register(conn())
+    first.begin_message("<alice@fail.test>")
+    assert sessions.register(conn()) is None
+    assert sessions.find(attrs()) is None and sessions.message_for(attrs()) is None
+    assert sessions.register(conn()) is None  # a third try changes nothing
+    assert sessions.find(attrs()) is None
+    sessions.remove(first)
+    again = sessions.register(conn())
+    assert again is not None and sessions.find(attrs()) is again
+
+
+def test_a_claim_on_the_bare_key_does_not_hide_the_full_one():
+    """A registration without the server macros never shadows a live full-key session."""
+    sessions = Sessions(task.Clock())
+    real = sessions.register(conn())
+    assert sessions.register(conn(daemon_addr=None, daemon_port=None)) is not None
+    assert sessions.find(attrs()) is real
 
 
 def test_message_life_cycle_mail_abort_end_of_message():

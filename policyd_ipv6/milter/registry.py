@@ -5,7 +5,8 @@ Contract: one ``Sessions`` registry per process, shared by the milter (``milter_
 the policy engine (``engine``); both run on the reactor thread, so nothing here locks.
 
 - The milter calls ``register(connection)`` at SMFIC_CONNECT and gets a ``SessionState``
-  (``None`` when the connection cannot be correlated: no client address or port), then
+  (``None`` when the connection cannot be correlated: no client address or port, or a
+  key another live connection already registered, which then stops matching too), then
   ``state.begin_message(sender)`` at MAIL FROM, ``state.skip_message()`` when it lets a
   message through at MAIL FROM, ``state.end_message()`` at ABORT (RSET, or a transaction
   that ends without data), ``state.take_message()`` at end of message, and
@@ -176,6 +177,12 @@ class SessionState:
         self.current = None
 
 
+class _Contested(NamedTuple):
+    """A key registered twice while live: no milter for it until ``state`` (the first) goes."""
+
+    state: SessionState
+
+
 class Sessions:
     """The process-wide registry; see the module docstring."""
 
@@ -191,8 +198,16 @@ class Sessions:
         key = milter_key(connection)
         if key is None:
             return None
-        # The same key again means the old connection's close was missed (ports are reused):
-        # the newest connection is the live one.
+        live = self._entries.get(key)
+        if live is not None:
+            # Never replace a live entry: any local user who can reach the milter socket
+            # could otherwise claim a real SMTP session's address and port and turn its SPF
+            # failure into DUNNO. Which of the two is Postfix cannot be told, so the key
+            # means "no milter" for both (SPF decides at RCPT) until the first one closes.
+            # (A close is never missed: the adapter removes its entry on connection loss.)
+            first = live.state if isinstance(live, _Contested) else live
+            self._entries.put(key, _Contested(first), self.ttl_seconds)
+            return None
         state = SessionState(key)
         self._entries.put(key, state, self.ttl_seconds)
         return state
@@ -205,7 +220,8 @@ class Sessions:
     def remove(self, state: SessionState) -> None:
         """The milter connection closed: its entry (if still its own) goes."""
         state.close()
-        if self._entries.get(state.key) is state:
+        entry = self._entries.get(state.key)
+        if entry is state or (isinstance(entry, _Contested) and entry.state is state):
             self._entries.pop(state.key)
 
     def find(self, attributes: Mapping[str, str]) -> SessionState | None:
@@ -216,7 +232,7 @@ class Sessions:
         state = self._entries.get(key)
         if state is None and key.server is not None:
             state = self._entries.get(key.without_server())  # the milter lacks {daemon_*}
-        return state
+        return None if isinstance(state, _Contested) else state
 
     def message_for(self, attributes: Mapping[str, str]) -> MessageRecord | None:
         """The open message a policy request is about, if the milter will decide it."""
