@@ -18,6 +18,9 @@ from lab.knot import KnotServer, free_port, require_knot
 
 from policyd_ipv6 import __version__
 
+# Every test runs the program as a process; most also start Knot.
+pytestmark = pytest.mark.process
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

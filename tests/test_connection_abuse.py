@@ -18,6 +18,9 @@ from lab.daemonproc import ServeProcess, request
 
 from policyd_ipv6.policy.codec import MAX_LINE_BYTES, MAX_REQUEST_BYTES
 
+# Every test talks to the daemon process over real sockets.
+pytestmark = pytest.mark.process
+
 IDLE = 2.0            # idle_timeout_seconds in these tests (the smallest allowed is 1)
 SERVED_MS = 200.0     # a request needing no DNS is answered within this, whatever the abuse
 PROBE = request(client_address="192.0.2.7", recipient="bob@abuse.test")
@@ -271,7 +274,7 @@ def test_junk_floods_keep_memory_bounded(tmp_path):
         before = proc.rss_kib()
         line = b"x=" + b"v" * 998 + b"\n"
         holders = []
-        for i in range(100):
+        for _ in range(100):
             sock = proc.connect()
             sock.sendall(b"request=smtpd_access_policy\n"
                          + line * ((MAX_REQUEST_BYTES - 2000) // len(line)))

@@ -138,6 +138,7 @@ PTR_FAULTS = [
 ]
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("host, pattern, detail", PTR_FAULTS,
                          ids=[f"{h:x}-{d or p[:5]}" for h, p, d in PTR_FAULTS])
 def test_ptr_fault_in_process(bad, failures, host, pattern, detail):
@@ -164,6 +165,7 @@ SPF_FAULTS = [
 ]
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("name, pattern", SPF_FAULTS, ids=[n for n, _ in SPF_FAULTS])
 def test_spf_fault_in_process(bad, failures, name, pattern):
     """A fault on any SPF lookup gives 451 4.4.3 naming SPF, never 4.7.26 or a 5xx."""
@@ -175,6 +177,7 @@ def test_spf_fault_in_process(bad, failures, name, pattern):
     assert failures == []
 
 
+@pytest.mark.process
 def test_huge_txt_came_over_tcp(bad):
     """The huge SPF record does not fit a UDP answer: it was fetched again over TCP."""
     assert len(HUGE_SPF) > 4000
@@ -183,6 +186,7 @@ def test_huge_txt_came_over_tcp(bad):
     assert bad.queried("huge.bad.test", "TXT", "tcp") == before + 1
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("address, sender, pattern", [
     (bad_ip(0x9), "a@pass.bad.test", TEMP_RDNS),     # PTR truncated, TCP refused
     (bad_ip(0x100), "a@huge.bad.test", TEMP_SPF),    # huge TXT, TCP refused
@@ -198,6 +202,7 @@ def test_truncated_answer_with_tcp_refused_is_temporary(bad_no_tcp, failures, ad
     assert failures == []
 
 
+@pytest.mark.process
 def test_slow_answers_past_the_deadline_give_451(bad, failures):
     """Answers slower than the decision's deadline end in 451 4.4.3 at the deadline."""
     start = time.monotonic()
@@ -319,6 +324,7 @@ DIRECT_CASES = [
 ]
 
 
+@pytest.mark.process
 def test_daemon_against_a_broken_resolver(tmp_path, bad_no_tcp):
     """The daemon process, asking a server that sends junk, spoofed IDs, truncation without
     TCP, SERVFAIL, REFUSED or nothing, answers 451 4.4.3 for each fault and stays up."""

@@ -321,6 +321,7 @@ def raw_request(key: bytes, value: bytes) -> bytes:
     return b"\n".join(kept + [key + b"=" + value]) + b"\n\n"
 
 
+@pytest.mark.process
 def test_daemon_process_answers_hostile_values(daemon):
     """Through the real process, hostile values each get a valid action on one connection,
     and invalid UTF-8 or control bytes on the wire too; nothing is logged as a failure."""

@@ -163,6 +163,7 @@ def test_pages_carry_the_program_version(page):
     assert '"policyd\\-ipv6 %s"' % __version__ in th
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("page", [PAGE_8, PAGE_5], ids=lambda p: p.name)
 def test_pages_render_without_warnings(page):
     """man(1) formats the page without a single groff warning (lintian's groff-message check)."""

@@ -19,6 +19,9 @@ from lab.baddns import BadDns, Behaviour
 from lab.daemonproc import ServeProcess, request
 from lab.zones import txt_rdata
 
+# Every test runs the daemon process against a DNS server on loopback.
+pytestmark = pytest.mark.process
+
 CLIENT = "2001:db8::25"
 KEPT = "kept.test"
 LATER = "later.test"

@@ -14,9 +14,11 @@ from lab.knot import require_knot
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.soak
 @pytest.mark.knot
 def test_resident_memory_is_flat_after_caches_fill():
-    """30,000 requests, each a new message, sender and client: RSS grows < 10 % after the plateau."""
+    """30,000 requests, each a new message, sender and client: RSS grows < 10 % after the
+    plateau."""
     require_knot()
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "bench", "soak.py"), "--requests", "30000",
