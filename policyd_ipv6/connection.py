@@ -7,16 +7,22 @@ is running; when it fires, ``self.timer`` is None and the subclass's ``_timed_ou
 cancels it (on connection loss). ``_peer()`` is the remote address, printable and bounded,
 for log lines. ``OverLimitWarning`` logs "max_connections reached" at most once a minute, with
 the count since the last line: a flood of connections must not become a flood of log lines.
-No I/O of its own.
+``PeerCheck(clock, listener, uids)`` admits a Unix-socket peer only when its uid, read with
+SO_PEERCRED, is one of ``uids`` (None: every peer); peers on other sockets are admitted (TCP
+carries no credentials). No I/O of its own beyond that socket option.
 """
 
 from __future__ import annotations
+
+import socket
+import struct
 
 from twisted.logger import Logger
 
 from policyd_ipv6.text import printable
 
-__all__ = ["TimedConnection", "OverLimitWarning", "WARN_INTERVAL_SECONDS"]
+__all__ = ["TimedConnection", "OverLimitWarning", "PeerCheck", "peer_uid",
+           "WARN_INTERVAL_SECONDS"]
 
 _log = Logger(namespace="policyd-ipv6")
 WARN_INTERVAL_SECONDS = 60.0
@@ -70,3 +76,47 @@ class OverLimitWarning:
                   what=what)
         self.count = 0
         self.warned_at = now
+
+
+def peer_uid(transport) -> int | None:
+    """The uid of the process at the other end of a Unix socket (SO_PEERCRED: the peer's
+    credentials when it connected, which it cannot forge), or None for any other socket."""
+    try:
+        handle = transport.getHandle()
+    except Exception:  # a transport without a socket (tests)
+        return None
+    if getattr(handle, "family", None) != socket.AF_UNIX:
+        return None
+    creds = handle.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]  # struct ucred: pid, uid, gid
+
+
+class PeerCheck:
+    """Who may talk to a Unix listener. Any local user can connect to a TCP port, and on
+    the milter port could register a fake SMTP session to turn its SPF failure into DUNNO;
+    a Unix socket tells us who connected, so only Postfix's users (``milter_peer_users``,
+    root and postfix by default) are served there. A refused peer is closed without a reply,
+    with a warning at most once a minute (a local flood is not a flood of log lines)."""
+
+    def __init__(self, clock, listener: str, uids: frozenset[int] | None = None) -> None:
+        self.uids = uids
+        self.clock = clock
+        self.listener = listener
+        self.count = 0
+        self.warned_at: float | None = None
+
+    def admits(self, transport) -> bool:
+        if self.uids is None:
+            return True
+        uid = peer_uid(transport)
+        if uid is None or uid in self.uids:
+            return True
+        self.count += 1
+        now = self.clock.seconds()
+        if self.warned_at is None or now - self.warned_at >= WARN_INTERVAL_SECONDS:
+            _log.warn("{listener} connection from uid {uid} refused: not one of "
+                      "milter_peer_users ({n} refused since the last warning)",
+                      listener=self.listener, uid=uid, n=self.count)
+            self.count = 0
+            self.warned_at = now
+        return False

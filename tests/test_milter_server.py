@@ -53,7 +53,7 @@ class Harness:
     """One daemon's policy and milter sides sharing a sessions registry, on a fake clock."""
 
     def __init__(self, key, broken=(), max_sessions=100, dns_delay=0.0, max_connections=10,
-                 run_in_thread=None):
+                 run_in_thread=None, eom_deadline=60.0, peer_uids=None):
         self.clock = task.Clock()
         self.fake = FakeDnsClient(records(key), broken=set(broken), clock=self.clock,
                                   delay=dns_delay)
@@ -63,7 +63,8 @@ class Harness:
         self.sessions = Sessions(self.clock, max_sessions, 3600.0)
         policy = Policy((ipaddress.ip_network("2001:db8:ffff::/48"),), Replies())
         self.engine = PolicyEngine(policy, lambda: table, finder, self.clock, self.sessions)
-        self.policy_factory = PolicyFactory(self.engine, self.clock, 10, 600.0)
+        self.policy_factory = PolicyFactory(self.engine, self.clock, 10, 600.0,
+                                            peer_uids=peer_uids)
         self.threaded = []
 
         def runner(function, *args):
@@ -71,7 +72,9 @@ class Harness:
             return defer.maybeDeferred(function, *args)
 
         self.milter_factory = MilterFactory(self.engine, self.lookups, self.clock, AUTHSERV,
-                                            max_connections, 600.0, run_in_thread or runner)
+                                            max_connections, 600.0, run_in_thread or runner,
+                                            eom_deadline_seconds=eom_deadline,
+                                            peer_uids=peer_uids)
 
     def policy(self):
         return Connection(self.policy_factory)
@@ -80,10 +83,21 @@ class Harness:
         return Connection(self.milter_factory)
 
 
+class UnixTransport(StringTransport):
+    """A StringTransport whose handle is one end of a real Unix socket pair (SO_PEERCRED)."""
+
+    def __init__(self, handle):
+        super().__init__()
+        self.handle = handle
+
+    def getHandle(self):
+        return self.handle
+
+
 class Connection:
-    def __init__(self, factory):
+    def __init__(self, factory, transport=None):
         self.proto = factory.buildProtocol(None)
-        self.transport = StringTransport()
+        self.transport = transport or StringTransport()
         self.proto.makeConnection(self.transport)
 
     def send(self, data: bytes) -> bytes:
@@ -99,6 +113,12 @@ class Connection:
     @property
     def closed(self) -> bool:
         return self.transport.disconnecting
+
+
+def advance(clock, seconds: float, step: float = 1.0) -> None:
+    """Advance the fake clock a step at a time, so calls scheduled meanwhile run too."""
+    for _ in range(int(seconds / step)):
+        clock.advance(step)
 
 
 def packets(data: bytes) -> list[tuple[bytes, bytes]]:
@@ -430,7 +450,7 @@ def test_connections_over_the_limit_are_closed(key):
 def test_idle_connections_are_closed_but_not_while_we_are_deciding(key):
     """An idle milter connection is closed after idle_timeout_seconds; one waiting for our own
     end-of-message verdict (slow DNS) is kept."""
-    h = Harness(key)
+    h = Harness(key, eom_deadline=1000.0)
     idle = h.milter()
     connect(idle, 4017)
     busy = h.milter()
@@ -440,9 +460,94 @@ def test_idle_connections_are_closed_but_not_while_we_are_deciding(key):
     h.fake.delay = 700.0  # the key lookup answers after the idle timeout
     busy.proto.dataReceived(content(sign(message("alice@fail.test"), key, "fail.test", "lab")))
     h.clock.advance(601)
-    assert idle.closed and not busy.closed and busy.take() == b""
+    assert idle.closed and not busy.closed and b"y" not in [c for c, _ in packets(busy.take())]
     h.clock.advance(100)
-    assert [c for c, _ in packets(busy.take())] == [b"i", b"c"]
+    assert [c for c, _ in packets(busy.take()) if c != b"p"] == [b"i", b"c"]
+
+
+def test_a_long_pause_inside_a_transaction_never_closes_the_connection(key):
+    """Postfix is silent while the client uploads DATA: from MAIL to end of message the idle
+    timer does not close the connection, so the message still gets our verdict (not
+    milter_default_action); after the transaction the idle timeout applies again."""
+    h = Harness(key)
+    milter = h.milter()
+    connect(milter, 4019)
+    mail(milter, "alice@fail.test")
+    assert ask(h.policy(), "alice@fail.test", 4019) == "DUNNO"
+    for _ in range(10):  # 3000 s of DATA upload, far beyond idle_timeout_seconds (600)
+        h.clock.advance(300)
+    assert not milter.closed
+    assert packets(milter.send(content(message("alice@fail.test")))) == [
+        (b"y", NO_AUTH.encode() + b"\0")]
+    h.clock.advance(601)
+    assert milter.closed
+
+
+def test_an_aborted_transaction_lets_the_idle_timeout_apply_again(key):
+    """ABORT (RSET) ends the transaction: the connection is then closed when idle."""
+    h = Harness(key)
+    milter = h.milter()
+    connect(milter, 4020)
+    mail(milter, "alice@fail.test")
+    milter.send(pkt(b"A"))
+    h.clock.advance(601)
+    assert milter.closed
+
+
+def test_dkim_not_settled_by_the_deadline_gets_451_and_progress_meanwhile(key):
+    """A DKIM check still running eom_deadline_seconds after end of message answers the
+    temporary reply (451 4.4.3), never accept; SMFIR_PROGRESS keeps Postfix waiting until
+    then, and the late DKIM result writes nothing."""
+    h = Harness(key, eom_deadline=60.0)
+    milter = h.milter()
+    connect(milter, 4021)
+    mail(milter, "alice@fail.test")
+    assert ask(h.policy(), "alice@fail.test", 4021) == "DUNNO"
+    h.fake.delay = 500.0
+    assert milter.send(content(sign(message("alice@fail.test"), key, "fail.test", "lab"))) == b""
+    h.clock.advance(10)
+    assert packets(milter.take()) == [(b"p", b"")]
+    advance(h.clock, 45)
+    assert packets(milter.take()) == [(b"p", b"")] * 4
+    h.clock.advance(5)
+    assert packets(milter.take()) == [(b"y", TEMP_DKIM.encode() + b"\0")]
+    advance(h.clock, 500)  # the key lookup answers at 500 s: nothing more is written
+    assert milter.take() == b"" and not milter.closed
+
+
+def test_an_spf_pass_message_past_the_deadline_is_refused_temporarily_too(key):
+    """The deadline never accepts: a message that passed SPF but whose DKIM check is stuck
+    also gets 451 4.4.3 (its headers would otherwise go out unjudged)."""
+    h = Harness(key, eom_deadline=30.0)
+    milter = h.milter()
+    connect(milter, 4022)
+    mail(milter, "alice@pass.test")
+    assert ask(h.policy(), "alice@pass.test", 4022) == "DUNNO"
+    h.fake.delay = 500.0
+    milter.send(content(sign(message("alice@pass.test"), key, "fail.test", "lab")))
+    advance(h.clock, 30)
+    assert [c for c, _ in packets(milter.take())] == [b"p", b"p", b"y"]
+
+
+def test_unix_socket_peers_must_be_in_peer_uids(key):
+    """On a Unix socket, a peer whose uid (SO_PEERCRED) is not in peer_uids is closed at
+    once, on both the milter and the policy listener; an allowed uid is served; TCP-like
+    transports (no Unix handle) are not checked."""
+    import os
+    import socket
+
+    mine = os.getuid()
+    for uids, refused in ((frozenset({mine + 1}), True), (frozenset({mine}), False)):
+        h = Harness(key, peer_uids=uids)
+        ends = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            milter = Connection(h.milter_factory, UnixTransport(ends[0]))
+            policy = Connection(h.policy_factory, UnixTransport(ends[0]))
+            assert milter.closed is refused and policy.closed is refused
+        finally:
+            for end in ends:
+                end.close()
+        assert not h.milter().closed and not h.policy().closed  # no Unix handle
 
 
 def test_the_authentication_results_header_value_is_valid_on_the_wire(key):

@@ -19,8 +19,15 @@ What it answers:
 Failure contract: a protocol error (bytes Postfix would not send) is logged and the connection
 dropped without a reply; Postfix applies ``milter_default_action``. An internal error at end
 of message answers TEMPFAIL when the message needed DKIM (the sender retries: an error never
-lets unauthenticated mail in), ACCEPT otherwise. Connections over ``max_connections`` and
-ones idle for ``idle_timeout_seconds`` are closed.
+lets unauthenticated mail in), ACCEPT otherwise. A DKIM check not settled
+``eom_deadline_seconds`` after end of message answers the configured ``temporary`` reply
+(451 4.4.3, rule ``eom-deadline``), never accept; SMFIR_PROGRESS goes out every
+``PROGRESS_INTERVAL_SECONDS`` meanwhile. Connections over ``max_connections``, ones from a
+Unix-socket peer whose uid is not in ``peer_uids`` (``connection.PeerCheck``) and ones idle
+for ``idle_timeout_seconds`` between transactions are closed; never one in a transaction
+(MAIL to end of message or ABORT): Postfix sends nothing while the client uploads DATA
+(cleanup sends the content only once the whole message is queued), and a close there would
+make Postfix apply ``milter_default_action`` to the message.
 """
 
 from __future__ import annotations
@@ -29,15 +36,15 @@ from twisted.internet import defer, protocol, threads
 from twisted.logger import Logger
 
 from policyd_ipv6.checks.dkim import check_dkim
-from policyd_ipv6.connection import OverLimitWarning, TimedConnection
-from policyd_ipv6.milter.codec import Disposition, MilterProtocolError
-from policyd_ipv6.milter.end_of_message import decide_end, needs_check
+from policyd_ipv6.connection import OverLimitWarning, PeerCheck, TimedConnection
+from policyd_ipv6.milter.codec import Disposition, MilterProtocolError, ReplyCode
+from policyd_ipv6.milter.end_of_message import EndDecision, decide_end, needs_check
 from policyd_ipv6.milter.events import Aborted, Closed, Connected, EndOfMessage, MailFrom
 from policyd_ipv6.milter.session import MilterSession
 from policyd_ipv6.names import client_ip
 from policyd_ipv6.text import printable
 
-__all__ = ["MilterFactory", "MilterProtocol", "DKIM_THREAD_BYTES"]
+__all__ = ["MilterFactory", "MilterProtocol", "DKIM_THREAD_BYTES", "PROGRESS_INTERVAL_SECONDS"]
 
 _log = Logger(namespace="policyd-ipv6")
 
@@ -45,6 +52,10 @@ _log = Logger(namespace="policyd-ipv6")
 # a few milliseconds (1-2 ms at 16 kB, 7-9 ms at 64 kB, up to 0.35 s at 1 MB; dkim_check): such
 # messages are verified on the thread pool, where the GIL still lets the reactor run every 5 ms.
 DKIM_THREAD_BYTES = 32 * 1024
+# While DKIM is pending at end of message: each SMFIR_PROGRESS restarts Postfix's
+# milter_content_timeout (300 s; milter8_event reads again after one), so Postfix waits for
+# our own deadline instead of giving up first and applying milter_default_action.
+PROGRESS_INTERVAL_SECONDS = 10.0
 
 
 class MilterProtocol(TimedConnection, protocol.Protocol):
@@ -54,9 +65,15 @@ class MilterProtocol(TimedConnection, protocol.Protocol):
         self.state = None  # sessions.SessionState once registered
         self.client = "-"
         self.closed = False
+        self.in_transaction = False  # MAIL seen, end of message or ABORT not yet answered
+        self.waiting: object | None = None  # the end of message owed a verdict
+        self.eom_timers: list = []  # its deadline and progress calls
 
     def connectionMade(self) -> None:
         self.factory.connections += 1
+        if not self.factory.peer_check.admits(self.transport):
+            self._close()
+            return
         if self.factory.connections > self.factory.max_connections:
             # Postfix applies milter_default_action to this session; the policy side then
             # sees no milter on it and enforces SPF alone (the fail-safe).
@@ -95,13 +112,16 @@ class MilterProtocol(TimedConnection, protocol.Protocol):
             else:
                 self.state.begin_message(event.sender)
                 sessions.touch(self.state)
+                self.in_transaction = True
                 self._answer(Disposition.CONTINUE)
         elif isinstance(event, EndOfMessage):
             self._end_of_message(event)
         elif isinstance(event, Aborted):
+            self.in_transaction = False
             if self.state is not None:
                 self.state.end_message()
         elif isinstance(event, Closed):
+            self.in_transaction = False
             self._unregister()
             if not event.new_connection:
                 self._close()
@@ -122,19 +142,59 @@ class MilterProtocol(TimedConnection, protocol.Protocol):
         record = self.state.take_message() if self.state is not None else None
         message = event.message
         start = self.factory.clock.seconds()
+        token = self.waiting = object()
         if needs_check(record, message.too_large) == "dkim":
             raw = message.raw()
             run = self.factory.run_in_thread if len(raw) > DKIM_THREAD_BYTES else None
+            clock = self.factory.clock
+            self.eom_timers = [
+                clock.callLater(self.factory.eom_deadline_seconds, self._deadline, token,
+                                record, message, start),
+                clock.callLater(PROGRESS_INTERVAL_SECONDS, self._progress, token)]
             d = check_dkim(self.factory.lookups, raw, run)
         else:
             d = defer.succeed(None)
         d.addCallback(lambda dkim: (decide_end(
             record, message.too_large, dkim, self.factory.engine.policy.replies,
             self.factory.authserv_id, message.headers), dkim))
-        d.addCallback(self._send_end, record, message, start)
-        d.addErrback(self._end_failed, record)
+        d.addCallback(self._send_end, token, message, start)
+        d.addErrback(self._end_failed, token, record)
 
-    def _send_end(self, decided, record, message, start: float) -> None:
+    def _settle(self, token) -> bool:
+        """True (once) if ``token`` is the end of message still owed a verdict."""
+        if token is not self.waiting:
+            return False  # answered already (the deadline came first), or connection gone
+        self.waiting = None
+        self.in_transaction = False
+        for call in self.eom_timers:
+            if call.active():
+                call.cancel()
+        self.eom_timers = []
+        return True
+
+    def _progress(self, token) -> None:
+        if token is self.waiting and not self.closed:
+            self.transport.write(self.session.send_progress())
+            self.eom_timers.append(self.factory.clock.callLater(
+                PROGRESS_INTERVAL_SECONDS, self._progress, token))
+
+    def _deadline(self, token, record, message, start: float) -> None:
+        # A temporary refusal, whatever the message: DKIM decides a message that failed SPF,
+        # and even one that passed would go out without our verdict on its headers (forged
+        # Authentication-Results kept). The sender retries; a slow check never lets mail in.
+        subject, _ = record.evidence()
+        address = (str(subject.ip) if subject.ip is not None
+                   else printable(subject.client_address, 64))
+        text = self.factory.engine.policy.replies.temporary.format(address=address,
+                                                                   check="DKIM")
+        _log.warn("milter: DKIM not settled {s}s after end of message from {client}; "
+                  "answered 451", s=self.factory.eom_deadline_seconds, client=self.client)
+        self._send_end((EndDecision(ReplyCode(text), rule="eom-deadline"), None), token,
+                       message, start)
+
+    def _send_end(self, decided, token, message, start: float) -> None:
+        if not self._settle(token):
+            return
         decision, dkim = decided
         if not self.closed:
             self.transport.write(self.session.send_verdict(decision.response, decision.edits))
@@ -150,9 +210,9 @@ class MilterProtocol(TimedConnection, protocol.Protocol):
             _log.warn("milter: message from {client} too large to check ({rule})",
                       client=self.client, rule=decision.rule)
 
-    def _end_failed(self, failure, record) -> None:
+    def _end_failed(self, failure, token, record) -> None:
         _log.failure("internal error at end of message", failure)
-        if not self.closed and self.session.pending is not None:
+        if self._settle(token) and not self.closed and self.session.pending is not None:
             needs_dkim = record is not None and record.needs_dkim
             self.transport.write(self.session.send_verdict(
                 Disposition.TEMPFAIL if needs_dkim else Disposition.ACCEPT))
@@ -166,7 +226,10 @@ class MilterProtocol(TimedConnection, protocol.Protocol):
             self.state = None
 
     def _timed_out(self) -> None:
-        if self.session.pending is not None:  # waiting for our own verdict, not for Postfix
+        # Waiting for our own verdict, or in a transaction: Postfix is silent while the client
+        # uploads DATA (each pause under smtpd_timeout), and closing then would hand the
+        # message to milter_default_action. Postfix's own timeouts end a dead session.
+        if self.session.pending is not None or self.in_transaction:
             self._arm_timer()
             return
         self._close()
@@ -178,6 +241,7 @@ class MilterProtocol(TimedConnection, protocol.Protocol):
 
     def connectionLost(self, reason=None) -> None:
         self.closed = True
+        self._settle(self.waiting)
         self._unregister()
         self.factory.connections -= 1
         self._stop_timer()
@@ -189,7 +253,9 @@ class MilterFactory(protocol.Factory):
     noisy = False
 
     def __init__(self, engine, lookups, clock, authserv_id: str, max_connections: int = 1000,
-                 idle_timeout_seconds: float = 600.0, run_in_thread=None) -> None:
+                 idle_timeout_seconds: float = 600.0, run_in_thread=None,
+                 eom_deadline_seconds: float = 60.0,
+                 peer_uids: frozenset[int] | None = None) -> None:
         if engine.sessions is None:
             raise ValueError("the milter needs an engine with a sessions registry")
         self.engine = engine
@@ -198,6 +264,10 @@ class MilterFactory(protocol.Factory):
         self.authserv_id = authserv_id
         self.max_connections = max_connections
         self.idle_timeout_seconds = idle_timeout_seconds
+        # Well under Postfix's milter_content_timeout (300 s): our 451 must reach the client
+        # before Postfix gives up on us and applies milter_default_action.
+        self.eom_deadline_seconds = eom_deadline_seconds
+        self.peer_check = PeerCheck(clock, "milter", peer_uids)
         self.connections = 0
         self.over_limit = OverLimitWarning(clock, "milter")
         # (function, *args) -> Deferred; the reactor's thread pool unless a test injects one.

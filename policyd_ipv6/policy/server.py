@@ -12,8 +12,9 @@ requests sent ahead of their replies.
 Connections beyond ``max_connections``: the connection idle the longest is closed to make room
 (Postfix reconnects on its next request, transparently); only when every connection is busy is
 the newcomer closed. Either way Postfix retries, so no mail is lost, and the warning is logged
-at most once a minute with a count. Parsing is the codec's, deciding the engine's; this module
-only moves bytes and keeps time.
+at most once a minute with a count. On a Unix socket, a peer whose uid (SO_PEERCRED) is not in
+``peer_uids`` is closed at once (``connection.PeerCheck``). Parsing is the codec's, deciding
+the engine's; this module only moves bytes and keeps time.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections import OrderedDict, deque
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
-from policyd_ipv6.connection import OverLimitWarning, TimedConnection
+from policyd_ipv6.connection import OverLimitWarning, PeerCheck, TimedConnection
 from policyd_ipv6.policy.codec import PolicyDecoder, PolicyProtocolError, encode_reply
 
 __all__ = ["PolicyFactory", "PolicyProtocol", "MAX_QUEUED"]
@@ -48,7 +49,7 @@ class PolicyProtocol(TimedConnection, protocol.Protocol):
         return not (self.busy or self.queue or self.decoder.pending or self.closed)
 
     def connectionMade(self) -> None:
-        if not self.factory.admit(self):
+        if not self.factory.peer_check.admits(self.transport) or not self.factory.admit(self):
             self._close()
             return
         self._arm_timer()
@@ -126,7 +127,8 @@ class PolicyFactory(protocol.Factory):
     noisy = False
 
     def __init__(self, engine, clock, max_connections: int = 1000,
-                 idle_timeout_seconds: float = 600.0) -> None:
+                 idle_timeout_seconds: float = 600.0,
+                 peer_uids: frozenset[int] | None = None) -> None:
         self.engine = engine
         self.clock = clock
         self.max_connections = max_connections
@@ -134,6 +136,7 @@ class PolicyFactory(protocol.Factory):
         # Open connections, least recently active first.
         self.open: OrderedDict[PolicyProtocol, None] = OrderedDict()
         self.over_limit = OverLimitWarning(clock, "policy")
+        self.peer_check = PeerCheck(clock, "policy", peer_uids)
 
     @property
     def connections(self) -> int:
