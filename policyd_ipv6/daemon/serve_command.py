@@ -4,6 +4,9 @@ Contract: ``serve(config, log_level, allow_root)`` checks privileges, builds the
 its listeners, drops to the configured user, and runs until SIGTERM or SIGINT; it returns the
 exit status. It raises ``ConfigError`` for a configuration that cannot start (root without a
 ``user``, bad opt-in file, endpoint that cannot be bound) before the first request is served.
+Every module is imported before the drop. The drop happens in the same reactor turn as the
+binding, before any connection is read; if it fails, the error is logged, the listeners are
+closed and ``serve`` returns 1 without having answered a request.
 SIGHUP re-reads the configuration and the opt-in table.
 """
 
@@ -19,7 +22,11 @@ from policyd_ipv6 import __version__
 from policyd_ipv6.daemon.config import Config, ConfigError
 from policyd_ipv6.daemon.limits import descriptor_budget, raise_open_files_limit
 from policyd_ipv6.daemon.logs import start_logging
-from policyd_ipv6.daemon.privileges import drop_privileges, plan_privileges
+from policyd_ipv6.daemon.privileges import (
+    drop_privileges,
+    load_lazy_modules,
+    plan_privileges,
+)
 from policyd_ipv6.daemon.wiring import PolicyService, install_sighup
 
 __all__ = ["serve"]
@@ -50,9 +57,23 @@ def serve(config: Config, log_level: str = "info", allow_root: bool = False) -> 
                   "{soft} (raise LimitNOFILE / ulimit -n)", asked=config.max_connections,
                   connections=connections, soft=soft)
     failure: list[ConfigError] = []
+    status = [0]
+    if plan is not None:
+        load_lazy_modules()
 
-    def started(_ports) -> None:
-        drop_privileges(plan)
+    def started(ports) -> None:
+        try:
+            drop_privileges(plan)
+        except Exception as error:
+            # Never serve as root: close the listeners in this same reactor turn, before any
+            # connection is read, and exit non-zero.
+            for port in ports:
+                port.stopListening()
+            _log.error("cannot drop privileges to user {user}: {error}; stopping without "
+                       "serving", user=plan[2] if plan else "", error=str(error))
+            status[0] = 1
+            reactor.stop()
+            return
         # The start-up objects (modules, config, tables) never die: keep them out of every
         # collection, and collect the young generation less often. The caches hold many
         # long-lived objects, and each full collection would walk them with the reactor stopped.
@@ -88,4 +109,4 @@ def serve(config: Config, log_level: str = "info", allow_root: bool = False) -> 
         raise failure[0]
     _log.info("policyd-ipv6 stopped")
     stream.flush()  # the reactor's last turn is over: nothing else will flush this line
-    return 0
+    return status[0]

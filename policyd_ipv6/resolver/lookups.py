@@ -11,7 +11,9 @@ TXT as a tuple of ``bytes`` strings per record.
 Answers are cached for their DNS TTL (negative answers for the SOA minimum, RFC 2308), bounded
 by ``max_ttl_seconds`` and by ``max_entries``; concurrent lookups of the same name share one
 query, and at most ``max_inflight`` names are asked at once (each holds a socket). Temporary
-failures are not cached. Names are always absolute: no search list.
+failures are not cached. Names are always absolute: no search list. An unexpected exception
+(a bug, not a DNS fault) also gives ``tempfail``, and is logged at error level with its
+traceback.
 """
 
 from __future__ import annotations
@@ -24,11 +26,16 @@ import dns.rcode
 import dns.rdatatype
 import dns.ttl
 from twisted.internet import defer
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
 
 from policyd_ipv6.cache import ExpiringCache
+from policyd_ipv6.resolver.client import TransientDnsError
 from policyd_ipv6.resolver.wire import encode_name
 
 __all__ = ["Answer", "Lookups"]
+
+_log = Logger(namespace="policyd-ipv6")
 
 _NEGATIVE_TTL_FALLBACK = 60.0  # when a negative answer carries no SOA
 
@@ -109,12 +116,19 @@ class Lookups:
         self._inflight[key] = [mine]
         d = self.client.query(key[0], qtype)
         d.addCallbacks(lambda r: interpret(r, rrtype, self.max_ttl_seconds),
-                       lambda f: Answer("tempfail", detail=f.getErrorMessage()))
+                       lambda f: Answer("tempfail", detail=f.getErrorMessage())
+                       if f.check(TransientDnsError) else f)
         d.addBoth(self._deliver, key)
         return mine
 
     def _deliver(self, answer, key) -> None:
-        if not isinstance(answer, Answer):  # a bug below us: report it as a transient fault
+        if not isinstance(answer, Answer):
+            # A bug below us (or a module that cannot be loaded): the mail gets a temporary
+            # refusal, and the log says why, with the traceback.
+            if isinstance(answer, Failure):
+                _log.failure("internal error in the DNS lookup of {name} {rrtype}; answered as "
+                             "a temporary failure", answer, level=LogLevel.error,
+                             name=key[0], rrtype=key[1])
             answer = Answer("tempfail", detail=f"internal error: {answer!r}"[:200])
         if answer.status != "tempfail":
             self.cache.put(key, answer, answer.ttl)
