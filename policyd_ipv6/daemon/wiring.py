@@ -6,16 +6,19 @@ naming the key and value when one cannot start (an unreadable or invalid opt-in 
 ``listen()`` binds every ``listen`` endpoint, then every ``milter_listen`` endpoint (a Deferred
 failing with ``ConfigError`` naming the key and the endpoint). With ``milter_listen`` set, the
 policy engine and the milter share one ``sessions.Sessions`` registry (the milter tells the
-policy side which SMTP sessions it is on); without it the engine has none and SPF alone decides. ``reload()`` (SIGHUP) re-reads the configuration file: a file that does not load
-leaves the running configuration in force and logs why; otherwise every key takes effect at
-once except those in ``RESTART_KEYS``, which are logged as needing a restart.
+policy side which SMTP sessions it is on); without it the engine has none and SPF alone
+decides. The configuration in force is one object, ``service.current.config``. ``reload()``
+(SIGHUP) re-reads the configuration file: a file that does not load leaves the running
+configuration in force and logs why; otherwise the new ``Config``, with the restart-only keys
+(``config.RESTART_KEYS``, logged when they changed) carried over from the running one, replaces
+it in one swap, and the running parts take their reloadable values from it (``_LIVE``: every
+key SIGHUP applies is listed there or below it, which a test checks).
 ``system_nameservers()`` reads /etc/resolv.conf's nameserver lines (the search list is never
 used).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import signal
 import socket
 
@@ -24,7 +27,14 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
 from policyd_ipv6.checks.gather import FactFinder
-from policyd_ipv6.daemon.config import Config, ConfigError, load_config, parse_nameserver
+from policyd_ipv6.daemon.config import (
+    RESTART_KEYS,
+    Config,
+    ConfigError,
+    keep_restart_keys,
+    load_config,
+    parse_nameserver,
+)
 from policyd_ipv6.milter.registry import Sessions
 from policyd_ipv6.milter.server import MilterFactory
 from policyd_ipv6.optin.table import OptinSyntaxError
@@ -36,13 +46,28 @@ from policyd_ipv6.resolver.client import DnsClient
 from policyd_ipv6.resolver.lookups import Lookups
 from policyd_ipv6.resolver.wire import Nameserver
 
-__all__ = ["PolicyService", "system_nameservers", "install_sighup", "RESTART_KEYS"]
+__all__ = ["PolicyService", "Current", "system_nameservers", "install_sighup", "RESTART_KEYS",
+           "RELOADED_KEYS"]
 
 _log = Logger(namespace="policyd-ipv6")
 
-# Keys whose change needs a restart: bound sockets, the process's user, sizes of live caches.
-RESTART_KEYS = ("listen", "milter_listen", "user", "max_connections", "dns_cache_size",
-                "message_cache_size")
+# The reloadable keys a running part keeps a copy of: (key, part, attribute). reload() sets
+# them from the configuration in force; the other reloadable keys are in RELOADED_KEYS.
+_LIVE = (
+    ("dns_timeout_seconds", "client", "timeout_seconds"),
+    ("dns_attempts", "client", "attempts"),
+    ("dns_max_ttl_seconds", "lookups", "max_ttl_seconds"),
+    ("rdns", "finder", "rdns_mode"),
+    ("decision_deadline_seconds", "finder", "deadline_seconds"),
+    ("message_cache_ttl_seconds", "finder", "message_ttl_seconds"),
+    ("idle_timeout_seconds", "factory", "idle_timeout_seconds"),
+    ("idle_timeout_seconds", "milter_factory", "idle_timeout_seconds"),
+    ("milter_eom_deadline_seconds", "milter_factory", "eom_deadline_seconds"),
+)
+# Every key reload() applies: those of _LIVE and the ones it derives a part from.
+RELOADED_KEYS = frozenset({key for key, _part, _attribute in _LIVE}
+                          | {"nameservers", "trusted_networks", "replies", "authserv_id",
+                             "optin_file", "optin_reload_interval_seconds"})
 # How long a milter session's entry outlives the milter's last event if its close is missed;
 # Postfix ends an SMTP session idle for smtpd_timeout (300s) long before.
 SESSION_TTL_SECONDS = 3600.0
@@ -76,9 +101,16 @@ def _watcher(config: Config, reactor) -> OptinWatcher:
         raise ConfigError(f'optin_file = "{config.optin_file}": {error}') from None
 
 
+class Current:
+    """The configuration in force: the one object a reload replaces."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+
 class PolicyService:
     def __init__(self, config: Config, reactor) -> None:
-        self.config = config
+        self.current = Current(config)
         self.reactor = reactor
         self.client = DnsClient(reactor, self._servers(config), config.dns_timeout_seconds,
                                 config.dns_attempts)
@@ -102,6 +134,11 @@ class PolicyService:
                 self.engine, self.lookups, reactor, authserv_id(config),
                 config.max_connections, config.idle_timeout_seconds)
 
+    @property
+    def config(self) -> Config:
+        """The configuration in force (``current.config``)."""
+        return self.current.config
+
     @staticmethod
     def _servers(config: Config) -> list[Nameserver]:
         return list(config.nameservers) or system_nameservers()
@@ -121,19 +158,22 @@ class PolicyService:
             except Exception as error:
                 for bound in ports:
                     bound.stopListening()
-                raise ConfigError(f'{key} = "{description}": not a valid endpoint ({error})')
+                raise ConfigError(
+                    f'{key} = "{description}": not a valid endpoint ({error})') from None
             try:
                 port = yield endpoint.listen(factory)
             except Exception as error:
                 for bound in ports:
                     bound.stopListening()
-                raise ConfigError(f'{key} = "{description}": cannot listen ({error})')
+                raise ConfigError(
+                    f'{key} = "{description}": cannot listen ({error})') from None
             ports.append(port)
             _log.info("listening for {what} on {where}", what=what, where=description)
         return ports
 
     def reload(self) -> bool:
-        """SIGHUP: re-read the configuration and the opt-in table; True if the new one is in force."""
+        """SIGHUP: re-read the configuration and the opt-in table; True if the new one is in
+        force (then ``current.config`` is that one, restart-only keys kept)."""
         try:
             new = load_config(self.config.source)
             optin = None
@@ -145,22 +185,18 @@ class PolicyService:
                        "stays in force", error=str(error))
             return False
         old = self.config
-        for key in RESTART_KEYS:
-            if getattr(new, key) != getattr(old, key):
-                _log.warn("configuration key {key} changed: it takes effect at the next restart",
-                          key=key)
-        new = dataclasses.replace(new, **{key: getattr(old, key) for key in RESTART_KEYS})
+        new, changed = keep_restart_keys(old, new)
+        for key in changed:
+            _log.warn("configuration key {key} changed: it takes effect at the next restart",
+                      key=key)
+        self.current.config = new
+        for key, part, attribute in _LIVE:
+            target = getattr(self, part)
+            if target is not None:
+                setattr(target, attribute, getattr(new, key))
         self.client.nameservers = servers
-        self.client.timeout_seconds = new.dns_timeout_seconds
-        self.client.attempts = new.dns_attempts
-        self.lookups.max_ttl_seconds = new.dns_max_ttl_seconds
-        self.finder.rdns_mode = new.rdns
-        self.finder.deadline_seconds = new.decision_deadline_seconds
-        self.finder.message_ttl_seconds = new.message_cache_ttl_seconds
         self.engine.policy = Policy(new.trusted_networks, new.replies)
-        self.factory.idle_timeout_seconds = new.idle_timeout_seconds
         if self.milter_factory is not None:
-            self.milter_factory.idle_timeout_seconds = new.idle_timeout_seconds
             self.milter_factory.authserv_id = authserv_id(new)
         if optin is None:
             self.optin.reload("SIGHUP")
@@ -172,7 +208,6 @@ class PolicyService:
             self.optin.stop()
             self.optin = self.engine.optin = optin
             optin.start()
-        self.config = new
         _log.info("configuration reloaded (SIGHUP) from {path}", path=new.source)
         return True
 
