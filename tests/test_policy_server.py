@@ -119,6 +119,24 @@ def test_malformed_request_closes_without_reply():
     assert transport.disconnecting
 
 
+def test_crlf_request_is_answered_at_once():
+    """A request typed with CR LF line ends (telnet) is answered, not left to the idle timeout."""
+    h = Harness()
+    proto, transport = h.connect()
+    proto.dataReceived(request().replace(b"\n", b"\r\n"))
+    assert replies(transport) == ["action=DUNNO"]
+    assert not transport.disconnecting
+
+
+def test_bad_second_line_closes_at_once():
+    """A bad line after the first closes the connection when it arrives, without a reply."""
+    h = Harness()
+    proto, transport = h.connect()
+    proto.dataReceived(b"request=smtpd_access_policy\r\n")
+    proto.dataReceived(b"hello there\r\n")
+    assert transport.disconnecting and transport.value() == b""
+
+
 def test_idle_and_half_sent_connections_are_closed():
     """A connection idle (or stuck mid-request) past idle_timeout_seconds is closed."""
     h = Harness(idle=60.0)
@@ -193,7 +211,7 @@ def test_engine_bug_closes_without_reply():
     try:
         proto.dataReceived(request())
     except RuntimeError:
-        raise AssertionError("the exception escaped to the reactor")
+        raise AssertionError("the exception escaped to the reactor") from None
     assert transport.disconnecting and replies(transport) == []
 
 

@@ -2,7 +2,10 @@
 
 Contract (Postfix SMTPD_POLICY_README, "Protocol description"; attr_scan_plain.c):
 a request is a sequence of ``name=value`` lines, each ending in a bare ``\\n``, terminated by an
-empty line; the reply is ``action=...`` followed by an empty line.
+empty line; the reply is ``action=...`` followed by an empty line. A line may also end in
+``\\r\\n`` (a person testing with telnet or nc -C): the CR is dropped. Each line is checked as
+soon as it is complete, so a line that is not ``name=value`` closes the connection at once,
+not at the end of a request that may never come.
 
 ``PolicyDecoder.feed(data)`` takes any slice of the byte stream and returns the complete
 requests it finished, as ``dict[str, str]``; bytes of an unfinished request are kept for the
@@ -47,13 +50,14 @@ class PolicyDecoder:
         self._buffer = bytearray()
         self._scan = 0  # where to look for the end of the request next
         self._line_length = 0  # length of the unfinished last line
-        self._first_line_seen = False  # the unfinished request's first line was checked
+        self._checked = 0  # the unfinished request's complete lines before this were checked
+        self._cr = False  # the last slice ended in a CR, held back in case an LF follows
         self._dead: PolicyProtocolError | None = None
 
     @property
     def pending(self) -> bool:
         """True while part of a request has been received but not its end."""
-        return bool(self._buffer)
+        return bool(self._buffer) or self._cr
 
     def feed(self, data: bytes) -> list[dict[str, str]]:
         """Consume ``data``; return the requests it completed, in order.
@@ -72,6 +76,12 @@ class PolicyDecoder:
         # Whole requests are cut out with one search for the empty line and parsed in one go:
         # a request is ~30 short lines, and a Python step per byte or per line would cost
         # more than the decision itself.
+        if self._cr:
+            data, self._cr = b"\r" + data, False
+        if b"\r" in data:  # CR LF line ends (telnet): one search, not a step per byte
+            if data.endswith(b"\r"):
+                data, self._cr = data[:-1], True
+            data = data.replace(b"\r\n", b"\n")
         buffer = self._buffer
         buffer += data
         newline = data.rfind(b"\n")
@@ -88,21 +98,32 @@ class PolicyDecoder:
                 block, consumed = bytes(buffer[:end]), end + 2
             del buffer[:consumed]
             self._scan = 0
-            self._first_line_seen = False
+            self._checked = 0
             requests.append(_parse(block))
-        if buffer and not self._first_line_seen:
-            # Another protocol (an HTTP probe, a port scanner) shows itself on its first line:
-            # close at once instead of waiting for an empty line that may never come.
-            first = buffer.find(b"\n")
-            if first >= 0:
-                self._first_line_seen = True
-                if b"=" not in buffer[:first]:
-                    raise PolicyProtocolError("line without '=': " + _show(bytes(buffer[:first])))
+        if buffer:
+            # Another protocol (an HTTP probe, a port scanner) or a typing person shows itself
+            # on a line: close at once instead of waiting for an empty line that may never
+            # come. Only the lines of an unfinished request get here, each once.
+            last = buffer.rfind(b"\n")
+            if last >= self._checked:
+                for line in bytes(buffer[self._checked:last]).split(b"\n"):
+                    _check_line(line)
+                self._checked = last + 1
         if self._line_length > MAX_LINE_BYTES:
             raise PolicyProtocolError(f"line longer than {MAX_LINE_BYTES} bytes")
         if len(buffer) > MAX_REQUEST_BYTES:
             raise PolicyProtocolError(f"request longer than {MAX_REQUEST_BYTES} bytes")
         return requests
+
+
+def _check_line(line: bytes) -> None:
+    """Raise PolicyProtocolError unless ``line`` can be a ``name=value`` attribute."""
+    if b"=" not in line:
+        raise PolicyProtocolError("line without '=': " + _show(line))
+    if line.startswith(b"="):
+        raise PolicyProtocolError("attribute without a name")
+    if b"\0" in line:
+        raise PolicyProtocolError("NUL byte in attribute " + _show(line.partition(b"=")[0]))
 
 
 def _parse(block: bytes) -> dict[str, str]:
