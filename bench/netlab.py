@@ -14,17 +14,26 @@ namespaces and /etc/netns/<prefix>-mx. It never touches the root namespace's add
 `restart_unbound()` gives an empty resolver cache; `set_delay(ms)` restarts the relay with a
 new round trip. Processes are started with `ip netns exec` directly, so Popen.pid is the PID of
 the daemon itself.
+
+The namespaces, the veth pair and stopping a process by PID are the test lab's
+(tests/lab/netns.py, tests/lab/process.py); the Knot and unbound configurations stay here,
+tuned for load (worker counts, cache sizes, 30,000 generated zones on disk).
 """
 
 import os
-import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import zonegen
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+
+from lab.netns import Namespace, existing_namespaces, veth_pair  # noqa: E402
+from lab.process import terminate  # noqa: E402
+
 LINK_DNS = "2001:db8:ffff::1"
 LINK_MX = "2001:db8:ffff::2"
 
@@ -91,26 +100,19 @@ stub-zone:
 
 
 def run(*argv, check=True):
-    return subprocess.run(argv, check=check, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+    return subprocess.run(argv, check=check, capture_output=True, text=True)
 
 
 def stop_process(proc, grace=3.0):
     """SIGTERM one process we started, then SIGKILL it if it lingers."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(grace)
+    terminate(proc, grace)
 
 
 class Lab:
     def __init__(self, prefix, workdir, delay_ms=0.0, cold=20000, warm=50, slow=3000,
                  python="/usr/bin/python3"):
         self.ns_dns, self.ns_mx = f"{prefix}-dns", f"{prefix}-mx"
+        self.dns, self.mx = Namespace(self.ns_dns), Namespace(self.ns_mx)
         self.veth_dns, self.veth_mx = f"{prefix}-d0", f"{prefix}-m0"
         self.dir = os.path.abspath(workdir)
         self.delay_ms = delay_ms
@@ -124,43 +126,36 @@ class Lab:
         for name in ("relay", "unbound", "knot"):
             stop_process(getattr(self, name))
             setattr(self, name, None)
-        for ns in (self.ns_mx, self.ns_dns):
+        for ns in (self.mx, self.dns):
             # Leftovers of a crashed run in OUR namespaces: their PIDs are ours to end.
-            pids = run("ip", "netns", "pids", ns, check=False).stdout.split()
-            for pid in pids:
+            for pid in ns.pids() if ns.name in existing_namespaces() else ():
                 try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
                     pass
-            run("ip", "netns", "del", ns, check=False)
-        shutil.rmtree(f"/etc/netns/{self.ns_mx}", ignore_errors=True)
+            ns.delete()
 
     def build_network(self):
-        for ns in (self.ns_dns, self.ns_mx):
-            run("ip", "netns", "add", ns)
-            run("ip", "-n", ns, "link", "set", "lo", "up")
-        run("ip", "link", "add", self.veth_dns, "netns", self.ns_dns, "type", "veth",
-            "peer", "name", self.veth_mx, "netns", self.ns_mx)
-        for ns, veth, addr in ((self.ns_dns, self.veth_dns, LINK_DNS),
-                               (self.ns_mx, self.veth_mx, LINK_MX)):
-            # DAD would leave the addresses tentative for seconds.
-            run("ip", "netns", "exec", ns, "sysctl", "-qw", f"net.ipv6.conf.{veth}.accept_dad=0")
-            run("ip", "-n", ns, "addr", "add", f"{addr}/64", "dev", veth, "nodad")
-            run("ip", "-n", ns, "link", "set", veth, "up")
+        # Both namespaces with DAD off (addresses usable at once), joined by a veth pair.
+        for ns in (self.dns, self.mx):
+            ns.create()
+        veth_pair(self.dns, self.veth_dns, self.mx, self.veth_mx)
+        self.dns.add_address(self.veth_dns, f"{LINK_DNS}/64")
+        self.mx.add_address(self.veth_mx, f"{LINK_MX}/64")
         # The dead nameservers: routed to the DNS side, which does not forward, so every
         # query to them vanishes without an ICMP error, like a server that never answers.
-        run("ip", "netns", "exec", self.ns_dns, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=0")
-        run("ip", "-n", self.ns_mx, "-6", "route", "add", f"{zonegen.DEAD_PREFIX}::/48",
-            "via", LINK_DNS)
-        os.makedirs(f"/etc/netns/{self.ns_mx}", exist_ok=True)
-        with open(f"/etc/netns/{self.ns_mx}/resolv.conf", "w") as out:
-            out.write("nameserver 127.0.0.1\n")
+        self.dns.sysctl("net.ipv6.conf.all.forwarding", "0")
+        self.mx.run(["ip", "-6", "route", "add", f"{zonegen.DEAD_PREFIX}::/48", "via", LINK_DNS])
+        # Not Namespace.set_resolv_conf: policyd-spf resolves through this file, and the
+        # benchmark measures it with the resolver's default timeouts, as it runs in production.
+        self.mx.etc_dir.mkdir(parents=True, exist_ok=True)
+        (self.mx.etc_dir / "resolv.conf").write_text("nameserver 127.0.0.1\n")
 
     # -- daemons ----------------------------------------------------------------------------
     def spawn(self, ns, argv, log):
-        out = open(os.path.join(self.dir, log), "ab")
-        return subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        with open(os.path.join(self.dir, log), "ab") as out:
+            return Namespace(ns).popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL)
 
     def wait_for_answer(self, ns, server, name, rtype, deadline_s=10.0):
         end = time.monotonic() + deadline_s
@@ -207,7 +202,7 @@ class Lab:
 
     def exec_argv(self, argv):
         """argv prefixed to run inside the namespace of the servers under test."""
-        return ["ip", "netns", "exec", self.ns_mx, *argv]
+        return self.mx.argv(argv)
 
     def __enter__(self):
         self.cleanup()
