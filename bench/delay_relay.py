@@ -94,7 +94,8 @@ class Relay:
                 # the querier will retry on its own, as it would across a lossy link.
                 self.counts["refused"] += 1
                 continue
-            entry = self.pending.pop(int.from_bytes(data[:2], "big"), None) if len(data) >= 12 else None
+            entry = (self.pending.pop(int.from_bytes(data[:2], "big"), None)
+                     if len(data) >= 12 else None)
             if entry is None or len(self.to_querier) >= self.max_queued:
                 self.counts["dropped"] += 1
                 continue

@@ -2,9 +2,10 @@
 """A load generator that talks to a policy server the way Postfix's smtpd processes do.
 
 Contract: open C connections to one policy server; on each, send one request at a time
-(never pipelined: SMTPD_POLICY_README, one request then its reply): messages of 1-3 recipients, one RCPT-state request per
-recipient, sharing an `instance`, with the attributes Postfix 3.7 sends in its order
-(smtpd_check.c check_policy_service(); `queue_id` empty at the first recipient, A.8).
+(never pipelined: SMTPD_POLICY_README, one request then its reply): messages of 1-3
+recipients, one RCPT-state request per recipient, sharing an `instance`, with the attributes
+Postfix 3.7 sends in its order (smtpd_check.c check_policy_service(); `queue_id` empty at the
+first recipient, A.8).
 Stop issuing requests after --duration seconds or when the sender pool is used up, then wait
 for the replies still due (each bounded by --request-timeout), print one JSON object and exit.
 

@@ -71,8 +71,9 @@ def _find(results, server, scenario, delay, conns):
 
 
 def table(runs):
-    head = ("| server | req/s | p50 ms | p90 ms | p99 ms | max ms | 1st rcpt p50 / p99 ms | CPU s / 1000 | "
-            "peak RSS MiB (procs) | peak PSS MiB | errors | replies | load gen CPU s | machine busy |")
+    head = ("| server | req/s | p50 ms | p90 ms | p99 ms | max ms | 1st rcpt p50 / p99 ms | "
+            "CPU s / 1000 | peak RSS MiB (procs) | peak PSS MiB | errors | replies | "
+            "load gen CPU s | machine busy |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for run in runs:
         if "failed" in run:
@@ -82,15 +83,18 @@ def table(runs):
         # A cold pool used up ends the window early; the rate is then over the shorter window.
         used_up = " (pool used up)" if run.get("pool_exhausted") else ""
         lines.append(
-            f"| {run['server']} | {run['requests_per_s']:,.0f}{used_up} | {lat.get('p50_ms', 0):.2f} | "
-            f"{lat.get('p90_ms', 0):.2f} | {lat.get('p99_ms', 0):.2f} | {lat.get('max_ms', 0):.1f} | "
-            f"{_first(run)} | {run['cpu_s_per_1000'] or 0:.3f} | {run['peak_rss_mib']:.0f} ({run['peak_processes']}) | "
+            f"| {run['server']} | {run['requests_per_s']:,.0f}{used_up} | "
+            f"{lat.get('p50_ms', 0):.2f} | {lat.get('p90_ms', 0):.2f} | "
+            f"{lat.get('p99_ms', 0):.2f} | {lat.get('max_ms', 0):.1f} | "
+            f"{_first(run)} | {run['cpu_s_per_1000'] or 0:.3f} | "
+            f"{run['peak_rss_mib']:.0f} ({run['peak_processes']}) | "
             f"{run['peak_pss_mib']:.0f} | {_errors(run)} | {_replies(run)} | "
             f"{run['loadgen_cpu_s']:.1f} | {run.get('machine_busy', 0) * 100:.0f} % |")
         slow = _lat(run, "slow")
         if slow:
             lines.append(
-                f"| ↳ slow 10 % | | {slow['p50_ms']:.0f} | {slow['p90_ms']:.0f} | {slow['p99_ms']:.0f} | "
+                f"| ↳ slow 10 % | | {slow['p50_ms']:.0f} | {slow['p90_ms']:.0f} | "
+                f"{slow['p99_ms']:.0f} | "
                 f"{slow['max_ms']:.0f} | | | | | | {_replies(run, 'slow')} | | |")
     return "\n".join(lines)
 
@@ -98,7 +102,7 @@ def table(runs):
 def checks(results):
     """Yield (target, measured, verdict) for every target the results can answer."""
     deadline = results.get("options", {}).get("deadline", 5.0)
-    for (scenario, delay, conns), runs in sorted(_cells(results).items()):
+    for (scenario, delay, conns), _runs in sorted(_cells(results).items()):
         ours = _find(results, "policyd-ipv6", scenario, delay, conns)
         if ours is None:
             continue
@@ -158,7 +162,8 @@ def markdown(results):
            f"code {m.get('code', '?')}. "
            f"Run started {results.get('started', '?')}.", ""]
     for (scenario, delay, conns), runs in sorted(_cells(results).items()):
-        out += [f"### {scenario}, DNS round trip {delay} ms, {conns} connections", "", table(runs), ""]
+        out += [f"### {scenario}, DNS round trip {delay} ms, {conns} connections", "",
+                table(runs), ""]
     found = list(checks(results))
     if found:
         out += [f"### Targets ({TARGETS_NOTE})", "", "| target | measured | met |", "|---|---|---|"]
@@ -185,7 +190,8 @@ def chart(results, path):
     for col, ((scenario, delay), runs) in enumerate(panels.items()):
         top, bottom = axes[0][col], axes[1][col]
         for server in sorted({r["server"] for r in runs}):
-            mine = sorted((r for r in runs if r["server"] == server), key=lambda r: r["connections"])
+            mine = sorted((r for r in runs if r["server"] == server),
+                          key=lambda r: r["connections"])
             x = [r["connections"] for r in mine]
             # Solid: the first recipient of each message (it waits for the lookups); the
             # all-requests p50 jumps between cached and uncached requests, see README.
@@ -208,7 +214,8 @@ def chart(results, path):
         top.set_ylabel("latency per request (ms)")
         top.set_title(f"{scenario}, DNS round trip {delay} ms")
         bottom.set_ylabel("requests per second")
-    fig.suptitle(f"Policy request latency vs connections ({results.get('started', '')})", fontsize=10)
+    fig.suptitle(f"Policy request latency vs connections ({results.get('started', '')})",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -35,7 +35,8 @@ NET = ipaddress.ip_network("2001:db8:4000::/36")  # 2^92 client addresses, nibbl
 
 
 def zones() -> dict[str, str]:
-    soa = "@ 300 IN SOA ns.soak.invalid. hostmaster.soak.invalid. 1 3600 600 86400 300\n@ 300 IN NS ns.soak.invalid.\n"
+    soa = ("@ 300 IN SOA ns.soak.invalid. hostmaster.soak.invalid. 1 3600 600 86400 300\n"
+           "@ 300 IN NS ns.soak.invalid.\n")
     forward = ("$ORIGIN soak.test.\n" + soa
                + '* 300 IN TXT "v=spf1 ip6:2001:db8:4000::/36 -all"\n'
                + "mail 300 IN AAAA 2001:db8:4000::1\n")
@@ -125,10 +126,10 @@ def main(argv=None) -> int:
                 try:
                     socket.create_connection(("127.0.0.1", port)).close()
                     break
-                except OSError:
+                except OSError as error:
                     if daemon.poll() is not None or time.monotonic() > deadline:
                         raise SystemExit("the daemon did not start:\n"
-                                         + open(log.name).read())
+                                         + open(log.name).read()) from error
                     time.sleep(0.05)
             step = max(1, args.requests // 20)
             samples: list[tuple[int, int]] = [(0, rss_kib(daemon.pid))]
