@@ -19,6 +19,7 @@ used).
 
 from __future__ import annotations
 
+import pwd
 import signal
 import socket
 
@@ -125,14 +126,16 @@ class PolicyService:
                     if config.milter_listen else None)
         self.engine = PolicyEngine(Policy(config.trusted_networks, config.replies),
                                    self.optin, self.finder, reactor, sessions)
+        uids = peer_uids(config)
         self.factory = PolicyFactory(self.engine, reactor, config.max_connections,
-                                     config.idle_timeout_seconds)
+                                     config.idle_timeout_seconds, peer_uids=uids)
         self.factory.noisy = False
         self.milter_factory = None
         if sessions is not None:
             self.milter_factory = MilterFactory(
                 self.engine, self.lookups, reactor, authserv_id(config),
-                config.max_connections, config.idle_timeout_seconds)
+                config.max_connections, config.idle_timeout_seconds,
+                eom_deadline_seconds=config.milter_eom_deadline_seconds, peer_uids=uids)
 
     @property
     def config(self) -> Config:
@@ -210,6 +213,23 @@ class PolicyService:
             optin.start()
         _log.info("configuration reloaded (SIGHUP) from {path}", path=new.source)
         return True
+
+
+def peer_uids(config: Config) -> frozenset[int] | None:
+    """The uids of ``milter_peer_users``, who alone may connect to a Unix listener (policy or
+    milter); None when no listener is a Unix socket (TCP carries no credentials). Resolved
+    once, at start-up (the key needs a restart): a user that does not exist stops the daemon,
+    rather than silently leaving a socket open to nobody or to everybody."""
+    if not any(endpoint.startswith("unix:")
+               for endpoint in (*config.listen, *config.milter_listen)):
+        return None
+    uids = set()
+    for name in config.milter_peer_users:
+        try:
+            uids.add(pwd.getpwnam(name).pw_uid)
+        except KeyError:
+            raise ConfigError(f'milter_peer_users = "{name}": no such user') from None
+    return frozenset(uids)
 
 
 def authserv_id(config: Config) -> str:
