@@ -9,6 +9,7 @@ from policyd_ipv6.milter.end_of_message import (
     auth_results,
     claims_authserv_id,
     decide_end,
+    forged_deletions,
     needs_check,
 )
 from policyd_ipv6.milter.events import Header
@@ -76,12 +77,49 @@ def test_accepted_message_gets_our_header_below_received_and_forgeries_go():
     headers = [Header(b"Authentication-Results", b" mx.example.com; spf=pass", 1),
                Header(b"authentication-results", b" other; dkim=pass", 2),
                Header(b"Authentication-Results", b' "MX.example.com"; dkim=pass', 3)]
-    decision = decide_end(record("pass"), False, PASSED, REPLIES, "mx.example.com", headers)
+    forged = forged_deletions(headers, "mx.example.com")
+    decision = decide_end(record("pass"), False, PASSED, REPLIES, "mx.example.com", forged)
     deletions, insert = decision.edits[:-1], decision.edits[-1]
     assert deletions == (ChangeHeader(3, "Authentication-Results", ""),
                          ChangeHeader(1, "Authentication-Results", ""))
     assert isinstance(insert, InsertHeader) and insert.index == 1
     assert insert.value == " " + decision.auth_results
+
+
+FORGED = (ChangeHeader(2, "Authentication-Results", ""),
+          ChangeHeader(1, "Authentication-Results", ""))
+
+
+def test_forged_headers_are_deleted_from_every_message_let_through():
+    """Not concerned (IPv4, trusted, authenticated) and too large: ACCEPT with the forged
+    headers deleted and none of ours; refusals carry no edits."""
+    for r in (None, MessageRecord("<a@b>"), record("not-opted-in")):
+        decision = decide_end(r, False, None, REPLIES, "mx", FORGED)
+        assert (decision.response, decision.edits) == (Disposition.ACCEPT, FORGED)
+    big = decide_end(record("pass"), True, None, REPLIES, "mx", FORGED)
+    assert (big.response, big.edits, big.rule) == (Disposition.ACCEPT, FORGED, "too-large")
+    refused = decide_end(record("spf-failed-dkim-pending"), False, UNSIGNED, REPLIES, "mx",
+                         FORGED)
+    assert refused.edits == ()
+
+
+def test_an_incomplete_list_of_forged_headers_tempfails_whatever_the_message():
+    """More forged headers than the session keeps: TEMPFAIL, never accepted with some left."""
+    for r in (None, record("pass"), record("spf-failed-dkim-pending")):
+        decision = decide_end(r, False, PASSED, REPLIES, "mx", None)
+        assert (decision.response, decision.rule) == (Disposition.TEMPFAIL, "forged-incomplete")
+
+
+def test_a_reverse_name_that_is_not_a_host_name_stays_out_of_our_header():
+    """A PTR name from a policy attribute (reverse_client_name) is written only if it is a
+    valid host name: no comment breaking out of the header."""
+    for bad in ("x) ; dkim=pass (", "a\n\tb.example", "1.2.3.4"):
+        facts = Facts(RdnsFact(RdnsOutcome.PASS, (bad,)), SpfFact("pass"))
+        text = auth_results("mx", subject(), facts, UNSIGNED)
+        assert text.startswith(f"mx;\n\tiprev=pass policy.iprev={ADDR};\n\tspf=pass"), text
+    facts = Facts(RdnsFact(RdnsOutcome.PASS, ("Mail.Sender.TEST.",)), SpfFact("pass"))
+    assert f"policy.iprev={ADDR} (mail.sender.test);" in auth_results("mx", subject(), facts,
+                                                                      UNSIGNED)
 
 
 def test_authentication_results_text():
@@ -113,7 +151,21 @@ def test_authentication_results_with_hostile_or_unusual_values():
     (b" mx.example.com.evil; spf=pass", False),
     (b" other.example; mx.example.com", False),
     (b"", False),
+    (rb"(a\) b)mx.example.com; dkim=pass", True),
+    (rb"(a \( b)mx.example.com; dkim=pass", True),
+    (b"((((((x))))))mx.example.com; dkim=pass", True),
+    (b' "mx.example.com."; none', True),
+    (b" mx.example.com. 1 ; spf=pass", True),
+    (b" (c)\n\t\"MX.example.COM\" (d)\n\t1; none", True),
+    (b" (unclosed mx.example.com; dkim=pass", True),
+    (b" mx.example.com", True),
+    (b' "mx.example.com; dkim=pass', True),
+    (b" (mx.example.com) other.example; dkim=pass", False),
+    (rb"(x\) mx.example.com) other.example; dkim=pass", False),
+    (b" x.mx.example.com; spf=pass", False),
 ])
 def test_which_headers_claim_our_authserv_id(value, claims):
-    """The authserv-id is the first token after comments, before ";" or a version."""
+    """The authserv-id is the first token after CFWS (quoted pairs and nesting in comments),
+    token or quoted, before ";" or a version, case and a trailing dot aside; a value that
+    does not parse claims it if our id is one of its tokens."""
     assert claims_authserv_id(value, "mx.example.com") is claims

@@ -174,12 +174,14 @@ def content(raw: bytes) -> bytes:
     return out + pkt(b"N") + pkt(b"B", body) + macro(b"E", i="4ABC") + pkt(b"E")
 
 
-def session(h, port=4000, sender="alice@fail.test", raw=None, policy=None):
-    """One message through milter and policy; returns (policy reply, EOM packets, milter)."""
+def session(h, port=4000, sender="alice@fail.test", raw=None, policy=None, address=ADDR,
+            policy_sender=None, **mail_macros):
+    """One message through milter and policy; returns (policy reply, EOM packets, milter).
+    CONNECT and MAIL get no reply: the milter answers only at end of message."""
     milter = h.milter()
-    assert packets(connect(milter, port)) == [(b"c", b"")]
-    assert packets(mail(milter, sender)) == [(b"c", b"")]
-    reply = ask(policy or h.policy(), sender, port)
+    assert connect(milter, port, address) == b""
+    assert mail(milter, sender, **mail_macros) == b""
+    reply = ask(policy or h.policy(), policy_sender or sender, port, address=address)
     out = milter.send(content(raw if raw is not None else message(sender)))
     return reply, packets(out), milter
 
@@ -242,23 +244,89 @@ def test_spf_pass_gets_our_header_and_forgeries_of_our_authserv_id_are_deleted(k
     assert b"spf=pass smtp.mailfrom=alice@pass.test;\n\tdkim=none" in eom[2][1]
 
 
-def test_ipv4_and_trusted_clients_are_accepted_at_connect_and_not_registered(key):
-    """IPv4 and trusted_networks: ACCEPT at CONNECT (Postfix drops the milter), no entry."""
+FORGERIES = [rb"(a\) b)mx.contoso.com; dkim=pass header.d=bank.example",
+             rb"(a \( b)mx.contoso.com; dkim=pass header.d=bank.example",
+             b"((((((x))))))mx.contoso.com; dkim=pass header.d=bank.example"]
+
+
+def forged_message(sender: str, *values: bytes) -> bytes:
+    extra = b"".join(b"Authentication-Results: " + v + b"\r\n" for v in values)
+    return message(sender, extra=extra + b"Authentication-Results: other.example; spf=pass\r\n")
+
+
+def deletions(eom) -> list[int]:
+    assert all(p[4:] == b"Authentication-Results\0\0" for c, p in eom if c == b"m")
+    return [struct.unpack(">I", p[:4])[0] for c, p in eom if c == b"m"]
+
+
+@pytest.mark.parametrize("address, port", [("192.0.2.10", 4001), (TRUSTED, 4002)])
+def test_ipv4_and_trusted_clients_stay_on_the_milter_unregistered_and_lose_forgeries(
+        key, address, port):
+    """IPv4 and trusted_networks: no reply at CONNECT (the milter stays on the session), no
+    registry entry, and at end of message the three forged forms are deleted (highest index
+    first), another server's header stays, none of ours is added."""
     h = Harness(key)
-    assert packets(connect(h.milter(), 4001, "192.0.2.10")) == [(b"a", b"")]
-    assert packets(connect(h.milter(), 4002, TRUSTED)) == [(b"a", b"")]
-    assert len(h.sessions) == 0
+    reply, eom, _ = session(h, port, "alice@fail.test", address=address,
+                            raw=forged_message("alice@fail.test", *FORGERIES))
+    assert reply == "DUNNO" and len(h.sessions) == 0
+    assert [c for c, _ in eom] == [b"m", b"m", b"m", b"a"] and deletions(eom) == [3, 2, 1]
 
 
-def test_authenticated_message_is_accepted_at_mail_and_policy_enforces_nothing(key):
-    """{auth_authen} at MAIL: ACCEPT for that message; the milter is out of its path."""
+def test_authenticated_message_loses_forgeries_and_policy_enforces_nothing(key):
+    """{auth_authen} at MAIL: the policy side gets no open message for it, and its forged
+    Authentication-Results are deleted at end of message all the same."""
     h = Harness(key)
     milter = h.milter()
     connect(milter, 4003)
-    assert packets(mail(milter, "alice@fail.test", auth_authen="alice")) == [(b"a", b"")]
+    assert mail(milter, "alice@fail.test", auth_authen="alice") == b""
     assert h.sessions.message_for({"client_address": ADDR, "client_port": "4003",
                                    "server_address": SERVER, "server_port": "25",
                                    "sender": "alice@fail.test"}) is None
+    eom = packets(milter.send(content(forged_message("alice@fail.test", FORGERIES[0]))))
+    assert [c for c, _ in eom] == [b"m", b"a"] and deletions(eom) == [1]
+
+
+def test_spf_pass_ipv6_message_loses_each_forged_form_and_gets_ours(key):
+    """SPF pass from IPv6: the three forged forms are deleted and our header inserted."""
+    h = Harness(key)
+    _, eom, _ = session(h, 4019, "alice@pass.test",
+                        raw=forged_message("alice@pass.test", *FORGERIES))
+    assert [c for c, _ in eom] == [b"m", b"m", b"m", b"i", b"c"] and deletions(eom) == [3, 2, 1]
+
+
+def test_a_quoted_local_part_is_rescued_by_dkim(key):
+    """Postfix gives the milter '<"john smith"@fail.test>' and the policy 'john
+    smith@fail.test': they are the same sender, so the SPF failure waits for DKIM, which
+    passes, and our header is added."""
+    h = Harness(key)
+    quoted = '"john smith"@fail.test'
+    raw = sign(message(quoted), key, "fail.test", "lab")
+    reply, eom, _ = session(h, 4020, quoted, raw=raw, policy_sender="john smith@fail.test")
+    assert reply == "DUNNO"
+    assert [c for c, _ in eom] == [b"i", b"c"] and b"dkim=pass" in eom[0][1]
+
+
+def test_quit_after_connect_and_quit_nc_then_a_new_session(key):
+    """QUIT_NC after CONNECT starts a new session on the same connection (registered anew);
+    QUIT closes without a warning."""
+    h = Harness(key)
+    milter = h.milter()
+    connect(milter, 4021)
+    assert milter.send(pkt(b"K")) == b"" and len(h.sessions) == 0 and not milter.closed
+    assert milter.send(macro(b"C", client_port="4022") + pkt(
+        b"C", b"[x]\0" + b"6" + struct.pack(">H", 4022) + b"IPv6:" + ADDR.encode() + b"\0")) == b""
+    assert len(h.sessions) == 1
+    assert milter.send(pkt(b"Q")) == b"" and milter.closed and len(h.sessions) == 0
+
+
+def test_too_many_forged_headers_tempfail(key, monkeypatch):
+    """More forged headers than the session keeps: TEMPFAIL, even from IPv4."""
+    monkeypatch.setattr(milter_server, "MilterSession",
+                        lambda **kw: milter_server_session(max_marked=2, **kw))
+    h = Harness(key)
+    _, eom, _ = session(h, 4023, "alice@fail.test", address="192.0.2.10",
+                        raw=forged_message("alice@fail.test", *FORGERIES))
+    assert eom == [(b"t", b"")]
 
 
 # -- fail-safe and correlation ----------------------------------------------------------------
@@ -387,9 +455,9 @@ def test_a_policy_request_without_server_attributes_matches_a_milter_without_the
 def test_too_large_message_needing_dkim_is_refused_and_one_passing_spf_is_untouched(key,
                                                                                      monkeypatch):
     """Over the collection bound: DKIM cannot be checked, so an SPF failure gets 4.7.26; an
-    SPF pass is accepted untouched."""
+    SPF pass is accepted without our header but its forged one (past the bound) deleted."""
     monkeypatch.setattr(milter_server, "MilterSession",
-                        lambda: milter_server_session(max_message_bytes=100))
+                        lambda **kw: milter_server_session(max_message_bytes=100, **kw))
     h = Harness(key)
     big = message("alice@fail.test", body=b"x" * 200 + b"\r\n")
     _, eom, _ = session(h, raw=sign(big, key, "fail.test", "lab"))
@@ -397,6 +465,11 @@ def test_too_large_message_needing_dkim_is_refused_and_one_passing_spf_is_untouc
     _, eom, _ = session(h, port=4014, sender="alice@pass.test",
                         raw=message("alice@pass.test", body=b"x" * 200 + b"\r\n"))
     assert eom == [(b"a", b"")]
+    forged = forged_message("alice@pass.test", *FORGERIES[:1]).replace(
+        b"\r\n\r\n", b"\r\n" + b"X-Pad: " + b"p" * 120 + b"\r\n" + b"Authentication-Results: "
+        + FORGERIES[1] + b"\r\n\r\n", 1)
+    _, eom, _ = session(h, port=4024, sender="alice@pass.test", raw=forged)
+    assert [c for c, _ in eom] == [b"m", b"m", b"a"] and deletions(eom) == [3, 1]
 
 
 def milter_server_session(**kwargs):

@@ -66,18 +66,28 @@ def bit(*numbers: int) -> int:
     return sum(1 << n for n in numbers)
 
 
-# Our OPTNEG answer with the default verdict stages (CONNECT, MAIL, EOM), built by hand:
+# Our OPTNEG answer with the default verdict stages (EOM only), built by hand:
 # version 6; actions ADDHDRS (bit 0) | CHGHDRS (4) | SETSYMLIST (8); protocol:
-# NR_HDR (7), NOUNKNOWN (8), NR_HELO (13), NR_RCPT (15), NR_DATA (16), NR_UNKN (17),
-# NR_EOH (18), NR_BODY (19), HDR_LEADSPC (20); then each SETSYMLIST list as a stage
-# number (SMFIM_CONNECT 0, ENVFROM 2, ENVRCPT 3, DATA 4, EOH 6, EOM 5) and a string.
+# NR_HDR (7), NOUNKNOWN (8), NR_CONN (12), NR_HELO (13), NR_MAIL (14), NR_RCPT (15),
+# NR_DATA (16), NR_UNKN (17), NR_EOH (18), NR_BODY (19), HDR_LEADSPC (20); then each
+# SETSYMLIST list as a stage number (SMFIM_CONNECT 0, ENVFROM 2, ENVRCPT 3, DATA 4, EOH 6,
+# EOM 5) and a string.
 OPTNEG_ANSWER = pkt(b"O", struct.pack(">III", 6, bit(0, 4, 8),
-                                      bit(7, 8, 13, 15, 16, 17, 18, 19, 20))
+                                      bit(7, 8, 12, 13, 14, 15, 16, 17, 18, 19, 20))
                     + b"\0\0\0\0" + b"j {daemon_name} {daemon_addr} {daemon_port} "
                     b"{client_addr} {client_port} {client_ptr} {client_resolve} _\0"
                     + b"\0\0\0\x02" + b"i {auth_type} {auth_authen} {mail_addr}\0"
                     + b"\0\0\0\x03" + b"i {rcpt_addr}\0"
                     + b"\0\0\0\x04" + b"i\0" + b"\0\0\0\x06" + b"i\0" + b"\0\0\0\x05" + b"i\0")
+
+
+# The stages the milter decided at before it stayed on every connection: the session still
+# supports them, and the golden transcript exercises them.
+DECIDING = (Stage.CONNECT, Stage.MAIL, Stage.EOM)
+
+# The same answer when CONNECT and MAIL are decided too: no NR_CONN (12) nor NR_MAIL (14).
+OPTNEG_ANSWER_DECIDING = OPTNEG_ANSWER[:13] + struct.pack(
+    ">I", bit(7, 8, 13, 15, 16, 17, 18, 19, 20)) + OPTNEG_ANSWER[17:]
 
 
 def connected_session(**kwargs) -> MilterSession:
@@ -96,7 +106,8 @@ def test_negotiation_answers_with_the_exact_bytes():
     """OPTNEG from Postfix gets version 6, our actions and flags, and the macro lists."""
     events, reply = MilterSession().receive(optneg())
     assert reply == OPTNEG_ANSWER
-    assert events == [Negotiated(6, bit(0, 4, 8), bit(7, 8, 13, 15, 16, 17, 18, 19, 20))]
+    assert events == [Negotiated(6, bit(0, 4, 8),
+                                 bit(7, 8, 12, 13, 14, 15, 16, 17, 18, 19, 20))]
 
 
 def test_postfix_would_accept_the_negotiation_answer():
@@ -184,7 +195,7 @@ def test_bad_verdict_stages_are_a_usage_error():
 
 def test_connect_waits_for_a_verdict_and_bytes_meanwhile_are_an_error():
     """Connected needs a verdict; Postfix sends nothing while waiting, so bytes are an error."""
-    session = MilterSession()
+    session = MilterSession(verdict_stages=DECIDING)
     session.receive(optneg())
     events, reply = session.receive(macro(b"C", j="mx.contoso.com", client_addr="IPv6:2001:db8::25",
                                           client_port="4321") + connect6())
@@ -200,20 +211,53 @@ def test_connect_waits_for_a_verdict_and_bytes_meanwhile_are_an_error():
         session.receive(pkt(b"H", b"x\0"))
 
 
-def test_accept_at_connect_closes_the_session():
-    """ACCEPT at CONNECT ends the milter conversation: Postfix closes, more bytes are an error."""
-    session = MilterSession()
+def test_accept_at_connect_closes_the_session_but_quit_and_quit_nc_are_normal():
+    """After ACCEPT at CONNECT the conversation is over: QUIT (as libmilter MTAs and
+    miltertest send it) is a normal Closed, QUIT_NC starts a new session, anything else is
+    an error."""
+    session = MilterSession(verdict_stages=DECIDING)
     session.receive(optneg())
     session.receive(connect6())
     assert session.send_verdict(Verdict.ACCEPT) == b"\x00\x00\x00\x01a"
     assert session.state is State.CLOSED
     with pytest.raises(MilterProtocolError):
-        session.receive(pkt(b"Q"))
+        session.receive(pkt(b"H", b"x\0"))
+    for code, new in ((b"Q", False), (b"K", True)):
+        session = MilterSession(verdict_stages=DECIDING)
+        session.receive(optneg())
+        session.receive(connect6())
+        session.send_verdict(Verdict.ACCEPT)
+        events, reply = session.receive(pkt(code))
+        assert events == [Closed(new_connection=new)] and reply == b""
+    events, _ = session.receive(connect6(addr=b"2001:db8::26"))
+    assert events[0].connection.address == "2001:db8::26" and session.state is State.CONNECTED
+
+
+def test_sendmail_ipv6_address_form_in_connect_is_parsed():
+    """Sendmail writes "IPv6:2001:db8::1" in SMFIC_CONNECT: the address comes out bare."""
+    session = MilterSession()
+    session.receive(optneg())
+    events, _ = session.receive(connect6(addr=b"IPv6:2001:db8::1"))
+    assert events[0].connection.address == "2001:db8::1"
+    events, _ = MilterSession().receive(optneg() + connect6(addr=b"ipv6:2001:DB8::2"))
+    assert events[1].connection.address == "2001:DB8::2"
+
+
+def test_by_default_only_end_of_message_is_answered():
+    """The milter stays on every connection cheaply: CONNECT, HELO, MAIL, RCPT, DATA and the
+    content get no reply (SMFIP_NR_*); only end of message waits for a verdict."""
+    session = MilterSession()
+    session.receive(optneg())
+    events, reply = session.receive(
+        connect6() + pkt(b"H", b"mx\0") + pkt(b"M", b"<a@b>\0") + pkt(b"R", b"<c@d>\0")
+        + pkt(b"T") + pkt(b"L", b"S\0 x\0") + pkt(b"N") + pkt(b"B", b"x\r\n") + pkt(b"E"))
+    assert reply == b"" and [e.needs_verdict for e in events] == [False] * 5 + [True]
+    assert session.pending is Stage.EOM
 
 
 def test_reject_at_mail_keeps_the_connection():
     """A verdict at MAIL concerns the message only; the next MAIL is handled."""
-    session = connected_session()
+    session = connected_session(verdict_stages=DECIDING)
     events, _ = session.receive(pkt(b"M", b"<spam@example.net>\0"))
     assert isinstance(events[0], MailFrom) and events[0].needs_verdict
     assert session.send_verdict(ReplyCode("550 5.7.1 no")) == pkt(b"y", b"550 5.7.1 no\0")
@@ -233,7 +277,7 @@ def test_send_verdict_without_a_pending_event_is_a_usage_error():
 
 def test_header_edits_only_at_end_of_message():
     """Header edits with a MAIL verdict are refused (Postfix accepts them only at EOM)."""
-    session = connected_session()
+    session = connected_session(verdict_stages=DECIDING)
     session.receive(pkt(b"M", b"<a@example.net>\0"))
     with pytest.raises(MilterUsageError):
         session.send_verdict(Verdict.CONTINUE, [ChangeHeader(1, "X", "")])
@@ -282,7 +326,8 @@ def test_abort_resets_the_message_and_keeps_the_connection():
                                 + pkt(b"L", b"Subject\0 two\0") + pkt(b"B", b"second\r\n")
                                 + pkt(b"E"))
     end = events[-1]
-    assert end.message.sender == "<two@example.net>" and end.message.recipients == ("<b@contoso.com>",)
+    assert end.message.sender == "<two@example.net>"
+    assert end.message.recipients == ("<b@contoso.com>",)
     assert end.message.raw() == b"Subject: two\r\n\r\nsecond\r\n"
     assert end.connection.helo == "mx.example.net" and end.connection.address == "2001:db8::25"
 
@@ -331,6 +376,40 @@ def test_too_many_headers_mark_the_message_too_large_but_it_is_still_handled():
     events, _ = session.receive(pkt(b"A") + pkt(b"M", b"<a@b>\0") + pkt(b"L", b"X\0 v\0")
                                 + pkt(b"E"))
     assert not events[-1].message.too_large  # the bound is per message
+
+
+def test_marked_headers_are_recorded_past_the_header_bound_by_index_only():
+    """Over max_headers, headers that mark_header matches are still listed (name, index), so
+    forged ones can be deleted; past max_marked the list is None (incomplete)."""
+    def ar(name, value):
+        return name.lower() == b"authentication-results" and b"ours" in value
+
+    session = connected_session(verdict_stages=(), max_headers=2, mark_header=ar, max_marked=3)
+    headers = [b"Authentication-Results\0 ours; x\0", b"X\0 v\0", b"X\0 v\0",
+               b"authentication-results\0 theirs; x\0", b"AUTHENTICATION-RESULTS\0 ours; y\0"]
+    events, _ = session.receive(pkt(b"M", b"<a@b>\0") + b"".join(pkt(b"L", h) for h in headers)
+                                + pkt(b"E"))
+    message = events[-1].message
+    assert message.too_large and len(message.headers) == 2
+    assert message.marked == ((b"Authentication-Results", 1), (b"AUTHENTICATION-RESULTS", 3))
+    assert message.marked_deletions() == (ChangeHeader(3, "AUTHENTICATION-RESULTS", ""),
+                                          ChangeHeader(1, "Authentication-Results", ""))
+    session.send_verdict(Verdict.ACCEPT)
+    events, _ = session.receive(pkt(b"M", b"<a@b>\0") + pkt(b"L", headers[0]) * 4 + pkt(b"E"))
+    assert events[-1].message.marked is None and events[-1].message.marked_deletions() is None
+
+
+def test_mail_from_address_in_postfixs_internal_form():
+    """MailFrom.address unquotes the local part and drops brackets and a source route, as
+    Postfix does for the policy request's sender."""
+    session = connected_session(verdict_stages=())
+    for raw, internal in [('<"john smith"@example.net>', "john smith@example.net"),
+                          ('<"a\\"b\\\\c"@example.net>', 'a"b\\c@example.net'),
+                          ("<@relay.example:alice@example.net>", "alice@example.net"),
+                          ("<Alice@Example.NET>", "Alice@Example.NET"), ("<>", ""),
+                          ('<"x@y"@example.net>', "x@y@example.net")]:
+        events, _ = session.receive(pkt(b"M", raw.encode() + b"\0"))
+        assert (events[0].sender, events[0].address) == (raw, internal)
 
 
 def test_too_large_body_is_dropped():
@@ -412,13 +491,14 @@ def header_packets(message: bytes) -> bytes:
 # (bytes Postfix sends before it waits, expected events, expected immediate reply,
 #  our verdict for the last event or None, expected verdict bytes)
 TRANSCRIPT = [
-    (optneg(), [Negotiated], OPTNEG_ANSWER, None, b""),
+    (optneg(), [Negotiated], OPTNEG_ANSWER_DECIDING, None, b""),
     (macro(b"C", j="mx.contoso.com", daemon_name="smtpd", daemon_addr="2001:db8::1",
            daemon_port="25", client_addr="IPv6:2001:db8::25", client_port="4321",
            client_ptr="mx.example.net", client_resolve="OK", _="mx.example.net [2001:db8::25]")
      + connect6(), [Connected], b"", (Verdict.CONTINUE, ()), CONTINUE),
     (macro(b"H") + pkt(b"H", b"mx.example.net\0")
-     + macro(b"M", i="", mail_addr="alice@example.net") + pkt(b"M", b"<alice@example.net>\0SIZE=321\0"),
+     + macro(b"M", i="", mail_addr="alice@example.net")
+     + pkt(b"M", b"<alice@example.net>\0SIZE=321\0"),
      [Helo, MailFrom], b"", (Verdict.CONTINUE, ()), CONTINUE),
     (macro(b"R", i="", rcpt_addr="bob@contoso.com") + pkt(b"R", b"<bob@contoso.com>\0")
      + macro(b"R", i="4XyZ1", rcpt_addr="carol@contoso.com") + pkt(b"R", b"<carol@contoso.com>\0")
@@ -468,10 +548,11 @@ def run_transcript(session, turns, split=lambda data: [data]):
 
 def test_golden_transcript_of_a_postfix_conversation():
     """A whole Postfix conversation (two messages) gives the expected events and bytes."""
-    events = run_transcript(MilterSession(), TRANSCRIPT)
+    events = run_transcript(MilterSession(verdict_stages=DECIDING), TRANSCRIPT)
     first = next(e for e in events if isinstance(e, EndOfMessage))
     assert first.message.raw() == ORIGINAL
-    assert first.message.sender == "<alice@example.net>" and first.message.esmtp_args == ("SIZE=321",)
+    assert first.message.sender == "<alice@example.net>"
+    assert first.message.esmtp_args == ("SIZE=321",)
     assert first.message.recipients == ("<bob@contoso.com>", "<carol@contoso.com>")
     assert first.message.macros["i"] == "4XyZ1"
     assert first.message.macros["mail_addr"] == "alice@example.net"
@@ -491,13 +572,14 @@ def test_golden_transcript_split_anywhere_gives_the_same_result(random):
     def split(data):
         cuts = sorted(random.sample(range(1, len(data)), min(len(data) - 1, random.randint(0, 8))))
         return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
-    assert run_transcript(MilterSession(), TRANSCRIPT, split) == run_transcript(
-        MilterSession(), TRANSCRIPT)
+    assert run_transcript(MilterSession(verdict_stages=DECIDING), TRANSCRIPT, split) == \
+        run_transcript(MilterSession(verdict_stages=DECIDING), TRANSCRIPT)
 
 
 def test_golden_transcript_byte_at_a_time():
     """Feeding the transcript one byte at a time gives the same events and bytes."""
-    run_transcript(MilterSession(), TRANSCRIPT, lambda data: [bytes([b]) for b in data])
+    run_transcript(MilterSession(verdict_stages=DECIDING), TRANSCRIPT,
+                   lambda data: [bytes([b]) for b in data])
 
 
 # --- hostile input ---
@@ -506,7 +588,8 @@ command_packets = st.builds(
     lambda code, payload: pkt(code, payload),
     st.sampled_from([bytes([c]) for c in b"ABCDEHKLMNOQRTU"]),
     st.sampled_from([b"", b"\0", b"x\0", b"a\0b\0", b"<a@b>\0SIZE=1\0", b"Cj\0v\0", b"L",
-                     b"h\x006\x00\x19::1\0", b"h\x00U", b"h\x00L\0\0/s\0"]) | st.binary(max_size=30))
+                     b"h\x006\x00\x19::1\0", b"h\x00U", b"h\x00L\0\0/s\0"])
+    | st.binary(max_size=30))
 
 
 def _outcome(data: bytes, cuts: list[int]):

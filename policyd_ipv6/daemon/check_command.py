@@ -23,7 +23,7 @@ from twisted.internet import defer
 from policyd_ipv6.checks.dkim import check_dkim
 from policyd_ipv6.daemon.wiring import PolicyService, authserv_id
 from policyd_ipv6.milter.codec import ReplyCode
-from policyd_ipv6.milter.end_of_message import decide_end, needs_check
+from policyd_ipv6.milter.end_of_message import decide_end, forged_deletions, needs_check
 from policyd_ipv6.milter.events import Header
 from policyd_ipv6.milter.registry import MessageRecord
 from policyd_ipv6.milter.session import DEFAULT_MAX_HEADERS, DEFAULT_MAX_MESSAGE_BYTES
@@ -126,7 +126,8 @@ def _decide(parts, args, record, data, headers):
     if outcome.verdict.action != "DUNNO":
         return outcome, dkim, None  # refused at RCPT: no end of message
     end = decide_end(record, too_large, dkim if needs_check(record, too_large) else None,
-                     parts.engine.policy.replies, authserv_id(parts.config), headers)
+                     parts.engine.policy.replies, authserv_id(parts.config),
+                     forged_deletions(headers, authserv_id(parts.config)))
     return outcome, dkim, end
 
 

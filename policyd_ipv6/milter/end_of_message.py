@@ -5,20 +5,35 @@ Contract: pure functions, no I/O, shared by the milter adapter (``milter_server`
 
 - ``needs_check(record, too_large)`` tells what end of message needs before it can decide:
   ``None`` (decide at once, see ``decide_end``) or ``"dkim"`` (run ``check_dkim`` first).
-- ``decide_end(record, too_large, dkim, replies, authserv_id, headers)`` returns an
+- ``decide_end(record, too_large, dkim, replies, authserv_id, forged)`` returns an
   ``EndDecision``: the milter response (``Disposition`` or an exact ``ReplyCode``), the header
   edits, the rule that chose it (for the log) and the Authentication-Results text.
+  ``forged`` are the deletions of the incoming Authentication-Results that claim our
+  authserv-id (``Message.marked_deletions()`` of a session marking with
+  ``authres.forged_authres``, or ``forged_deletions(headers, authserv_id)``); ``None`` when
+  that list is incomplete.
+
+Forged headers are deleted from every message that is let through, whoever sent it (RFC
+8601 §5): the milter stays on IPv4, trusted and authenticated connections for this alone.
+Our own header cannot be told from a forgery by its content, only by the order of milters:
+an Authentication-Results with our authserv-id that a milter listed *before* ours in
+``smtpd_milters`` added reaches us as an ordinary header (Postfix re-reads the queue file for
+each milter, following earlier milters' edits) and is deleted too. So policyd-ipv6 must be
+the first milter that uses this authserv-id; milters after it add theirs untouched.
 
 The rules, first match wins:
 
 ====================  ===============================================================
+forged-incomplete     more forged headers than the session keeps: TEMPFAIL (they could
+                      not all be removed; one left would be a result forged in our name)
 not-concerned         the policy recorded nothing the milter acts on (IPv4, trusted and
-                      authenticated clients never get here; Postmaster-only mail, a
-                      policy not wired): ACCEPT, untouched
+                      authenticated clients, Postmaster-only mail, a policy not wired):
+                      ACCEPT after deleting the forged headers; no header of ours
 too-large-unverified  SPF failed and the message is over the collection bound, so DKIM
                       cannot be checked: the configured ``auth_failed`` reply (4.7.26)
-too-large             SPF passed, message over the bound: ACCEPT untouched (the header
-                      list is incomplete, so forged headers could not all be removed)
+too-large             SPF passed, message over the bound: ACCEPT after deleting the
+                      forged headers (marked past the bound too); no header of ours,
+                      since DKIM was not checked
 dkim-temporary        SPF failed, no signature verifies, a key lookup failed
                       temporarily: ``temporary`` with check="DKIM" (451 4.4.3)
 dkim-failed           SPF failed, signed, no valid signature: ``auth_failed``
@@ -39,22 +54,22 @@ import re
 from dataclasses import dataclass
 
 from policyd_ipv6.facts import DkimFact, RdnsOutcome
+from policyd_ipv6.milter import authres
 from policyd_ipv6.milter.codec import ChangeHeader, Disposition, HeaderEdit, InsertHeader, ReplyCode
-from policyd_ipv6.names import domain_key, helo_domain, recipient_domain
+from policyd_ipv6.names import domain_key, helo_domain, host_name, recipient_domain
 from policyd_ipv6.policy.replies import Replies
 from policyd_ipv6.text import printable
 
 __all__ = ["EndDecision", "needs_check", "decide_end", "auth_results", "claims_authserv_id",
-           "AR_HEADER"]
+           "forged_deletions", "AR_HEADER"]
 
-AR_HEADER = "Authentication-Results"
+AR_HEADER = authres.AR_NAME
 # Below Postfix's own Received: header (index 0 would put it above), as trace headers go.
 AR_INDEX = 1
 _IPREV = {RdnsOutcome.PASS: "pass", RdnsOutcome.MISSING: "fail",
           RdnsOutcome.UNCONFIRMED: "fail", RdnsOutcome.TEMPFAIL: "temperror"}
 _DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
 _SELECTOR = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
-_COMMENT = re.compile(r"\([^()]*\)")
 
 
 @dataclass(frozen=True)
@@ -73,17 +88,19 @@ def needs_check(record, too_large: bool) -> str | None:
 
 
 def decide_end(record, too_large: bool, dkim: DkimFact | None, replies: Replies,
-               authserv_id: str, headers=()) -> EndDecision:
-    """See the module docstring. ``headers`` are the message's ``milter_events.Header``s."""
+               authserv_id: str, forged: tuple[ChangeHeader, ...] | None = ()) -> EndDecision:
+    """See the module docstring. ``forged``: deletions, highest index first, or None."""
+    if forged is None:
+        return EndDecision(Disposition.TEMPFAIL, rule="forged-incomplete")
     if record is None or not record.concerned:
-        return EndDecision(Disposition.ACCEPT, rule="not-concerned")
+        return EndDecision(Disposition.ACCEPT, forged, rule="not-concerned")
     subject, facts = record.evidence()
     address = str(subject.ip) if subject.ip is not None else printable(subject.client_address, 64)
     if too_large:
         if record.needs_dkim:
             return EndDecision(ReplyCode(replies.auth_failed.format(address=address)),
                                rule="too-large-unverified")
-        return EndDecision(Disposition.ACCEPT, rule="too-large")
+        return EndDecision(Disposition.ACCEPT, forged, rule="too-large")
     if dkim is None:
         raise ValueError("decide_end needs the DKIM fact of a concerned message")
     if record.needs_dkim and dkim.result != "pass":
@@ -93,28 +110,24 @@ def decide_end(record, too_large: bool, dkim: DkimFact | None, replies: Replies,
         rule = "unsigned" if dkim.result == "none" else "dkim-failed"
         return EndDecision(ReplyCode(replies.auth_failed.format(address=address)), rule=rule)
     value = auth_results(authserv_id, subject, facts, dkim)
-    forged = [header for header in headers if header.name.decode("ascii", "replace").lower()
-              == AR_HEADER.lower() and claims_authserv_id(header.value, authserv_id)]
-    deletions = _deletions(forged)
-    edits = (*deletions, InsertHeader(AR_INDEX, AR_HEADER, " " + value))
+    edits = (*forged, InsertHeader(AR_INDEX, AR_HEADER, " " + value))
     rule = "dkim-pass" if record.needs_dkim else "spf-pass"
     return EndDecision(Disposition.CONTINUE, edits, rule, value)
 
 
-def _deletions(forged) -> tuple:
-    # Highest index first: Postfix unlinks a deleted header (see Message.header_deletions).
+def forged_deletions(headers, authserv_id: str) -> tuple[ChangeHeader, ...]:
+    """Deletions (highest index first: Postfix unlinks a deleted header) of the
+    ``events.Header``s that are Authentication-Results claiming ``authserv_id``."""
+    forged = [h for h in headers if authres.is_authres(h.name)
+              and authres.claims(h.value, authserv_id)]
     return tuple(ChangeHeader(h.index, h.name.decode("ascii", "replace"), "")
                  for h in sorted(forged, key=lambda h: h.index, reverse=True))
 
 
 def claims_authserv_id(value: bytes, authserv_id: str) -> bool:
-    """Whether an Authentication-Results value names ``authserv_id`` (RFC 8601 §2.2: the
-    first token, after any comments, before ";" or a version number); case does not matter."""
-    text = value.decode("ascii", "replace")
-    for _ in range(5):  # nested comments, innermost first
-        text = _COMMENT.sub(" ", text)
-    words = text.split(";", 1)[0].split()
-    return bool(words) and words[0].strip('"').casefold() == authserv_id.casefold()
+    """Whether an Authentication-Results value claims ``authserv_id`` (``authres.claims``:
+    an RFC 8601 parse, or our id as a token of a value that does not parse)."""
+    return authres.claims(value, authserv_id)
 
 
 def _pvalue_address(address: str) -> str | None:
@@ -139,6 +152,9 @@ def auth_results(authserv_id: str, subject, facts, dkim: DkimFact) -> str:
     rdns = facts.rdns
     if rdns is not None and subject.ip is not None:
         name = rdns.confirmed or (rdns.names[0] if rdns.names else "")
+        # The name may come from Postfix's reverse_client_name / client_name attributes:
+        # only a valid host name goes into the comment (no ")", ";" or line break).
+        name = (host_name(name) or "") if name else ""
         comment = f" ({name})" if name else ""
         parts.append(f"iprev={_IPREV[rdns.outcome]} policy.iprev={subject.ip}{comment}")
     spf = facts.spf

@@ -6,20 +6,24 @@ protocol state are ``milter_session``'s; the end-of-message rules are ``end_of_m
 DKIM is ``dkim_check``'s; this module moves bytes, keeps time and ties the SMTP session to
 the policy side through ``engine.sessions`` (``sessions``).
 
-What it answers:
-- CONNECT: an IPv4 client, one in ``trusted_networks``, or one whose address and port are
-  unknown: ACCEPT (Postfix then leaves this milter out of the whole session: untouched and
-  fast). Otherwise the session is registered, so the policy side knows a milter is on it.
-- MAIL FROM: a SASL-authenticated client ({auth_authen}): ACCEPT for this message (the policy
-  says DUNNO for it anyway); otherwise a new message is opened for the policy to record on.
+What it does (the milter stays on every connection, answering only at end of message: the
+other stages are negotiated no-reply, SMFIP_NR_*, see ``milter.session``):
+- CONNECT: an IPv6 client outside ``trusted_networks`` whose address and port are known is
+  registered, so the policy side knows a milter is on its session. IPv4, trusted and
+  unknown clients are not registered, but their messages still lose forged headers.
+- MAIL FROM: for a registered session, a message is opened for the policy to record on,
+  unless the client is SASL-authenticated ({auth_authen}: the policy says DUNNO for it).
+  The sender is compared in Postfix's internal form (``MailFrom.address``).
 - End of message: what ``end_of_message`` decides, after ``check_dkim`` when the message is
-  concerned. Messages over ``DKIM_THREAD_BYTES`` are verified on the reactor's thread pool.
+  concerned; incoming Authentication-Results claiming ``authserv_id`` (marked by the
+  session as they arrive, ``authres.forged_authres``) are deleted from every message.
+  Messages over ``DKIM_THREAD_BYTES`` are verified on the reactor's thread pool.
 - ABORT (RSET) closes the open message; QUIT or a lost connection removes the session.
 
 Failure contract: a protocol error (bytes Postfix would not send) is logged and the connection
 dropped without a reply; Postfix applies ``milter_default_action``. An internal error at end
-of message answers TEMPFAIL when the message needed DKIM (the sender retries: an error never
-lets unauthenticated mail in), ACCEPT otherwise. A DKIM check not settled
+of message answers TEMPFAIL (the sender retries: an error never lets unauthenticated mail or
+a forged Authentication-Results in). A DKIM check not settled
 ``eom_deadline_seconds`` after end of message answers the configured ``temporary`` reply
 (451 4.4.3, rule ``eom-deadline``), never accept; SMFIR_PROGRESS goes out every
 ``PROGRESS_INTERVAL_SECONDS`` meanwhile. Connections over ``max_connections``, ones from a
@@ -37,6 +41,7 @@ from twisted.logger import Logger
 
 from policyd_ipv6.checks.dkim import check_dkim
 from policyd_ipv6.connection import OverLimitWarning, PeerCheck, TimedConnection
+from policyd_ipv6.milter.authres import forged_authres
 from policyd_ipv6.milter.codec import Disposition, MilterProtocolError, ReplyCode
 from policyd_ipv6.milter.end_of_message import EndDecision, decide_end, needs_check
 from policyd_ipv6.milter.events import Aborted, Closed, Connected, EndOfMessage, MailFrom
@@ -61,7 +66,7 @@ PROGRESS_INTERVAL_SECONDS = 10.0
 class MilterProtocol(TimedConnection, protocol.Protocol):
     def __init__(self, factory: MilterFactory) -> None:
         self.factory = factory
-        self.session = MilterSession()
+        self.session = MilterSession(mark_header=forged_authres(factory.authserv_id))
         self.state = None  # sessions.SessionState once registered
         self.client = "-"
         self.closed = False
@@ -102,17 +107,19 @@ class MilterProtocol(TimedConnection, protocol.Protocol):
     def _event(self, event) -> None:
         sessions = self.factory.engine.sessions
         if isinstance(event, Connected):
-            self._answer(self._connect(event.connection, sessions))
+            self._connect(event.connection, sessions)
+            if event.needs_verdict:
+                self._answer(Disposition.CONTINUE)
         elif isinstance(event, MailFrom):
-            if self.state is None:
-                self._answer(Disposition.ACCEPT)
-            elif event.macros.get("auth_authen"):
+            self.in_transaction = True
+            if self.state is not None and event.macros.get("auth_authen"):
                 self.state.skip_message()
-                self._answer(Disposition.ACCEPT)
-            else:
-                self.state.begin_message(event.sender)
+            elif self.state is not None:
+                # The internal form: the policy request's sender is unquoted, the MAIL
+                # argument is as written ('<"john smith"@example.net>').
+                self.state.begin_message(event.address)
                 sessions.touch(self.state)
-                self.in_transaction = True
+            if event.needs_verdict:
                 self._answer(Disposition.CONTINUE)
         elif isinstance(event, EndOfMessage):
             self._end_of_message(event)
@@ -128,15 +135,16 @@ class MilterProtocol(TimedConnection, protocol.Protocol):
         elif event.needs_verdict:  # a stage we did not ask for: never blocks Postfix
             self._answer(Disposition.CONTINUE)
 
-    def _connect(self, connection, sessions) -> Disposition:
+    def _connect(self, connection, sessions) -> None:
+        # Never ACCEPT here: Postfix would drop the milter for the session, and forged
+        # Authentication-Results must go from IPv4 and trusted clients' mail too.
         self._unregister()
         ip = client_ip(connection.address or "") if connection.family in ("4", "6") else None
         self.client = printable(connection.address or "-", 64)
         if ip is None or ip.version == 4 or self.factory.engine.policy.trusts(ip):
-            return Disposition.ACCEPT
+            return
+        # Unregistered (None), the policy side enforces SPF alone for this session.
         self.state = sessions.register(connection)
-        # Unregistered, the policy side enforces SPF alone for this session: nothing to do.
-        return Disposition.CONTINUE if self.state is not None else Disposition.ACCEPT
 
     def _end_of_message(self, event: EndOfMessage) -> None:
         record = self.state.take_message() if self.state is not None else None
@@ -156,7 +164,7 @@ class MilterProtocol(TimedConnection, protocol.Protocol):
             d = defer.succeed(None)
         d.addCallback(lambda dkim: (decide_end(
             record, message.too_large, dkim, self.factory.engine.policy.replies,
-            self.factory.authserv_id, message.headers), dkim))
+            self.factory.authserv_id, message.marked_deletions()), dkim))
         d.addCallback(self._send_end, token, message, start)
         d.addErrback(self._end_failed, token, record)
 
@@ -213,9 +221,9 @@ class MilterProtocol(TimedConnection, protocol.Protocol):
     def _end_failed(self, failure, token, record) -> None:
         _log.failure("internal error at end of message", failure)
         if self._settle(token) and not self.closed and self.session.pending is not None:
-            needs_dkim = record is not None and record.needs_dkim
-            self.transport.write(self.session.send_verdict(
-                Disposition.TEMPFAIL if needs_dkim else Disposition.ACCEPT))
+            # TEMPFAIL whatever the message: even one that needed no DKIM would keep its
+            # forged Authentication-Results if accepted without our edits.
+            self.transport.write(self.session.send_verdict(Disposition.TEMPFAIL))
 
     def _answer(self, verdict: Disposition) -> None:
         self.transport.write(self.session.send_verdict(verdict))

@@ -17,24 +17,20 @@ Contract, in the spirit of h11 (events out, bytes out, no callbacks, no I/O):
 * Errors: bytes that are not what Postfix sends here raise ``MilterProtocolError``
   (log, then disconnect without a reply; Postfix applies ``milter_default_action``);
   misuse by the caller raises ``MilterUsageError``. Nothing else is raised.
-* Bounds: packets (``max_packet_length``), headers per message (``max_headers``),
-  header plus body bytes (``max_message_bytes``) and stored recipients
-  (``max_recipients``). A message over the header or byte bound is still handled to
-  the end: collection stops, the body collected so far is dropped, and
-  ``Message.too_large`` is true, so the caller can accept it untouched instead of
-  judging an incomplete copy. Recipients beyond the bound are counted, not stored.
+* Bounds: packets (``max_packet_length``), headers per message (``max_headers``), header
+  plus body bytes (``max_message_bytes``), stored recipients (``max_recipients``). Over
+  the header or byte bound a message is still handled to the end, with collection stopped,
+  the body dropped and ``Message.too_large`` true: never judged on an incomplete copy.
+* Marking: headers for which ``mark_header(name, value)`` holds are listed (name and index)
+  in ``Message.marked`` past those bounds too, up to ``max_marked`` (then ``marked`` is
+  None): the milter deletes forged Authentication-Results from every message this way.
+* QUIT and QUIT_NC are also accepted after a final verdict at CONNECT (libmilter MTAs and
+  miltertest send them); QUIT_NC starts a new session on the same connection. Sendmail's
+  CONNECT address form "IPv6:2001:db8::1" loses its prefix.
 
-The events and the data they carry are defined in ``milter_events``. Usage by a
-transport adapter (every event has ``needs_verdict``)::
-
-    session = MilterSession()
-    events, reply = session.receive(data)  # MilterProtocolError: log, disconnect
-    transport.write(reply)
-    for event in events:
-        if event.needs_verdict:  # now or later, exactly once:
-            transport.write(session.send_verdict(Disposition.CONTINUE))
-        elif isinstance(event, Closed) and not event.new_connection:
-            transport.loseConnection()
+The events and the data they carry are defined in ``milter.events``; ``milter.server``
+is the transport adapter (an event with ``needs_verdict`` is answered exactly once; after
+``Closed(new_connection=False)`` the connection is closed).
 """
 
 import enum
@@ -65,6 +61,7 @@ from policyd_ipv6.milter.events import (
     EndOfMessage,
     Event,
     Header,
+    HeaderRef,
     Helo,
     MailFrom,
     Message,
@@ -98,22 +95,28 @@ REQUIRED_ACTIONS = Action.ADDHDRS | Action.CHGHDRS | Action.SETSYMLIST
 REQUIRED_PROTOCOL = Protocol.HDR_LEADSPC
 OPTIONAL_PROTOCOL = (Protocol.NOUNKNOWN | Protocol.NR_UNKN | Protocol.NR_HDR
                      | Protocol.NR_EOH | Protocol.NR_BODY)
-# CONNECT: ACCEPT there makes Postfix drop the milter for the whole connection (the fast
-# path for IPv4 and trusted clients); MAIL: {auth_authen} shows SASL clients; EOM: DKIM.
-DEFAULT_VERDICT_STAGES = frozenset({Stage.CONNECT, Stage.MAIL, Stage.EOM})
+# Only end of message: the milter stays on every connection (ACCEPT at CONNECT would drop it)
+# to remove forged Authentication-Results from all mail; SMFIP_NR_* keeps that cheap.
+DEFAULT_VERDICT_STAGES = frozenset({Stage.EOM})
 # Requested with SETSYMLIST; Postfix keeps its main.cf lists for the other stages.
 DEFAULT_MACRO_LISTS = {
     MacroStage.CONNECT: "j {daemon_name} {daemon_addr} {daemon_port} {client_addr} "
                         "{client_port} {client_ptr} {client_resolve} _",
     MacroStage.ENVFROM: "i {auth_type} {auth_authen} {mail_addr}",
     MacroStage.ENVRCPT: "i {rcpt_addr}",
-    MacroStage.DATA: "i",
-    MacroStage.EOH: "i",
-    MacroStage.EOM: "i",
+    MacroStage.DATA: "i", MacroStage.EOH: "i", MacroStage.EOM: "i",
 }
 DEFAULT_MAX_HEADERS = 1000
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # Postfix message_size_limit: 10240000
 DEFAULT_MAX_RECIPIENTS = 1000  # Postfix smtpd_recipient_limit
+# Marked headers kept per message: each costs one SMFIR_CHGHEADER at end of message. More
+# means the list is incomplete (Message.marked None) and the caller refuses temporarily.
+DEFAULT_MAX_MARKED = 10000
+
+
+def _bare(address: str) -> str:
+    # Sendmail writes IPv6 clients as "IPv6:2001:db8::1" in SMFIC_CONNECT; Postfix bare.
+    return address[5:] if address[:5].lower() == "ipv6:" else address
 
 
 def _macros(pairs: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
@@ -134,6 +137,7 @@ class _MessageBuilder:
     size: int = 0
     macros: dict[str, str] = field(default_factory=dict)
     too_large: bool = False
+    marked: list | None = field(default_factory=list)
 
 
 class Received(NamedTuple):
@@ -157,7 +161,9 @@ class MilterSession:
                  max_packet_length: int = codec.DEFAULT_MAX_PACKET_LENGTH,
                  max_headers: int = DEFAULT_MAX_HEADERS,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 max_recipients: int = DEFAULT_MAX_RECIPIENTS) -> None:
+                 max_recipients: int = DEFAULT_MAX_RECIPIENTS,
+                 mark_header: Callable[[bytes, bytes], bool] | None = None,
+                 max_marked: int = DEFAULT_MAX_MARKED) -> None:
         self._verdict_stages = frozenset(verdict_stages) | {Stage.EOM}
         if not all(isinstance(stage, Stage) for stage in self._verdict_stages):
             raise MilterUsageError(f"verdict_stages must be Stage members: {verdict_stages!r}")
@@ -166,6 +172,7 @@ class MilterSession:
         self._reader = codec.PacketReader(max_packet_length)
         self._max_headers, self._max_message_bytes = max_headers, max_message_bytes
         self._max_recipients = max_recipients
+        self._mark_header, self._max_marked = mark_header, max_marked
         self.state = State.NEGOTIATING
         self.protocol = Protocol(0)  # agreed in OPTNEG
         self.pending: Stage | None = None  # the stage waiting for send_verdict()
@@ -187,7 +194,10 @@ class MilterSession:
                 raise MilterProtocolError("session already failed")
             self._reader.feed(data)
             while (command := self._reader.next_command()) is not None:
-                if self.state is State.CLOSED or self.pending is not None:
+                if self.state is State.CLOSED and isinstance(command, codec.SimpleCommand) \
+                        and command.code in (codec.SMFIC_QUIT, codec.SMFIC_QUIT_NC):
+                    pass  # QUIT / QUIT_NC after a final verdict at CONNECT or HELO
+                elif self.state is State.CLOSED or self.pending is not None:
                     raise MilterProtocolError(f"unexpected command in state {self.state.value}"
                                               f" (verdict pending: {self.pending})")
                 self._handle(command, events, reply)
@@ -221,8 +231,8 @@ class MilterSession:
             self.state = State.CONNECTED
             self.connection = Connection(
                 text(command.hostname), text(command.family),
-                None if command.address is None else text(command.address), command.port,
-                self._take_macros(codec.SMFIC_CONNECT))
+                None if command.address is None else _bare(text(command.address)),
+                command.port, self._take_macros(codec.SMFIC_CONNECT))
             return self._stage(Stage.CONNECT, events, reply,
                                lambda needs: Connected(self.connection, needs))
         if self.state is not State.CONNECTED:
@@ -326,6 +336,12 @@ class MilterSession:
     def _add_header(self, message: _MessageBuilder, name: bytes, value: bytes) -> None:
         key = name.lower()  # Postfix matches header names with strncasecmp()
         message.name_counts[key] = index = message.name_counts.get(key, 0) + 1
+        if (self._mark_header is not None and message.marked is not None
+                and self._mark_header(name, value)):
+            if len(message.marked) < self._max_marked:
+                message.marked.append(HeaderRef(name, index))
+            else:
+                message.marked = None
         message.size += len(name) + len(value)
         if (len(message.headers) >= self._max_headers
                 or message.size > self._max_message_bytes):
@@ -344,7 +360,8 @@ class MilterSession:
     def _snapshot(message: _MessageBuilder) -> Message:
         return Message(message.sender, message.esmtp_args, tuple(message.recipients),
                        message.recipient_count, tuple(message.headers),
-                       b"".join(message.body), dict(message.macros), message.too_large)
+                       b"".join(message.body), dict(message.macros), message.too_large,
+                       None if message.marked is None else tuple(message.marked))
 
     # --- output ---
 
