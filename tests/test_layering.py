@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+# Each case starts a fresh interpreter.
+pytestmark = pytest.mark.process
+
 ROOT = Path(__file__).resolve().parent.parent
 
 PURE_MODULES = [
