@@ -19,7 +19,8 @@ TWO_PTRS = "2001:db8:1::40"         # PTRs gone.sender.test (no AAAA) and mail2.
 CNAME_LOOP = "2001:db8:1::50"       # PTR loop1.sender.test, a CNAME loop
 NUMERIC = "2001:db8:1::60"          # PTR 192.0.2.1 (not a host name)
 OUTSIDE = "2001:db8:2::10"          # outside every SPF range
-BIG_TXT = "v=spf1 " + " ".join(f"ip6:2001:db8:{i:x}::/48" for i in range(3, 90)) + " ip6:2001:db8:1::/64 -all"
+BIG_TXT = ("v=spf1 " + " ".join(f"ip6:2001:db8:{i:x}::/48" for i in range(3, 90))
+           + " ip6:2001:db8:1::/64 -all")
 
 
 def zones() -> dict[str, str]:

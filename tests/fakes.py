@@ -24,7 +24,8 @@ class FakeDnsClient:
     def __init__(self, records: dict[tuple[str, str], list[str]] | None = None,
                  broken: set[str] = frozenset(), silent: set[str] = frozenset(),
                  clock=None, delay: float = 0.0, ttl: int = 300) -> None:
-        self.records = {(n.lower().rstrip("."), t): list(v) for (n, t), v in (records or {}).items()}
+        self.records = {(n.lower().rstrip("."), t): list(v)
+                        for (n, t), v in (records or {}).items()}
         self.broken = {b.lower().rstrip(".") for b in broken}
         self.silent = {s.lower().rstrip(".") for s in silent}
         self.clock = clock

@@ -56,7 +56,8 @@ def decode_all(data: bytes, **kwargs) -> list:
 
 # What Postfix 3.x sends first with milter_protocol = 6 (milter8_connect): version 6, all
 # nine SMFIF_* actions (0x1ff) and all 21 SMFIP_* protocol bits (MILTER8_V6_PROTO_MASK).
-POSTFIX_OPTNEG = b"\x00\x00\x00\x0dO" + b"\x00\x00\x00\x06" + b"\x00\x00\x01\xff" + b"\x00\x1f\xff\xff"
+POSTFIX_OPTNEG = (b"\x00\x00\x00\x0dO" + b"\x00\x00\x00\x06" + b"\x00\x00\x01\xff"
+                  + b"\x00\x1f\xff\xff")
 
 # Every command the daemon handles, as Postfix frames it, with the decoded value.
 COMMANDS = [

@@ -68,7 +68,7 @@ def check(data: bytes) -> None:
                 decoder.feed(b"x")
             except PolicyProtocolError:
                 break
-            raise AssertionError("the decoder accepted input after its error")
+            raise AssertionError("the decoder accepted input after its error") from None
         for request in requests:
             assert request.get("request") == "smtpd_access_policy", request
             for key, value in request.items():

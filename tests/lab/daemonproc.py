@@ -4,11 +4,13 @@ Contract:
 - ``ServeProcess(directory, settings, optin)`` writes ``policyd.toml`` (the ``settings`` dict,
   plus a TCP listener on a free loopback port and ``optin_file = "optin"``) and the opt-in file
   into ``directory``, runs ``python -m policyd_ipv6 serve --config FILE`` from the repository
-  (as test_cli.py does; ``--allow-root`` when run by root) with its output in ``serve.log``, and returns from ``start()`` once the
-  daemon logs "ready". ``rlimit_nofile=(soft, hard)`` starts it under that open-file limit;
+  (as test_cli.py does; ``--allow-root`` when run by root) with its output in ``serve.log``,
+  and returns from ``start()`` once the daemon logs "ready". ``rlimit_nofile=(soft, hard)``
+  starts it under that open-file limit;
   ``file_modes_apply=True`` starts it without the capabilities that let root ignore file
   modes (``setpriv`` drops CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from its bounding set),
-  so a mode-000 file is unreadable to it even when the tests run as root. ``stop()`` sends SIGTERM to its PID (SIGKILL after 10 s) and is idempotent.
+  so a mode-000 file is unreadable to it even when the tests run as root. ``stop()`` sends
+  SIGTERM to its PID (SIGKILL after 10 s) and is idempotent.
 - ``rss_kib()`` reads VmRSS from /proc/PID/status; ``log()``, ``wait_for(text)``,
   ``problems()`` (logged tracebacks, unhandled errors and internal-error lines, which no test
   may ever see) help the assertions.

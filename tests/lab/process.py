@@ -4,8 +4,8 @@ Contract: ``terminate(process, grace_seconds)`` takes a ``subprocess.Popen`` (or
 this test run started, sends SIGTERM, waits up to ``grace_seconds``, then SIGKILLs and reaps
 it. Idempotent: an already finished process (or None) is left as it is. Only the given PID is
 signalled, never a name or a process group. ``ServerProcess`` is the shape the lab's servers
-share: a ``process``, a private ``directory`` and a ``log_path``, removed by an idempotent ``stop()`` that
-also runs on leaving a ``with`` block (subclasses provide ``start()``).
+share: a ``process``, a private ``directory`` and a ``log_path``, removed by an idempotent
+``stop()`` that also runs on leaving a ``with`` block (subclasses provide ``start()``).
 """
 
 from __future__ import annotations
