@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, replace
+from typing import Any
+
+from policyd_ipv6.vocabulary import DkimResult, SpfResult
 
 __all__ = ["RdnsOutcome", "RdnsFact", "SpfFact", "Facts", "SPF_RESULTS", "DkimFact",
            "SignatureResult"]
 
-# RFC 7208 §2.6 results, as pyspf's check2() names them.
-SPF_RESULTS = ("pass", "fail", "softfail", "neutral", "none", "permerror", "temperror")
+# RFC 7208 §2.6 results, as pyspf's check() names them.
+SPF_RESULTS = tuple(result.value for result in SpfResult)
 
 
 class RdnsOutcome(enum.Enum):
@@ -37,12 +40,13 @@ class RdnsFact:
 
 @dataclass(frozen=True)
 class SpfFact:
-    result: str  # one of SPF_RESULTS
+    result: SpfResult
     explanation: str = ""
     identity: str = ""  # the identity checked: the MAIL FROM, or postmaster@HELO
     lookups: int = 0  # DNS answers the evaluation needed
     ttl: float = 0.0  # how long the result may be reused: the shortest TTL among those answers
-    macros: bool = False  # a record consulted had macros: the result may depend on more than IP+domain
+    # A record consulted had macros: the result may depend on more than IP and domain.
+    macros: bool = False
 
     def describe(self) -> str:
         return self.result
@@ -55,13 +59,13 @@ class Facts:
     # True when the built-in milter is in this SMTP session's path and will check DKIM.
     dkim_pending: bool = False
 
-    def with_(self, **changes) -> Facts:
+    def with_(self, **changes: Any) -> Facts:
         return replace(self, **changes)
 
 
 @dataclass(frozen=True)
 class SignatureResult:
-    result: str  # "pass" | "fail" | "permerror" | "temperror" (RFC 8601 §2.7.1)
+    result: DkimResult  # pass, fail, permerror or temperror
     domain: str = ""  # d=, printable
     selector: str = ""  # s=, printable
     b_prefix: str = ""  # the first 8 characters of b= (RFC 6008 header.b)
@@ -70,13 +74,13 @@ class SignatureResult:
 
 @dataclass(frozen=True)
 class DkimFact:
-    result: str  # "pass" | "fail" | "none" | "temperror"
+    result: DkimResult  # pass, fail, none (unsigned) or temperror
     domain: str = ""
     selector: str = ""
     reason: str = ""
     signatures: tuple[SignatureResult, ...] = ()
 
     def describe(self) -> str:
-        if self.result == "pass":
+        if self.result == DkimResult.PASS:
             return f"pass(d={self.domain} s={self.selector})"
         return self.result

@@ -21,6 +21,7 @@ PURE_MODULES = [
     "policyd_ipv6.text",
     "policyd_ipv6.cache",
     "policyd_ipv6.facts",
+    "policyd_ipv6.vocabulary",
     "policyd_ipv6.policy.codec",
     "policyd_ipv6.policy.decision",
     "policyd_ipv6.policy.replies",

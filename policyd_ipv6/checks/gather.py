@@ -9,8 +9,9 @@ When ``deadline_seconds`` pass before a fact is known, the fact becomes a tempor
 
 One message, one evaluation: Postfix sends one request per recipient with the same
 ``instance`` (SMTPD_POLICY_README), possibly over a new connection if it closed the old one
-(SMTPD_POLICY_README, on the instance attribute), so the facts are kept process-wide, keyed by instance and the SPF inputs,
-in a bounded, expiring cache. A request without an instance is never shared.
+(SMTPD_POLICY_README, on the instance attribute), so the facts are kept process-wide, keyed
+by instance and the SPF inputs, in a bounded, expiring cache. A request without an instance
+is never shared.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from policyd_ipv6.cache import ExpiringCache
 from policyd_ipv6.checks.rdns import check_rdns
 from policyd_ipv6.checks.spf import SpfResults, check_spf
 from policyd_ipv6.facts import Facts, RdnsFact, RdnsOutcome, SpfFact
+from policyd_ipv6.names import IPAddress
 from policyd_ipv6.policy.decision import Need, Subject
+from policyd_ipv6.vocabulary import Clock, DelayedCall, Lookups, SpfResult
 
 __all__ = ["FactFinder", "MessageFacts"]
 
@@ -34,19 +37,20 @@ _log = Logger(namespace="policyd-ipv6")
 class MessageFacts:
     """The facts of one message as they arrive; ``facts`` is the current snapshot."""
 
-    def __init__(self, clock, deadline_seconds: float) -> None:
+    def __init__(self, clock: Clock, deadline_seconds: float) -> None:
         self.facts = Facts()
         self.started = clock.seconds()
-        self._waiting: dict[Need, list[defer.Deferred]] = {Need.RDNS: [], Need.SPF: []}
+        self._waiting: dict[Need, list[defer.Deferred[Facts]]] = {Need.RDNS: [], Need.SPF: []}
         self._clock, self._deadline_seconds = clock, deadline_seconds
-        self._timer = None  # armed by start_deadline() once the checks are under way
+        # Armed by start_deadline() once the checks are under way.
+        self._timer: DelayedCall | None = None
         self.work: list[defer.Deferred] = []  # the checks under way, cancelled at the deadline
 
-    def when(self, need: Need) -> defer.Deferred:
+    def when(self, need: Need) -> defer.Deferred[Facts]:
         """A Deferred firing with ``self.facts`` once ``need`` is known."""
         if self._known(need):
             return defer.succeed(self.facts)
-        d = defer.Deferred()
+        d: defer.Deferred[Facts] = defer.Deferred()
         self._waiting[need].append(d)
         return d
 
@@ -80,7 +84,7 @@ class MessageFacts:
     def _deadline(self) -> None:
         running, self.work = self.work, []
         self.set_rdns(RdnsFact(RdnsOutcome.TEMPFAIL, detail="deadline reached"))
-        self.set_spf(SpfFact("temperror", "deadline reached"))
+        self.set_spf(SpfFact(SpfResult.TEMPERROR, "deadline reached"))
         # Stop the checks still running: their answers can no longer change any reply.
         for d in running:
             if not d.called:
@@ -90,20 +94,22 @@ class MessageFacts:
 class FactFinder:
     """Starts and remembers the lookups of each message. See the module docstring."""
 
-    def __init__(self, lookups, clock, rdns_mode: str, deadline_seconds: float,
+    def __init__(self, lookups: Lookups, clock: Clock, rdns_mode: str, deadline_seconds: float,
                  max_messages: int = 20_000, message_ttl_seconds: float = 3600.0) -> None:
         self.lookups = lookups
         self.clock = clock
         self.rdns_mode = rdns_mode
         self.deadline_seconds = deadline_seconds
         self.message_ttl_seconds = message_ttl_seconds
-        self.messages = ExpiringCache(max_messages, clock)
+        self.messages: ExpiringCache[tuple[object, ...], MessageFacts] = ExpiringCache(
+            max_messages, clock)
         # A repeat sender (same IP and domain) costs no SPF run while its answers are fresh.
         self.spf_results = SpfResults(max_messages, clock)
         self._unique = itertools.count()
 
     def for_message(self, subject: Subject) -> tuple[MessageFacts, bool]:
         """The message's facts and whether they were already known (shared)."""
+        key: tuple[object, ...]
         if subject.instance:
             key = (subject.instance, subject.client_address, subject.sender, subject.helo_name)
         else:
@@ -114,13 +120,15 @@ class FactFinder:
         message = MessageFacts(self.clock, self.deadline_seconds)
         if subject.instance:
             self.messages.put(key, message, self.message_ttl_seconds)
-        rdns = check_rdns(self.lookups, subject.ip, self.rdns_mode,
+        ip = subject.ip
+        assert ip is not None  # the decision asks for facts only about an address
+        rdns = check_rdns(self.lookups, ip, self.rdns_mode,
                           subject.reverse_client_name, subject.client_name)
         message.work.append(rdns)
         rdns.addCallback(message.set_rdns)
         rdns.addErrback(self._bug, "reverse DNS check", message.set_rdns,
                         RdnsFact(RdnsOutcome.TEMPFAIL, detail="internal error"))
-        inputs = (subject.ip, subject.sender, subject.helo_name)
+        inputs = (ip, subject.sender, subject.helo_name)
         known = self.spf_results.get(*inputs)
         spf = defer.succeed(known) if known is not None else check_spf(self.lookups, *inputs)
         if known is None:
@@ -128,12 +136,13 @@ class FactFinder:
             spf.addCallback(self._remember_spf, inputs)
         spf.addCallback(message.set_spf)
         spf.addErrback(self._bug, "SPF check", message.set_spf,
-                       SpfFact("temperror", "internal error"))
+                       SpfFact(SpfResult.TEMPERROR, "internal error"))
         message.start_deadline()
         return message, False
 
-    def _remember_spf(self, fact: SpfFact, inputs) -> SpfFact:
-        self.spf_results.put(*inputs, fact)
+    def _remember_spf(self, fact: SpfFact, inputs: tuple[IPAddress, str, str]) -> SpfFact:
+        ip, sender, helo = inputs
+        self.spf_results.put(ip, sender, helo, fact)
         return fact
 
     def _bug(self, failure, what: str, setter, fallback) -> None:

@@ -22,6 +22,8 @@ from twisted.internet import defer
 
 from policyd_ipv6.facts import RdnsFact, RdnsOutcome
 from policyd_ipv6.names import IPAddress, client_ip, host_name
+from policyd_ipv6.resolver.lookups import Answer
+from policyd_ipv6.vocabulary import DnsStatus, Lookups
 
 __all__ = ["check_rdns", "MAX_PTR_NAMES"]
 
@@ -34,8 +36,8 @@ def _host_names(values: tuple) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))[:MAX_PTR_NAMES]
 
 
-def check_rdns(lookups, ip: IPAddress, mode: str, reverse_client_name: str = "unknown",
-               client_name: str = "unknown") -> defer.Deferred:
+def check_rdns(lookups: Lookups, ip: IPAddress, mode: str, reverse_client_name: str = "unknown",
+               client_name: str = "unknown") -> defer.Deferred[RdnsFact]:
     """See the module docstring."""
     if mode == "fcrdns" and client_name not in ("", "unknown"):
         return defer.succeed(RdnsFact(RdnsOutcome.PASS, (client_name.lower(),),
@@ -43,13 +45,12 @@ def check_rdns(lookups, ip: IPAddress, mode: str, reverse_client_name: str = "un
     if mode == "ptr" and reverse_client_name not in ("", "unknown"):
         return defer.succeed(RdnsFact(RdnsOutcome.PASS, (reverse_client_name.lower(),), None,
                                       "found by Postfix (reverse_client_name)"))
-    d = lookups.lookup(ip.reverse_pointer, "PTR")
-    d.addCallback(_after_ptr, lookups, ip, mode)
-    return d
+    return lookups.lookup(ip.reverse_pointer, "PTR").addCallback(_after_ptr, lookups, ip, mode)
 
 
-def _after_ptr(answer, lookups, ip: IPAddress, mode: str):
-    if answer.status == "tempfail":
+def _after_ptr(answer: Answer, lookups: Lookups, ip: IPAddress,
+               mode: str) -> RdnsFact | defer.Deferred[RdnsFact]:
+    if answer.status == DnsStatus.TEMPFAIL:
         return RdnsFact(RdnsOutcome.TEMPFAIL, detail=f"PTR lookup: {answer.detail}")
     if not answer.ok:
         return RdnsFact(RdnsOutcome.MISSING, detail=f"PTR lookup: {answer.status}")
@@ -61,13 +62,14 @@ def _after_ptr(answer, lookups, ip: IPAddress, mode: str):
     return _confirm(lookups, ip, names)
 
 
-def _confirm(lookups, ip: IPAddress, names: tuple[str, ...]) -> defer.Deferred:
+def _confirm(lookups: Lookups, ip: IPAddress,
+             names: tuple[str, ...]) -> defer.Deferred[RdnsFact]:
     """Forward-confirm: the first name whose addresses include ``ip`` wins."""
     rrtype = "AAAA" if ip.version == 6 else "A"
-    result = defer.Deferred()
+    result: defer.Deferred[RdnsFact] = defer.Deferred()
     outcomes: dict[str, str] = {}
 
-    def one_done(answer, name: str) -> None:
+    def one_done(answer: Answer, name: str) -> None:
         if result.called:
             return
         if answer.ok and any(_same(ip, value) for value in answer.values):
@@ -77,7 +79,7 @@ def _confirm(lookups, ip: IPAddress, names: tuple[str, ...]) -> defer.Deferred:
         outcomes[name] = answer.status if answer.ok is False else "other address"
         if len(outcomes) == len(names):
             details = ", ".join(f"{n}: {s}" for n, s in outcomes.items())
-            temporary = any(s == "tempfail" for s in outcomes.values())
+            temporary = any(s == DnsStatus.TEMPFAIL for s in outcomes.values())
             outcome = RdnsOutcome.TEMPFAIL if temporary else RdnsOutcome.UNCONFIRMED
             result.callback(RdnsFact(outcome, names, None, f"forward lookups: {details}"))
 

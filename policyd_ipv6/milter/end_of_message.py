@@ -59,6 +59,7 @@ from policyd_ipv6.milter.codec import ChangeHeader, Disposition, HeaderEdit, Ins
 from policyd_ipv6.names import domain_key, helo_domain, host_name, recipient_domain
 from policyd_ipv6.policy.replies import Replies
 from policyd_ipv6.text import printable
+from policyd_ipv6.vocabulary import DkimResult, EndRule
 
 __all__ = ["EndDecision", "needs_check", "decide_end", "auth_results", "claims_authserv_id",
            "forged_deletions", "AR_HEADER"]
@@ -76,7 +77,7 @@ _SELECTOR = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
 class EndDecision:
     response: Disposition | ReplyCode
     edits: tuple[HeaderEdit, ...] = ()
-    rule: str = ""
+    rule: EndRule = EndRule.NOT_CONCERNED
     auth_results: str = ""  # the header value inserted, "" if none
 
 
@@ -91,27 +92,27 @@ def decide_end(record, too_large: bool, dkim: DkimFact | None, replies: Replies,
                authserv_id: str, forged: tuple[ChangeHeader, ...] | None = ()) -> EndDecision:
     """See the module docstring. ``forged``: deletions, highest index first, or None."""
     if forged is None:
-        return EndDecision(Disposition.TEMPFAIL, rule="forged-incomplete")
+        return EndDecision(Disposition.TEMPFAIL, rule=EndRule.FORGED_INCOMPLETE)
     if record is None or not record.concerned:
-        return EndDecision(Disposition.ACCEPT, forged, rule="not-concerned")
+        return EndDecision(Disposition.ACCEPT, forged, rule=EndRule.NOT_CONCERNED)
     subject, facts = record.evidence()
     address = str(subject.ip) if subject.ip is not None else printable(subject.client_address, 64)
     if too_large:
         if record.needs_dkim:
             return EndDecision(ReplyCode(replies.auth_failed.format(address=address)),
-                               rule="too-large-unverified")
-        return EndDecision(Disposition.ACCEPT, forged, rule="too-large")
+                               rule=EndRule.TOO_LARGE_UNVERIFIED)
+        return EndDecision(Disposition.ACCEPT, forged, rule=EndRule.TOO_LARGE)
     if dkim is None:
         raise ValueError("decide_end needs the DKIM fact of a concerned message")
-    if record.needs_dkim and dkim.result != "pass":
-        if dkim.result == "temperror":
+    if record.needs_dkim and dkim.result != DkimResult.PASS:
+        if dkim.result == DkimResult.TEMPERROR:
             text = replies.temporary.format(address=address, check="DKIM")
-            return EndDecision(ReplyCode(text), rule="dkim-temporary")
-        rule = "unsigned" if dkim.result == "none" else "dkim-failed"
+            return EndDecision(ReplyCode(text), rule=EndRule.DKIM_TEMPORARY)
+        rule = EndRule.UNSIGNED if dkim.result == DkimResult.NONE else EndRule.DKIM_FAILED
         return EndDecision(ReplyCode(replies.auth_failed.format(address=address)), rule=rule)
     value = auth_results(authserv_id, subject, facts, dkim)
     edits = (*forged, InsertHeader(AR_INDEX, AR_HEADER, " " + value))
-    rule = "dkim-pass" if record.needs_dkim else "spf-pass"
+    rule = EndRule.DKIM_PASS if record.needs_dkim else EndRule.SPF_PASS
     return EndDecision(Disposition.CONTINUE, edits, rule, value)
 
 
@@ -177,6 +178,6 @@ def auth_results(authserv_id: str, subject, facts, dkim: DkimFact) -> str:
             props += f" header.s={s}"
         if sig.b_prefix:
             props += f" header.b={sig.b_prefix}"
-        reason = _reason(sig.reason) if sig.result != "pass" else ""
+        reason = _reason(sig.reason) if sig.result != DkimResult.PASS else ""
         parts.append(f"dkim={sig.result}{reason}{props}")
     return ";\n\t".join(parts)

@@ -42,13 +42,14 @@ from typing import NamedTuple
 
 from policyd_ipv6.cache import ExpiringCache
 from policyd_ipv6.names import client_ip
+from policyd_ipv6.vocabulary import PolicyRule
 
 __all__ = ["Sessions", "SessionState", "MessageRecord", "SessionKey", "milter_key",
            "policy_key", "same_sender", "DKIM_PENDING_RULE", "PASS_RULE"]
 
 # decision.RULES names the milter acts on.
-DKIM_PENDING_RULE = "spf-failed-dkim-pending"
-PASS_RULE = "pass"
+DKIM_PENDING_RULE = PolicyRule.SPF_FAILED_DKIM_PENDING
+PASS_RULE = PolicyRule.PASS
 
 
 class SessionKey(NamedTuple):

@@ -85,7 +85,8 @@ class PolicyDecoder:
         buffer = self._buffer
         buffer += data
         newline = data.rfind(b"\n")
-        self._line_length = self._line_length + len(data) if newline < 0 else len(data) - newline - 1
+        self._line_length = (self._line_length + len(data) if newline < 0
+                             else len(data) - newline - 1)
         requests: list[dict[str, str]] = []
         while buffer:
             if buffer[0] == 10:  # an empty line at the start: an empty request
@@ -151,8 +152,10 @@ def _parse(block: bytes) -> dict[str, str]:
         raise PolicyProtocolError("attribute without a name")
     if len(attributes) != len(pairs):
         seen: set[str] = set()
-        twice = next(name for name, _ in pairs if name in seen or seen.add(name))
-        raise PolicyProtocolError("attribute sent twice: " + _show(twice.encode()))
+        for name, _ in pairs:  # the first name that comes a second time
+            if name in seen:
+                raise PolicyProtocolError("attribute sent twice: " + _show(name.encode()))
+            seen.add(name)
     kind = attributes.get("request")
     if kind != REQUEST_TYPE:
         raise PolicyProtocolError(

@@ -17,13 +17,16 @@ temporary reply is validated to be 4xx when the configuration is loaded.
 from __future__ import annotations
 
 import enum
+import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from policyd_ipv6.facts import Facts, RdnsOutcome, SpfFact
+from policyd_ipv6.facts import Facts, RdnsFact, RdnsOutcome, SpfFact
 from policyd_ipv6.names import IPAddress, client_ip, domain_key, recipient_domain
 from policyd_ipv6.policy.replies import Replies
 from policyd_ipv6.text import printable
+from policyd_ipv6.vocabulary import PolicyRule, SpfResult
 
 __all__ = ["Subject", "Policy", "Verdict", "Need", "decide", "RULES", "FACT_RULES", "DUNNO"]
 
@@ -70,12 +73,13 @@ class Subject:
 class Policy:
     """The configuration the decision depends on."""
 
-    trusted_networks: tuple = ()
+    trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     replies: Replies = field(default_factory=Replies)
+    _nets: dict[int, tuple[tuple[int, int], ...]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # (network, netmask) as integers per IP version: one AND and compare per network.
-        nets = {4: [], 6: []}
+        nets: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
         for n in self.trusted_networks:
             nets[n.version].append((int(n.network_address), int(n.netmask)))
         object.__setattr__(self, "_nets", {v: tuple(pairs) for v, pairs in nets.items()})
@@ -90,6 +94,12 @@ class Policy:
         return False
 
 
+class Optin(Protocol):
+    """What the decision asks of the opt-in table (``optin.table.OptinTable``)."""
+
+    def matches(self, domain: str | None) -> bool: ...
+
+
 class Need(enum.Enum):
     """A fact the decision needs before it can go on."""
 
@@ -102,16 +112,16 @@ class Verdict:
     """The reply (the value of ``action=``) and the name of the rule that chose it."""
 
     action: str
-    rule: str
+    rule: PolicyRule
 
 
 @dataclass(frozen=True)
 class Rule:
     """One line of the decision table."""
 
-    name: str
+    name: PolicyRule
     needs: tuple[Need, ...]
-    applies: Callable[[Subject, Facts, Policy, object], bool]
+    applies: Callable[[Subject, Facts, Policy, Optin], bool]
     reply: Callable[[Subject, Facts, Policy], str]
 
 
@@ -153,6 +163,16 @@ def _spf_temporary(s: Subject, f: Facts, p: Policy) -> str:
     return p.replies.temporary.format(address=_address(s), check="SPF")
 
 
+def _ip(s: Subject) -> IPAddress:
+    assert s.ip is not None  # the not-an-address rule comes first
+    return s.ip
+
+
+def _rdns(f: Facts) -> RdnsFact:
+    assert f.rdns is not None  # the rule needs it: decide() returned Need.RDNS until it came
+    return f.rdns
+
+
 def _spf(f: Facts) -> SpfFact:
     assert f.spf is not None
     return f.spf
@@ -161,28 +181,30 @@ def _spf(f: Facts) -> SpfFact:
 # The table. Each line: name, facts needed, when it applies, the reply. First match wins.
 RULES: tuple[Rule, ...] = (
     # Policy requests outside RCPT mean a wiring mistake; never refuse mail because of it.
-    Rule("wrong-stage", (), lambda s, f, p, o: s.protocol_state != "RCPT", _dunno),
-    Rule("not-an-address", (), lambda s, f, p, o: s.ip is None, _dunno),
-    Rule("ipv4", (), lambda s, f, p, o: s.ip.version == 4, _dunno),
-    Rule("authenticated", (), lambda s, f, p, o: s.sasl_username != "", _dunno),
-    Rule("trusted-network", (), lambda s, f, p, o: p.trusts(s.ip), _dunno),
+    Rule(PolicyRule.WRONG_STAGE, (), lambda s, f, p, o: s.protocol_state != "RCPT", _dunno),
+    Rule(PolicyRule.NOT_AN_ADDRESS, (), lambda s, f, p, o: s.ip is None, _dunno),
+    Rule(PolicyRule.IPV4, (), lambda s, f, p, o: _ip(s).version == 4, _dunno),
+    Rule(PolicyRule.AUTHENTICATED, (), lambda s, f, p, o: s.sasl_username != "", _dunno),
+    Rule(PolicyRule.TRUSTED_NETWORK, (), lambda s, f, p, o: p.trusts(_ip(s)), _dunno),
     # RFC 5321 §4.5.1: a bare "Postmaster" (no domain) must be accepted. Other recipients
     # without a domain cannot be in the opt-in table: the next rule refuses them.
-    Rule("postmaster", (), lambda s, f, p, o: s.recipient_domain is None
+    Rule(PolicyRule.POSTMASTER, (), lambda s, f, p, o: s.recipient_domain is None
          and s.recipient.strip().strip("<>").lower() == "postmaster", _dunno),
-    Rule("not-opted-in", (), lambda s, f, p, o: not o.matches(s.recipient_domain), _not_opted_in),
-    Rule("rdns-temporary", (Need.RDNS,),
-         lambda s, f, p, o: f.rdns.outcome is RdnsOutcome.TEMPFAIL, _rdns_temporary),
-    Rule("no-rdns", (Need.RDNS,),
-         lambda s, f, p, o: f.rdns.outcome is not RdnsOutcome.PASS, _no_rdns),
-    Rule("spf-temporary", (Need.SPF,), lambda s, f, p, o: _spf(f).result == "temperror",
-         _spf_temporary),
+    Rule(PolicyRule.NOT_OPTED_IN, (), lambda s, f, p, o: not o.matches(s.recipient_domain),
+         _not_opted_in),
+    Rule(PolicyRule.RDNS_TEMPORARY, (Need.RDNS,),
+         lambda s, f, p, o: _rdns(f).outcome is RdnsOutcome.TEMPFAIL, _rdns_temporary),
+    Rule(PolicyRule.NO_RDNS, (Need.RDNS,),
+         lambda s, f, p, o: _rdns(f).outcome is not RdnsOutcome.PASS, _no_rdns),
+    Rule(PolicyRule.SPF_TEMPORARY, (Need.SPF,),
+         lambda s, f, p, o: _spf(f).result == SpfResult.TEMPERROR, _spf_temporary),
     # Issue: SPF or DKIM. When the built-in milter is in this connection's path it verifies
     # DKIM at end of message and gives 4.7.26 itself if that fails too.
-    Rule("spf-failed-dkim-pending", (Need.SPF,),
-         lambda s, f, p, o: _spf(f).result != "pass" and f.dkim_pending, _dunno),
-    Rule("spf-failed", (Need.SPF,), lambda s, f, p, o: _spf(f).result != "pass", _auth_failed),
-    Rule("pass", (), lambda s, f, p, o: True, _dunno),
+    Rule(PolicyRule.SPF_FAILED_DKIM_PENDING, (Need.SPF,),
+         lambda s, f, p, o: _spf(f).result != SpfResult.PASS and f.dkim_pending, _dunno),
+    Rule(PolicyRule.SPF_FAILED, (Need.SPF,),
+         lambda s, f, p, o: _spf(f).result != SpfResult.PASS, _auth_failed),
+    Rule(PolicyRule.PASS, (), lambda s, f, p, o: True, _dunno),
 )
 
 _FACT_OF = {Need.RDNS: "rdns", Need.SPF: "spf"}
@@ -195,7 +217,7 @@ _STEPS = tuple((rule, tuple((_FACT_OF[n], n) for n in rule.needs)) for rule in R
 FACT_RULES = next(i for i, rule in enumerate(RULES) if rule.needs)
 
 
-def decide(subject: Subject, facts: Facts, policy: Policy, optin,
+def decide(subject: Subject, facts: Facts, policy: Policy, optin: Optin,
            start: int = 0) -> Verdict | Need:
     """Return the verdict of the first rule that applies, or the first fact still needed.
 

@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from policyd_ipv6.facts import Facts
 from policyd_ipv6.policy.decision import FACT_RULES, Need, Policy, Subject, Verdict, decide
 from policyd_ipv6.text import printable
+from policyd_ipv6.vocabulary import Clock, PolicyRule
 
 __all__ = ["PolicyEngine", "Outcome"]
 
@@ -63,7 +64,7 @@ class Outcome:
 class PolicyEngine:
     """See the module docstring. ``optin`` is a zero-argument callable giving the live table."""
 
-    def __init__(self, policy: Policy, optin, finder, clock, sessions=None) -> None:
+    def __init__(self, policy: Policy, optin, finder, clock: Clock, sessions=None) -> None:
         self.policy = policy
         self.optin = optin
         self.finder = finder
@@ -84,7 +85,7 @@ class PolicyEngine:
         message, shared = self.finder.for_message(subject)
         source = "shared" if shared else "new"
         milter = self._milter_message(attributes)
-        result = defer.Deferred()
+        result: defer.Deferred[Outcome] = defer.Deferred()
 
         def step(_ignored=None) -> None:
             # Asked again at each step: if the milter's message ended while the lookups ran
@@ -111,7 +112,7 @@ class PolicyEngine:
     def _done(self, verdict: Verdict, subject: Subject, facts: Facts, source: str,
               start: float) -> Outcome:
         outcome = Outcome(verdict, subject, facts, source, (self.clock.seconds() - start) * 1000)
-        if verdict.rule == "wrong-stage":
+        if verdict.rule == PolicyRule.WRONG_STAGE:
             _log.warn("policy request at protocol_state={state}: policyd-ipv6 belongs in "
                       "smtpd_recipient_restrictions (answering DUNNO)",
                       state=printable(subject.protocol_state, 20))

@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 from policyd_ipv6.cache import ExpiringCache
 from policyd_ipv6.resolver.client import TransientDnsError
 from policyd_ipv6.resolver.wire import encode_name
+from policyd_ipv6.vocabulary import Clock, DnsClient, DnsStatus
 
 __all__ = ["Answer", "Lookups"]
 
@@ -42,14 +43,14 @@ _NEGATIVE_TTL_FALLBACK = 60.0  # when a negative answer carries no SOA
 
 @dataclass(frozen=True)
 class Answer:
-    status: str  # "ok" | "nxdomain" | "nodata" | "tempfail"
+    status: DnsStatus
     values: tuple = ()
     detail: str = ""
     ttl: float = 0.0
 
     @property
     def ok(self) -> bool:
-        return self.status == "ok"
+        return self.status == DnsStatus.OK
 
 
 def _values(rrset, rrtype: str) -> tuple:
@@ -63,46 +64,47 @@ def _values(rrset, rrtype: str) -> tuple:
     return tuple(tuple(r.strings) for r in rrset)  # TXT
 
 
-def interpret(response: dns.message.Message, rrtype: str, max_ttl: float) -> Answer:
+def interpret(response: dns.message.QueryMessage, rrtype: str, max_ttl: float) -> Answer:
     """Turn a NOERROR/NXDOMAIN response into an Answer, following its CNAME chain."""
     try:
         chain = response.resolve_chaining()
     except dns.message.ChainTooLong:
-        return Answer("nodata", detail="CNAME chain too long")
+        return Answer(DnsStatus.NODATA, detail="CNAME chain too long")
     except Exception as error:  # FormError, AnswerForNXDOMAIN...: a broken answer
-        return Answer("tempfail", detail=f"unusable answer ({error.__class__.__name__})")
+        return Answer(DnsStatus.TEMPFAIL, detail=f"unusable answer ({error.__class__.__name__})")
     ttl = float(min(chain.minimum_ttl, max_ttl))
     if chain.answer is not None:
-        return Answer("ok", _values(chain.answer, rrtype), ttl=ttl)
+        return Answer(DnsStatus.OK, _values(chain.answer, rrtype), ttl=ttl)
     if chain.minimum_ttl >= dns.ttl.MAX_TTL:
         ttl = min(_NEGATIVE_TTL_FALLBACK, max_ttl)
-    status = "nxdomain" if response.rcode() == dns.rcode.NXDOMAIN else "nodata"
+    status = (DnsStatus.NXDOMAIN if response.rcode() == dns.rcode.NXDOMAIN
+              else DnsStatus.NODATA)
     return Answer(status, ttl=ttl)
 
 
 class Lookups:
     """See the module docstring. ``client`` is a ``DnsClient`` (or a fake with ``query``)."""
 
-    def __init__(self, client, clock, max_entries: int = 100_000,
+    def __init__(self, client: DnsClient, clock: Clock, max_entries: int = 100_000,
                  max_ttl_seconds: float = 3600.0, max_inflight: int = 10_000) -> None:
         self.client = client
         # Each query in flight holds a socket: past this many, a new name fails temporarily at
         # once rather than running the process out of file descriptors.
         self.max_inflight = max_inflight
-        self.cache = ExpiringCache(max_entries, clock)
+        self.cache: ExpiringCache[tuple[str, str], Answer] = ExpiringCache(max_entries, clock)
         self.max_ttl_seconds = max_ttl_seconds
-        self._inflight: dict[tuple[str, str], list[defer.Deferred]] = {}
+        self._inflight: dict[tuple[str, str], list[defer.Deferred[Answer]]] = {}
 
     def cached(self, name: str, rrtype: str) -> Answer | None:
         return self.cache.get((name.lower().rstrip("."), rrtype))
 
-    def lookup(self, name: str, rrtype: str) -> defer.Deferred:
+    def lookup(self, name: str, rrtype: str) -> defer.Deferred[Answer]:
         key = (name.lower().rstrip("."), rrtype)
         answer = self.cache.get(key)
         if answer is not None:
             return defer.succeed(answer)
         waiting = self._inflight.get(key)
-        mine = defer.Deferred()
+        mine: defer.Deferred[Answer] = defer.Deferred()
         if waiting is not None:
             waiting.append(mine)
             return mine
@@ -110,18 +112,20 @@ class Lookups:
             encode_name(key[0])
             qtype = dns.rdatatype.from_text(rrtype)
         except (dns.exception.DNSException, ValueError) as error:
-            return defer.succeed(Answer("nodata", detail=f"not a DNS name ({error})"[:200]))
+            return defer.succeed(Answer(DnsStatus.NODATA,
+                                        detail=f"not a DNS name ({error})"[:200]))
         if len(self._inflight) >= self.max_inflight:
-            return defer.succeed(Answer("tempfail", detail="too many DNS queries in flight"))
+            return defer.succeed(Answer(DnsStatus.TEMPFAIL,
+                                        detail="too many DNS queries in flight"))
         self._inflight[key] = [mine]
         d = self.client.query(key[0], qtype)
         d.addCallbacks(lambda r: interpret(r, rrtype, self.max_ttl_seconds),
-                       lambda f: Answer("tempfail", detail=f.getErrorMessage())
+                       lambda f: Answer(DnsStatus.TEMPFAIL, detail=f.getErrorMessage())
                        if f.check(TransientDnsError) else f)
         d.addBoth(self._deliver, key)
         return mine
 
-    def _deliver(self, answer, key) -> None:
+    def _deliver(self, answer: object, key: tuple[str, str]) -> None:
         if not isinstance(answer, Answer):
             # A bug below us (or a module that cannot be loaded): the mail gets a temporary
             # refusal, and the log says why, with the traceback.
@@ -129,8 +133,8 @@ class Lookups:
                 _log.failure("internal error in the DNS lookup of {name} {rrtype}; answered as "
                              "a temporary failure", answer, level=LogLevel.error,
                              name=key[0], rrtype=key[1])
-            answer = Answer("tempfail", detail=f"internal error: {answer!r}"[:200])
-        if answer.status != "tempfail":
+            answer = Answer(DnsStatus.TEMPFAIL, detail=f"internal error: {answer!r}"[:200])
+        if answer.status != DnsStatus.TEMPFAIL:
             self.cache.put(key, answer, answer.ttl)
         for waiter in self._inflight.pop(key, []):
             if not waiter.called:  # a waiter may have been cancelled (its deadline passed)

@@ -1,0 +1,126 @@
+"""The shared vocabulary: the words checks produce and decisions compare, and the shapes of
+the collaborators that are injected everywhere (the clock, the DNS client, the lookups).
+
+Contract: definitions only, no behaviour, no I/O and no Twisted at run time (``Deferred`` and
+the DNS types in the collaborators' signatures are imported for the type checker alone). Each
+enum is a ``StrEnum``: a member equals, formats and logs as exactly its value, so log lines,
+replies and headers read byte for byte as the plain strings they replace, and a plain string
+from a test or a fake compares equal to the member.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import dns.message
+    import dns.rdatatype
+    from twisted.internet.defer import Deferred
+
+    from policyd_ipv6.resolver.lookups import Answer
+
+__all__ = ["DnsStatus", "SpfResult", "DkimResult", "PolicyRule", "EndRule", "DelayedCall",
+           "Clock", "DnsClient", "Lookups"]
+
+
+class DnsStatus(enum.StrEnum):
+    """What a lookup found (``resolver.lookups.Answer.status``)."""
+
+    OK = "ok"  # records of the type asked for, in ``values``
+    NXDOMAIN = "nxdomain"  # RFC 8020: the name does not exist
+    NODATA = "nodata"  # the name exists without records of that type, or cannot exist
+    TEMPFAIL = "tempfail"  # timeout, SERVFAIL, a broken answer: a transient fault
+
+
+class SpfResult(enum.StrEnum):
+    """RFC 7208 §2.6 results, as pyspf's ``check()`` names them."""
+
+    PASS = "pass"
+    FAIL = "fail"
+    SOFTFAIL = "softfail"
+    NEUTRAL = "neutral"
+    NONE = "none"
+    PERMERROR = "permerror"
+    TEMPERROR = "temperror"
+
+
+class DkimResult(enum.StrEnum):
+    """RFC 8601 §2.7.1 DKIM results, of one signature or of a whole message (``none``:
+    the message is unsigned)."""
+
+    PASS = "pass"
+    FAIL = "fail"
+    NONE = "none"
+    PERMERROR = "permerror"
+    TEMPERROR = "temperror"
+    # Signed, but not acceptable here (RFC 8301 rsa-sha1, a key in testing mode, l= shorter
+    # than the body) or not verified (over the signature or body-size bound).
+    POLICY = "policy"
+
+
+class PolicyRule(enum.StrEnum):
+    """The names of ``policy.decision.RULES``, in table order (the log's ``rule=``)."""
+
+    WRONG_STAGE = "wrong-stage"
+    NOT_AN_ADDRESS = "not-an-address"
+    IPV4 = "ipv4"
+    AUTHENTICATED = "authenticated"
+    TRUSTED_NETWORK = "trusted-network"
+    POSTMASTER = "postmaster"
+    NOT_OPTED_IN = "not-opted-in"
+    RDNS_TEMPORARY = "rdns-temporary"
+    NO_RDNS = "no-rdns"
+    SPF_TEMPORARY = "spf-temporary"
+    SPF_FAILED_DKIM_PENDING = "spf-failed-dkim-pending"
+    SPF_FAILED = "spf-failed"
+    PASS = "pass"
+
+
+class EndRule(enum.StrEnum):
+    """The names of the milter's end-of-message rules (``milter.end_of_message``)."""
+
+    FORGED_INCOMPLETE = "forged-incomplete"  # too many forged A-R to delete them all
+    NOT_CONCERNED = "not-concerned"
+    TOO_LARGE_UNVERIFIED = "too-large-unverified"
+    TOO_LARGE = "too-large"
+    DKIM_TEMPORARY = "dkim-temporary"
+    DKIM_FAILED = "dkim-failed"
+    UNSIGNED = "unsigned"
+    DKIM_PASS = "dkim-pass"
+    SPF_PASS = "spf-pass"
+
+
+class DelayedCall(Protocol):
+    """A call scheduled by ``Clock.callLater`` (Twisted's ``IDelayedCall``, in part)."""
+
+    def active(self) -> bool: ...
+
+    def cancel(self) -> None: ...
+
+
+class Clock(Protocol):
+    """The time source everything that expires or times out takes (the reactor, or
+    ``twisted.internet.task.Clock`` in tests)."""
+
+    def seconds(self) -> float: ...
+
+    def callLater(self, delay: float, callable: Callable[..., Any], *args: Any,
+                  **kwargs: Any) -> DelayedCall: ...
+
+
+class DnsClient(Protocol):
+    """Sends one DNS query (``resolver.client.DnsClient``, or a test's fake); the Deferred
+    fires with the response, or fails on a transient fault."""
+
+    def query(self, qname: str,
+              rdtype: dns.rdatatype.RdataType) -> Deferred[dns.message.QueryMessage]: ...
+
+
+class Lookups(Protocol):
+    """The typed, cached lookups the checks use (``resolver.lookups.Lookups``, or a fake)."""
+
+    def lookup(self, name: str, rrtype: str) -> Deferred[Answer]: ...
+
+    def cached(self, name: str, rrtype: str) -> Answer | None: ...
