@@ -26,4 +26,6 @@ def _escape(ch: str) -> str:
     if ch in '"\\':
         return "\\" + ch
     code = ord(ch)
-    return f"\\x{code:02x}" if code < 256 else f"\\u{code:04x}" if code < 65536 else f"\\U{code:08x}"
+    if code < 256:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 65536 else f"\\U{code:08x}"

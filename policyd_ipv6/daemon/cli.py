@@ -6,8 +6,9 @@ reached with ``python3 -m policyd_ipv6``.
 
 - ``serve [--config F | --sample-config] [--log-level L] [--allow-root]`` runs in the
   foreground until SIGTERM/SIGINT; logs go to standard output. As root it needs ``user`` in the
-  configuration (it drops to that user after binding) or ``--allow-root``. A bad configuration prints ``policyd-ipv6: configuration error: ...``
-  (naming the key and value) to standard error and exits 1.
+  configuration (it drops to that user after binding) or ``--allow-root``. A bad
+  configuration prints ``policyd-ipv6: configuration error: ...`` (naming the key and value)
+  to standard error and exits 1.
 - ``check [--config F | --sample-config] --client-address A --sender S --recipient R
   [--helo H] [--sasl-username U] [--message FILE]`` decides one request exactly as ``serve``
   would, prints the reply (``action=...``) as its first line and then a trace of each step,

@@ -10,8 +10,8 @@ How a query runs: tries go round-robin over the nameservers, ``attempts`` rounds
 a fresh UDP socket with a kernel-chosen source port and a random query ID (RFC 5452), connected
 to the server so that only its datagrams are read and an ICMP "port unreachable" fails the try
 at once. A response must match the query's ID and question (``dns_wire.is_reply_to``);
-anything else is dropped. A truncated (TC) response is retried over TCP to the same server (RFC 7766). The
-resolv.conf search list is never applied: names are always absolute.
+anything else is dropped. A truncated (TC) response is retried over TCP to the same server
+(RFC 7766). The resolv.conf search list is never applied: names are always absolute.
 """
 
 from __future__ import annotations
