@@ -5,12 +5,15 @@ and returns a normalised value or ``None`` for "not usable"; none of them raises
 string. No DNS, no I/O.
 
 - ``client_ip``: the ``client_address`` attribute as an ``ipaddress`` object; an IPv4-mapped
-  IPv6 address becomes the IPv4 address (Postfix already converts them: sane_sockaddr_to_hostaddr.c).
+  IPv6 address becomes the IPv4 address (Postfix already converts them:
+  sane_sockaddr_to_hostaddr.c).
   Results are memoised (a busy sender's address recurs; the objects are immutable).
 - ``recipient_domain``: the domain of an envelope address as the client wrote it (lower-cased,
   no trailing dot), for the reply text.
-- ``domain_key``: the form used to compare domains: A-labels (IDNA), lower case, no trailing
-  dot; ``None`` for an address literal or anything that is not a domain name (memoised).
+- ``domain_key``: the form used to compare domains: A-labels (IDNA 2008, RFC 5891, after the
+  UTS #46 non-transitional mapping: ``straße`` is ``xn--strae-oqa``, not ``strasse``), lower
+  case, no trailing dot; ``None`` for an address literal or anything that is not a domain
+  name (memoised). An ASCII name is only lower-cased.
 - ``host_name``: a domain name that can name a host (a PTR target), else ``None``.
 - ``helo_domain``: the HELO name if it is a usable SPF identity (RFC 7208 §2.3: a multi-label
   domain name, not an address literal), else ``None``.
@@ -21,6 +24,8 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
+
+import idna
 
 __all__ = ["client_ip", "recipient_domain", "domain_key", "host_name", "helo_domain", "IPAddress"]
 
@@ -83,9 +88,8 @@ def domain_key(domain: str) -> str | None:
         return None
     try:
         if not domain.isascii():
-            # IDNA 2003 (Python's codec) maps U-labels to A-labels; it raises on what it cannot map.
-            domain = domain.encode("idna").decode("ascii")
-    except (UnicodeError, ValueError):
+            domain = _a_labels(domain)
+    except (UnicodeError, ValueError):  # idna.IDNAError is a UnicodeError
         return None
     domain = domain.lower()
     if len(domain) > _MAX_NAME:
@@ -93,6 +97,16 @@ def domain_key(domain: str) -> str | None:
     if not all(_LABEL.match(label) for label in domain.split(".")):
         return None
     return domain
+
+
+def _a_labels(domain: str) -> str:
+    """U-labels to A-labels as registries and mail software do today: the UTS #46 mapping
+    (non-transitional, so ß and ς stay letters of their own, and full-width dots are dots),
+    then IDNA 2008 (RFC 5891) label by label. Python's own "idna" codec is IDNA 2003, which
+    maps ß to ss. Raises UnicodeError (idna.IDNAError) for a label IDNA 2008 forbids."""
+    mapped = idna.uts46_remap(domain, std3_rules=False, transitional=False)
+    return ".".join(label if label.isascii() else idna.alabel(label).decode("ascii")
+                    for label in mapped.split("."))
 
 
 def host_name(name: str) -> str | None:

@@ -106,3 +106,42 @@ def test_empty_file_is_refused_but_comments_only_is_an_empty_table(tmp_path):
         load_optin(str(path))
     path.write_text("# no domain accepts IPv6 mail yet\n")
     assert len(load_optin(str(path))) == 0
+
+
+@pytest.mark.parametrize("entry, domain, expected", [
+    ("straße.de", "strasse.de", False),            # IDNA 2003 mapped ß to ss; 2008 does not
+    ("straße.de", "xn--strae-oqa.de", True),       # the IDNA 2008 A-label of straße
+    ("straße.de", "STRASSE.DE", False),
+    ("strasse.de", "straße.de", False),
+    ("xn--strae-oqa.de", "Straße.de", True),       # UTS #46 maps case first
+    ("bücher.example", "ｂüｃｈｅｒ．example", True),  # UTS #46: full-width letters and dot
+    ("bücher.example", "bu\u0308cher.example", True),   # decomposed ü is the same name (NFC)
+])
+def test_matching_uses_idna_2008_with_uts46_mapping(entry, domain, expected):
+    """U-labels become A-labels by IDNA 2008 after the UTS #46 mapping: straße is not strasse."""
+    assert parse_optin(entry + "\n").matches(domain) is expected
+
+
+@pytest.mark.parametrize("make, kind", [
+    (lambda path: os.mkfifo(path), "a FIFO"),
+    (lambda path: os.symlink("/dev/null", path), "a character device"),
+    (lambda path: os.mkdir(path), "a directory"),
+])
+def test_special_files_are_refused_without_blocking(tmp_path, make, kind):
+    """A FIFO (which would block the reader until a writer comes), a device or a directory is
+    refused at once with an OSError saying what it is, not read."""
+    import signal
+
+    def blocked(signum, frame):
+        raise TimeoutError("load_optin blocked")
+
+    path = tmp_path / "optin"
+    make(str(path))
+    previous = signal.signal(signal.SIGALRM, blocked)
+    signal.alarm(5)  # a blocked open would otherwise hang the test run
+    try:
+        with pytest.raises(OSError, match=f"not a regular file but {kind}"):
+            load_optin(str(path))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

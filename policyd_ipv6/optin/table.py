@@ -8,12 +8,17 @@ A-labels (IDNA) are equivalent.
 
 ``parse_optin(text)`` returns an immutable ``OptinTable`` or raises ``OptinSyntaxError`` naming
 the first bad line. ``load_optin(path)`` reads a file (raising ``OSError`` or
-``OptinSyntaxError``; an empty file is refused, a file of comments is an empty table). Reloading on change is the job of the service (``optin_watch``); this
+``OptinSyntaxError``; an empty file is refused, a file of comments is an empty table; anything
+but a regular file, a FIFO or a device, is refused with an ``OSError`` saying what it is,
+without blocking on it). Reloading on change is the job of the service (``optin_watch``); this
 module is pure apart from the one file read in ``load_optin``.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from dataclasses import dataclass
 
 from policyd_ipv6.names import domain_key
@@ -80,7 +85,14 @@ def parse_optin(text: str, source: str = "<opt-in table>") -> OptinTable:
 
 def load_optin(path: str) -> OptinTable:
     """Read and parse the opt-in file. Raises OSError or OptinSyntaxError."""
-    with open(path, "rb") as handle:
+    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer, with the
+    # reactor stopped. What is not a regular file is refused before any read.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"not a regular file but {_kind(mode)}", path)
+    with open(fd, "rb") as handle:
         data = handle.read(MAX_OPTIN_BYTES + 1)
     if len(data) > MAX_OPTIN_BYTES:
         raise OptinSyntaxError(path, 0, "", f"file larger than {MAX_OPTIN_BYTES} bytes")
@@ -96,3 +108,13 @@ def load_optin(path: str) -> OptinTable:
         lineno = data[: error.start].count(b"\n") + 1
         raise OptinSyntaxError(path, lineno, "", "not UTF-8 text") from None
     return parse_optin(text, source=path)
+
+
+def _kind(mode: int) -> str:
+    """What a file that is not a regular file is, for the error message."""
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "a special file"
