@@ -10,7 +10,8 @@ Contract:
   `DebError` with the log's tail. Debian's tools run with Debian's own PATH and a clean
   environment: no virtual environment, pyenv or PYTHONPATH of the caller leaks into the build.
 - `lintian(changes)` runs lintian on the .changes (the .deb and .buildinfo) as user nobody
-  (lintian unpacks what it checks) and returns its exit status and output.
+  (lintian unpacks what it checks), on copies in a directory of its own under /tmp so that it
+  works from a clone anywhere (/root included), and returns its exit status and output.
 - `installed_version()`, `install(deb)` and `purge()` query, install (with apt-get, so the
   dependencies come from Debian) and purge the package; `system_paths_named()` lists every path
   under the system directories whose name contains the package's name, for a before/after
@@ -26,6 +27,7 @@ import re
 import shutil
 import subprocess
 import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,15 +146,24 @@ def build(workdir: Path, ref: str | None = None) -> Build:
 
 def lintian(changes: Path) -> subprocess.CompletedProcess:
     """lintian on `changes`, failing on errors and warnings, as nobody when run as root."""
-    argv = ["lintian", "--fail-on", "error,warning", "--display-info", str(changes)]
-    if os.geteuid() == 0:
-        # nobody must be able to read the build directory (mkdtemp makes it 0700).
-        for directory in (changes.parent, *changes.parent.parents):
-            if directory == Path("/"):
-                break
-            os.chmod(directory, os.stat(directory).st_mode | 0o005)
-        argv = ["runuser", "-u", "nobody", "--", *argv]
-    return _run(argv, env=debian_env(HOME="/nonexistent"))
+    if os.geteuid() != 0:
+        return _run(["lintian", "--fail-on", "error,warning", "--display-info", str(changes)],
+                    env=debian_env(HOME="/nonexistent"))
+    # nobody must be able to reach the files and its working directory, wherever the build
+    # and the clone are (a clone in /root, mode 700, included): lint copies in a directory of
+    # its own under /tmp, never loosening the modes of the caller's directories.
+    shared = Path(tempfile.mkdtemp(prefix="p6d-lintian-", dir="/tmp"))
+    try:
+        os.chmod(shared, 0o755)
+        for path in changes.parent.glob("%s_*" % PACKAGE):
+            if path.is_file():
+                shutil.copy(path, shared / path.name)
+                os.chmod(shared / path.name, 0o644)
+        argv = ["runuser", "-u", "nobody", "--", "lintian", "--fail-on", "error,warning",
+                "--display-info", str(shared / changes.name)]
+        return _run(argv, env=debian_env(HOME="/nonexistent"), cwd=shared)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def installed_version() -> str | None:
