@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import socket
 import struct
+from typing import Any
 
 from twisted.logger import Logger
 
 from policyd_ipv6.text import printable
+from policyd_ipv6.vocabulary import Clock, DelayedCall
 
 __all__ = ["TimedConnection", "OverLimitWarning", "PeerCheck", "peer_uid",
            "WARN_INTERVAL_SECONDS"]
@@ -29,7 +31,11 @@ WARN_INTERVAL_SECONDS = 60.0
 
 
 class TimedConnection:
-    timer = None
+    # Set by the Twisted Protocol this is mixed into. Typed Any: Twisted declares them as
+    # zope.interface types, whose methods mypy cannot call (they are declared without self).
+    factory: Any
+    transport: Any
+    timer: DelayedCall | None = None
 
     def _arm_timer(self) -> None:
         if self.timer is not None and self.timer.active():
@@ -60,7 +66,7 @@ class TimedConnection:
 class OverLimitWarning:
     """One warning a minute about connections turned away or evicted at ``max_connections``."""
 
-    def __init__(self, clock, listener: str) -> None:
+    def __init__(self, clock: Clock, listener: str) -> None:
         self.clock = clock
         self.listener = listener  # "policy" or "milter"
         self.count = 0

@@ -90,6 +90,7 @@ class EndRule(enum.StrEnum):
     UNSIGNED = "unsigned"
     DKIM_PASS = "dkim-pass"
     SPF_PASS = "spf-pass"
+    EOM_DEADLINE = "eom-deadline"  # the adapter's: DKIM not settled in time, 451
 
 
 class DelayedCall(Protocol):
@@ -98,6 +99,8 @@ class DelayedCall(Protocol):
     def active(self) -> bool: ...
 
     def cancel(self) -> None: ...
+
+    def reset(self, secondsFromNow: float) -> None: ...
 
 
 class Clock(Protocol):

@@ -41,6 +41,7 @@ from twisted.logger import Logger
 
 from policyd_ipv6.checks.dkim import check_dkim
 from policyd_ipv6.connection import OverLimitWarning, PeerCheck, TimedConnection
+from policyd_ipv6.facts import DkimFact
 from policyd_ipv6.milter.authres import forged_authres
 from policyd_ipv6.milter.codec import Disposition, MilterProtocolError, ReplyCode
 from policyd_ipv6.milter.end_of_message import EndDecision, decide_end, needs_check
@@ -48,6 +49,7 @@ from policyd_ipv6.milter.events import Aborted, Closed, Connected, EndOfMessage,
 from policyd_ipv6.milter.session import MilterSession
 from policyd_ipv6.names import client_ip
 from policyd_ipv6.text import printable
+from policyd_ipv6.vocabulary import EndRule
 
 __all__ = ["MilterFactory", "MilterProtocol", "DKIM_THREAD_BYTES", "PROGRESS_INTERVAL_SECONDS"]
 
@@ -151,6 +153,7 @@ class MilterProtocol(TimedConnection, protocol.Protocol):
         message = event.message
         start = self.factory.clock.seconds()
         token = self.waiting = object()
+        d: defer.Deferred[DkimFact] | defer.Deferred[None]
         if needs_check(record, message.too_large) == "dkim":
             raw = message.raw()
             run = self.factory.run_in_thread if len(raw) > DKIM_THREAD_BYTES else None
@@ -197,7 +200,7 @@ class MilterProtocol(TimedConnection, protocol.Protocol):
                                                                    check="DKIM")
         _log.warn("milter: DKIM not settled {s}s after end of message from {client}; "
                   "answered 451", s=self.factory.eom_deadline_seconds, client=self.client)
-        self._send_end((EndDecision(ReplyCode(text), rule="eom-deadline"), None), token,
+        self._send_end((EndDecision(ReplyCode(text), rule=EndRule.EOM_DEADLINE), None), token,
                        message, start)
 
     def _send_end(self, decided, token, message, start: float) -> None:
