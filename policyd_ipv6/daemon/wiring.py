@@ -22,11 +22,13 @@ from __future__ import annotations
 import pwd
 import signal
 import socket
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
+from policyd_ipv6.checks.dkim_pool import DkimPool
 from policyd_ipv6.checks.gather import FactFinder
 from policyd_ipv6.daemon.config import (
     RESTART_KEYS,
@@ -135,7 +137,8 @@ class PolicyService:
             self.milter_factory = MilterFactory(
                 self.engine, self.lookups, reactor, authserv_id(config),
                 config.max_connections, config.idle_timeout_seconds,
-                eom_deadline_seconds=config.milter_eom_deadline_seconds, peer_uids=uids)
+                eom_deadline_seconds=config.milter_eom_deadline_seconds, peer_uids=uids,
+                dkim_pool=DkimPool(reactor))  # started by serve, once privileges are dropped
 
     @property
     def config(self) -> Config:
@@ -150,8 +153,9 @@ class PolicyService:
     def listen(self):
         """Bind every endpoint of ``listen`` and ``milter_listen``; fails with ConfigError
         naming the key and the endpoint that failed (and unbinds the others)."""
-        ports = []
-        wanted = [("listen", d, self.factory, "policy requests") for d in self.config.listen]
+        ports: list = []
+        wanted: list[tuple[str, str, Any, str]] = [
+            ("listen", d, self.factory, "policy requests") for d in self.config.listen]
         if self.milter_factory is not None:
             wanted += [("milter_listen", d, self.milter_factory, "the milter")
                        for d in self.config.milter_listen]
