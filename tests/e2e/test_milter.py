@@ -3,15 +3,20 @@
 A lab of its own (namespaces p6k-mx / p6k-snd, so it runs beside the shared lab), built from
 the same parts (tests/lab) and the same plan (topology.py: addresses, zones). Postfix's main.cf
 is the lab's settings, postfix-examples/main.cf.fragment verbatim, then the fragment's own
-commented milter lines, uncommented: the documented wiring is what is tested. The daemon runs
-postfix-examples/policyd-ipv6.toml with milter_listen and authserv_id set.
+commented milter lines, uncommented, with postfix-examples/policyd-ipv6-milter.cidr verbatim
+as the smtpd_milter_maps table: the documented wiring is what is tested. The milter listens on
+a Unix socket in a root:postfix 2750 directory of the queue directory, as documented. The
+daemon runs postfix-examples/policyd-ipv6.toml with milter_listen, authserv_id and a short
+idle_timeout_seconds (IDLE_SECONDS) set.
 
 Scenarios (issue "SPF or DKIM"): from an IPv6 sender whose SPF fails, a message validly
 DKIM-signed (dkimpy, key published in Knot) is delivered with our Authentication-Results; an
 unsigned one and one whose body was altered after signing get EOP's 450 4.7.26 text verbatim
 after DATA; a forged Authentication-Results with our authserv-id is gone from the delivered
-copy; on a listener whose milter is not running, SPF-failed mail is refused at RCPT (the
-fail-safe) and SPF-passing mail flows (milter_default_action = accept).
+copy. Failing closed (issue "Fail closed"): on a listener whose map names a milter socket
+nobody serves, IPv6 mail gets a temporary refusal and IPv4 mail flows; a pause in DATA longer
+than the idle timeout still gets the milter's own verdict; the daemon killed between RCPT and
+the end of the message gives 4xx and nothing is delivered.
 """
 
 from __future__ import annotations
@@ -37,11 +42,13 @@ pytestmark = pytest.mark.e2e
 
 MX_NS, SENDER_NS = "p6k-mx", "p6k-snd"
 MX_IF, SENDER_IF = "p6k-mx0", "p6k-snd0"
-MILTER_PORT = 10046           # as in main.cf.fragment's milter lines
-DEAD_MILTER_PORT = 10099      # nothing listens there: "the milter is not running"
+MILTER_SOCKET = "policyd-ipv6/milter"       # as in policyd-ipv6-milter.cidr
+DEAD_MILTER_SOCKET = "policyd-ipv6/nobody"  # nothing listens there: "the milter is down"
+MAP_PATH = "/etc/postfix/policyd-ipv6-milter.cidr"  # as in main.cf.fragment
 SMTP_PORT_NO_MILTER = 2727
 AUTHSERV = "mx.example.com"
-MILTER_LINE = re.compile(r"^#((?:smtpd_milters|milter_[a-z_]+) = .+)$", re.M)
+IDLE_SECONDS = 3.0  # the daemon's idle_timeout_seconds in this lab
+MILTER_LINE = re.compile(r"^#((?:smtpd_milter_maps|milter_[a-z_]+) = .+)$", re.M)
 
 
 def no_auth(address: str) -> str:
@@ -58,6 +65,7 @@ class MilterLab:
         self.knot = None
         self.postfix: postfix.PostfixInstance | None = None
         self.daemon: policyd.PolicyDaemon | None = None
+        self.milter_socket: Path | None = None
 
     def send(self, source: str, raw: bytes, subject: str, recipient: str,
              sender: str = T.SENDER, port: int = T.SMTP_PORT) -> smtp.SmtpResult:
@@ -76,21 +84,22 @@ class MilterLab:
         return [line for line in self.daemon.log().splitlines() if " milter client=" in line]
 
 
-def milter_fragment(fragment: str) -> str:
-    """The commented milter settings of main.cf.fragment, uncommented."""
+def milter_fragment(fragment: str, map_path: Path) -> str:
+    """The commented milter settings of main.cf.fragment, uncommented; the map's path is the
+    lab's copy of policyd-ipv6-milter.cidr."""
     lines = MILTER_LINE.findall(fragment)
     names = [line.split(" =")[0] for line in lines]
-    assert names == ["smtpd_milters", "milter_protocol", "milter_default_action"], names
-    assert "inet:127.0.0.1:%d" % MILTER_PORT in lines[0]
-    return "\n".join(lines) + "\n"
+    assert names == ["smtpd_milter_maps", "milter_protocol"], names
+    assert "cidr:%s" % MAP_PATH in lines[0]
+    return "\n".join(lines).replace(MAP_PATH, str(map_path)) + "\n"
 
 
-def _wait_for_port(daemon: policyd.PolicyDaemon, port: int) -> None:
+def _wait_for_socket(daemon: policyd.PolicyDaemon, path: Path) -> None:
     deadline = time.monotonic() + policyd.START_TIMEOUT_SECONDS
-    while port not in policyd._listening_tcp_ports(daemon.process.pid):
+    while not path.is_socket():
         assert daemon.running, daemon.log_tail()
-        assert time.monotonic() < deadline, "milter port %d not listening:\n%s" % (
-            port, daemon.log_tail())
+        assert time.monotonic() < deadline, "milter socket %s not there:\n%s" % (
+            path, daemon.log_tail())
         time.sleep(0.05)
 
 
@@ -119,16 +128,28 @@ def milter_lab(request):
     restrictions = postfix.main_cf_value(fragment, "smtpd_recipient_restrictions")
     settings = {k: v for k, v in T.postfix_settings(restrictions, "unused").items()
                 if not k.startswith("lab_")}
+    milter_map = (EXAMPLES / "policyd-ipv6-milter.cidr").read_text()
+    assert milter_map.count(MILTER_SOCKET) == 2, milter_map
+    map_path, dead_map_path = root / "milter.cidr", root / "dead-milter.cidr"
+    map_path.write_text(milter_map)
+    dead_map_path.write_text(milter_map.replace(MILTER_SOCKET, DEAD_MILTER_SOCKET))
     smtpd = "inet  n       -       n       -       -       smtpd"
+    dead = "\n  -o smtpd_milter_maps=cidr:%s" % dead_map_path
     services = ["[%s]:%d %s" % (T.MX6, T.SMTP_PORT, smtpd),
                 "%s:%d %s" % (T.MX4, T.SMTP_PORT, smtpd),
-                "[%s]:%d %s\n  -o smtpd_milters=inet:127.0.0.1:%d"
-                % (T.MX6, SMTP_PORT_NO_MILTER, smtpd, DEAD_MILTER_PORT)]
+                "[%s]:%d %s%s" % (T.MX6, SMTP_PORT_NO_MILTER, smtpd, dead),
+                "%s:%d %s%s" % (T.MX4, SMTP_PORT_NO_MILTER, smtpd, dead)]
     lab.postfix = postfix.PostfixInstance(root / "postfix", settings,
-                                          [fragment, milter_fragment(fragment)], services,
-                                          lab.mx)
+                                          [fragment, milter_fragment(fragment, map_path)],
+                                          services, lab.mx)
     request.addfinalizer(lab.postfix.stop)
     lab.postfix.start()
+    # As main.cf.fragment tells users: a root:postfix 2750 directory in the queue directory.
+    socket_dir = lab.postfix.queue_dir / MILTER_SOCKET.split("/")[0]
+    socket_dir.mkdir()
+    shutil.chown(socket_dir, "root", "postfix")
+    os.chmod(socket_dir, 0o2750)
+    lab.milter_socket = lab.postfix.queue_dir / MILTER_SOCKET
 
     directory = root / "policyd"
     directory.mkdir()
@@ -139,13 +160,13 @@ def milter_lab(request):
         (EXAMPLES / "policyd-ipv6.toml").read_text(), {
             "user": "nobody", "optin_file": str(optin), "dns_timeout_seconds": 1.0,
             "decision_deadline_seconds": 5.0,
-            "milter_listen": ["tcp:%d:interface=127.0.0.1" % MILTER_PORT],
-            "authserv_id": AUTHSERV}))
+            "milter_listen": ["unix:%s:mode=660" % lab.milter_socket],
+            "idle_timeout_seconds": IDLE_SECONDS, "authserv_id": AUTHSERV}))
     os.chmod(directory, 0o755)
     lab.daemon = policyd.PolicyDaemon(config, directory / "milter.log", lab.mx)
     request.addfinalizer(lab.daemon.stop)
     lab.daemon.start()
-    _wait_for_port(lab.daemon, MILTER_PORT)
+    _wait_for_socket(lab.daemon, lab.milter_socket)
     return lab
 
 
@@ -251,32 +272,122 @@ def test_ipv4_mail_passes_the_milter_untouched(milter_lab):
     assert copy.get_all("Authentication-Results") is None
 
 
-def test_milter_not_running_spf_failed_is_refused_at_rcpt(milter_lab):
-    """Fail-safe: on a listener whose milter is unreachable, the policy knows no milter is on
-    the connection and refuses the SPF failure at RCPT, signed or not."""
+def test_milter_down_ipv6_mail_is_refused_temporarily(milter_lab):
+    """Fail closed: on a listener whose map names a milter nobody serves, the map's
+    default_action=tempfail refuses IPv6 mail with a 4xx, even mail that passes SPF and DKIM;
+    nothing is delivered."""
     lab = milter_lab
-    bob, subject = fresh()
-    result = lab.send(T.OUTSIDE, signed_message(lab, bob, subject), subject, bob,
-                      port=SMTP_PORT_NO_MILTER)
-    expected = r"450 4\.7\.26 <%s>: Recipient address rejected: %s" % (
-        re.escape(bob), re.escape(no_auth(T.OUTSIDE)[len("450 4.7.26 "):]))
-    assert re.fullmatch(expected, result.rcpt_reply(bob)), result.transcript
-    assert result.final_reply() is None
-    rules = [d["rule"] for d in lab.daemon.decisions() if d.get("recipient") == bob]
-    assert rules == ["spf-failed"]
+    for source in (T.OUTSIDE, T.GOOD):
+        bob, subject = fresh()
+        result = lab.send(source, signed_message(lab, bob, subject), subject, bob,
+                          port=SMTP_PORT_NO_MILTER)
+        assert not result.accepted, result.transcript
+        assert re.search(r" 4\d\d 4\.7\.1 ", result.transcript), result.transcript
+        assert lab.postfix.messages_with_subject(subject) == []
+    assert DEAD_MILTER_SOCKET in lab.postfix.log()
 
 
-def test_milter_not_running_spf_pass_still_flows(milter_lab):
-    """milter_default_action = accept: with the milter unreachable, SPF-passing mail is
-    delivered (without our header) and Postfix logs why."""
+def test_milter_down_ipv4_mail_still_flows(milter_lab):
+    """The map's IPv4 line has default_action=accept: with the milter unreachable, IPv4 mail
+    is delivered (without our header) and Postfix logs why."""
     lab = milter_lab
     bob, subject = fresh()
-    result = lab.send(T.GOOD, message(T.SENDER, bob, subject), subject, bob,
+    result = lab.send(T.IPV4, message(T.SENDER, bob, subject), subject, bob,
                       port=SMTP_PORT_NO_MILTER)
     assert result.accepted, result.transcript
     (copy,) = lab.postfix.wait_for_message(subject)
     assert copy.get_all("Authentication-Results") is None
-    assert "127.0.0.1:%d" % DEAD_MILTER_PORT in lab.postfix.log()
+
+
+PAUSE_SCRIPT = r"""
+import json, smtplib, sys, time
+plan = json.loads(sys.argv[1])
+smtp = smtplib.SMTP(plan["server"], plan["port"], local_hostname=plan["helo"],
+                    source_address=(plan["source"], 0), timeout=60)
+assert smtp.mail(plan["sender"])[0] == 250
+rcpt = smtp.rcpt(plan["rcpt"])
+smtp.putcmd("data")
+assert smtp.getreply()[0] == 354
+raw = plan["raw"].encode("latin-1")
+half = raw.index(b"\r\n\r\n") + 4
+smtp.send(raw[:half])
+print("paused", flush=True)
+if plan["wait_for_line"]:
+    sys.stdin.readline()
+else:
+    time.sleep(plan["pause"])
+smtp.send(raw[half:] + b".\r\n")
+code, text = smtp.getreply()
+print(json.dumps([rcpt[0], "%d %s" % (code, text.decode())]), flush=True)
+smtp.close()
+"""
+
+
+def _paused_send(lab: MilterLab, bob: str, raw: bytes, pause: float = 0.0):
+    """Start one SMTP transaction that stops in the middle of DATA (after the header), for
+    `pause` seconds, or (pause=0) until a line is written to its standard input."""
+    import json
+    import subprocess
+    import sys
+
+    plan = {"server": T.MX6, "port": T.SMTP_PORT, "helo": T.HELO, "source": T.OUTSIDE,
+            "sender": T.SENDER, "rcpt": bob, "raw": raw.decode("latin-1"), "pause": pause,
+            "wait_for_line": pause == 0.0}
+    process = lab.sender.popen([sys.executable, "-c", PAUSE_SCRIPT, json.dumps(plan)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "paused", process.stderr.read()
+    return process
+
+
+def _finish(process) -> list:
+    import json
+
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_a_pause_in_data_longer_than_the_idle_timeout_still_gets_the_milters_verdict(
+        milter_lab):
+    """Postfix's milter connection is silent while the client uploads DATA: a pause longer
+    than idle_timeout_seconds must not close it (Postfix would apply the default action);
+    the unsigned SPF-failing message gets the milter's own 450 4.7.26 and is not delivered."""
+    lab = milter_lab
+    bob, subject = fresh()
+    process = _paused_send(lab, bob, message(T.SENDER, bob, subject), pause=IDLE_SECONDS + 3)
+    rcpt, final = _finish(process)
+    assert rcpt == 250
+    assert final == no_auth(T.OUTSIDE), final
+    assert lab.postfix.wait_until_queue_empty() == []
+    assert lab.postfix.messages_with_subject(subject) == []
+    assert any("rule=unsigned" in line for line in lab.milter_lines())
+
+
+def test_the_daemon_killed_between_rcpt_and_end_of_message_gives_4xx(milter_lab):
+    """The milter said at RCPT that it would judge the message (the policy answered DUNNO to
+    the SPF failure); killed during DATA, Postfix applies the map's tempfail: 4xx at the end
+    of DATA, nothing delivered. The daemon is restarted for the other tests."""
+    import signal
+
+    lab = milter_lab
+    bob, subject = fresh()
+    process = _paused_send(lab, bob, message(T.SENDER, bob, subject))
+    try:
+        lab.daemon.process.send_signal(signal.SIGKILL)
+        lab.daemon.process.wait(timeout=10)
+        process.stdin.write("go\n")
+        process.stdin.flush()
+        rcpt, final = _finish(process)
+    finally:
+        lab.daemon.stop()
+        lab.milter_socket.unlink(missing_ok=True)  # left by SIGKILL
+        lab.daemon.start()
+        _wait_for_socket(lab.daemon, lab.milter_socket)
+    assert rcpt == 250
+    assert re.match(r"4\d\d ", final), final
+    assert lab.postfix.wait_until_queue_empty() == []
+    assert lab.postfix.messages_with_subject(subject) == []
 
 
 SESSION_SCRIPT = r"""
