@@ -50,21 +50,57 @@ SMFIR_OPTNEG = SMFIC_OPTNEG
 SMFIA_INET, SMFIA_INET6, SMFIA_UNIX, SMFIA_UNKNOWN = b"4", b"6", b"L", b"U"
 
 
-# SMFIF_*: what the filter may do at end of message; Postfix offers all nine.
-Action = enum.IntFlag("Action", [(name, 1 << bit) for bit, name in enumerate(
-    "ADDHDRS CHGBODY ADDRCPT DELRCPT CHGHDRS QUARANTINE CHGFROM ADDRCPT_PAR SETSYMLIST"
-    .split())], module=__name__)
+class Action(enum.IntFlag):
+    """SMFIF_*: what the filter may do at end of message; Postfix offers all nine."""
 
-# SMFIP_*: events the filter does not want (NO*), will not answer (NR_*), extensions.
-# Bit n is the n-th name. Postfix offers all 21 bits with milter_protocol = 6.
-Protocol = enum.IntFlag("Protocol", [(name, 1 << bit) for bit, name in enumerate(
-    "NOCONNECT NOHELO NOMAIL NORCPT NOBODY NOHDRS NOEOH NR_HDR NOUNKNOWN NODATA SKIP "
-    "RCPT_REJ NR_CONN NR_HELO NR_MAIL NR_RCPT NR_DATA NR_UNKN NR_EOH NR_BODY HDR_LEADSPC"
-    .split())], module=__name__)
+    ADDHDRS = 1 << 0
+    CHGBODY = 1 << 1
+    ADDRCPT = 1 << 2
+    DELRCPT = 1 << 3
+    CHGHDRS = 1 << 4
+    QUARANTINE = 1 << 5
+    CHGFROM = 1 << 6
+    ADDRCPT_PAR = 1 << 7
+    SETSYMLIST = 1 << 8
 
-# SMFIM_*: macro list numbers for SETSYMLIST (note EOM = 5 < EOH = 6).
-MacroStage = enum.IntEnum("MacroStage", [(name, number) for number, name in enumerate(
-    "CONNECT HELO ENVFROM ENVRCPT DATA EOM EOH".split())], module=__name__)
+
+class Protocol(enum.IntFlag):
+    """SMFIP_*: events the filter does not want (NO*), will not answer (NR_*), extensions.
+    Postfix offers all 21 bits with milter_protocol = 6."""
+
+    NOCONNECT = 1 << 0
+    NOHELO = 1 << 1
+    NOMAIL = 1 << 2
+    NORCPT = 1 << 3
+    NOBODY = 1 << 4
+    NOHDRS = 1 << 5
+    NOEOH = 1 << 6
+    NR_HDR = 1 << 7
+    NOUNKNOWN = 1 << 8
+    NODATA = 1 << 9
+    SKIP = 1 << 10
+    RCPT_REJ = 1 << 11
+    NR_CONN = 1 << 12
+    NR_HELO = 1 << 13
+    NR_MAIL = 1 << 14
+    NR_RCPT = 1 << 15
+    NR_DATA = 1 << 16
+    NR_UNKN = 1 << 17
+    NR_EOH = 1 << 18
+    NR_BODY = 1 << 19
+    HDR_LEADSPC = 1 << 20
+
+
+class MacroStage(enum.IntEnum):
+    """SMFIM_*: macro list numbers for SETSYMLIST (note EOM = 5 < EOH = 6)."""
+
+    CONNECT = 0
+    HELO = 1
+    ENVFROM = 2
+    ENVRCPT = 3
+    DATA = 4
+    EOM = 5
+    EOH = 6
 
 
 class MilterProtocolError(Exception):
@@ -337,6 +373,10 @@ class _HeaderEdit:
 
     __slots__ = ()
     _first_index: ClassVar[int | None] = None  # None: the edit carries no index
+    # The subclasses' fields (``index`` only where ``_first_index`` is set).
+    name: str
+    value: str
+    index: int
 
     def __post_init__(self) -> None:
         if not _HEADER_NAME.match(self.name.encode("utf-8", "surrogateescape")):
