@@ -66,14 +66,14 @@ def bit(*numbers: int) -> int:
     return sum(1 << n for n in numbers)
 
 
-# Our OPTNEG answer with the default verdict stages (EOM only), built by hand:
+# Our OPTNEG answer with the default verdict stages (MAIL and EOM), built by hand:
 # version 6; actions ADDHDRS (bit 0) | CHGHDRS (4) | SETSYMLIST (8); protocol:
-# NR_HDR (7), NOUNKNOWN (8), NR_CONN (12), NR_HELO (13), NR_MAIL (14), NR_RCPT (15),
+# NR_HDR (7), NOUNKNOWN (8), NR_CONN (12), NR_HELO (13), NR_RCPT (15),
 # NR_DATA (16), NR_UNKN (17), NR_EOH (18), NR_BODY (19), HDR_LEADSPC (20); then each
 # SETSYMLIST list as a stage number (SMFIM_CONNECT 0, ENVFROM 2, ENVRCPT 3, DATA 4, EOH 6,
 # EOM 5) and a string.
 OPTNEG_ANSWER = pkt(b"O", struct.pack(">III", 6, bit(0, 4, 8),
-                                      bit(7, 8, 12, 13, 14, 15, 16, 17, 18, 19, 20))
+                                      bit(7, 8, 12, 13, 15, 16, 17, 18, 19, 20))
                     + b"\0\0\0\0" + b"j {daemon_name} {daemon_addr} {daemon_port} "
                     b"{client_addr} {client_port} {client_ptr} {client_resolve} _\0"
                     + b"\0\0\0\x02" + b"i {auth_type} {auth_authen} {mail_addr}\0"
@@ -85,7 +85,7 @@ OPTNEG_ANSWER = pkt(b"O", struct.pack(">III", 6, bit(0, 4, 8),
 # supports them, and the golden transcript exercises them.
 DECIDING = (Stage.CONNECT, Stage.MAIL, Stage.EOM)
 
-# The same answer when CONNECT and MAIL are decided too: no NR_CONN (12) nor NR_MAIL (14).
+# The same answer when CONNECT is decided too: no NR_CONN (12).
 OPTNEG_ANSWER_DECIDING = OPTNEG_ANSWER[:13] + struct.pack(
     ">I", bit(7, 8, 13, 15, 16, 17, 18, 19, 20)) + OPTNEG_ANSWER[17:]
 
@@ -107,7 +107,7 @@ def test_negotiation_answers_with_the_exact_bytes():
     events, reply = MilterSession().receive(optneg())
     assert reply == OPTNEG_ANSWER
     assert events == [Negotiated(6, bit(0, 4, 8),
-                                 bit(7, 8, 12, 13, 14, 15, 16, 17, 18, 19, 20))]
+                                 bit(7, 8, 12, 13, 15, 16, 17, 18, 19, 20))]
 
 
 def test_postfix_would_accept_the_negotiation_answer():
@@ -243,15 +243,20 @@ def test_sendmail_ipv6_address_form_in_connect_is_parsed():
     assert events[1].connection.address == "2001:DB8::2"
 
 
-def test_by_default_only_end_of_message_is_answered():
-    """The milter stays on every connection cheaply: CONNECT, HELO, MAIL, RCPT, DATA and the
-    content get no reply (SMFIP_NR_*); only end of message waits for a verdict."""
+def test_by_default_only_mail_and_end_of_message_are_answered():
+    """The milter stays on every connection cheaply: CONNECT, HELO, RCPT, DATA and the
+    content get no reply (SMFIP_NR_*); MAIL (for ordering with the policy request) and end
+    of message wait for a verdict."""
     session = MilterSession()
     session.receive(optneg())
     events, reply = session.receive(
-        connect6() + pkt(b"H", b"mx\0") + pkt(b"M", b"<a@b>\0") + pkt(b"R", b"<c@d>\0")
-        + pkt(b"T") + pkt(b"L", b"S\0 x\0") + pkt(b"N") + pkt(b"B", b"x\r\n") + pkt(b"E"))
-    assert reply == b"" and [e.needs_verdict for e in events] == [False] * 5 + [True]
+        connect6() + pkt(b"H", b"mx\0") + pkt(b"M", b"<a@b>\0"))
+    assert reply == b"" and [e.needs_verdict for e in events] == [False, False, True]
+    assert session.pending is Stage.MAIL and session.send_verdict(Verdict.CONTINUE) == CONTINUE
+    events, reply = session.receive(
+        pkt(b"R", b"<c@d>\0") + pkt(b"T") + pkt(b"L", b"S\0 x\0") + pkt(b"N")
+        + pkt(b"B", b"x\r\n") + pkt(b"E"))
+    assert reply == b"" and [e.needs_verdict for e in events] == [False, False, True]
     assert session.pending is Stage.EOM
 
 

@@ -95,9 +95,10 @@ REQUIRED_ACTIONS = Action.ADDHDRS | Action.CHGHDRS | Action.SETSYMLIST
 REQUIRED_PROTOCOL = Protocol.HDR_LEADSPC
 OPTIONAL_PROTOCOL = (Protocol.NOUNKNOWN | Protocol.NR_UNKN | Protocol.NR_HDR
                      | Protocol.NR_EOH | Protocol.NR_BODY)
-# Only end of message: the milter stays on every connection (ACCEPT at CONNECT would drop it)
-# to remove forged Authentication-Results from all mail; SMFIP_NR_* keeps that cheap.
-DEFAULT_VERDICT_STAGES = frozenset({Stage.EOM})
+# No verdict at CONNECT: the milter stays on every connection (ACCEPT would drop it) to remove
+# forged Authentication-Results from all mail, cheaply (SMFIP_NR_*). MAIL is answered for
+# ordering: Postfix asks the policy at RCPT only after it, so the message is open by then.
+DEFAULT_VERDICT_STAGES = frozenset({Stage.MAIL, Stage.EOM})
 # Requested with SETSYMLIST; Postfix keeps its main.cf lists for the other stages.
 DEFAULT_MACRO_LISTS = {
     MacroStage.CONNECT: "j {daemon_name} {daemon_addr} {daemon_port} {client_addr} "

@@ -263,7 +263,7 @@ def test_spf_pass_is_delivered_with_our_header_and_without_the_forgery(milter_la
 
 
 def test_ipv4_mail_passes_the_milter_untouched(milter_lab):
-    """An IPv4 client is accepted at CONNECT by the milter: delivered, no header added."""
+    """An IPv4 client's message is not judged by the milter: delivered, no header added."""
     lab = milter_lab
     bob, subject = fresh()
     result = lab.send(T.IPV4, message(T.SENDER, bob, subject), subject, bob)
@@ -448,3 +448,51 @@ def test_several_messages_and_a_rset_in_one_smtp_session(milter_lab):
             assert delivered == []
         rules = [d["rule"] for d in lab.daemon.decisions() if d.get("recipient") == bob]
         assert rules == ["spf-failed-dkim-pending"], (kind, rules)
+
+
+# Forged Authentication-Results that a regular expression misreads (issue "Fail closed" §3):
+# a quoted pair in a comment, an escaped "(" in a comment, nested comments.
+FORGED_FORMS = [r"(a\) b)%s; dkim=pass header.d=bank.example" % AUTHSERV,
+                r"(a \( b)%s; dkim=pass header.d=bank.example" % AUTHSERV,
+                "((((((x))))))%s; dkim=pass header.d=bank.example" % AUTHSERV]
+
+
+@pytest.mark.parametrize("source", ["IPV4", "GOOD"])
+def test_forged_authentication_results_in_each_form_are_removed(milter_lab, source):
+    """From IPv4 (the milter only cleans headers) and from an SPF-passing IPv6 client, the
+    three forged forms are gone from the delivered copy and another server's header stays;
+    only the IPv6 message gets our own header."""
+    lab = milter_lab
+    bob, subject = fresh()
+    forged = "".join("Authentication-Results: %s\r\n" % f for f in FORGED_FORMS)
+    forged += "Authentication-Results: other.example; spf=pass\r\n"
+    result = lab.send(getattr(T, source), message(T.SENDER, bob, subject,
+                                                  extra=forged.encode()), subject, bob)
+    assert result.accepted, result.transcript
+    (copy,) = lab.postfix.wait_for_message(subject)
+    assert "bank.example" not in str(copy)
+    values = [str(v) for v in copy.get_all("Authentication-Results", [])]
+    assert any(v.strip().startswith("other.example") for v in values), values
+    if source == "GOOD":
+        (ours,) = our_headers(copy)
+        assert "spf=pass" in ours
+    else:
+        assert our_headers(copy) == []
+
+
+def test_quoted_local_part_sender_is_rescued_by_dkim(milter_lab):
+    """MAIL FROM:<"john smith"@sender.test> from an SPF-failing client: Postfix hands the
+    milter the quoted form and the policy the unquoted one; they are the same sender, so the
+    policy waits for DKIM (DUNNO) and the validly signed message is delivered."""
+    lab = milter_lab
+    bob, subject = fresh()
+    sender = '"john smith"@%s' % T.SENDER_DOMAIN
+    result = lab.send(T.OUTSIDE, signed_message(lab, bob, subject), subject, bob,
+                      sender=sender)
+    assert re.fullmatch(r"250 2\.1\.5 Ok", result.rcpt_reply(bob)), result.transcript
+    assert result.accepted, result.transcript
+    (copy,) = lab.postfix.wait_for_message(subject)
+    (ours,) = our_headers(copy)
+    assert "dkim=pass" in ours and "spf=fail" in ours
+    rules = [d["rule"] for d in lab.daemon.decisions() if d.get("recipient") == bob]
+    assert rules == ["spf-failed-dkim-pending"]
