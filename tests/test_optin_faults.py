@@ -91,7 +91,7 @@ def test_deleted_invalid_or_unreadable_file_keeps_the_last_table(tmp_path, dns):
 
         path.unlink()
         path.mkdir()
-        mark = fault(daemon, mark, "Is a directory")
+        mark = fault(daemon, mark, "not a regular file but a directory")
         assert_table(daemon, KEPT, LATER)
         path.rmdir()
 
