@@ -111,7 +111,7 @@ def decide_end(record, too_large: bool, dkim: DkimFact | None, replies: Replies,
         rule = EndRule.UNSIGNED if dkim.result == DkimResult.NONE else EndRule.DKIM_FAILED
         return EndDecision(ReplyCode(replies.auth_failed.format(address=address)), rule=rule)
     value = auth_results(authserv_id, subject, facts, dkim)
-    edits = (*forged, InsertHeader(AR_INDEX, AR_HEADER, " " + value))
+    edits: tuple[HeaderEdit, ...] = (*forged, InsertHeader(AR_INDEX, AR_HEADER, " " + value))
     rule = EndRule.DKIM_PASS if record.needs_dkim else EndRule.SPF_PASS
     return EndDecision(Disposition.CONTINUE, edits, rule, value)
 

@@ -93,7 +93,8 @@ class HeaderRef(NamedTuple):
     only, so marking goes on, cheaply, past the bound on collected headers."""
 
     name: bytes
-    index: int
+    # Shadows tuple.index(), on purpose: the same name as Header.index.
+    index: int  # type: ignore[assignment]
 
 
 @dataclass(frozen=True, slots=True)

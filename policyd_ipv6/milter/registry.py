@@ -42,7 +42,7 @@ from typing import NamedTuple
 
 from policyd_ipv6.cache import ExpiringCache
 from policyd_ipv6.names import client_ip
-from policyd_ipv6.vocabulary import PolicyRule
+from policyd_ipv6.vocabulary import Clock, PolicyRule
 
 __all__ = ["Sessions", "SessionState", "MessageRecord", "SessionKey", "milter_key",
            "policy_key", "same_sender", "DKIM_PENDING_RULE", "PASS_RULE"]
@@ -146,7 +146,7 @@ class SessionState:
         self.current: MessageRecord | None = None
         self.closed = False
 
-    def begin_message(self, sender: str) -> MessageRecord:
+    def begin_message(self, sender: str) -> MessageRecord | None:
         """MAIL FROM: a new message; whatever the previous one left is dropped."""
         self._drop()
         if not self.closed:
@@ -187,9 +187,10 @@ class _Contested(NamedTuple):
 class Sessions:
     """The process-wide registry; see the module docstring."""
 
-    def __init__(self, clock, max_sessions: int = 1000, ttl_seconds: float = 3600.0) -> None:
+    def __init__(self, clock: Clock, max_sessions: int = 1000, ttl_seconds: float = 3600.0) -> None:
         self.ttl_seconds = ttl_seconds
-        self._entries = ExpiringCache(max_sessions, clock)
+        self._entries: ExpiringCache[SessionKey, SessionState | _Contested] = ExpiringCache(
+            max_sessions, clock)
 
     def __len__(self) -> int:
         return len(self._entries)

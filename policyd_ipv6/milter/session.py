@@ -230,33 +230,34 @@ class MilterSession:
             if self.state is not State.CONNECTING:
                 raise MilterProtocolError("second CONNECT")
             self.state = State.CONNECTED
-            self.connection = Connection(
+            self.connection = connection = Connection(
                 text(command.hostname), text(command.family),
                 None if command.address is None else _bare(text(command.address)),
                 command.port, self._take_macros(codec.SMFIC_CONNECT))
             return self._stage(Stage.CONNECT, events, reply,
-                               lambda needs: Connected(self.connection, needs))
+                               lambda needs: Connected(connection, needs))
         if self.state is not State.CONNECTED:
             raise MilterProtocolError("command before CONNECT")
         self._handle_connected(command, events, reply)
 
     def _handle_connected(self, command: codec.Command, events: list[Event],
                           reply: bytearray) -> None:
-        message = self._message
+        message, connection = self._message, self.connection
+        assert connection is not None  # set at CONNECT, and the state is CONNECTED
         if isinstance(command, codec.HeloCommand):
             macros = self._take_macros(codec.SMFIC_HELO)
-            self.connection = replace(self.connection, helo=text(command.name),
-                                      macros={**self.connection.macros, **macros})
+            self.connection = replace(connection, helo=text(command.name),
+                                      macros={**connection.macros, **macros})
             self._stage(Stage.HELO, events, reply,
                         lambda needs: Helo(text(command.name), macros, needs))
         elif isinstance(command, codec.MailCommand):
             # A new MAIL starts a new message even if no ABORT came in between.
             self._message = message = _MessageBuilder()
             macros = self._take_macros(codec.SMFIC_MAIL, message)
-            message.sender = text(command.args[0])
+            message.sender = sender = text(command.args[0])
             message.esmtp_args = tuple(text(arg) for arg in command.args[1:])
             self._stage(Stage.MAIL, events, reply, lambda needs: MailFrom(
-                message.sender, message.esmtp_args, macros, needs))
+                sender, message.esmtp_args, macros, needs))
         elif isinstance(command, codec.RcptCommand):
             macros = self._take_macros(codec.SMFIC_RCPT, message)
             recipient, args = text(command.args[0]), tuple(map(text, command.args[1:]))
@@ -283,7 +284,7 @@ class MilterSession:
             self._take_macros(codec.SMFIC_BODYEOB, message)
             self._add_body(message, command.chunk)
             self.pending = Stage.EOM
-            events.append(EndOfMessage(self.connection, self._snapshot(message)))
+            events.append(EndOfMessage(connection, self._snapshot(message)))
         elif isinstance(command, codec.UnknownCommand):
             self._take_macros(codec.SMFIC_UNKNOWN)
             events.append(UnknownCommand(text(command.command)))
