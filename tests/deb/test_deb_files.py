@@ -84,23 +84,30 @@ def test_readme_debian_wiring_is_the_examples_wiring():
 
 
 def test_readme_debian_milter_wiring_is_the_examples_wiring():
-    """README.Debian's milter lines are the example fragment's (commented) milter lines, and
-    its milter_listen line is a key the packaged configuration accepts."""
+    """README.Debian's milter lines are the example fragment's (commented) milter lines, its
+    map is policyd-ipv6-milter.cidr's entries exactly, and its milter_listen line is a key
+    the packaged configuration accepts, on a Unix socket the map names."""
     readme = packaged("README.Debian")
     lines = readme_debian.milter_main_cf_lines(readme)
     fragment = (EXAMPLES / "main.cf.fragment").read_text()
-    for name in ("smtpd_milters", "milter_protocol", "milter_default_action"):
+    for name in ("smtpd_milter_maps", "milter_protocol"):
         commented = [line[1:] for line in fragment.splitlines() if line.startswith("#" + name)]
         assert commented, "main.cf.fragment no longer shows %s" % name
         assert main_cf_value(lines, name) == main_cf_value(commented[0], name)
+    assert "milter_default_action" not in lines
+    entries = [line for line in (EXAMPLES / "policyd-ipv6-milter.cidr").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    shown = [line.strip() for line in readme.splitlines()
+             if line.strip().startswith(("::/0 ", "0.0.0.0/0 "))]
+    assert shown == entries and len(entries) == 2
     (listen,) = [line.strip() for line in readme.splitlines()
                  if line.strip().startswith("milter_listen = ")]
     example = (EXAMPLES / "policyd-ipv6.toml").read_text()
     assert example.count("\nmilter_listen = []\n") == 1
     config = parse_config(example.replace("\nmilter_listen = []\n", "\n%s\n" % listen),
                           "/etc/policyd-ipv6")
-    assert config.milter_listen == ("tcp:10046:interface=127.0.0.1",)
-    assert main_cf_value(lines, "smtpd_milters") == "inet:127.0.0.1:10046"
+    assert config.milter_listen == ("unix:/var/spool/postfix/policyd-ipv6/milter:mode=660",)
+    assert all("unix:policyd-ipv6/milter," in entry for entry in entries)
 
 
 def test_readme_debian_unix_socket_recipe_is_consistent():
