@@ -31,6 +31,8 @@ PURE_MODULES = [
     "policyd_ipv6.milter.end_of_message",
     "policyd_ipv6.milter.registry",
     "policyd_ipv6.resolver.wire",
+    "policyd_ipv6.checks.spf_terms",
+    "policyd_ipv6.checks.spf_eval",
     "policyd_ipv6.optin.table",
     "policyd_ipv6.daemon.config",
 ]

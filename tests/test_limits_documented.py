@@ -25,7 +25,7 @@ def mentions(text: str, number: int) -> bool:
     ("attributes", policy_codec.MAX_ATTRIBUTES),
     ("request size", policy_codec.MAX_REQUEST_BYTES),
     ("requests ahead", policy_server.MAX_QUEUED),
-    ("SPF steps", spf_check.MAX_RUNS),
+    ("SPF DNS questions", spf_check.MAX_QUESTIONS),
 ])
 def test_protocol_limits_are_documented(doc, name, value):
     """Each hard limit of the code appears, with its value, in the README and the man page."""

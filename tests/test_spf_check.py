@@ -1,4 +1,4 @@
-"""Tests of the SPF check driver (policyd_ipv6.spf_check) against the DNS fake."""
+"""Tests of the SPF check driver (policyd_ipv6.checks.spf) against the DNS fake."""
 
 import ipaddress
 
@@ -116,16 +116,17 @@ def test_unusable_sender_domain_is_none(sender):
     assert fact.result == "none"
 
 
-def test_exception_inside_pyspf_becomes_permerror(monkeypatch):
-    """Any exception pyspf raises is caught and reported as permerror."""
-    import spf
+def test_exception_inside_the_evaluator_becomes_permerror(monkeypatch):
+    """A bug inside the evaluator gives permerror (fail closed), never an escaping exception."""
+    from policyd_ipv6.checks import spf_eval
 
     def explode(self, *args, **kwargs):
         raise RuntimeError("boom")
+        yield  # a generator, as the real one
 
-    monkeypatch.setattr(spf.query, "check", explode)
-    fact, _ = run(FakeDnsClient())
-    assert fact.result == "permerror" and "boom" in fact.explanation
+    monkeypatch.setattr(spf_eval._Evaluation, "record", explode)
+    fact, _ = run(FakeDnsClient({("example.net", "TXT"): ['"v=spf1 -all"']}))
+    assert fact.result == "permerror" and fact.explanation == "internal error"
 
 
 def test_evaluation_waits_for_asynchronous_answers():
@@ -193,3 +194,69 @@ def test_macro_names_are_not_prefetched():
     names = list(_named_lookups("v=spf1 include:%{d}.x.example exists:%{i}.y.example "
                                 "a mx/24 redirect=r.example", "d.example", "AAAA"))
     assert names == [("d.example", "AAAA"), ("d.example", "MX"), ("r.example", "TXT")]
+
+
+def test_work_is_linear_in_the_lookups(monkeypatch):
+    """A record of 10 mx of 10 exchanges each answers every question once: no replays."""
+    from policyd_ipv6.checks import spf_eval
+
+    mx = " ".join(f"mx:m{i}.example.net" for i in range(10))
+    records = {("example.net", "TXT"): [f'"v=spf1 {mx} -all"']}
+    for i in range(10):
+        records[(f"m{i}.example.net", "MX")] = [f"{j} x{i}-{j}.example.net." for j in range(10)]
+        records.update({(f"x{i}-{j}.example.net", "AAAA"): ["2001:db8:9::1"]
+                        for j in range(10)})
+    asked = []
+    original = spf_eval._Evaluation.dns
+
+    def counting(self, name, rrtype, count_void=True):
+        asked.append((name, rrtype))
+        return (yield from original(self, name, rrtype, count_void))
+
+    monkeypatch.setattr(spf_eval._Evaluation, "dns", counting)
+    fact, _ = run(FakeDnsClient(records))
+    assert fact.result == "fail"
+    assert len(asked) == 1 + 10 + 100 == len(set(asked))
+
+
+def test_void_limit_is_configurable():
+    """spf_void_limit raises RFC 7208's two void lookups; one past it is still permerror."""
+    from policyd_ipv6.checks.spf import Limits
+
+    fake = FakeDnsClient({("example.net", "TXT"):
+                          ['"v=spf1 a:n1.example.net a:n2.example.net a:n3.example.net -all"']})
+    lookups = Lookups(fake, task.Clock())
+    results = []
+    check_spf(lookups, IP, "alice@example.net", "mx.example.net",
+              Limits(void_lookups=3)).addCallback(results.append)
+    assert results[0].result == "fail"
+    check_spf(lookups, IP, "alice@example.net", "mx.example.net",
+              Limits(void_lookups=2)).addCallback(results.append)
+    assert results[1].result == "permerror"
+
+
+def test_txt_bytes_past_the_cap_are_permerror():
+    """TXT answers over the per-evaluation byte cap end the evaluation with permerror."""
+    big = " ".join(['"' + "x" * 250 + '"'] * 40)  # 10,000 bytes in one TXT record
+    includes = " ".join(f"include:i{i}.example.net" for i in range(4))
+    records = {("example.net", "TXT"): [f'"v=spf1 {includes} -all"']}
+    records.update({(f"i{i}.example.net", "TXT"): ['"v=spf1 ?all"', big] for i in range(4)})
+    fact, _ = run(FakeDnsClient(records))
+    assert fact.result == "permerror" and "TXT records over 32768 bytes" in fact.explanation
+
+
+def test_macro_split_across_strings_is_detected():
+    """A macro whose % and { sit in different TXT strings still marks the result per sender."""
+    fake = FakeDnsClient({("example.net", "TXT"):
+                          ['"v=spf1 exists:%" "{l}.x.example.net -all"']})
+    fact, _ = run(fake)
+    assert fact.result == "fail" and fact.macros
+
+
+def test_explanation_is_fetched_and_expanded():
+    """exp= is looked up on fail and its macros expanded (RFC 7208 §6.2)."""
+    fake = FakeDnsClient({("example.net", "TXT"): ['"v=spf1 -all exp=why.example.net"'],
+                          ("why.example.net", "TXT"): ['"%{l} may not send from %{c}"']})
+    fact, _ = run(fake)
+    assert fact.result == "fail"
+    assert fact.explanation == "alice may not send from 2001:db8::25"

@@ -1,114 +1,66 @@
-"""The SPF check (RFC 7208) with pyspf, driven without blocking the reactor.
+"""The SPF check (RFC 7208), driven without blocking the reactor.
 
-Contract: ``check_spf(lookups, ip, sender, helo)`` returns a Deferred that always fires with an
-``SpfFact``; it never fails. The identity is the MAIL FROM; for the null sender it is
+Contract: ``check_spf(lookups, ip, sender, helo, limits)`` returns a Deferred that always fires
+with an ``SpfFact``; it never fails. The identity is the MAIL FROM; for the null sender it is
 ``postmaster@<HELO>`` (RFC 7208 §2.4), and a HELO that is not a domain name gives ``none``.
 
-Why re-running: pyspf is synchronous and asks for DNS answers one at a time through its module
-hook ``spf.DNSLookup``. Rather than parking a thread per evaluation (a thread pool would be the
-bottleneck once many evaluations wait on slow DNS), the evaluation runs on the reactor against
-the answers already known; when pyspf asks for one that is not, the hook raises ``_Missing``,
-the evaluation stops, the answer is fetched asynchronously (``lookups``) and the evaluation
-starts again from the top. SPF evaluation is a pure function of its DNS answers, so the last
-run gives exactly the result a blocking run would, with pyspf's own limits (10 DNS mechanisms,
-2 void lookups, MX/PTR bounds) intact. A run costs tens of microseconds; a record needing k
-lookups costs k+1 runs, and ``MAX_RUNS`` caps hostile records. When a record arrives, the
-names its mechanisms need (include, a, mx, exists, redirect) are fetched at once, in parallel,
-before pyspf asks for them one by one; so are the addresses of MX exchanges.
+How: ``spf_eval.check_host`` is a generator that yields each DNS question and resumes with
+its answer; this driver answers from the evaluation's own answers or the lookups' cache at
+once, and otherwise asks ``lookups`` and resumes the generator when the answer arrives. Each
+answer is consumed once: the work is linear in the lookups (a record with 10 ``mx`` of 10
+exchanges costs 111 steps, not 111 evaluations). RFC 7208's limits are the evaluator's
+(``spf_eval.Limits``: 10 DNS terms, ``spf_void_limit`` void lookups, a cap on TXT bytes);
+``MAX_QUESTIONS`` guards the driver all the same. When a record arrives, the names its
+mechanisms need (include, a, mx, exists, redirect) are fetched at once, in parallel, before
+the evaluation asks for them one by one; so are the addresses of MX exchanges.
 
-Every exception pyspf raises on hostile input (over-long names, bad records, its internal
-assertions) becomes ``permerror``; the hook maps a transient DNS fault to ``spf.TempError``.
+An exception inside the evaluator (a bug, not a DNS fault) gives ``permerror``, logged with its
+traceback: hostile input never escapes as anything else.
 """
 
 from __future__ import annotations
 
-import warnings
+import time
 from dataclasses import replace
 
-import spf
 from twisted.internet import defer
+from twisted.logger import Logger
 
 from policyd_ipv6.cache import ExpiringCache
+from policyd_ipv6.checks.spf_eval import Limits, Verdict, check_host
 from policyd_ipv6.facts import SpfFact
 from policyd_ipv6.names import IPAddress, domain_key, helo_domain, recipient_domain
+from policyd_ipv6.resolver.lookups import Answer
+from policyd_ipv6.vocabulary import Clock, DnsStatus, Lookups, SpfResult
 
-__all__ = ["check_spf", "SpfResults", "MAX_RUNS"]
+__all__ = ["check_spf", "SpfResults", "MAX_QUESTIONS", "Limits"]
 
-MAX_RUNS = 150
+_log = Logger(namespace="policyd-ipv6")
 
-# pyspf 2.0.14 calls dns.resolver.query() in its own DNS driver, deprecated in dnspython 2.x;
-# the driver is replaced below, but keep stray warnings off stderr all the same.
-warnings.filterwarnings("ignore", category=DeprecationWarning, module="spf")
-
-
-class _Missing(BaseException):
-    """Raised through pyspf when an answer is not known yet (BaseException: pyspf catches
-    Exception in places, and this must reach the driver)."""
-
-    def __init__(self, name: str, qtype: str) -> None:
-        super().__init__(name, qtype)
-        self.key = (name, qtype)
+# More DNS questions than RFC 7208's limits allow (10 terms of at most 11 lookups each, the
+# record, a redirect, %{p} and exp=): past this, the evaluator has a bug; permerror.
+MAX_QUESTIONS = 150
+DEFAULT_LIMITS = Limits()
 
 
-# The answers of the evaluation running right now. The reactor thread runs one pyspf call at a
-# time, synchronously, so a module variable is enough.
-_current: dict | None = None
-_lookups = None
-
-
-def _hook(name, qtype, strict=True, timeout=None):
-    """pyspf's DNSLookup contract: a list of ((name, qtype), value); [] for no data."""
-    name = str(name).lower().rstrip(".")
-    rrtype = "TXT" if qtype == "SPF" else qtype
-    if qtype == "SPF":
-        return []  # RFC 7208 §3.1: type SPF records are obsolete; pyspf asks only in harsh mode
-    key = (name, rrtype)
-    answer = _current.get(key) if _current is not None else None
-    if answer is None and _lookups is not None:
-        answer = _lookups.cached(name, rrtype)
-        if answer is not None:
-            _current[key] = answer
-    if answer is None:
-        raise _Missing(name, rrtype)
-    if answer.status == "tempfail":
-        raise spf.TempError(f"DNS {rrtype} {name}: {answer.detail}")
-    return [((name, qtype), value) for value in answer.values]
-
-
-spf.DNSLookup = _hook
-
-
-def _evaluate(answers: dict, lookups, ip: str, sender: str, helo: str):
-    """One synchronous pyspf run. Returns (result, explanation) or raises _Missing."""
-    global _current, _lookups
-    _current, _lookups = answers, lookups
-    try:
-        query = spf.query(ip, sender, helo, strict=True, querytime=0)
-        result, _code, explanation = query.check()
-        return result, explanation
-    except (_Missing, KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as error:  # hostile input must never escape: RFC 7208 §4.6 permerror
-        return "permerror", f"{error.__class__.__name__}: {error}"[:300]
-    finally:
-        _current, _lookups = None, None
-
-
-def check_spf(lookups, ip: IPAddress, sender: str, helo: str) -> defer.Deferred:
+def check_spf(lookups: Lookups, ip: IPAddress, sender: str, helo: str,
+              limits: Limits = DEFAULT_LIMITS) -> defer.Deferred[SpfFact]:
     """See the module docstring."""
     helo_name = helo_domain(helo)
     if not sender:
         if helo_name is None:
-            return defer.succeed(SpfFact("none", "null sender and the HELO is not a domain name",
+            return defer.succeed(SpfFact(SpfResult.NONE,
+                                         "null sender and the HELO is not a domain name",
                                          "postmaster@" + helo[:100]))
         identity = "postmaster@" + helo_name
     else:
         identity = sender
         domain = recipient_domain(sender)
         if domain is None or domain_key(domain) is None:
-            return defer.succeed(SpfFact("none", "the sender's domain is not a domain name",
+            return defer.succeed(SpfFact(SpfResult.NONE, "the sender's domain is not a domain name",
                                          sender))
-    return _Evaluation(lookups, str(ip), sender, helo_name or "unknown", identity).start()
+    return _Evaluation(lookups, str(ip), sender, helo_name or "unknown", identity,
+                       limits).start()
 
 
 _PREFETCH_TYPES = {"include": "TXT", "redirect": "TXT", "a": None, "mx": "MX", "exists": "A"}
@@ -130,60 +82,72 @@ def _named_lookups(record: str, domain: str, address_type: str):
 
 
 class _Evaluation:
-    def __init__(self, lookups, ip: str, sender: str, helo: str, identity: str) -> None:
+    def __init__(self, lookups: Lookups, ip: str, sender: str, helo: str, identity: str,
+                 limits: Limits) -> None:
         self.lookups = lookups
-        self.args = (ip, sender, helo)
+        self.ip = ip
         self.identity = identity
-        self.answers: dict = {}
-        self.runs = 0
+        self.answers: dict[tuple[str, str], Answer] = {}
+        self.questions = 0
+        self.steps = check_host(ip, sender, helo, limits, int(time.time()))
         # Cancelling (the decision's deadline passed) stops the evaluation at its next step.
-        self.result = defer.Deferred(lambda _d: None)
+        self.result: defer.Deferred[SpfFact] = defer.Deferred(lambda _d: None)
 
-    def start(self) -> defer.Deferred:
-        self._run()
+    def start(self) -> defer.Deferred[SpfFact]:
+        self._resume(None)
         return self.result
 
-    def _run(self) -> None:
-        while self.runs < MAX_RUNS:
-            self.runs += 1
+    def _resume(self, answer: Answer | None) -> None:
+        """Run the evaluator until it needs an answer nobody has yet, or ends."""
+        while True:
             try:
-                result, explanation = _evaluate(self.answers, self.lookups, *self.args)
-            except _Missing as missing:
-                self._fetch(missing.key)
+                key = self.steps.send(answer)
+            except StopIteration as end:
+                self._finish(end.value)
                 return
-            ttls = [a.ttl for a in self.answers.values()]
-            # A result built on a temporary failure must not be reused.
-            reusable = result != "temperror" and all(a.status != "tempfail"
-                                                     for a in self.answers.values())
-            ttl = min(ttls, default=0.0) if reusable else 0.0
-            self.result.callback(SpfFact(result, explanation, self.identity, len(self.answers),
-                                         ttl, self._macros()))
-            return
-        self.result.callback(SpfFact("permerror", f"more than {MAX_RUNS} evaluation steps",
-                                     self.identity, len(self.answers)))
+            except Exception:  # a bug in the evaluator: fail closed, and say so
+                _log.failure("internal error in the SPF evaluation for {identity}",
+                             identity=self.identity)
+                self._finish(Verdict("permerror", "internal error", False))
+                return
+            self.questions += 1
+            if self.questions > MAX_QUESTIONS:
+                self.steps.close()
+                self._finish(Verdict("permerror", f"more than {MAX_QUESTIONS} DNS questions",
+                                     False))
+                return
+            answer = self.answers.get(key) or self.lookups.cached(*key)
+            if answer is None:
+                self.lookups.lookup(*key).addCallback(self._arrived, key)
+                return
+            self.answers[key] = answer
 
-    def _macros(self) -> bool:
-        """Whether a TXT record consulted holds a macro (RFC 7208 §7): then the result may
-        depend on the local part or the HELO, not only on the IP address and the domain."""
-        return any(b"%{" in chunk for (_name, rrtype), answer in self.answers.items()
-                   if rrtype == "TXT" for record in answer.values for chunk in record)
+    def _finish(self, verdict: Verdict) -> None:
+        # A result built on a temporary failure must not be reused.
+        reusable = verdict.result != SpfResult.TEMPERROR and all(
+            a.status != DnsStatus.TEMPFAIL for a in self.answers.values())
+        ttl = min((a.ttl for a in self.answers.values()), default=0.0) if reusable else 0.0
+        if verdict.result == SpfResult.PERMERROR and "TXT records over" in verdict.explanation:
+            _log.warn("SPF for {identity}: {why}", identity=self.identity,
+                      why=verdict.explanation)
+        if not self.result.called:
+            self.result.callback(SpfFact(SpfResult(verdict.result), verdict.explanation,
+                                         self.identity, len(self.answers), ttl, verdict.macros))
 
-    def _fetch(self, key) -> None:
-        self.lookups.lookup(*key).addCallback(self._arrived, key)
-
-    def _arrived(self, answer, key) -> None:
+    def _arrived(self, answer: Answer, key: tuple[str, str]) -> None:
         if self.result.called:  # cancelled: nobody waits for this evaluation any more
+            self.steps.close()
             return
         self.answers[key] = answer
         if answer.ok:
             self._prefetch(key, answer)
-        self._run()
+        self._resume(answer)
 
-    def _prefetch(self, key, answer) -> None:
-        """Ask now for what pyspf will ask next, so that its lookups overlap instead of
+    def _prefetch(self, key: tuple[str, str], answer: Answer) -> None:
+        """Ask now for what the evaluation will ask next, so that its lookups overlap instead of
         queuing one round trip after another: the addresses of MX exchanges, and the names a
         record's mechanisms name (macro-free ones only; at most 10, as RFC 7208 §4.6.4)."""
-        address_type = "AAAA" if ":" in self.args[0] else "A"
+        address_type = "A" if "." in self.ip else "AAAA"  # ::ffff:192.0.2.1 is IPv4
         wanted: list[tuple[str, str]] = []
         if key[1] == "MX":
             wanted = [(exchange, address_type) for _pref, exchange in answer.values[:10]]
@@ -206,11 +170,12 @@ class SpfResults:
     common case of a busy sender); with macros it is reused only for the same three inputs.
     """
 
-    def __init__(self, max_entries: int, clock) -> None:
-        self.cache = ExpiringCache(max_entries, clock)
+    def __init__(self, max_entries: int, clock: Clock) -> None:
+        self.cache: ExpiringCache[tuple[object, ...], SpfFact] = ExpiringCache(max_entries, clock)
 
     @staticmethod
-    def _keys(ip: IPAddress, sender: str, helo: str):
+    def _keys(ip: IPAddress, sender: str,
+              helo: str) -> tuple[tuple[object, ...], tuple[object, ...]]:
         domain = recipient_domain(sender) if sender else "postmaster@" + helo.lower()
         return (ip, domain), (ip, sender.lower(), helo.lower())
 

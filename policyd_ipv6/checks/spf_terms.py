@@ -1,0 +1,246 @@
+"""The syntax of SPF records (RFC 7208 §4.6, §5, §7): terms, CIDR lengths and macros.
+
+Contract: pure functions on text, no DNS and no Twisted. ``parse_term(term, domain, v6)``
+checks one directive and returns a ``Mechanism`` (its domain-spec still unexpanded), or raises
+``SpfPermError``; ``modifier(term)`` splits a modifier into (name, value), or None for a
+directive. ``expand(text, values, in_exp)`` expands the macros of a domain-spec or an
+explanation from the letter values given (the caller fetches ``p`` first, when
+``needs_p(text)``), and raises ``SpfPermError`` for a malformed macro.
+
+The grammar follows pyspf 2.0.14 in strict mode, term for term, so that results and
+explanations stay exactly those the RFC 7208 and RFC 4408 test suites expect (pyspf passes
+them all): the regular expressions below are pyspf's.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from urllib.parse import quote
+
+__all__ = ["SpfError", "SpfPermError", "SpfTempError", "Mechanism", "parse_term", "modifier",
+           "expand", "needs_p", "check_domain_spec", "cidr_match", "split_sender"]
+
+
+class SpfError(Exception):
+    """An SPF evaluation that ends before a match; the message joins the arguments."""
+
+    def __str__(self) -> str:
+        return ": ".join(str(a) for a in self.args if a is not None)
+
+
+class SpfPermError(SpfError):
+    """RFC 7208 §2.6.7 permerror: the record cannot be interpreted."""
+
+
+class SpfTempError(SpfError):
+    """RFC 7208 §2.6.6 temperror: a transient DNS fault."""
+
+
+_MODIFIER = re.compile(r"^([a-z][a-z0-9_\-.]*)=", re.IGNORECASE)
+_MACRO = re.compile(r"%(%|_|-|(\{[^}]*\}))")
+_BAD_MACRO = re.compile(r"(?<!%)%[^{%_-]|%$")
+_TRANSFORMERS = re.compile(r"([0-9]*)(r?)([^0-9a-zA-Z]*)")
+_DUAL_CIDR = re.compile(r"//(0|[1-9]\d*)$")
+_CIDR = re.compile(r"/(0|[1-9]\d*)$")
+_IP4_OCTET = r"(?:\d|[1-9]\d|1\d\d|2[0-4]\d|25[0-5])"
+_IP4 = re.compile(r"\.".join([_IP4_OCTET] * 4) + "$")
+# RFC 7208 §7.1 domain-end: "." toplabel ["."], or a macro at the very end.
+_TOPLABEL = re.compile(r"\.(?:[0-9a-z]*[a-z][0-9a-z]*|[0-9a-z]+-[0-9a-z-]*[0-9a-z])\.?$|"
+                       r"%(?:%|_|-|\{[^}]*\})", re.IGNORECASE)
+_QUALIFIERS = {"+": "pass", "-": "fail", "?": "neutral", "~": "softfail"}
+MECHANISMS = ("a", "mx", "ptr", "exists", "include", "ip4", "ip6", "all")
+_COMMON_MISTAKES = ("prt", "ip", "ipv4", "ipv6", "all.")
+# RFC 7208 §7.3: l and s are split on their delimiters and joined again with dots.
+_JOINERS = {"l": ".", "s": "."}
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    term: str  # as written, for error messages
+    name: str  # a, mx, ptr, exists, include, ip4, ip6, all
+    qualifier: str  # the result on a match: pass, fail, softfail, neutral
+    target: str  # the domain-spec (unexpanded) or the network address; "" for all
+    cidr: int  # the prefix length that applies to the client's address family
+
+
+def modifier(term: str) -> tuple[str, str] | None:
+    """(name in lower case, value) for a modifier (RFC 7208 §4.6.1), None for a directive."""
+    match = _MODIFIER.match(term)
+    if match is None:
+        return None
+    return match.group(1).lower(), term[match.end():]
+
+
+def _parse_cidrs(term: str) -> tuple[str, int | None, int | None]:
+    cidr6 = cidr4 = None
+    match = _DUAL_CIDR.search(term)
+    if match:
+        term, cidr6 = term[:match.start()], int(match.group(1))
+    match = _CIDR.search(term)
+    if match:
+        term, cidr4 = term[:match.start()], int(match.group(1))
+    return term, cidr4, cidr6
+
+
+def parse_term(term: str, domain: str, v6: bool) -> Mechanism:
+    """One directive, checked (RFC 7208 §4.6.1, §5); SpfPermError if it is malformed."""
+    if term.endswith(","):
+        raise SpfPermError("Do not separate mechnisms with commas", term)
+    body, cidr4, cidr6 = _parse_cidrs(term)
+    name, colon, target = body.partition(":")
+    if not colon:
+        name = name.lower()
+        target = "" if name.lstrip("+-?~") == "exists" else domain
+        has_target = False
+    else:
+        name = name.lower()
+        has_target = True
+    qualifier = _QUALIFIERS.get(name[:1])
+    if qualifier:
+        name = name[1:]
+    else:
+        qualifier = "pass"
+    if name in _COMMON_MISTAKES:
+        raise SpfPermError("Unknown mechanism found", term)
+    if name == "a" and _IP4.match(target):
+        raise SpfPermError("Use the ip4 mechanism for ip4 addresses", term)
+    if name in ("a", "mx"):
+        if cidr4 is not None and cidr4 > 32:
+            raise SpfPermError("Invalid IP4 CIDR length", term)
+        if cidr6 is not None and cidr6 > 128:
+            raise SpfPermError("Invalid IP6 CIDR length", term)
+        cidr = (128 if cidr6 is None else cidr6) if v6 else (32 if cidr4 is None else cidr4)
+    elif name == "ip4" or _IP4.match(name):
+        if name != "ip4":
+            raise SpfPermError("Missing IP4", term)
+        if cidr6 is not None:
+            raise SpfPermError("Dual CIDR not allowed", term)
+        if cidr4 is not None and cidr4 > 32:
+            raise SpfPermError("Invalid IP4 CIDR length", term)
+        if not _IP4.match(target):
+            raise SpfPermError("Invalid IP4 address", term)
+        cidr = 32 if cidr4 is None else cidr4
+    elif name == "ip6":
+        if cidr6 is not None:
+            raise SpfPermError("Dual CIDR not allowed", term)
+        if cidr4 is not None and cidr4 > 128:
+            raise SpfPermError("Invalid IP6 CIDR length", term)
+        try:
+            ipaddress.IPv6Address(target)
+        except ValueError:
+            raise SpfPermError("Invalid IP6 address", term) from None
+        if "%" in target or not target:
+            raise SpfPermError("Invalid IP6 address", term)
+        cidr = 128 if cidr4 is None else cidr4
+    else:
+        if (cidr4 is not None or cidr6 is not None) and name in MECHANISMS:
+            raise SpfPermError("CIDR not allowed", term)
+        cidr = 128 if v6 else 32
+    if name in ("a", "mx", "ptr", "exists", "include"):
+        if name == "exists" and not has_target:
+            raise SpfPermError("implicit exists not allowed", term)
+        return Mechanism(term, name, qualifier, target, cidr)
+    if name == "all" and ":" in term:
+        raise SpfPermError("Invalid all mechanism format - only qualifier allowed with all",
+                           term)
+    if name in MECHANISMS:
+        return Mechanism(term, name, qualifier, target if name != "all" else "", cidr)
+    if name[1:] in MECHANISMS:
+        raise SpfPermError("Unknown qualifier, RFC 4408 para 4.6.1, found in", term)
+    raise SpfPermError("Unknown mechanism found", term)
+
+
+def check_domain_spec(spec: str) -> None:
+    """RFC 7208 §7.1: a domain-spec ends in a top label or a macro; SpfPermError if not."""
+    if _TOPLABEL.split(spec)[-1]:
+        raise SpfPermError("Invalid domain found (use FQDN)", spec)
+
+
+def needs_p(text: str) -> bool:
+    """Whether expanding ``text`` needs the validated client name (the p macro)."""
+    return any(m.group(0)[2:3].lower() == "p" for m in _MACRO.finditer(text))
+
+
+def _transform(value: str, spec: str, joiner: str | None) -> str:
+    """RFC 7208 §7.3 transformers and delimiters, as pyspf applies them."""
+    if not spec:
+        return value
+    digits, reverse, delimiters = _TRANSFORMERS.match(spec).groups()  # type: ignore[union-attr]
+    delimiters = delimiters or "."
+    parts: list[str] = []
+    element = ""
+    for char in value:
+        if char in delimiters:
+            parts += [element, joiner or char]
+            element = ""
+        else:
+            element += char
+    parts.append(element)
+    if reverse:
+        parts.reverse()
+    if digits:
+        parts = parts[-int(digits) * 2 + 1:]
+    return "".join(parts)
+
+
+def expand(text: str, values: dict[str, str], in_exp: bool = False) -> str:
+    """Expand the macros of ``text`` (RFC 7208 §7.3). ``values`` maps each macro letter to its
+    value; ``in_exp`` allows c, r and t and keeps a trailing dot (explanation text)."""
+    if "%" in text and _BAD_MACRO.search(text):
+        raise SpfPermError("invalid-macro-char ", text)
+    out: list[str] = []
+    end = 0
+    for match in _MACRO.finditer(text):
+        out.append(text[end:match.start()])
+        macro = match.group(0)
+        if macro == "%%":
+            out.append("%")
+        elif macro == "%_":
+            out.append(" ")
+        elif macro == "%-":
+            out.append("%20")
+        else:
+            letter = macro[2].lower()
+            if letter in "crt" and not in_exp:
+                raise SpfPermError("c,r,t macros allowed in exp= text only", macro)
+            value = values.get(letter) if len(letter) == 1 and letter.isalpha() else None
+            if value is None:
+                raise SpfPermError("Unknown Macro Encountered", macro)
+            if value:
+                expanded = _transform(value, macro[3:-1], _JOINERS.get(letter))
+                out.append(quote(expanded, "~") if letter != macro[2] else expanded)
+        end = match.end()
+    out.append(text[end:])
+    result = "".join(out)
+    if not in_exp:
+        if result.endswith("."):
+            result = result[:-1]
+        # RFC 7208 §7.3: left-hand labels go until the name fits in 253 octets.
+        while len(result) > 253 and "." in result:
+            result = result[result.index(".") + 1:]
+    return result
+
+
+def cidr_match(client: ipaddress.IPv4Address | ipaddress.IPv6Address, addresses: list[str],
+               prefix: int) -> bool:
+    """Whether ``client`` lies in the /prefix network around any of ``addresses``."""
+    try:
+        for address in addresses:
+            if client in ipaddress.ip_network(address).supernet(new_prefix=prefix):
+                return True
+    except ValueError as error:
+        raise SpfPermError(str(error)) from None
+    return False
+
+
+def split_sender(sender: str, helo: str) -> tuple[str, str]:
+    """(local part, domain) of the identity (RFC 7208 §4.3): postmaster for an empty local
+    part or the null sender, whose domain is the HELO name."""
+    if not sender:
+        return "postmaster", helo
+    local, at, domain = sender.rpartition("@")
+    if not at:
+        return "postmaster", sender
+    return local or "postmaster", domain
