@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
     from policyd_ipv6.resolver.lookups import Answer
 
-__all__ = ["DnsStatus", "SpfResult", "DkimResult", "PolicyRule", "EndRule", "DelayedCall",
+__all__ = ["DnsStatus", "SpfResult", "DkimResult", "PolicyRule", "REPORTABLE_RULES",
+           "EndRule", "DelayedCall",
            "Clock", "DnsClient", "Lookups"]
 
 
@@ -69,13 +70,24 @@ class PolicyRule(enum.StrEnum):
     AUTHENTICATED = "authenticated"
     TRUSTED_NETWORK = "trusted-network"
     POSTMASTER = "postmaster"
+    TLS_CONNECTOR = "tls-connector"  # a pinned client certificate: a connector partner
     NOT_OPTED_IN = "not-opted-in"
+    UNLISTED_IGNORED = "unlisted-ignored"  # unlisted_domains = "ignore"
+    EXEMPT_RECIPIENT = "exempt-recipient"  # exempt_recipients (postmaster@, abuse@)
     RDNS_TEMPORARY = "rdns-temporary"
     NO_RDNS = "no-rdns"
     SPF_TEMPORARY = "spf-temporary"
+    # rdns_exempt_sender_domains: a listed sender without PTR that did not authenticate.
+    NO_RDNS_UNAUTHENTICATED = "no-rdns-unauthenticated"
     SPF_FAILED_DKIM_PENDING = "spf-failed-dkim-pending"
     SPF_FAILED = "spf-failed"
     PASS = "pass"
+
+
+# The refusals report_only_rules may name: a refusal of one of these kinds that applies is
+# only logged (would=) and the walk goes on. Every other rule answers DUNNO.
+REPORTABLE_RULES = (PolicyRule.NOT_OPTED_IN, PolicyRule.NO_RDNS, PolicyRule.SPF_FAILED,
+                    PolicyRule.RDNS_TEMPORARY, PolicyRule.SPF_TEMPORARY)
 
 
 class EndRule(enum.StrEnum):
@@ -118,7 +130,7 @@ class DnsClient(Protocol):
     fires with the response, or fails on a transient fault."""
 
     def query(self, qname: str,
-              rdtype: dns.rdatatype.RdataType) -> Deferred[dns.message.QueryMessage]: ...
+              rdtype: dns.rdatatype.RdataType) -> Deferred[dns.message.Message]: ...
 
 
 class Lookups(Protocol):

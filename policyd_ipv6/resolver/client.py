@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import secrets
 import struct
+from typing import Any, cast
 
 import dns.flags
 import dns.message
 import dns.rcode
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.interfaces import IProtocolFactory
 
 from policyd_ipv6.resolver.wire import Nameserver, encode_name, encode_query, is_reply_to
+from policyd_ipv6.vocabulary import DelayedCall
 
 __all__ = ["DnsClient", "Nameserver", "TransientDnsError"]
 
@@ -47,7 +50,7 @@ class DnsClient:
         self.timeout_seconds = timeout_seconds
         self.attempts = attempts
 
-    def query(self, name: str, rdtype: int) -> defer.Deferred:
+    def query(self, name: str, rdtype: int) -> defer.Deferred[dns.message.Message]:
         """Resolve ``name`` (absolute, as text) / ``rdtype``; see the module docstring.
 
         Raises ValueError at once for a name DNS cannot carry (``dns_wire.encode_name``).
@@ -60,15 +63,15 @@ class DnsClient:
 class _Query:
     """The tries of one query, one after another."""
 
-    def __init__(self, client: DnsClient, wire: bytes, tries: list) -> None:
+    def __init__(self, client: DnsClient, wire: bytes, tries: list[Nameserver]) -> None:
         self.client = client
         self.wire = wire
         self.tries = tries
         self.problems: list[str] = []
-        self.result = defer.Deferred(self._cancel)
-        self.current = None  # the _Try under way
+        self.result: defer.Deferred[dns.message.Message] = defer.Deferred(self._cancel)
+        self.current: _Try | None = None  # the _Try under way
 
-    def start(self) -> defer.Deferred:
+    def start(self) -> defer.Deferred[dns.message.Message]:
         self._next()
         return self.result
 
@@ -80,8 +83,8 @@ class _Query:
             self.result.errback(TransientDnsError(why))
             return
         server = self.tries.pop(0)
-        self.current = _UdpTry(self, server)
-        self.current.start()
+        self.current = udp = _UdpTry(self, server)
+        udp.start()
 
     def answered(self, server: Nameserver, response: dns.message.Message) -> None:
         rcode = response.rcode()
@@ -93,8 +96,8 @@ class _Query:
         self.failed(server, dns.rcode.to_text(rcode))
 
     def truncated(self, server: Nameserver) -> None:
-        self.current = _TcpTry(self, server)
-        self.current.start()
+        self.current = tcp = _TcpTry(self, server)
+        tcp.start()
 
     def failed(self, server: Nameserver, why: str) -> None:
         self.problems.append(f"{why} from {server}")
@@ -111,10 +114,14 @@ class _Query:
 class _Try:
     """What UDP and TCP tries share: the server, a timer, and ending exactly once."""
 
+    # Set by the Twisted protocol this is mixed into. Typed Any: Twisted declares it as a
+    # zope.interface type, whose methods mypy cannot call (they are declared without self).
+    transport: Any
+
     def __init__(self, query: _Query, server: Nameserver) -> None:
         self.query = query
         self.server = server
-        self.timer = None
+        self.timer: DelayedCall | None = None
         self.done = False
 
     def _arm(self, why: str) -> None:
@@ -197,7 +204,7 @@ class _TcpTry(_Try, protocol.Protocol):
     def __init__(self, query: _Query, server: Nameserver) -> None:
         super().__init__(query, server)
         self.buffer = b""
-        self.connecting = None
+        self.connecting: defer.Deferred[Any] | None = None
 
     def start(self) -> None:
         reactor = self.query.client.reactor
@@ -205,8 +212,9 @@ class _TcpTry(_Try, protocol.Protocol):
         endpoint = endpoint_type(reactor, self.server.host, self.server.port,
                                  timeout=self.query.client.timeout_seconds)
         self._arm("TCP timeout")
-        self.connecting = endpoint.connect(_Once(self))
-        self.connecting.addErrback(lambda _failure: self._fail("TCP connect failed"))
+        # _Once is a Factory, so it provides IProtocolFactory (zope, which mypy cannot see).
+        self.connecting = connecting = endpoint.connect(cast(IProtocolFactory, _Once(self)))
+        connecting.addErrback(lambda _failure: self._fail("TCP connect failed"))
 
     def connectionMade(self) -> None:
         wire = self.query.wire

@@ -64,8 +64,10 @@ def _values(rrset, rrtype: str) -> tuple:
     return tuple(tuple(r.strings) for r in rrset)  # TXT
 
 
-def interpret(response: dns.message.QueryMessage, rrtype: str, max_ttl: float) -> Answer:
+def interpret(response: dns.message.Message, rrtype: str, max_ttl: float) -> Answer:
     """Turn a NOERROR/NXDOMAIN response into an Answer, following its CNAME chain."""
+    if not isinstance(response, dns.message.QueryMessage):  # opcode not QUERY
+        return Answer(DnsStatus.TEMPFAIL, detail="unusable answer (not a query response)")
     try:
         chain = response.resolve_chaining()
     except dns.message.ChainTooLong:
