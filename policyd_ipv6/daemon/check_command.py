@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import sys
+from typing import Any
 
 from twisted.internet import defer
 
@@ -94,7 +95,8 @@ def read_message(path: str) -> tuple[bytes, tuple[Header, ...]]:
         data = data.partition(b"\n")[2]
     data = re.sub(rb"\r?\n", b"\r\n", data)
     head = data.split(b"\r\n\r\n", 1)[0]
-    headers, counts = [], {}
+    headers: list[Header] = []
+    counts: dict[bytes, int] = {}
     for line in head.split(b"\r\n"):
         if line[:1] in (b" ", b"\t") and headers:
             last = headers[-1]
@@ -132,10 +134,14 @@ def _decide(parts, args, record, data, headers):
 
 
 def check(config, args) -> int:
-    from twisted.internet import reactor
+    from twisted.internet import reactor as global_reactor
+
+    # Twisted types it with zope interfaces, whose methods mypy cannot call (no self).
+    reactor: Any = global_reactor
 
     message = getattr(args, "message", None)
-    data, headers = b"", ()
+    data: bytes = b""
+    headers: tuple[Header, ...] = ()
     if message:
         try:
             data, headers = read_message(message)
@@ -147,7 +153,7 @@ def check(config, args) -> int:
     record = MessageRecord(args.sender) if message else None
     if record is not None:
         parts.engine.sessions = _MilterOnConnection(record)
-    done: list = []
+    done: list[Any] = []
 
     def run() -> None:
         d = _decide(parts, args, record, data, headers)

@@ -11,7 +11,9 @@ logged in. Warnings and errors are always flushed at once.
 
 from __future__ import annotations
 
-from twisted.logger import LogLevel, formatEvent, globalLogBeginner
+from typing import cast
+
+from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogBeginner
 
 __all__ = ["start_logging", "LEVELS"]
 
@@ -64,6 +66,7 @@ class _LineObserver:
 
 def start_logging(stream, level: str = "info", reactor=None) -> None:
     observer = _LineObserver(stream, level, reactor)
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    # An observer is any callable taking the event (ILogObserver is a zope interface).
+    globalLogBeginner.beginLoggingTo([cast(ILogObserver, observer)], redirectStandardIO=False)
     if reactor is not None:
         reactor.addSystemEventTrigger("after", "shutdown", observer.flush)

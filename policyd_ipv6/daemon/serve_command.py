@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
+from typing import Any
 
 from twisted.logger import Logger
 
@@ -35,7 +36,10 @@ _log = Logger(namespace="policyd-ipv6")
 
 
 def serve(config: Config, log_level: str = "info", allow_root: bool = False) -> int:
-    from twisted.internet import reactor
+    from twisted.internet import reactor as global_reactor
+
+    # Twisted types it with zope interfaces, whose methods mypy cannot call (no self).
+    reactor: Any = global_reactor
 
     plan = plan_privileges(config.user, allow_root)
     service = PolicyService(config, reactor)  # raises ConfigError before anything is bound
@@ -81,6 +85,9 @@ def serve(config: Config, log_level: str = "info", allow_root: bool = False) -> 
         gc.freeze()
         gc.set_threshold(20_000, 20, 20)
         service.optin.start()
+        if milter is not None and milter.dkim_pool is not None:
+            # Spawned now, as the daemon's user: the workers parse hostile messages.
+            milter.dkim_pool.start()
         install_sighup(reactor, service.reload)
         servers = ", ".join(str(s) for s in service.client.nameservers)
         _log.info("policyd-ipv6 {version} ready: rdns={rdns}, nameservers {servers}, "
