@@ -9,8 +9,8 @@ from lab.zones import Zone, txt_rdata
 from realtime import wait
 from twisted.internet import defer, task
 
-from policyd_ipv6.checks import dkim as dkim_check
-from policyd_ipv6.checks.dkim import MAX_SIGNATURES, check_dkim
+from policyd_ipv6.checks import dkim_verify
+from policyd_ipv6.checks.dkim import MAX_LISTED, MAX_SIGNATURES, check_dkim
 from policyd_ipv6.resolver.lookups import Lookups
 
 
@@ -113,13 +113,16 @@ def test_a_malformed_signature_is_a_failure_not_a_crash(key):
 
 
 def test_signatures_beyond_the_bound_cost_no_lookup(key):
-    """At most MAX_SIGNATURES signatures are tried: a hostile message cannot ask for more keys."""
+    """At most MAX_SIGNATURES signatures are verified (keys fetched); the next ones up to
+    MAX_LISTED are listed as policy, not verified; the rest are ignored."""
     lookups, fake = lookups_with({})
     raw = message()
-    for n in range(MAX_SIGNATURES + 5):
+    for n in range(MAX_LISTED + 5):
         raw = sign(raw, key, f"d{n}.test", "s")
     fact = run(lookups, raw)
-    assert len(fact.signatures) == MAX_SIGNATURES and len(fake.queries) == MAX_SIGNATURES
+    assert len(fact.signatures) == MAX_LISTED and len(fake.queries) == MAX_SIGNATURES
+    skipped = fact.signatures[MAX_SIGNATURES:]
+    assert {s.result for s in skipped} == {"policy"} and "not verified" in skipped[0].reason
 
 
 def test_a_hostile_header_block_gives_a_fact(key):
@@ -129,17 +132,23 @@ def test_a_hostile_header_block_gives_a_fact(key):
     assert fact.result in ("none", "fail")
 
 
-def test_the_runner_receives_the_cpu_work(key):
-    """With a runner, verification runs through it (the thread pool for large messages)."""
+def test_a_pool_receives_large_work_and_small_work_stays_inline(key):
+    """With a pool, verification over INLINE_WORK_BYTES goes to it; a small message does not."""
     lookups, _ = lookups_with(published(key))
     calls = []
 
-    def runner(function, *args):
-        calls.append(function)
-        return defer.maybeDeferred(function, *args)
+    class Pool:
+        def submit(self, request, data):
+            calls.append(request["job"])
+            head, body = data[:request["head_end"]], data[request["body_start"]:]
+            jobs = [(i, n.encode("latin-1"), r.encode("latin-1")) for i, n, r in request["jobs"]]
+            return defer.succeed([[i, str(res), why] for i, (res, why)
+                                  in dkim_verify.verify_all(head, body, jobs).items()])
 
-    fact = run(lookups, sign(message(), key, "sender.test", "lab"), run=runner)
-    assert fact.result == "pass" and calls == [dkim_check._verify_all]
+    assert run(lookups, sign(message(), key, "sender.test", "lab"), pool=Pool()).result == "pass"
+    assert calls == []
+    large = sign(message(body=b"x" * 76 * 1000 + b"\r\n"), key, "sender.test", "lab")
+    assert run(lookups, large, pool=Pool()).result == "pass" and calls == ["verify"]
 
 
 def test_dkimpy_never_does_its_own_dns(key, monkeypatch):
@@ -168,13 +177,13 @@ def knot_keys(key, other_key):
 
 
 @pytest.mark.knot
-def test_against_knot_valid_altered_unknown_selector_long_key_and_thread(knot_keys, key):
+def test_against_knot_valid_altered_unknown_selector_long_key_and_pool(knot_keys, key):
     """Through the daemon's DNS client and a real Knot: a valid signature passes (also with a
-    2048-bit key served as several TXT strings, and for a large message verified in a
-    thread), an altered body fails, an unknown selector is a permanent error."""
-    from twisted.internet import reactor, threads
-    from twisted.python.threadpool import ThreadPool
+    2048-bit key served as several TXT strings, and for a large message verified by a worker
+    process), an altered body fails, an unknown selector is a permanent error."""
+    from twisted.internet import reactor
 
+    from policyd_ipv6.checks.dkim_pool import DkimPool
     from policyd_ipv6.resolver.client import DnsClient
     from policyd_ipv6.resolver.wire import Nameserver
 
@@ -183,27 +192,23 @@ def test_against_knot_valid_altered_unknown_selector_long_key_and_thread(knot_ke
                                 1.0, 1), reactor)
     signed = sign(message(), key, "sender.test", "lab")
     large = sign(message(body=(b"y" * 76 + b"\r\n") * 20000), key, "sender.test", "lab")
-    in_thread = []
-    # The reactor's own pool starts with reactor.run(), which these tests never call.
-    pool = ThreadPool(1, 1, "dkim-test")
+    pool = DkimPool(reactor, workers=1)
     pool.start()
-
-    def thread_runner(function, *args):
-        in_thread.append(len(args[0]))
-        return threads.deferToThreadPool(reactor, pool, function, *args)
-
+    submitted = []
+    submit = pool.submit
+    pool.submit = lambda request, data: submitted.append(len(data)) or submit(request, data)
     try:
         facts = wait(defer.gatherResults([
             check_dkim(lookups, signed),
             check_dkim(lookups, signed.replace(b"Hello.", b"Hullo.")),
             check_dkim(lookups, sign(message(), key, "sender.test", "nosuch")),
             check_dkim(lookups, sign(message(), big, "sender.test", "big")),
-            check_dkim(lookups, large, run=thread_runner),
+            check_dkim(lookups, large, pool=pool),
         ]))
     finally:
         pool.stop()
-    valid, altered, unknown, long_key, threaded = facts
+    valid, altered, unknown, long_key, pooled = facts
     assert valid.result == "pass" and long_key.result == "pass"
     assert altered.result == "fail" and "body hash" in altered.signatures[0].reason
     assert unknown.result == "fail" and unknown.signatures[0].result == "permerror"
-    assert threaded.result == "pass" and in_thread and in_thread[0] > 1_500_000
+    assert pooled.result == "pass" and submitted and submitted[0] > 1_500_000

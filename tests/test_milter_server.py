@@ -13,6 +13,7 @@ from test_milter_session import cstr, macro, optneg, pkt
 from twisted.internet import defer, task
 from twisted.internet.testing import StringTransport
 
+from policyd_ipv6.checks.dkim import INLINE_WORK_BYTES
 from policyd_ipv6.checks.gather import FactFinder
 from policyd_ipv6.milter import end_of_message
 from policyd_ipv6.milter import server as milter_server
@@ -49,11 +50,25 @@ def records(key):
             ("lab._domainkey.fail.test", "TXT"): [txt_rdata(key.record())]}
 
 
+class InProcessPool:
+    """A dkim_pool.DkimPool stand-in: runs the worker's job in this process, records sizes."""
+
+    def __init__(self, sizes):
+        self.sizes = sizes
+
+    def submit(self, request, data):
+        from policyd_ipv6.checks import dkim_verify
+
+        self.sizes.append(len(data))
+        return defer.maybeDeferred(dkim_verify._handle, [request, data[:request["body_start"]],
+                                                         data[request["body_start"]:]])
+
+
 class Harness:
     """One daemon's policy and milter sides sharing a sessions registry, on a fake clock."""
 
     def __init__(self, key, broken=(), max_sessions=100, dns_delay=0.0, max_connections=10,
-                 run_in_thread=None, eom_deadline=60.0, peer_uids=None):
+                 dkim_pool=None, eom_deadline=60.0, peer_uids=None):
         self.clock = task.Clock()
         self.fake = FakeDnsClient(records(key), broken=set(broken), clock=self.clock,
                                   delay=dns_delay)
@@ -65,14 +80,10 @@ class Harness:
         self.engine = PolicyEngine(policy, lambda: table, finder, self.clock, self.sessions)
         self.policy_factory = PolicyFactory(self.engine, self.clock, 10, 600.0,
                                             peer_uids=peer_uids)
-        self.threaded = []
-
-        def runner(function, *args):
-            self.threaded.append(len(args[0]))
-            return defer.maybeDeferred(function, *args)
-
+        self.pooled = []
         self.milter_factory = MilterFactory(self.engine, self.lookups, self.clock, AUTHSERV,
-                                            max_connections, 600.0, run_in_thread or runner,
+                                            max_connections, 600.0,
+                                            dkim_pool or InProcessPool(self.pooled),
                                             eom_deadline_seconds=eom_deadline,
                                             peer_uids=peer_uids)
 
@@ -478,17 +489,17 @@ def milter_server_session(**kwargs):
     return MilterSession(**kwargs)
 
 
-def test_large_messages_are_verified_through_the_thread_runner(key):
-    """Above DKIM_THREAD_BYTES the verification goes to the thread runner; small ones do not."""
+def test_large_messages_are_verified_through_the_worker_pool(key):
+    """Above dkim.INLINE_WORK_BYTES the verification goes to the worker pool; small ones do not."""
     h = Harness(key)
     body = b"z" * 76 + b"\r\n"
     big = sign(message("alice@fail.test", body=body * 1000), key, "fail.test", "lab")
     _, eom, _ = session(h, raw=big)
     assert [c for c, _ in eom] == [b"i", b"c"]
-    assert h.threaded and h.threaded[0] > milter_server.DKIM_THREAD_BYTES
+    assert h.pooled and h.pooled[0] > INLINE_WORK_BYTES
     _, eom, _ = session(h, port=4015, raw=sign(message("alice@fail.test"), key, "fail.test",
                                                 "lab"))
-    assert len(h.threaded) == 1
+    assert len(h.pooled) == 1
 
 
 def test_an_internal_error_at_end_of_message_tempfails_a_message_needing_dkim(key, monkeypatch):

@@ -1,92 +1,81 @@
-"""The DKIM check (RFC 6376) with dkimpy: every signature of a message, keys fetched first.
+"""The DKIM check (RFC 6376, RFC 8301) with dkimpy: a bounded number of signatures, keys
+fetched first, the CPU work in worker processes.
 
-Contract: ``check_dkim(lookups, message, run=None, max_signatures=MAX_SIGNATURES)`` returns a
-Deferred that always fires (never fails) with a ``DkimFact``:
+Contract: ``check_dkim(lookups, message, pool=None)`` returns a Deferred that always fires
+(never fails) with a ``DkimFact``:
 
 - ``pass``: at least one DKIM-Signature verifies (``domain``/``selector`` name the first that
   does). Which domain signed does not matter (EOP asks for "DKIM validation", not alignment);
-- ``temperror``: none verifies and a key could not be fetched because of a transient DNS
-  fault: the sender should retry, so a temporary reply, never a refusal;
-- ``fail``: signatures, none valid (bad signature, altered body, missing or unusable key,
-  malformed or expired signature); ``none``: the message is not signed.
+- ``temperror``: none verifies, and a key could not be fetched because of a transient DNS
+  fault, or the verification could not run (worker pool full, worker hung or died): the
+  sender should retry, so a temporary reply (451 4.4.3), never a refusal and never a pass;
+- ``none``: not signed, or signed only with keys in testing mode (``t=y``: RFC 6376 §3.6.1,
+  verifiers "MUST NOT treat messages from Signers in testing mode differently from unsigned
+  email");
+- ``fail``: signed, none valid (bad signature, altered body, missing or unusable key,
+  malformed or expired signature, or only ``policy`` results).
 
-``signatures`` holds one ``SignatureResult`` per signature tried, for the
-Authentication-Results header and the log.
+``signatures`` holds one ``SignatureResult`` per signature listed, for the
+Authentication-Results header and the log. ``policy`` (RFC 8601 §2.7.1) marks a signature
+that is not acceptable or was not verified, with the reason:
 
-Why keys first: dkimpy is synchronous and would look the key up itself, blocking. So the
+- ``a=rsa-sha1``: RFC 8301 §3.1, verifiers MUST NOT consider it valid (not even verified);
+- a key with ``t=y`` (see ``none`` above);
+- ``l=`` shorter than the canonical body (``dkim_verify``);
+- beyond ``MAX_SIGNATURES`` signatures needing a key: not verified;
+- a body over ``MAX_BODY_BYTES``: not verified. Such a message is then treated as unsigned
+  with a failed signature: if SPF passed it is accepted (DKIM does not matter), if SPF failed
+  it gets the ``auth_failed`` reply, as a message over the milter's collection bound does.
+  Not "temperror": retrying would bring the same message and the same answer, and the sender
+  would retry for days before bouncing; not a pass: an unverified signature proves nothing.
+
+Why keys first: dkimpy is synchronous and would look the key up itself, blocking. The
 signatures are parsed from the header block, each key record (TXT at
-``selector._domainkey.domain``) is fetched through the daemon's own ``Lookups`` (its resolver,
-timeouts, cache, no search list), all at once; then ``dkim.DKIM(message).verify(idx,
-dnsfunc=...)`` runs for each signature with a ``dnsfunc`` that only returns the fetched
-record. dkimpy reports a DNS timeout as an ordinary failure (DKIM.verify_sig catches DnsTimeoutError); fetching first
-keeps "temporary" apart.
+``selector._domainkey.domain``) is fetched through the daemon's own ``Lookups``, all at once;
+dkimpy then only sees the fetched record. dkimpy reports a DNS timeout as an ordinary failure
+(DKIM.verify_sig catches DnsTimeoutError); fetching first keeps "temporary" apart.
 
-The verification itself is CPU work proportional to the message size (measured with dkimpy
-1.1.4 and 1.1.8, 2048-bit keys): under 1 ms at 4 kB, 1-2 ms at 16 kB, 7-9 ms at 64 kB,
-0.06-0.35 s at 1 MB; parsing the signatures from the header block costs about 0.1 ms.
-``run(function, *args)`` returns a Deferred for its result: the caller passes a thread-pool
-runner for large messages, so the reactor is never held for long; with ``run=None`` it runs
-inline. Every exception dkimpy raises on hostile input becomes a failed signature.
+Where the CPU work runs: with a ``dkim_pool.DkimPool``, a header block over
+``INLINE_HEAD_BYTES`` is parsed by a worker, and verification whose body bytes times
+signatures exceed ``INLINE_WORK_BYTES`` runs in a worker; the rest runs inline, on the
+reactor, for under a few milliseconds. With ``pool=None`` (``policyd-ipv6 check``, tests)
+everything runs inline. Every exception dkimpy raises on hostile input is a failed signature.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
-import dkim
 from twisted.internet import defer
 
+from policyd_ipv6.checks.dkim_pool import PoolBusy, WorkerLost
+from policyd_ipv6.checks.dkim_verify import parse_signatures, split_message, verify_all
 from policyd_ipv6.facts import DkimFact, SignatureResult
 from policyd_ipv6.resolver.lookups import Answer
 from policyd_ipv6.text import printable
+from policyd_ipv6.vocabulary import DkimResult, DnsStatus, Lookups
 
-__all__ = ["check_dkim", "DkimFact", "SignatureResult", "MAX_SIGNATURES"]
+__all__ = ["check_dkim", "DkimFact", "SignatureResult", "MAX_SIGNATURES", "MAX_LISTED",
+           "MAX_BODY_BYTES"]
 
-# A message with hundreds of signatures must not cost hundreds of lookups; real mail carries
-# one to three (author domain, ESP, mailing list).
-MAX_SIGNATURES = 10
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
+# Fixed here rather than in the configuration. Real mail carries one to three signatures
+# (author domain, ESP, mailing list): at most five are verified (five key lookups, five
+# body hashes), and at most ten are listed in Authentication-Results.
+MAX_SIGNATURES = 5
+MAX_LISTED = 10
+# Body bytes handed to dkimpy at most: bounds the CPU (five hashes of 4 MiB are well under a
+# second) and the memory of one verification (about three times the body).
+MAX_BODY_BYTES = 4 * 1024 * 1024
+# On the reactor: parsing a 16 KiB header block costs under a millisecond; hashing 64 KiB of
+# body (all signatures together) a few milliseconds.
+INLINE_HEAD_BYTES = 16 * 1024
+INLINE_WORK_BYTES = 64 * 1024
 _BASE64 = re.compile(rb"[A-Za-z0-9+/]+")
-
-
-class _Notes:
-    """A logger for dkimpy that keeps its error messages as the failure reason."""
-
-    def __init__(self) -> None:
-        self.errors: list[str] = []
-
-    def error(self, message, *args) -> None:
-        self.errors.append(str(message))
-
-    warning = info = error
-
-    def debug(self, *args, **kwargs) -> None:
-        pass
 
 
 def _text(raw: bytes, limit: int = 100) -> str:
     return printable(raw.decode("ascii", "replace"), limit)
-
-
-def _signatures(message: bytes, limit: int) -> list[tuple[int, object]]:
-    """(index, (selector, domain, b) or an error text) for each DKIM-Signature, from the
-    header block only: parsing the body here would cost as much as verifying it."""
-    found = _HEADER_END.search(message)
-    head = message[:found.start()] if found else message
-    try:
-        parsed = dkim.DKIM(head + b"\r\n\r\n", logger=_Notes())
-        count = sum(1 for name, _ in parsed.headers if name.lower() == b"dkim-signature")
-    except Exception as error:  # hostile header syntax
-        return [(0, f"unparsable header ({error.__class__.__name__})")]
-    out = []
-    for idx in range(min(count, limit)):
-        try:
-            prep = parsed.verify_headerprep(idx)
-            sig = prep[0]
-            out.append((idx, (sig[b"s"], sig[b"d"], sig.get(b"b", b""))))
-        except Exception as error:  # malformed, expired or unsupported signature
-            out.append((idx, f"{error.__class__.__name__}: {error}"))
-    return out
 
 
 def _key_name(selector: bytes, domain: bytes) -> bytes:
@@ -94,7 +83,7 @@ def _key_name(selector: bytes, domain: bytes) -> bytes:
     return selector + b"._domainkey." + domain + b"."
 
 
-def _record(answer) -> bytes | None:
+def _record(answer: Answer) -> bytes | None:
     """The key record among the TXT records: the first that looks like one."""
     records = [b"".join(strings) for strings in answer.values]
     for record in records:
@@ -103,87 +92,122 @@ def _record(answer) -> bytes | None:
     return records[0] if records else None
 
 
-def _verify_all(message: bytes, jobs: list[tuple[int, bytes, bytes]]) -> dict[int, tuple]:
-    """Synchronous part: {index: (result, reason)} for each (index, key name, key record)."""
-    out: dict[int, tuple] = {}
-    notes = _Notes()
-    try:
-        verifier = dkim.DKIM(message, logger=notes)
-    except Exception as error:
-        return {idx: ("permerror", f"unparsable message ({error.__class__.__name__})")
-                for idx, _, _ in jobs}
-    for idx, name, record in jobs:
-        notes.errors.clear()
-        try:
-            valid = verifier.verify(idx, dnsfunc=lambda n, timeout=5, _r=record, _n=name:
-                                    _r if n == _n else None)
-        except dkim.ValidationError as error:  # "body hash mismatch" and the like
-            out[idx] = ("fail", str(error))
-            continue
-        except Exception as error:  # key or message format; hostile input
-            out[idx] = ("permerror", f"{error.__class__.__name__}: {error}")
-            continue
-        if valid:
-            out[idx] = ("pass", "")
-        elif notes.errors:  # dkimpy logs key problems and returns False
-            out[idx] = ("permerror", notes.errors[-1])
-        else:
-            out[idx] = ("fail", "signature does not verify")
-    return out
+def _testing(record: bytes) -> bool:
+    """Whether a key record's t= flags include y (RFC 6376 §3.6.1)."""
+    for tag in record.split(b";"):
+        name, _, value = tag.partition(b"=")
+        if name.strip() == b"t":
+            return b"y" in [flag.strip() for flag in value.split(b":")]
+    return False
 
 
-def check_dkim(lookups, message: bytes, run=None,
-               max_signatures: int = MAX_SIGNATURES) -> defer.Deferred:
+def check_dkim(lookups: Lookups, message: bytes, pool=None) -> defer.Deferred[DkimFact]:
     """See the module docstring."""
-    d = defer.maybeDeferred(_check, lookups, message, run, max_signatures)
-    d.addErrback(lambda f: DkimFact("temperror", reason=f"internal error: {f.value!r}"[:200]))
+    d = defer.maybeDeferred(_check, lookups, message, pool)
+    d.addErrback(lambda f: DkimFact(DkimResult.TEMPERROR,
+                                    reason=f"internal error: {f.value!r}"[:200]))
     return d
 
 
+def _parse(message: bytes, head_end: int, pool) -> defer.Deferred[list]:
+    head = message[:head_end]
+    if pool is None or head_end <= INLINE_HEAD_BYTES:
+        return defer.succeed(parse_signatures(head, MAX_LISTED))
+    d = pool.submit({"job": "parse", "limit": MAX_LISTED, "body_start": len(head)}, head)
+    d.addCallback(lambda found: [
+        (int(idx), tags if isinstance(tags, str)
+         else {key.encode("latin-1"): value.encode("latin-1") for key, value in tags.items()})
+        for idx, tags in found])
+    return d
+
+
+def _verify(message: bytes, head_end: int, body_start: int, jobs, pool) -> defer.Deferred:
+    work = (len(message) - body_start) * len(jobs)
+    if pool is None or work <= INLINE_WORK_BYTES:
+        return defer.succeed(verify_all(message[:head_end], message[body_start:], jobs))
+    request = {"job": "verify", "head_end": head_end, "body_start": body_start,
+               "jobs": [[idx, name.decode("latin-1"), record.decode("latin-1")]
+                        for idx, name, record in jobs]}
+    d = pool.submit(request, message)
+    d.addCallback(lambda found: {int(idx): (DkimResult(result), str(reason))
+                                 for idx, result, reason in found})
+    return d
+
+
+def _unavailable(failure, jobs) -> dict[int, tuple[DkimResult, str]]:
+    """The pool could not verify: each signature is a temperror (the sender retries)."""
+    failure.trap(PoolBusy, WorkerLost)
+    what = ("DKIM verification queue full" if failure.check(PoolBusy)
+            else f"DKIM verification failed: {failure.value}")
+    return {idx: (DkimResult.TEMPERROR, what) for idx, _, _ in jobs}
+
+
 @defer.inlineCallbacks
-def _check(lookups, message: bytes, run, max_signatures: int):
-    signatures = _signatures(message, max_signatures)
+def _check(lookups: Lookups, message: bytes, pool) -> Any:
+    head_end, body_start = split_message(message)
+    signatures = yield _parse(message, head_end, pool)
     if not signatures:
-        return DkimFact("none", reason="no DKIM-Signature")
+        return DkimFact(DkimResult.NONE, reason="no DKIM-Signature")
     results: dict[int, SignatureResult] = {}
-    wanted: dict[int, tuple] = {}
-    for idx, parsed in signatures:
-        if isinstance(parsed, str):
-            results[idx] = SignatureResult("permerror", reason=parsed[:200])
+    wanted: dict[int, dict[bytes, bytes]] = {}
+    body_bytes = len(message) - body_start
+    for idx, tags in signatures:
+        if isinstance(tags, str):
+            results[idx] = SignatureResult(DkimResult.PERMERROR, reason=tags[:200])
+            continue
+        about = dict(domain=_text(tags[b"d"]), selector=_text(tags[b"s"]),
+                     b_prefix=_b_prefix(tags.get(b"b", b"")))
+        if tags.get(b"a", b"").strip().lower() == b"rsa-sha1":
+            why = "a=rsa-sha1 is not acceptable (RFC 8301)"
+        elif len(wanted) >= MAX_SIGNATURES:
+            why = f"not verified: only the first {MAX_SIGNATURES} signatures are"
+        elif body_bytes > MAX_BODY_BYTES:
+            why = f"not verified: body over {MAX_BODY_BYTES >> 20} MiB"
         else:
-            wanted[idx] = parsed
-    names = {idx: _key_name(s, d) for idx, (s, d, _b) in wanted.items()}
+            wanted[idx] = tags
+            results[idx] = SignatureResult(DkimResult.PERMERROR, **about)  # replaced below
+            continue
+        results[idx] = SignatureResult(DkimResult.POLICY, reason=why, **about)
+    names = {idx: _key_name(tags[b"s"], tags[b"d"]) for idx, tags in wanted.items()}
     answers = yield defer.gatherResults(
         [_fetch(lookups, name) for name in names.values()], consumeErrors=True)
-    jobs = []
+    jobs: list[tuple[int, bytes, bytes]] = []
+    testing: set[int] = set()
     for (idx, name), answer in zip(names.items(), answers):
-        selector, domain, b = wanted[idx]
-        about = dict(domain=_text(domain), selector=_text(selector),
-                     b_prefix=_b_prefix(b))
-        if answer.status == "tempfail":
-            results[idx] = SignatureResult("temperror", reason=f"key lookup: {answer.detail}",
-                                           **about)
-        elif not answer.ok or _record(answer) is None:
-            results[idx] = SignatureResult("permerror", reason=f"no key ({answer.status})",
-                                           **about)
+        record = _record(answer)
+        if answer.status == DnsStatus.TEMPFAIL:
+            _set(results, idx, DkimResult.TEMPERROR, f"key lookup: {answer.detail}")
+        elif not answer.ok or record is None:
+            _set(results, idx, DkimResult.PERMERROR, f"no key ({answer.status})")
+        elif _testing(record):
+            testing.add(idx)
+            _set(results, idx, DkimResult.POLICY, "key in testing mode (t=y): as unsigned")
         else:
-            jobs.append((idx, name, _record(answer)))
-            results[idx] = SignatureResult("permerror", **about)  # replaced below
+            jobs.append((idx, name, record))
     if jobs:
-        verified = yield (run(_verify_all, message, jobs) if run is not None
-                          else defer.succeed(_verify_all(message, jobs)))
+        d = _verify(message, head_end, body_start, jobs, pool)
+        verified = yield d.addErrback(_unavailable, jobs)
         for idx, (result, reason) in verified.items():
-            old = results[idx]
-            results[idx] = SignatureResult(result, old.domain, old.selector, old.b_prefix,
-                                           printable(reason, 200))
-    return _summary(tuple(results[idx] for idx in sorted(results)))
+            _set(results, idx, DkimResult(result), reason)
+    listed = tuple(results[idx] for idx in sorted(results))
+    if testing and len(testing) == len(listed):
+        return DkimFact(DkimResult.NONE, reason="signed only with keys in testing mode (t=y)",
+                        signatures=listed)
+    return _summary(listed)
 
 
-def _fetch(lookups, name: bytes) -> defer.Deferred:
+def _set(results: dict[int, SignatureResult], idx: int, result: DkimResult,
+         reason: str) -> None:
+    old = results[idx]
+    results[idx] = SignatureResult(result, old.domain, old.selector, old.b_prefix,
+                                   printable(reason, 200))
+
+
+def _fetch(lookups: Lookups, name: bytes) -> defer.Deferred[Answer]:
     try:
         return lookups.lookup(name.decode("ascii"), "TXT")
     except UnicodeDecodeError:
-        return defer.succeed(Answer("nodata", detail="not a DNS name"))
+        return defer.succeed(Answer(DnsStatus.NODATA, detail="not a DNS name"))
 
 
 def _b_prefix(b: bytes) -> str:
@@ -193,11 +217,12 @@ def _b_prefix(b: bytes) -> str:
 
 def _summary(signatures: tuple[SignatureResult, ...]) -> DkimFact:
     for sig in signatures:
-        if sig.result == "pass":
-            return DkimFact("pass", sig.domain, sig.selector, "", signatures)
-    temporary = [s for s in signatures if s.result == "temperror"]
+        if sig.result == DkimResult.PASS:
+            return DkimFact(DkimResult.PASS, sig.domain, sig.selector, "", signatures)
+    temporary = [s for s in signatures if s.result == DkimResult.TEMPERROR]
     if temporary:
-        return DkimFact("temperror", reason=temporary[0].reason, signatures=signatures)
+        return DkimFact(DkimResult.TEMPERROR, reason=temporary[0].reason, signatures=signatures)
     first = signatures[0]
-    reason = f"d={first.domain} s={first.selector}: {first.reason}" if first.domain else first.reason
-    return DkimFact("fail", reason=reason, signatures=signatures)
+    reason = (f"d={first.domain} s={first.selector}: {first.reason}" if first.domain
+              else first.reason)
+    return DkimFact(DkimResult.FAIL, reason=reason, signatures=signatures)

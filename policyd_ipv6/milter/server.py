@@ -17,7 +17,7 @@ other stages are negotiated no-reply, SMFIP_NR_*, see ``milter.session``):
 - End of message: what ``end_of_message`` decides, after ``check_dkim`` when the message is
   concerned; incoming Authentication-Results claiming ``authserv_id`` (marked by the
   session as they arrive, ``authres.forged_authres``) are deleted from every message.
-  Messages over ``DKIM_THREAD_BYTES`` are verified on the reactor's thread pool.
+  Large messages are verified by ``dkim_pool``'s worker processes (``check_dkim``).
 - ABORT (RSET) closes the open message; QUIT or a lost connection removes the session.
 
 Failure contract: a protocol error (bytes Postfix would not send) is logged and the connection
@@ -36,7 +36,7 @@ make Postfix apply ``milter_default_action`` to the message.
 
 from __future__ import annotations
 
-from twisted.internet import defer, protocol, threads
+from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
 from policyd_ipv6.checks.dkim import check_dkim
@@ -51,14 +51,10 @@ from policyd_ipv6.names import client_ip
 from policyd_ipv6.text import printable
 from policyd_ipv6.vocabulary import EndRule
 
-__all__ = ["MilterFactory", "MilterProtocol", "DKIM_THREAD_BYTES", "PROGRESS_INTERVAL_SECONDS"]
+__all__ = ["MilterFactory", "MilterProtocol", "PROGRESS_INTERVAL_SECONDS"]
 
 _log = Logger(namespace="policyd-ipv6")
 
-# Above this size dkimpy's canonicalisation and hashing would hold the reactor for more than
-# a few milliseconds (1-2 ms at 16 kB, 7-9 ms at 64 kB, up to 0.35 s at 1 MB; dkim_check): such
-# messages are verified on the thread pool, where the GIL still lets the reactor run every 5 ms.
-DKIM_THREAD_BYTES = 32 * 1024
 # While DKIM is pending at end of message: each SMFIR_PROGRESS restarts Postfix's
 # milter_content_timeout (300 s; milter8_event reads again after one), so Postfix waits for
 # our own deadline instead of giving up first and applying milter_default_action.
@@ -156,13 +152,12 @@ class MilterProtocol(TimedConnection, protocol.Protocol):
         d: defer.Deferred[DkimFact] | defer.Deferred[None]
         if needs_check(record, message.too_large) == "dkim":
             raw = message.raw()
-            run = self.factory.run_in_thread if len(raw) > DKIM_THREAD_BYTES else None
             clock = self.factory.clock
             self.eom_timers = [
                 clock.callLater(self.factory.eom_deadline_seconds, self._deadline, token,
                                 record, message, start),
                 clock.callLater(PROGRESS_INTERVAL_SECONDS, self._progress, token)]
-            d = check_dkim(self.factory.lookups, raw, run)
+            d = check_dkim(self.factory.lookups, raw, self.factory.dkim_pool)
         else:
             d = defer.succeed(None)
         d.addCallback(lambda dkim: (decide_end(
@@ -264,7 +259,7 @@ class MilterFactory(protocol.Factory):
     noisy = False
 
     def __init__(self, engine, lookups, clock, authserv_id: str, max_connections: int = 1000,
-                 idle_timeout_seconds: float = 600.0, run_in_thread=None,
+                 idle_timeout_seconds: float = 600.0, dkim_pool=None,
                  eom_deadline_seconds: float = 60.0,
                  peer_uids: frozenset[int] | None = None) -> None:
         if engine.sessions is None:
@@ -281,9 +276,8 @@ class MilterFactory(protocol.Factory):
         self.peer_check = PeerCheck(clock, "milter", peer_uids)
         self.connections = 0
         self.over_limit = OverLimitWarning(clock, "milter")
-        # (function, *args) -> Deferred; the reactor's thread pool unless a test injects one.
-        self.run_in_thread = run_in_thread or (
-            lambda f, *args: threads.deferToThreadPool(clock, clock.getThreadPool(), f, *args))
+        # A started dkim_pool.DkimPool for large messages; None verifies everything inline.
+        self.dkim_pool = dkim_pool
 
     def buildProtocol(self, addr) -> MilterProtocol:
         return MilterProtocol(self)
