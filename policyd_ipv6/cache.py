@@ -1,9 +1,12 @@
 """A bounded mapping whose entries expire: the one cache shape the daemon uses.
 
-Contract: ``ExpiringCache(max_entries, clock)``; ``put(key, value, ttl_seconds)`` stores (and
-evicts the least recently used entry when full); ``get(key)`` returns the value or ``None`` once
-it has expired or been evicted. Time comes from the injected clock (``clock.seconds()``), so
-tests use ``twisted.internet.task.Clock``. Not thread-safe: it lives on the reactor thread.
+Contract: ``ExpiringCache(max_entries, clock, max_bytes=None)``; ``put(key, value,
+ttl_seconds, size=0)`` stores (and evicts least recently used entries while there are more
+than ``max_entries``, or their sizes add up to more than ``max_bytes``); ``get(key)`` returns
+the value or ``None`` once it has expired or been evicted. ``size`` is the caller's estimate
+of the memory an entry holds (``bytes`` tells the running total). Time comes from the
+injected clock (``clock.seconds()``), so tests use ``twisted.internet.task.Clock``. Not
+thread-safe: it lives on the reactor thread.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ V = TypeVar("V")
 
 
 class ExpiringCache(Generic[K, V]):
-    def __init__(self, max_entries: int, clock: Clock) -> None:
+    def __init__(self, max_entries: int, clock: Clock, max_bytes: int | None = None) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
         self.clock = clock
-        self._data: OrderedDict[K, tuple[float, V]] = OrderedDict()
+        self.bytes = 0
+        self._data: OrderedDict[K, tuple[float, V, int]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._data)
@@ -36,22 +41,27 @@ class ExpiringCache(Generic[K, V]):
         item = self._data.get(key)
         if item is None:
             return None
-        expires, value = item
+        expires, value, _size = item
         if expires <= self.clock.seconds():
-            del self._data[key]
+            self.pop(key)
             return None
         self._data.move_to_end(key)
         return value
 
-    def put(self, key: K, value: V, ttl_seconds: float) -> None:
-        """Store ``value`` for ``ttl_seconds`` (nothing is stored for a TTL of 0 or less)."""
-        if ttl_seconds <= 0:
-            self._data.pop(key, None)
+    def put(self, key: K, value: V, ttl_seconds: float, size: int = 0) -> None:
+        """Store ``value`` for ``ttl_seconds`` (nothing is stored for a TTL of 0 or less, nor
+        an entry larger than ``max_bytes`` on its own)."""
+        self.pop(key)
+        if ttl_seconds <= 0 or (self.max_bytes is not None and size > self.max_bytes):
             return
-        self._data[key] = (self.clock.seconds() + ttl_seconds, value)
-        self._data.move_to_end(key)
-        while len(self._data) > self.max_entries:
-            self._data.popitem(last=False)
+        self._data[key] = (self.clock.seconds() + ttl_seconds, value, size)
+        self.bytes += size
+        while len(self._data) > self.max_entries or (
+                self.max_bytes is not None and self.bytes > self.max_bytes):
+            _key, (_expires, _value, evicted) = self._data.popitem(last=False)
+            self.bytes -= evicted
 
     def pop(self, key: K) -> None:
-        self._data.pop(key, None)
+        item = self._data.pop(key, None)
+        if item is not None:
+            self.bytes -= item[2]

@@ -23,7 +23,7 @@ from twisted.logger import Logger
 
 from policyd_ipv6.cache import ExpiringCache
 from policyd_ipv6.checks.rdns import check_rdns
-from policyd_ipv6.checks.spf import SpfResults, check_spf
+from policyd_ipv6.checks.spf import DEFAULT_LIMITS, Limits, SpfResults, check_spf
 from policyd_ipv6.facts import Facts, RdnsFact, RdnsOutcome, SpfFact
 from policyd_ipv6.names import IPAddress
 from policyd_ipv6.policy.decision import Need, Subject
@@ -95,12 +95,14 @@ class FactFinder:
     """Starts and remembers the lookups of each message. See the module docstring."""
 
     def __init__(self, lookups: Lookups, clock: Clock, rdns_mode: str, deadline_seconds: float,
-                 max_messages: int = 20_000, message_ttl_seconds: float = 3600.0) -> None:
+                 max_messages: int = 20_000, message_ttl_seconds: float = 3600.0,
+                 spf_limits: Limits = DEFAULT_LIMITS) -> None:
         self.lookups = lookups
         self.clock = clock
         self.rdns_mode = rdns_mode
         self.deadline_seconds = deadline_seconds
         self.message_ttl_seconds = message_ttl_seconds
+        self.spf_limits = spf_limits
         self.messages: ExpiringCache[tuple[object, ...], MessageFacts] = ExpiringCache(
             max_messages, clock)
         # A repeat sender (same IP and domain) costs no SPF run while its answers are fresh.
@@ -130,7 +132,8 @@ class FactFinder:
                         RdnsFact(RdnsOutcome.TEMPFAIL, detail="internal error"))
         inputs = (ip, subject.sender, subject.helo_name)
         known = self.spf_results.get(*inputs)
-        spf = defer.succeed(known) if known is not None else check_spf(self.lookups, *inputs)
+        spf = defer.succeed(known) if known is not None else check_spf(self.lookups, *inputs,
+                                                                    self.spf_limits)
         if known is None:
             message.work.append(spf)
             spf.addCallback(self._remember_spf, inputs)

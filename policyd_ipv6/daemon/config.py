@@ -21,23 +21,39 @@ configuration errors naming the key. Nothing here imports Twisted.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
-import re
 import stat
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from policyd_ipv6.policy.replies import Replies, validate_reply
-from policyd_ipv6.resolver.wire import Nameserver
+from policyd_ipv6.daemon.values import (
+    authserv_id,
+    choice,
+    domain_entries,
+    endpoints,
+    fingerprints,
+    local_parts,
+    nameservers,
+    networks,
+    number,
+    parse_nameserver,
+    path,
+    replies,
+    report_rules,
+    show,
+    string_list,
+    user,
+    users,
+)
+from policyd_ipv6.policy.replies import Replies
+from policyd_ipv6.vocabulary import PolicyRule
 
 __all__ = ["Config", "ConfigError", "KEYS", "RESTART_KEYS", "Key", "load_config",
-           "parse_config", "keep_restart_keys", "DEFAULT_CONFIG_PATH"]
+           "parse_config", "keep_restart_keys", "DEFAULT_CONFIG_PATH", "parse_nameserver"]
 
 DEFAULT_CONFIG_PATH = "/etc/policyd-ipv6/policyd-ipv6.toml"
-_AUTHSERV_ID = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?")
 _MAX_FILE_BYTES = 1024 * 1024
 
 
@@ -68,147 +84,6 @@ def setting(default: Any, parse: Callable[[str, Any], Any], doc: str, *,
                  metadata={"default": default, "parse": parse, "doc": doc, "restart": restart})
 
 
-def _bad(key: str, value: Any, why: str) -> ValueError:
-    return ValueError(f"{key} = {_show(value)}: {why}")
-
-
-def _show(value: Any) -> str:
-    text = repr(value) if not isinstance(value, str) else '"' + value + '"'
-    return text if len(text) <= 120 else text[:117] + "..."
-
-
-class _Number:
-    """A number between ``low`` and ``high`` (a whole number when ``integer``)."""
-
-    def __init__(self, low: float, high: float, integer: bool = False) -> None:
-        self.low, self.high, self.integer = low, high, integer
-
-    def __call__(self, key: str, value: Any) -> Any:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-                self.integer and not isinstance(value, int)):
-            raise _bad(key, value, "must be " + ("a whole number" if self.integer else "a number"))
-        if not self.low <= value <= self.high:
-            raise _bad(key, value, f"must be between {self.low} and {self.high}")
-        return value
-
-    def describe(self) -> str:
-        return f"Between {_plain(self.low)} and {_plain(self.high)}."
-
-
-def _plain(number: float) -> str:
-    return str(int(number)) if float(number).is_integer() else str(number)
-
-
-def _number(low: float, high: float, integer: bool = False) -> _Number:
-    return _Number(low, high, integer)
-
-
-def _string_list(key: str, value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise _bad(key, value, "must be a list of strings")
-    return tuple(value)
-
-
-def _listen(key: str, value: Any) -> tuple[str, ...]:
-    items = _string_list(key, value)
-    if not items:
-        raise _bad(key, value, "must name at least one endpoint")
-    return items
-
-
-def _authserv_id(key: str, value: Any) -> str:
-    # RFC 8601 §2.5: a name the receiving domain controls, usually the host name; it goes
-    # into a header unquoted, so only host-name characters are allowed.
-    if not isinstance(value, str) or (value and not _AUTHSERV_ID.fullmatch(value)):
-        raise _bad(key, value, 'must be a host name such as "mx.example.com" (or "" for this '
-                   "host's name)")
-    return value
-
-
-def _path(key: str, value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise _bad(key, value, "must be a file path")
-    return value
-
-
-def _choice(*choices: str):
-    def parse(key: str, value: Any) -> str:
-        if value not in choices:
-            raise _bad(key, value, "must be " + " or ".join(f'"{c}"' for c in choices))
-        return value
-    return parse
-
-
-def _networks(key: str, value: Any) -> tuple:
-    nets = []
-    for item in _string_list(key, value):
-        try:
-            nets.append(ipaddress.ip_network(item, strict=False))
-        except ValueError:
-            raise _bad(key, item, "is not an IP network (such as 192.0.2.0/24 or "
-                       "2001:db8::/32)") from None
-    return tuple(nets)
-
-
-def parse_nameserver(text: str) -> Nameserver:
-    """ "192.0.2.53", "192.0.2.53:5353", "2001:db8::53" or "[2001:db8::53]:5353"."""
-    host, port = text, 53
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(text)
-        if rest:
-            port = int(rest[1:])
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-        port = int(port_text)
-    address = ipaddress.ip_address(host)
-    if not 0 < port < 65536:
-        raise ValueError(text)
-    return Nameserver(str(address), port)
-
-
-def _nameservers(key: str, value: Any) -> tuple[Nameserver, ...]:
-    servers = []
-    for item in _string_list(key, value):
-        try:
-            servers.append(parse_nameserver(item))
-        except ValueError:
-            raise _bad(key, item, 'is not "ADDRESS", "ADDRESS:PORT" or "[IPv6]:PORT"') from None
-    return tuple(servers)
-
-
-def _user(key: str, value: Any) -> str:
-    if not isinstance(value, str) or (value and not value.replace("-", "").replace("_", "")
-                                      .replace(".", "").isalnum()):
-        raise _bad(key, value, "must be a user name")
-    return value
-
-
-def _users(key: str, value: Any) -> tuple[str, ...]:
-    names = _string_list(key, value)
-    if not names:
-        raise _bad(key, value, "must name at least one user")
-    for name in names:
-        if not name:
-            raise _bad(key, name, "must be a user name")
-        _user(key, name)
-    return names
-
-
-def _replies(key: str, value: Any) -> Replies:
-    if not isinstance(value, dict):
-        raise _bad(key, value, "must be a table ([replies])")
-    defaults = Replies()
-    texts = {}
-    for name, text in value.items():
-        if not hasattr(defaults, name):
-            raise _bad(f"{key}.{name}", text, "unknown reply; known: "
-                       + ", ".join(Replies.__dataclass_fields__))
-        texts[name] = validate_reply(f"{key}.{name}", text, temporary=(name == "temporary"))
-    return Replies(**texts)
-
-
 @dataclass(frozen=True)
 class Config:
     """The validated configuration; ``defaults()`` gives the one with every key at its default.
@@ -216,7 +91,7 @@ class Config:
     Each field is one key of the file, in the order the documentation lists them."""
 
     listen: tuple[str, ...] = setting(
-        ["tcp:10045:interface=127.0.0.1"], _listen,
+        ["tcp:10045:interface=127.0.0.1"], endpoints,
         "Where Postfix reaches the policy service: Twisted server endpoint strings, at least "
         'one. "tcp:10045:interface=127.0.0.1" is TCP port 10045 on IPv4 loopback; '
         '"tcp6:10045:interface=\\\\:\\\\:1" the same on IPv6 loopback (a colon in an address is '
@@ -226,76 +101,121 @@ class Config:
         "main.cf.fragment; Postfix's own private/ is not writable for the daemon). An endpoint "
         "that cannot be parsed or bound stops the daemon at start-up.", restart=True)
     optin_file: str = setting(
-        "/etc/policyd-ipv6/optin-domains", _path,
+        "/etc/policyd-ipv6/optin-domains", path,
         "The opt-in table: the recipient domains that accept mail over IPv6, one per line "
         '("example.com" exactly, ".example.com" its subdomains). A relative path is taken '
         "relative to the configuration file. A missing or invalid file stops the daemon at "
         "start-up; later, a file that becomes unreadable or invalid leaves the previous table "
         "in force.")
     rdns: str = setting(
-        "ptr", _choice("ptr", "fcrdns"),
+        "ptr", choice("ptr", "fcrdns"),
         'The reverse DNS rule. "ptr": the client address must have a PTR record (what Exchange '
         'Online Protection documents). "fcrdns": a PTR name must also resolve (AAAA) back to '
         "the client address (what Gmail asks).")
     trusted_networks: tuple = setting(
-        ["127.0.0.0/8", "::1/128"], _networks,
+        ["127.0.0.0/8", "::1/128"], networks,
         "Clients in these networks (IPv4 or IPv6, in CIDR notation) are not subject to the "
         "rules and get DUNNO, as do SASL-authenticated clients.")
+    mode: str = setting(
+        "enforce", choice("enforce", "report"),
+        '"enforce": refusals are given. "report": wherever a refusal (550, 450 or 451) would '
+        "be given the reply is DUNNO, and the decision's log line carries would=\"<the reply "
+        'it would have given>" beside rule=; the milter likewise accepts at end of message, '
+        "logs would= and still adds Authentication-Results. An opt-in entry's mode= option "
+        "overrides it for that entry.")
+    report_only_rules: frozenset[PolicyRule] = setting(
+        [], report_rules,
+        "Rules whose refusal is only reported, among not-opted-in, no-rdns, spf-failed, "
+        "rdns-temporary and spf-temporary: when one applies its reply is logged as would= "
+        "and the walk goes on, so the reply is the first enforced refusal or DUNNO (for "
+        'example ["no-rdns"]: enforce SPF or DKIM while only observing PTR records).')
+    unlisted_domains: str = setting(
+        "refuse", choice("refuse", "enforce", "report", "ignore"),
+        'Recipient domains not in the opt-in table. "refuse": 550 5.2.1 (what Exchange '
+        'Online Protection does). "enforce": the PTR and SPF-or-DKIM rules apply to every '
+        'recipient domain. "report": DUNNO, with would= the 550. "ignore": DUNNO without '
+        "lookups.")
+    exempt_recipients: tuple[str, ...] = setting(
+        ["postmaster", "abuse"], local_parts,
+        "Local parts exempt from the rules at every domain the rules apply to, compared "
+        "without regard to case (RFC 5321 section 4.5.1 reserves postmaster at each domain). "
+        "Setting the key replaces this list; the bare recipient Postmaster is always exempt.")
+    exempt_client_certificates: tuple[str, ...] = setting(
+        [], fingerprints,
+        "SHA-256 fingerprints (hex, colons optional, any case) of TLS client certificates "
+        "whose clients are connector partners, not anonymous senders: matched against "
+        "Postfix's ccert_fingerprint and ccert_pubkey_fingerprint, they get DUNNO (rule "
+        "tls-connector) at any recipient domain. Needs smtpd_tls_ask_ccert = yes and "
+        "smtpd_tls_fingerprint_digest = sha256 in main.cf.")
+    rdns_exempt_sender_domains: tuple[str, ...] = setting(
+        [], domain_entries,
+        'Sender domains ("example.com" exactly, ".example.com" its subdomains) not refused '
+        "for a missing or unconfirmed PTR when SPF passes for them: partners whose outbound "
+        "IPv6 has no PTR. Bound to SPF, so it cannot be forged; one that does not pass SPF "
+        "gets the 450 4.7.25 of a missing PTR.")
     nameservers: tuple = setting(
-        [], _nameservers,
+        [], nameservers,
         'The DNS servers to ask, each as "ADDRESS", "ADDRESS:PORT" or "[IPv6]:PORT", tried in '
         "order. Empty: the nameserver lines of /etc/resolv.conf (127.0.0.1 if it has none). "
         "The resolv.conf search list is never used. A recursive resolver on the mail server "
         "itself (such as unbound) keeps lookups fast.")
     dns_timeout_seconds: float = setting(
-        2.0, _number(0.05, 30),
+        2.0, number(0.05, 30),
         "How long to wait for one DNS answer before the next try (the next server, or the "
         "same one again).")
     dns_attempts: int = setting(
-        2, _number(1, 5, integer=True),
+        2, number(1, 5, integer=True),
         "How many rounds of tries over the nameservers before a lookup fails temporarily.")
     decision_deadline_seconds: float = setting(
-        15.0, _number(0.1, 90),
+        15.0, number(0.1, 90),
         "A decision whose lookups have not finished by then answers 451 4.4.3 (temporary). "
         "Keep it well under Postfix's smtpd_policy_service_timeout (100 seconds) and under "
         "the timeout of check_policy_service in main.cf.")
     optin_reload_interval_seconds: float = setting(
-        5.0, _number(0, 86400),
+        5.0, number(0, 86400),
         "How often the opt-in file is checked for changes (its inode, size and modification "
         "time); 0: only on SIGHUP.")
     dns_cache_size: int = setting(
-        50_000, _number(1, 10_000_000, integer=True),
+        50_000, number(1, 10_000_000, integer=True),
         "How many DNS answers are kept, each for its TTL (at most dns_max_ttl_seconds).",
         restart=True)
+    dns_cache_bytes: int = setting(
+        33_554_432, number(65_536, 17_179_869_184, integer=True),
+        "The most memory (in bytes, estimated) the DNS answers kept may hold, whatever their "
+        "number: one TXT answer can be 64 KB. The default is 32 MiB.", restart=True)
+    spf_void_limit: int = setting(
+        2, number(2, 20, integer=True),
+        "How many SPF lookups may find nothing (NXDOMAIN or no records) before the SPF "
+        "result is permerror (RFC 7208 section 4.6.4 recommends 2).", restart=True)
     dns_max_ttl_seconds: float = setting(
-        3600.0, _number(0, 86400),
+        3600.0, number(0, 86400),
         "The longest a DNS answer is kept, whatever its TTL; 0: no DNS cache.")
     message_cache_size: int = setting(
-        10_000, _number(1, 10_000_000, integer=True),
+        10_000, number(1, 10_000_000, integer=True),
         "How many messages' reverse DNS and SPF results are kept for their other recipients "
         "(Postfix asks once per recipient; one SPF evaluation per message).", restart=True)
     message_cache_ttl_seconds: float = setting(
-        600.0, _number(1, 86400),
+        600.0, number(1, 86400),
         "How long a message's results are kept (the recipients of a message come within its "
         "SMTP transaction).")
     max_connections: int = setting(
-        1000, _number(1, 1_000_000, integer=True),
+        1000, number(1, 1_000_000, integer=True),
         "How many policy connections (each smtpd process holds one) are served at once, and "
         "as many milter connections; past that the longest-idle one is closed (Postfix "
         "reconnects when it needs to).", restart=True)
     idle_timeout_seconds: float = setting(
-        600.0, _number(1, 86400),
+        600.0, number(1, 86400),
         "A connection idle this long, or stuck in the middle of a request, is closed. Postfix "
         "closes idle policy connections itself after smtpd_policy_service_max_idle (300 "
         "seconds).")
     user: str = setting(
-        "", _user,
+        "", user,
         "The unprivileged account to run as. Started as root, the daemon binds its listeners "
         "and then becomes this user; as root with no user it refuses to start. Leave it empty "
         "in the Debian package: its systemd unit already starts the daemon as its own user "
         "_policyd-ipv6, and a non-root process cannot become another user.", restart=True)
     milter_listen: tuple[str, ...] = setting(
-        [], _string_list,
+        [], string_list,
         "Where Postfix reaches the built-in milter (smtpd_milters in main.cf), as Twisted "
         'server endpoint strings such as "tcp:10046:interface=127.0.0.1"; empty: no milter. '
         "With the milter, a sender that fails SPF may still pass with a valid DKIM signature, "
@@ -303,20 +223,20 @@ class Config:
         "Authentication-Results header; without it, SPF alone decides at RCPT TO.",
         restart=True)
     milter_eom_deadline_seconds: float = setting(
-        60.0, _number(1, 240),
+        60.0, number(1, 240),
         "How long the milter waits at end of message for DKIM before answering 451 4.4.3 "
         "(temporary); keep it well below Postfix's milter_content_timeout (300 seconds).")
     milter_peer_users: tuple[str, ...] = setting(
-        ["root", "postfix"], _users,
+        ["root", "postfix"], users,
         "On Unix-socket listeners, only processes of these users may connect (SO_PEERCRED); "
         "others are closed at once. Not applicable to TCP listeners.", restart=True)
     authserv_id: str = setting(
-        "", _authserv_id,
+        "", authserv_id,
         "The authserv-id (RFC 8601) the milter writes in its Authentication-Results header, "
         "and whose forged copies it removes from incoming mail; a host name such as "
         '"mx.example.com". Empty: this host\'s fully qualified name.')
     replies: Replies = setting(
-        {}, _replies,
+        {}, replies,
         "A table overriding the reply texts, usually written as a [replies] section at the "
         "end of the file: not_opted_in ({domain}), no_reverse_dns ({address}), auth_failed "
         "({address}), temporary ({address}, {check}; must be 4xx).")
@@ -353,7 +273,7 @@ def parse_config(text: str, base_dir: str = ".", source: str = "<config>") -> Co
     for name, value in raw.items():
         key = known.get(name)
         if key is None:
-            raise ConfigError(f"{source}: unknown key {name} = {_show(value)} "
+            raise ConfigError(f"{source}: unknown key {name} = {show(value)} "
                               f"(known keys: {', '.join(known)})")
         try:
             values[name] = key.parse(name, value)

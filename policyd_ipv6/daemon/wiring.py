@@ -30,6 +30,7 @@ from twisted.logger import Logger
 
 from policyd_ipv6.checks.dkim_pool import DkimPool
 from policyd_ipv6.checks.gather import FactFinder
+from policyd_ipv6.checks.spf_eval import Limits
 from policyd_ipv6.daemon.config import (
     RESTART_KEYS,
     Config,
@@ -118,10 +119,12 @@ class PolicyService:
         self.client = DnsClient(reactor, self._servers(config), config.dns_timeout_seconds,
                                 config.dns_attempts)
         self.lookups = Lookups(self.client, reactor, config.dns_cache_size,
-                               config.dns_max_ttl_seconds)
+                               config.dns_max_ttl_seconds,
+                               max_bytes=config.dns_cache_bytes)
         self.finder = FactFinder(self.lookups, reactor, config.rdns,
                                  config.decision_deadline_seconds, config.message_cache_size,
-                                 config.message_cache_ttl_seconds)
+                                 config.message_cache_ttl_seconds,
+                                 Limits(void_lookups=config.spf_void_limit))
         self.optin = _watcher(config, reactor)
         # One entry per SMTP session the milter is on: bounded like the connections.
         sessions = (Sessions(reactor, config.max_connections, SESSION_TTL_SECONDS)
