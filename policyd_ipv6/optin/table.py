@@ -6,6 +6,13 @@ parent_domain_matches_subdomains off). Blank lines, surrounding white space and 
 (whole-line or trailing) are ignored. Matching ignores case and a trailing dot; U-labels and
 A-labels (IDNA) are equivalent.
 
+Options may follow the domain on its line, Postfix-style ``key=value`` words:
+``example.com mode=report rdns=fcrdns``. ``mode`` (``enforce`` or ``report``) overrides the
+configuration's ``mode`` for that entry, in both directions; ``rdns`` (``ptr`` or ``fcrdns``)
+its ``rdns``. An unknown key, a bad value or a key given twice is a syntax error naming the
+line. ``entry(domain)`` returns the ``OptinEntry`` (the options) of the entry that matches, an
+exact entry before a parent one, the nearest parent first.
+
 ``parse_optin(text)`` returns an immutable ``OptinTable`` or raises ``OptinSyntaxError`` naming
 the first bad line. ``load_optin(path)`` reads a file (raising ``OSError`` or
 ``OptinSyntaxError``; an empty file is refused, a file of comments is an empty table; anything
@@ -19,14 +26,18 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from policyd_ipv6.names import domain_key
 
-__all__ = ["OptinTable", "OptinSyntaxError", "parse_optin", "load_optin"]
+__all__ = ["OptinTable", "OptinEntry", "OptinSyntaxError", "parse_optin", "load_optin",
+           "OPTIONS"]
 
 # An opt-in file larger than this is a mistake (a wrong path, a log file), not a table.
 MAX_OPTIN_BYTES = 16 * 1024 * 1024
+# The per-entry options and their values (the configuration keys they override).
+OPTIONS = {"mode": ("enforce", "report"), "rdns": ("ptr", "fcrdns")}
 
 
 class OptinSyntaxError(ValueError):
@@ -38,49 +49,84 @@ class OptinSyntaxError(ValueError):
 
 
 @dataclass(frozen=True)
-class OptinTable:
-    """Exact domains and parent domains (for ``.example.com`` entries), both as domain keys."""
+class OptinEntry:
+    """The options of one entry; None: the configuration's value applies."""
 
-    exact: frozenset[str]
-    parents: frozenset[str]
+    mode: str | None = None
+    rdns: str | None = None
+
+
+_PLAIN = OptinEntry()
+
+
+@dataclass(frozen=True)
+class OptinTable:
+    """Exact domains and parent domains (for ``.example.com`` entries), both as domain keys,
+    each with its options."""
+
+    exact: Mapping[str, OptinEntry]
+    parents: Mapping[str, OptinEntry]
 
     def __len__(self) -> int:
         return len(self.exact) + len(self.parents)
 
     def matches(self, domain: str | None) -> bool:
         """True if the recipient domain has opted in. ``None`` or a non-domain never matches."""
+        return self.entry(domain) is not None
+
+    def entry(self, domain: str | None) -> OptinEntry | None:
+        """The options of the entry the recipient domain matches, or None (not opted in)."""
         if domain is None:
-            return False
+            return None
         key = domain_key(domain)
         if key is None:
-            return False
-        if key in self.exact:
-            return True
+            return None
+        found = self.exact.get(key)
+        if found is not None:
+            return found
         # Walk up the parents: a.b.example.com is under .b.example.com and .example.com.
         rest = key
         while "." in rest:
             rest = rest.split(".", 1)[1]
-            if rest in self.parents:
-                return True
-        return False
+            found = self.parents.get(rest)
+            if found is not None:
+                return found
+        return None
 
 
 def parse_optin(text: str, source: str = "<opt-in table>") -> OptinTable:
     """Parse the opt-in file's text; raise OptinSyntaxError at the first bad line."""
-    exact: set[str] = set()
-    parents: set[str] = set()
+    exact: dict[str, OptinEntry] = {}
+    parents: dict[str, OptinEntry] = {}
     for lineno, raw in enumerate(text.splitlines(), start=1):
-        entry = raw.split("#", 1)[0].strip()
-        if not entry:
+        words = raw.split("#", 1)[0].split()
+        if not words:
             continue
-        if any(ch.isspace() for ch in entry):
-            raise OptinSyntaxError(source, lineno, raw, "more than one word on a line")
+        entry, options = words[0], _options(words[1:], source, lineno, raw)
         subdomains = entry.startswith(".")
         key = domain_key(entry[1:] if subdomains else entry)
-        if key is None:
+        if key is None or "=" in entry:
             raise OptinSyntaxError(source, lineno, raw, "not a domain name")
-        (parents if subdomains else exact).add(key)
-    return OptinTable(frozenset(exact), frozenset(parents))
+        (parents if subdomains else exact)[key] = options
+    return OptinTable(exact, parents)
+
+
+def _options(words: list[str], source: str, lineno: int, raw: str) -> OptinEntry:
+    if not words:
+        return _PLAIN
+    given: dict[str, str] = {}
+    for word in words:
+        name, sep, value = word.partition("=")
+        if not sep or name not in OPTIONS:
+            raise OptinSyntaxError(source, lineno, raw, f"unknown option {word!r} (options: "
+                                   + ", ".join(f"{k}=" for k in OPTIONS) + ")")
+        if value not in OPTIONS[name]:
+            raise OptinSyntaxError(source, lineno, raw, f"{name}={value!r}: must be "
+                                   + " or ".join(OPTIONS[name]))
+        if name in given:
+            raise OptinSyntaxError(source, lineno, raw, f"option {name} given twice")
+        given[name] = value
+    return OptinEntry(**given)
 
 
 def load_optin(path: str) -> OptinTable:
