@@ -1,4 +1,4 @@
-"""The command line: ``policyd-ipv6 serve | check | --version``.
+"""The command line: ``policyd-ipv6 serve | check | reload | --version``.
 
 Contract: ``main(argv)`` returns the process exit status (0 success, 2 usage error, 1
 configuration error or failure to start) and is the console script's entry point, also
@@ -14,6 +14,10 @@ reached with ``python3 -m policyd_ipv6``.
   would, prints the reply (``action=...``) as its first line and then a trace of each step,
   and exits 0. With ``--message`` the stored message's DKIM signatures are verified too and
   the decision is the one of the policy service plus the built-in milter (SPF or DKIM).
+- ``reload --pid PID`` sends SIGHUP to the running daemon PID (the unit's ``ExecReload=``, so
+  that ``systemctl reload`` needs no ``kill`` binary: minbase + systemd has none); it reads no
+  configuration, and exits 1 naming the PID when there is no such process or it may not be
+  signalled.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 
 from policyd_ipv6 import __version__
@@ -67,7 +72,25 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--message", metavar="FILE",
                        help="a stored message: also verify its DKIM signatures and decide as "
                             "the policy service and the built-in milter together would")
+    reload = commands.add_parser("reload", help="make the running daemon re-read its "
+                                 "configuration and opt-in table (SIGHUP)")
+    reload.add_argument("--pid", type=int, required=True,
+                        help="the daemon's process id (systemd's $MAINPID)")
     return parser
+
+
+def _reload(pid: int) -> int:
+    # pid 0 and negative ids would signal process groups, 1 is init: never the daemon.
+    if pid <= 1:
+        print(f"policyd-ipv6: reload: --pid {pid} is not a daemon's process id", file=sys.stderr)
+        return 1
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as error:
+        print(f"policyd-ipv6: reload: cannot signal process {pid}: {error.strerror}",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def _config(args):
@@ -85,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         _parser().print_help(sys.stderr)
         return 2
+    if args.command == "reload":
+        return _reload(args.pid)
     try:
         config = _config(args)
         if args.command == "serve":

@@ -37,14 +37,15 @@ def test_changelog_version_is_the_program_version():
 
 
 def test_unit_runs_the_default_configuration_as_the_user_postinst_creates():
-    """The unit starts `policyd-ipv6 serve --config <default path>` as the user postinst adds."""
+    """The unit starts `policyd-ipv6 serve --config <default path>` as the user postinst adds,
+    and reloads with the program's own `reload --pid $MAINPID` (no /bin/kill on minbase)."""
     unit = Unit.read(DEBIAN / "policyd-ipv6.service")
     assert unit.exec_start == ["/usr/bin/policyd-ipv6", "serve", "--config", DEFAULT_CONFIG_PATH]
     assert unit.user not in ("root", "0") and unit.group == unit.user
     script = packaged("policyd-ipv6.postinst").replace("\\\n", " ")  # join continued lines
     (adduser,) = [line.split() for line in script.splitlines() if "adduser --system" in line]
     assert "--group" in adduser and adduser[-1] == unit.user
-    assert unit.exec_reload == ["/bin/kill", "-HUP", "$MAINPID"]
+    assert unit.exec_reload == ["/usr/bin/policyd-ipv6", "reload", "--pid", "$MAINPID"]
     assert unit.one("Restart") == "on-failure"
 
 

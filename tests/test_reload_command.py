@@ -1,0 +1,51 @@
+"""``policyd-ipv6 reload --pid PID``: the unit's ExecReload=, which needs no ``kill`` binary.
+
+The command sends SIGHUP to the running daemon and reads no configuration; a process id that
+cannot be the daemon, or a process that is gone, is an error naming the id (exit status 1).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from test_cli import ROOT, Daemon, knot, write_config  # noqa: F401  (knot is a fixture)
+
+from policyd_ipv6.daemon.cli import main
+
+
+@pytest.mark.parametrize("pid", ["0", "1", "-1", "-42"])
+def test_reload_refuses_process_ids_that_are_no_daemon(pid, capsys):
+    """0, 1 and negative ids (process groups, init) are refused with status 1, unsignalled."""
+    assert main(["reload", "--pid", pid]) == 1
+    assert f"--pid {pid} is not a daemon's process id" in capsys.readouterr().err
+
+
+@pytest.mark.process
+def test_reload_of_a_process_that_is_gone_fails_naming_it():
+    """A pid with no process behind it gives status 1 and a message naming the pid."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    result = subprocess.run([sys.executable, "-m", "policyd_ipv6", "reload", "--pid",
+                             str(gone.pid)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 1
+    assert f"cannot signal process {gone.pid}: No such process" in result.stderr
+
+
+@pytest.mark.process
+def test_reload_makes_the_running_daemon_reread_its_configuration(tmp_path, knot):  # noqa: F811
+    """reload --pid of a serving daemon makes it re-read the configuration and the opt-in
+    table exactly as SIGHUP does, with no configuration option of its own."""
+    config = write_config(tmp_path, knot, ["tcp:0:interface=127.0.0.1"])
+    daemon = Daemon(config)
+    try:
+        result = subprocess.run([sys.executable, "-m", "policyd_ipv6", "reload", "--pid",
+                                 str(daemon.process.pid)], cwd="/", capture_output=True,
+                                text=True, timeout=30,
+                                env={**os.environ, "PYTHONPATH": ROOT})
+        assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+        daemon.wait_for("configuration reloaded (SIGHUP)")
+    finally:
+        daemon.stop()
+    assert daemon.process.returncode == 0
