@@ -24,12 +24,12 @@ def test_check_reports_a_stale_copy_and_write_fixes_it(tmp_path, capsys):
     for name, _render in keydocs.TARGETS:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, tmp_path / name)
-    page = tmp_path / "debian/policyd-ipv6.toml.5"
+    page = tmp_path / "policyd_ipv6/man/policyd-ipv6.toml.5"
     page.write_text(page.read_text().replace("Between 1 and 5.", "Between 1 and 9."))
     assert keydocs.main(["--check", "--root", str(tmp_path)]) == 1
     assert "policyd-ipv6.toml.5" in capsys.readouterr().out
     assert keydocs.main(["--write", "--root", str(tmp_path)]) == 0
-    assert page.read_text() == (ROOT / "debian/policyd-ipv6.toml.5").read_text()
+    assert page.read_text() == (ROOT / "policyd_ipv6/man/policyd-ipv6.toml.5").read_text()
     assert keydocs.main(["--check", "--root", str(tmp_path)]) == 0
 
 

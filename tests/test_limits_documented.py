@@ -12,7 +12,7 @@ from policyd_ipv6.policy import server as policy_server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = {"README.md": os.path.join(ROOT, "README.md"),
-        "policyd-ipv6(8)": os.path.join(ROOT, "debian", "policyd-ipv6.8")}
+        "policyd-ipv6(8)": os.path.join(ROOT, "policyd_ipv6", "man", "policyd-ipv6.8")}
 
 
 def mentions(text: str, number: int) -> bool:

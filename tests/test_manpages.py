@@ -24,9 +24,9 @@ from policyd_ipv6 import __version__
 from policyd_ipv6.daemon import cli
 from policyd_ipv6.policy.replies import Replies
 
-DEBIAN = Path(__file__).resolve().parents[1] / "debian"
-PAGE_8 = DEBIAN / "policyd-ipv6.8"
-PAGE_5 = DEBIAN / "policyd-ipv6.toml.5"
+MAN = Path(__file__).resolve().parents[1] / "policyd_ipv6" / "man"
+PAGE_8 = MAN / "policyd-ipv6.8"
+PAGE_5 = MAN / "policyd-ipv6.toml.5"
 
 
 def plain(roff: str) -> str:

@@ -129,10 +129,10 @@ def _readme(text: str) -> str:
 
 
 def _man(text: str) -> str:
-    return _between(text, MAN_MARKS, man_keys(), "debian/policyd-ipv6.toml.5")
+    return _between(text, MAN_MARKS, man_keys(), "policyd_ipv6/man/policyd-ipv6.toml.5")
 
 
-TARGETS = (("README.md", _readme), ("debian/policyd-ipv6.toml.5", _man),
+TARGETS = (("README.md", _readme), ("policyd_ipv6/man/policyd-ipv6.toml.5", _man),
            *((sample, sample_comments) for sample in SAMPLES))
 
 
