@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import os
 import sys
+from typing import Any
 
 from twisted.internet import defer, error, protocol
 from twisted.logger import Logger
@@ -85,6 +86,10 @@ class _Job:
 
 
 class _Worker(protocol.ProcessProtocol):
+    # Typed Any: Twisted declares it as a zope.interface type, whose methods mypy cannot call
+    # (they are declared without self).
+    transport: Any
+
     def __init__(self, pool: DkimPool, started: float) -> None:
         self.pool = pool
         self.started = started

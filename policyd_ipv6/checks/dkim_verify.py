@@ -88,14 +88,14 @@ def split_message(message: bytes) -> tuple[int, int]:
     return head_end, at + width
 
 
-def parse_signatures(head: bytes, limit: int) -> list[tuple[int, object]]:
+def parse_signatures(head: bytes, limit: int) -> list[tuple[int, dict[bytes, bytes] | str]]:
     """See the module docstring. ``head`` is the header block without its empty line."""
     try:
         parsed = dkim.DKIM(head + b"\r\n\r\n", logger=_Notes())
         count = sum(1 for name, _ in parsed.headers if name.lower() == b"dkim-signature")
     except Exception as error:  # hostile header syntax
         return [(0, f"unparsable header ({error.__class__.__name__})")]
-    out: list[tuple[int, object]] = []
+    out: list[tuple[int, dict[bytes, bytes] | str]] = []
     for idx in range(min(count, limit)):
         try:
             sig = parsed.verify_headerprep(idx)[0]
