@@ -79,8 +79,10 @@ class _Notes:
 def split_message(message: bytes) -> tuple[int, int]:
     """(end of the header block, start of the body); both len(message) without an empty line.
     ``bytes.find`` rather than a regular expression: it runs at memory speed on 16 MB."""
-    ends = [(i, 3) for i in (message.find(b"\n\r\n"),) if i >= 0]
-    ends += [(i, 2) for i in (message.find(b"\n\n"),) if i >= 0]
+    crlf = message.find(b"\n\r\n")
+    # Only up to the CRLF one: a CRLF message would otherwise be scanned to its end.
+    lf = message.find(b"\n\n", 0, crlf + 2 if crlf >= 0 else len(message))
+    ends = [(i, 3) for i in (crlf,) if i >= 0] + [(i, 2) for i in (lf,) if i >= 0]
     if not ends:
         return len(message), len(message)
     at, width = min(ends)
