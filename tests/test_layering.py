@@ -30,11 +30,16 @@ PURE_MODULES = [
     "policyd_ipv6.milter.session",
     "policyd_ipv6.milter.end_of_message",
     "policyd_ipv6.milter.registry",
+    "policyd_ipv6.milter.authres",
+    "policyd_ipv6.checks.spf_terms",
+    "policyd_ipv6.checks.spf_eval",
+    "policyd_ipv6.checks.dkim_verify",
     "policyd_ipv6.resolver.wire",
     "policyd_ipv6.checks.spf_terms",
     "policyd_ipv6.checks.spf_eval",
     "policyd_ipv6.optin.table",
     "policyd_ipv6.daemon.config",
+    "policyd_ipv6.daemon.keydocs",
 ]
 
 # Prints the Twisted modules that importing the module loaded, one per line.
