@@ -45,6 +45,7 @@ def test_unit_runs_the_default_configuration_as_the_user_postinst_creates():
     script = packaged("policyd-ipv6.postinst").replace("\\\n", " ")  # join continued lines
     (adduser,) = [line.split() for line in script.splitlines() if "adduser --system" in line]
     assert "--group" in adduser and adduser[-1] == unit.user
+    assert "--gecos" not in adduser, "deprecated in Debian 13's adduser"
     assert unit.exec_reload == ["/usr/bin/policyd-ipv6", "reload", "--pid", "$MAINPID"]
     assert unit.one("Restart") == "on-failure"
 

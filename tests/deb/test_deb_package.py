@@ -55,22 +55,25 @@ def test_lintian_reports_no_errors_or_warnings(package):
     assert result.returncode == 0 and tags == [], result.stdout + result.stderr
 
 
-def test_package_ships_command_unit_manuals_and_two_conffiles(package, tmp_path):
-    """The .deb holds the command, the module, the unit, both man pages and README.Debian, and
-    exactly the two files under /etc/policyd-ipv6 as conffiles; no tests, no byte code."""
+def test_package_ships_command_unit_manuals_and_one_conffile(package, tmp_path):
+    """The .deb holds the command, the private module under /usr/share/policyd-ipv6, the unit,
+    both man pages, README.Debian and the opt-in table's template, and exactly one conffile
+    (the configuration; the opt-in table is data postinst makes); no tests, no byte code."""
     listing = run(["dpkg-deb", "-c", str(package.build.deb)]).stdout
     paths = {line.split()[-1].lstrip(".") for line in listing.splitlines()}
     for expected in ("/usr/bin/policyd-ipv6", "/lib/systemd/system/policyd-ipv6.service",
-                     "/usr/lib/python3/dist-packages/policyd_ipv6/daemon/cli.py",
+                     "/usr/share/policyd-ipv6/policyd_ipv6/daemon/cli.py",
+                     "/usr/share/policyd-ipv6/optin-domains",
                      "/usr/share/man/man8/policyd-ipv6.8.gz",
                      "/usr/share/man/man5/policyd-ipv6.toml.5.gz",
-                     str(CONFIG), str(OPTIN)):
+                     str(CONFIG)):
         assert expected in paths, expected
     assert {str(README_DEBIAN), str(README_DEBIAN) + ".gz"} & paths
     assert not [p for p in paths if "/tests/" in p or "__pycache__" in p or p.endswith(".pyc")]
+    assert not [p for p in paths if "/dist-packages/" in p], "the module is private"
     run(["dpkg-deb", "-e", str(package.build.deb), str(tmp_path / "control")])
     conffiles = (tmp_path / "control" / "conffiles").read_text().split()
-    assert sorted(conffiles) == sorted([str(CONFIG), str(OPTIN)])
+    assert conffiles == [str(CONFIG)]
 
 
 def test_installed_command_runs_on_debians_libraries(installed):
@@ -81,7 +84,8 @@ def test_installed_command_runs_on_debians_libraries(installed):
     assert (version.returncode, version.stdout.strip()) == (0, "policyd-ipv6 " + upstream)
     shebang = Path("/usr/bin/policyd-ipv6").read_text().splitlines()[0]
     assert shebang == "#! /usr/bin/python3" or shebang == "#!/usr/bin/python3", shebang
-    probe = run(["/usr/bin/python3", "-c", "import json, twisted, dns, spf, dkim, policyd_ipv6; "
+    probe = run(["/usr/bin/python3", "-c", "import sys; sys.path.insert(0, "
+                 "'/usr/share/policyd-ipv6'); import json, twisted, dns, spf, dkim, policyd_ipv6; "
                  "print(json.dumps({m.__name__: m.__file__ for m in "
                  "(twisted, dns, spf, dkim, policyd_ipv6)}))"])
     files = json.loads(probe.stdout)
@@ -106,8 +110,9 @@ def test_installation_creates_the_units_system_user(installed):
 
 
 def test_installed_configuration_opts_no_domain_in(installed):
-    """The installed opt-in table is comments only, and the installed config listens on
-    127.0.0.1:10045, reads that table next to itself and names no user."""
+    """The installed opt-in table is comments only (a copy of the template, not a conffile),
+    and the installed config listens on 127.0.0.1:10045, reads that table next to itself and
+    names no user."""
     lines = [line.strip() for line in OPTIN.read_text().splitlines()]
     assert [line for line in lines if line and not line.startswith("#")] == []
     assert any(line.startswith("#") for line in lines)
@@ -115,8 +120,8 @@ def test_installed_configuration_opts_no_domain_in(installed):
     assert config["listen"] == ["tcp:10045:interface=127.0.0.1"]
     assert config["optin_file"] == "optin-domains" and config.get("user", "") == ""
     conffiles = run(["dpkg-query", "-W", "-f", "${Conffiles}", debbuild.PACKAGE]).stdout
-    assert sorted(line.split()[0] for line in conffiles.strip().splitlines()) == sorted(
-        [str(CONFIG), str(OPTIN)])
+    assert [line.split()[0] for line in conffiles.strip().splitlines()] == [str(CONFIG)]
+    assert OPTIN.read_text() == Path("/usr/share/policyd-ipv6/optin-domains").read_text()
 
 
 @pytest.fixture
