@@ -26,6 +26,7 @@ PURE_MODULES = [
     "policyd_ipv6.policy.decision",
     "policyd_ipv6.policy.replies",
     "policyd_ipv6.milter.codec",
+    "policyd_ipv6.milter.flags",
     "policyd_ipv6.milter.events",
     "policyd_ipv6.milter.session",
     "policyd_ipv6.milter.end_of_message",

@@ -24,6 +24,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
+# The SMFIF_*, SMFIP_* and SMFIM_* bits, re-exported here with the codes.
+from policyd_ipv6.milter.flags import Action, MacroStage, Protocol
+
 # --- Vocabulary: the single definition of codes and flags, as in milter8.c L119-333 ---
 
 MILTER_VERSION = 6  # the version we speak; 6 added SETSYMLIST (MILTER_README)
@@ -48,59 +51,6 @@ SMFIR_OPTNEG = SMFIC_OPTNEG
 
 # Address families in SMFIC_CONNECT (SMFIA_*).
 SMFIA_INET, SMFIA_INET6, SMFIA_UNIX, SMFIA_UNKNOWN = b"4", b"6", b"L", b"U"
-
-
-class Action(enum.IntFlag):
-    """SMFIF_*: what the filter may do at end of message; Postfix offers all nine."""
-
-    ADDHDRS = 1 << 0
-    CHGBODY = 1 << 1
-    ADDRCPT = 1 << 2
-    DELRCPT = 1 << 3
-    CHGHDRS = 1 << 4
-    QUARANTINE = 1 << 5
-    CHGFROM = 1 << 6
-    ADDRCPT_PAR = 1 << 7
-    SETSYMLIST = 1 << 8
-
-
-class Protocol(enum.IntFlag):
-    """SMFIP_*: events the filter does not want (NO*), will not answer (NR_*), extensions.
-    Postfix offers all 21 bits with milter_protocol = 6."""
-
-    NOCONNECT = 1 << 0
-    NOHELO = 1 << 1
-    NOMAIL = 1 << 2
-    NORCPT = 1 << 3
-    NOBODY = 1 << 4
-    NOHDRS = 1 << 5
-    NOEOH = 1 << 6
-    NR_HDR = 1 << 7
-    NOUNKNOWN = 1 << 8
-    NODATA = 1 << 9
-    SKIP = 1 << 10
-    RCPT_REJ = 1 << 11
-    NR_CONN = 1 << 12
-    NR_HELO = 1 << 13
-    NR_MAIL = 1 << 14
-    NR_RCPT = 1 << 15
-    NR_DATA = 1 << 16
-    NR_UNKN = 1 << 17
-    NR_EOH = 1 << 18
-    NR_BODY = 1 << 19
-    HDR_LEADSPC = 1 << 20
-
-
-class MacroStage(enum.IntEnum):
-    """SMFIM_*: macro list numbers for SETSYMLIST (note EOM = 5 < EOH = 6)."""
-
-    CONNECT = 0
-    HELO = 1
-    ENVFROM = 2
-    ENVRCPT = 3
-    DATA = 4
-    EOM = 5
-    EOH = 6
 
 
 class MilterProtocolError(Exception):
