@@ -146,7 +146,8 @@ def test_every_rule_is_reachable():
     """The table has no dead rows: each rule name is produced by some test case above."""
     assert [r.name for r in RULES] == [
         "wrong-stage", "not-an-address", "ipv4", "authenticated", "trusted-network",
-        "postmaster", "not-opted-in", "rdns-temporary", "no-rdns", "spf-temporary",
+        "postmaster", "tls-connector", "not-opted-in", "unlisted-ignored", "exempt-recipient",
+        "rdns-temporary", "no-rdns", "spf-temporary", "no-rdns-unauthenticated",
         "spf-failed-dkim-pending", "spf-failed", "pass"]
 
 

@@ -1,7 +1,9 @@
 """Gathering the facts of one message: rDNS and SPF at once, once per message, by a deadline.
 
-Contract: ``FactFinder.for_message(subject)`` returns the ``MessageFacts`` of the message the
-request belongs to, starting its lookups (reverse DNS and SPF concurrently) the first time.
+Contract: ``FactFinder.for_message(subject, rdns_mode)`` returns the ``MessageFacts`` of the
+message the request belongs to, starting its lookups (reverse DNS and SPF concurrently) the
+first time; ``rdns_mode`` (an opt-in entry's ``rdns=`` option) overrides ``rdns_mode`` of the
+finder, and recipients of one message with different modes get facts of their own.
 ``MessageFacts.when(need)`` returns a Deferred that fires (never fails) once that fact is known.
 When ``deadline_seconds`` pass before a fact is known, the fact becomes a temporary failure
 (rDNS ``TEMPFAIL``, SPF ``temperror``) with the detail "deadline": a slow lookup turns into
@@ -109,11 +111,14 @@ class FactFinder:
         self.spf_results = SpfResults(max_messages, clock)
         self._unique = itertools.count()
 
-    def for_message(self, subject: Subject) -> tuple[MessageFacts, bool]:
+    def for_message(self, subject: Subject,
+                    rdns_mode: str | None = None) -> tuple[MessageFacts, bool]:
         """The message's facts and whether they were already known (shared)."""
+        mode = rdns_mode or self.rdns_mode
         key: tuple[object, ...]
         if subject.instance:
-            key = (subject.instance, subject.client_address, subject.sender, subject.helo_name)
+            key = (subject.instance, subject.client_address, subject.sender, subject.helo_name,
+                   mode)
         else:
             key = ("", next(self._unique))
         found = self.messages.get(key)
@@ -124,7 +129,7 @@ class FactFinder:
             self.messages.put(key, message, self.message_ttl_seconds)
         ip = subject.ip
         assert ip is not None  # the decision asks for facts only about an address
-        rdns = check_rdns(self.lookups, ip, self.rdns_mode,
+        rdns = check_rdns(self.lookups, ip, mode,
                           subject.reverse_client_name, subject.client_name)
         message.work.append(rdns)
         rdns.addCallback(message.set_rdns)

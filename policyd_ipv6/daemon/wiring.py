@@ -68,10 +68,14 @@ _LIVE = (
     ("idle_timeout_seconds", "milter_factory", "idle_timeout_seconds"),
     ("milter_eom_deadline_seconds", "milter_factory", "eom_deadline_seconds"),
 )
+# The keys the decision reads (``decision.Policy``, fields of the same names).
+POLICY_KEYS = ("trusted_networks", "replies", "mode", "report_only_rules", "unlisted_domains",
+               "exempt_recipients", "exempt_client_certificates", "rdns_exempt_sender_domains")
 # Every key reload() applies: those of _LIVE and the ones it derives a part from.
 RELOADED_KEYS = frozenset({key for key, _part, _attribute in _LIVE}
                           | {"nameservers", "trusted_networks", "replies", "authserv_id",
-                             "optin_file", "optin_reload_interval_seconds"})
+                             "optin_file", "optin_reload_interval_seconds"}
+                          | set(POLICY_KEYS))
 # How long a milter session's entry outlives the milter's last event if its close is missed;
 # Postfix ends an SMTP session idle for smtpd_timeout (300s) long before.
 SESSION_TTL_SECONDS = 3600.0
@@ -129,7 +133,7 @@ class PolicyService:
         # One entry per SMTP session the milter is on: bounded like the connections.
         sessions = (Sessions(reactor, config.max_connections, SESSION_TTL_SECONDS)
                     if config.milter_listen else None)
-        self.engine = PolicyEngine(Policy(config.trusted_networks, config.replies),
+        self.engine = PolicyEngine(policy_of(config),
                                    self.optin, self.finder, reactor, sessions)
         uids = peer_uids(config)
         self.factory = PolicyFactory(self.engine, reactor, config.max_connections,
@@ -205,7 +209,7 @@ class PolicyService:
             if target is not None:
                 setattr(target, attribute, getattr(new, key))
         self.client.nameservers = servers
-        self.engine.policy = Policy(new.trusted_networks, new.replies)
+        self.engine.policy = policy_of(new)
         if self.milter_factory is not None:
             self.milter_factory.authserv_id = authserv_id(new)
         if optin is None:
@@ -220,6 +224,11 @@ class PolicyService:
             optin.start()
         _log.info("configuration reloaded (SIGHUP) from {path}", path=new.source)
         return True
+
+
+def policy_of(config: Config) -> Policy:
+    """The decision's configuration (``POLICY_KEYS``), rebuilt at each reload."""
+    return Policy(**{key: getattr(config, key) for key in POLICY_KEYS})
 
 
 def peer_uids(config: Config) -> frozenset[int] | None:

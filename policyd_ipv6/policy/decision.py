@@ -2,8 +2,9 @@
 
 Contract: ``decide(subject, facts, policy, optin)`` is a pure function. It walks ``RULES`` in
 order; the first rule that applies gives the ``Verdict`` (an ``action=`` value and the rule's
-name for the log). A rule that needs a fact that has not been gathered yet (``facts.rdns`` or
-``facts.spf`` is None) stops the walk and ``decide`` returns that ``Need`` instead, so the caller
+name for the log), unless its refusal is only reported (below). A rule that needs a fact
+that has not been gathered yet (``facts.rdns`` or ``facts.spf`` is None) stops the walk and
+``decide`` returns that ``Need`` instead, so the caller
 looks up only what the decision really needs, and can decide as soon as the first fact that
 settles it arrives (a missing PTR decides without waiting for SPF).
 
@@ -12,6 +13,22 @@ in -> 550 5.2.1; rDNS temporary failure -> 451 4.4.3; no (or unconfirmed) PTR ->
 SPF temporary failure -> 451 4.4.3; SPF not pass -> 450 4.7.26 unless the built-in milter will
 decide on DKIM at end of message; otherwise DUNNO. A transient fault never yields a 5xx: the
 temporary reply is validated to be 4xx when the configuration is loaded.
+
+Exemptions before the opt-in rule: a TLS client certificate pinned in
+``exempt_client_certificates`` (rule tls-connector, at any domain). After it: unlisted domains
+under ``unlisted_domains = "ignore"`` (unlisted-ignored) and the local parts of
+``exempt_recipients`` (exempt-recipient). ``rdns_exempt_sender_domains`` turns the PTR rule
+into one that needs SPF too: a listed sender that passes SPF goes on without a PTR
+(no-rdns-unauthenticated refuses one that does not).
+
+Reporting, as data: each refusal rule has a ``kind`` (the name ``report_only_rules`` uses).
+In report mode (``mode``, or the opt-in entry's ``mode=`` option, which overrides it) the
+first refusal that applies gives ``DUNNO`` with ``rule`` the refusing rule and ``would`` its
+reply; so does the opt-in rule under ``unlisted_domains = "report"``. In enforce mode a
+refusal whose kind is in ``report_only_rules`` is noted in ``would`` (the first one) and the
+walk goes on: the reply is the first enforced refusal, or the DUNNO at the end, carrying the
+note. ``Verdict.reported`` says which kinds were only reported for this recipient: the
+milter reads it at end of message.
 """
 
 from __future__ import annotations
@@ -24,13 +41,18 @@ from typing import Protocol
 
 from policyd_ipv6.facts import Facts, RdnsFact, RdnsOutcome, SpfFact
 from policyd_ipv6.names import IPAddress, client_ip, domain_key, recipient_domain
+from policyd_ipv6.optin.table import OptinEntry, OptinTable, parse_optin
 from policyd_ipv6.policy.replies import Replies
 from policyd_ipv6.text import printable
-from policyd_ipv6.vocabulary import PolicyRule, SpfResult
+from policyd_ipv6.vocabulary import REPORTABLE_RULES, PolicyRule, SpfResult
 
-__all__ = ["Subject", "Policy", "Verdict", "Need", "decide", "RULES", "FACT_RULES", "DUNNO"]
+__all__ = ["Subject", "Policy", "Verdict", "Need", "decide", "RULES", "FACT_RULES", "DUNNO",
+           "rdns_mode"]
 
 DUNNO = "DUNNO"
+_EVERY_KIND = frozenset(REPORTABLE_RULES)
+_NO_PTR = (RdnsOutcome.MISSING, RdnsOutcome.UNCONFIRMED)
+_NOT_FAILED = (SpfResult.PASS, SpfResult.TEMPERROR)
 
 
 @dataclass(frozen=True)
@@ -48,6 +70,9 @@ class Subject:
     instance: str
     reverse_client_name: str = "unknown"
     client_name: str = "unknown"
+    ccert_fingerprint: str = ""  # Postfix 2.2+, "AB:CD:..." in smtpd_tls_fingerprint_digest
+    ccert_pubkey_fingerprint: str = ""  # Postfix 2.9+
+    encryption_protocol: str = ""  # "TLSv1.3"; empty for a plaintext session
 
     @classmethod
     def from_request(cls, attrs: dict[str, str]) -> Subject:
@@ -66,16 +91,34 @@ class Subject:
             instance=get("instance", ""),
             reverse_client_name=get("reverse_client_name", "unknown") or "unknown",
             client_name=get("client_name", "unknown") or "unknown",
+            ccert_fingerprint=get("ccert_fingerprint", ""),
+            ccert_pubkey_fingerprint=get("ccert_pubkey_fingerprint", ""),
+            encryption_protocol=get("encryption_protocol", ""),
         )
+
+    def local_part(self) -> str:
+        """The recipient's local part, case-folded ("" when it has no domain)."""
+        if self.recipient_domain is None:
+            return ""
+        return self.recipient.strip().strip("<>").rpartition("@")[0].casefold()
 
 
 @dataclass(frozen=True)
 class Policy:
-    """The configuration the decision depends on."""
+    """The configuration the decision depends on (the keys of the same names, as
+    ``daemon.values`` normalises them: local parts case-folded, fingerprints lower-case hex
+    without colons, sender domains as opt-in entries)."""
 
     trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     replies: Replies = field(default_factory=Replies)
+    mode: str = "enforce"  # or "report"
+    report_only_rules: frozenset[PolicyRule] = frozenset()
+    unlisted_domains: str = "refuse"  # "enforce", "report" or "ignore"
+    exempt_recipients: tuple[str, ...] = ("postmaster", "abuse")
+    exempt_client_certificates: tuple[str, ...] = ()
+    rdns_exempt_sender_domains: tuple[str, ...] = ()
     _nets: dict[int, tuple[tuple[int, int], ...]] = field(init=False, repr=False, compare=False)
+    _senders: OptinTable = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # (network, netmask) as integers per IP version: one AND and compare per network.
@@ -83,6 +126,25 @@ class Policy:
         for n in self.trusted_networks:
             nets[n.version].append((int(n.network_address), int(n.netmask)))
         object.__setattr__(self, "_nets", {v: tuple(pairs) for v, pairs in nets.items()})
+        object.__setattr__(self, "_senders",
+                           parse_optin("\n".join(self.rdns_exempt_sender_domains)))
+
+    @property
+    def resume_at(self) -> int:
+        """Where a walk may resume after a Need: FACT_RULES, unless a refusal before it can
+        be only reported (its note must be taken again)."""
+        return 0 if PolicyRule.NOT_OPTED_IN in self.report_only_rules else FACT_RULES
+
+    def pinned(self, s: Subject) -> bool:
+        """Whether the client presented a certificate in exempt_client_certificates."""
+        return bool(self.exempt_client_certificates) and any(
+            value.replace(":", "").lower() in self.exempt_client_certificates
+            for value in (s.ccert_fingerprint, s.ccert_pubkey_fingerprint) if value)
+
+    def rdns_exempt(self, s: Subject) -> bool:
+        """Whether the sender's domain is in rdns_exempt_sender_domains."""
+        return bool(self.rdns_exempt_sender_domains) and self._senders.matches(
+            recipient_domain(s.sender) if s.sender else None)
 
     def trusts(self, ip: IPAddress) -> bool:
         nets = self._nets[ip.version]
@@ -97,7 +159,7 @@ class Policy:
 class Optin(Protocol):
     """What the decision asks of the opt-in table (``optin.table.OptinTable``)."""
 
-    def matches(self, domain: str | None) -> bool: ...
+    def entry(self, domain: str | None) -> OptinEntry | None: ...
 
 
 class Need(enum.Enum):
@@ -109,20 +171,26 @@ class Need(enum.Enum):
 
 @dataclass(frozen=True)
 class Verdict:
-    """The reply (the value of ``action=``) and the name of the rule that chose it."""
+    """The reply (the value of ``action=``) and the name of the rule that chose it; ``would``:
+    a refusal only reported (logged as would=); ``reported``: the refusal kinds only reported
+    for this recipient (report mode: all of them)."""
 
     action: str
     rule: PolicyRule
+    would: str = ""
+    reported: frozenset[PolicyRule] = frozenset()
 
 
 @dataclass(frozen=True)
 class Rule:
-    """One line of the decision table."""
+    """One line of the decision table. ``applies`` gets the opt-in entry of the recipient
+    domain (None: not listed); ``kind`` is set for a refusal (report_only_rules' name)."""
 
     name: PolicyRule
     needs: tuple[Need, ...]
-    applies: Callable[[Subject, Facts, Policy, Optin], bool]
+    applies: Callable[[Subject, Facts, Policy, OptinEntry | None], bool]
     reply: Callable[[Subject, Facts, Policy], str]
+    kind: PolicyRule | None = None
 
 
 def _dunno(s: Subject, f: Facts, p: Policy) -> str:
@@ -178,33 +246,50 @@ def _spf(f: Facts) -> SpfFact:
     return f.spf
 
 
-# The table. Each line: name, facts needed, when it applies, the reply. First match wins.
+# The table. Each line: name, facts needed, when it applies, the reply (and for a refusal,
+# its kind). First match wins; a refusal only reported lets the walk go on (module docstring).
+_R, _K = Rule, PolicyRule
 RULES: tuple[Rule, ...] = (
     # Policy requests outside RCPT mean a wiring mistake; never refuse mail because of it.
-    Rule(PolicyRule.WRONG_STAGE, (), lambda s, f, p, o: s.protocol_state != "RCPT", _dunno),
-    Rule(PolicyRule.NOT_AN_ADDRESS, (), lambda s, f, p, o: s.ip is None, _dunno),
-    Rule(PolicyRule.IPV4, (), lambda s, f, p, o: _ip(s).version == 4, _dunno),
-    Rule(PolicyRule.AUTHENTICATED, (), lambda s, f, p, o: s.sasl_username != "", _dunno),
-    Rule(PolicyRule.TRUSTED_NETWORK, (), lambda s, f, p, o: p.trusts(_ip(s)), _dunno),
+    _R(_K.WRONG_STAGE, (), lambda s, f, p, e: s.protocol_state != "RCPT", _dunno),
+    _R(_K.NOT_AN_ADDRESS, (), lambda s, f, p, e: s.ip is None, _dunno),
+    _R(_K.IPV4, (), lambda s, f, p, e: _ip(s).version == 4, _dunno),
+    _R(_K.AUTHENTICATED, (), lambda s, f, p, e: s.sasl_username != "", _dunno),
+    _R(_K.TRUSTED_NETWORK, (), lambda s, f, p, e: p.trusts(_ip(s)), _dunno),
     # RFC 5321 §4.5.1: a bare "Postmaster" (no domain) must be accepted. Other recipients
-    # without a domain cannot be in the opt-in table: the next rule refuses them.
-    Rule(PolicyRule.POSTMASTER, (), lambda s, f, p, o: s.recipient_domain is None
-         and s.recipient.strip().strip("<>").lower() == "postmaster", _dunno),
-    Rule(PolicyRule.NOT_OPTED_IN, (), lambda s, f, p, o: not o.matches(s.recipient_domain),
-         _not_opted_in),
-    Rule(PolicyRule.RDNS_TEMPORARY, (Need.RDNS,),
-         lambda s, f, p, o: _rdns(f).outcome is RdnsOutcome.TEMPFAIL, _rdns_temporary),
-    Rule(PolicyRule.NO_RDNS, (Need.RDNS,),
-         lambda s, f, p, o: _rdns(f).outcome is not RdnsOutcome.PASS, _no_rdns),
-    Rule(PolicyRule.SPF_TEMPORARY, (Need.SPF,),
-         lambda s, f, p, o: _spf(f).result == SpfResult.TEMPERROR, _spf_temporary),
+    # without a domain cannot be in the opt-in table: the opt-in rule refuses them.
+    _R(_K.POSTMASTER, (), lambda s, f, p, e: s.recipient_domain is None
+       and s.recipient.strip().strip("<>").lower() == "postmaster", _dunno),
+    # A pinned client certificate is a connector partner, not anonymous mail (EOP's meaning):
+    # exempt at any recipient domain, so before the opt-in rule.
+    _R(_K.TLS_CONNECTOR, (), lambda s, f, p, e: p.pinned(s), _dunno),
+    _R(_K.NOT_OPTED_IN, (), lambda s, f, p, e: e is None
+       and p.unlisted_domains in ("refuse", "report"), _not_opted_in, _K.NOT_OPTED_IN),
+    _R(_K.UNLISTED_IGNORED, (), lambda s, f, p, e: e is None
+       and p.unlisted_domains == "ignore", _dunno),
+    _R(_K.EXEMPT_RECIPIENT, (), lambda s, f, p, e: s.local_part() in p.exempt_recipients,
+       _dunno),
+    _R(_K.RDNS_TEMPORARY, (Need.RDNS,),
+       lambda s, f, p, e: _rdns(f).outcome is RdnsOutcome.TEMPFAIL, _rdns_temporary,
+       _K.RDNS_TEMPORARY),
+    # The PTR and SPF refusals never cover a temporary failure: when rdns-temporary or
+    # spf-temporary is only reported, a DNS fault must not become "no PTR" or "no SPF".
+    _R(_K.NO_RDNS, (Need.RDNS,), lambda s, f, p, e: _rdns(f).outcome in _NO_PTR
+       and not p.rdns_exempt(s), _no_rdns, _K.NO_RDNS),
+    _R(_K.SPF_TEMPORARY, (Need.SPF,),
+       lambda s, f, p, e: _spf(f).result == SpfResult.TEMPERROR, _spf_temporary,
+       _K.SPF_TEMPORARY),
+    # rdns_exempt_sender_domains: without a PTR, only a sender that passes SPF goes on.
+    _R(_K.NO_RDNS_UNAUTHENTICATED, (Need.RDNS, Need.SPF),
+       lambda s, f, p, e: _rdns(f).outcome in _NO_PTR and p.rdns_exempt(s)
+       and _spf(f).result != SpfResult.PASS, _no_rdns, _K.NO_RDNS),
     # Issue: SPF or DKIM. When the built-in milter is in this connection's path it verifies
     # DKIM at end of message and gives 4.7.26 itself if that fails too.
-    Rule(PolicyRule.SPF_FAILED_DKIM_PENDING, (Need.SPF,),
-         lambda s, f, p, o: _spf(f).result != SpfResult.PASS and f.dkim_pending, _dunno),
-    Rule(PolicyRule.SPF_FAILED, (Need.SPF,),
-         lambda s, f, p, o: _spf(f).result != SpfResult.PASS, _auth_failed),
-    Rule(PolicyRule.PASS, (), lambda s, f, p, o: True, _dunno),
+    _R(_K.SPF_FAILED_DKIM_PENDING, (Need.SPF,),
+       lambda s, f, p, e: _spf(f).result not in _NOT_FAILED and f.dkim_pending, _dunno),
+    _R(_K.SPF_FAILED, (Need.SPF,),
+       lambda s, f, p, e: _spf(f).result not in _NOT_FAILED, _auth_failed, _K.SPF_FAILED),
+    _R(_K.PASS, (), lambda s, f, p, e: True, _dunno),
 )
 
 _FACT_OF = {Need.RDNS: "rdns", Need.SPF: "spf"}
@@ -217,18 +302,38 @@ _STEPS = tuple((rule, tuple((_FACT_OF[n], n) for n in rule.needs)) for rule in R
 FACT_RULES = next(i for i, rule in enumerate(RULES) if rule.needs)
 
 
+def rdns_mode(subject: Subject, optin: Optin) -> str | None:
+    """The recipient's opt-in entry's rdns= option, or None (the configured rdns)."""
+    entry = optin.entry(subject.recipient_domain)
+    return entry.rdns if entry is not None else None
+
+
 def decide(subject: Subject, facts: Facts, policy: Policy, optin: Optin,
            start: int = 0) -> Verdict | Need:
-    """Return the verdict of the first rule that applies, or the first fact still needed.
+    """Return the verdict of the walk (module docstring), or the first fact still needed.
 
-    ``optin`` is anything with ``matches(domain) -> bool`` (an ``OptinTable``). ``start``
-    skips the first rules; ``FACT_RULES`` is valid for a request whose walk from 0 returned
-    a ``Need``, since the rules before it do not depend on facts.
+    ``optin`` is anything with ``entry(domain)`` (an ``OptinTable``). ``start`` skips the
+    first rules; ``policy.resume_at`` is valid for a request whose walk from 0 returned a
+    ``Need``, since the rules before it do not depend on facts.
     """
+    entry = optin.entry(subject.recipient_domain)
+    report = (entry.mode if entry is not None and entry.mode else policy.mode) == "report"
+    reported = _EVERY_KIND if report else policy.report_only_rules
+    would = ""
     for rule, needs in _STEPS[start:]:
         for attribute, need in needs:
             if getattr(facts, attribute) is None:
                 return need
-        if rule.applies(subject, facts, policy, optin):
-            return Verdict(rule.reply(subject, facts, policy), rule.name)
+        if not rule.applies(subject, facts, policy, entry):
+            continue
+        action = rule.reply(subject, facts, policy)
+        kind = rule.kind
+        if kind is None:
+            return Verdict(action, rule.name, would, reported)
+        if report or (kind is PolicyRule.NOT_OPTED_IN and policy.unlisted_domains == "report"):
+            return Verdict(DUNNO, rule.name, action, reported)
+        if kind in policy.report_only_rules:
+            would = would or action
+            continue
+        return Verdict(action, rule.name, would, reported)
     raise AssertionError("the last rule always applies")  # pragma: no cover

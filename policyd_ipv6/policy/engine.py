@@ -14,7 +14,9 @@ decides at RCPT.
 
 Log format (one line per decision, ``key=value``, untrusted values quoted and escaped):
 ``decision client=... helo="..." sender="..." recipient="..." instance=... rdns=... spf=...
-rule=... reply="..." facts=new|shared|none ms=...``
+rule=... [would="..."] reply="..." [tls=...] facts=new|shared|none ms=...``: ``would`` is a
+refusal only reported (report mode, ``report_only_rules``, ``unlisted_domains = "report"``),
+``tls`` the session's TLS protocol (absent for a plaintext session).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from policyd_ipv6.facts import Facts
-from policyd_ipv6.policy.decision import FACT_RULES, Need, Policy, Subject, Verdict, decide
+from policyd_ipv6.policy.decision import Need, Policy, Subject, Verdict, decide, rdns_mode
 from policyd_ipv6.text import printable
 from policyd_ipv6.vocabulary import Clock, PolicyRule
 
@@ -54,10 +56,13 @@ class Outcome:
             f"rdns={printable(f.rdns.describe(), 100) if f.rdns else '-'}",
             f"spf={f.spf.describe() if f.spf else '-'}",
             f"rule={self.verdict.rule}",
-            f'reply="{printable(self.verdict.action, 300)}"',
-            f"facts={self.facts_source}",
-            f"ms={self.elapsed_ms:.1f}",
         ]
+        if self.verdict.would:
+            fields.append(f'would="{printable(self.verdict.would, 300)}"')
+        fields.append(f'reply="{printable(self.verdict.action, 300)}"')
+        if s.encryption_protocol:
+            fields.append(f"tls={printable(s.encryption_protocol, 20)}")
+        fields += [f"facts={self.facts_source}", f"ms={self.elapsed_ms:.1f}"]
         return " ".join(fields)
 
 
@@ -82,7 +87,8 @@ class PolicyEngine:
             return defer.succeed(self._done(first, subject, Facts(), "none", start))
         if first is not Need.RDNS and first is not Need.SPF:  # pragma: no cover
             raise AssertionError(first)
-        message, shared = self.finder.for_message(subject)
+        message, shared = self.finder.for_message(subject, rdns_mode(subject, optin))
+        policy = self.policy
         source = "shared" if shared else "new"
         milter = self._milter_message(attributes)
         result: defer.Deferred[Outcome] = defer.Deferred()
@@ -94,7 +100,7 @@ class PolicyEngine:
             facts = message.facts
             if facts.dkim_pending != pending:
                 facts = facts.with_(dkim_pending=pending)
-            verdict = decide(subject, facts, self.policy, optin, FACT_RULES)
+            verdict = decide(subject, facts, policy, optin, policy.resume_at)
             if isinstance(verdict, Need):
                 message.when(verdict).addCallback(step)
             else:
