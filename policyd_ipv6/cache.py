@@ -4,7 +4,9 @@ Contract: ``ExpiringCache(max_entries, clock, max_bytes=None)``; ``put(key, valu
 ttl_seconds, size=0)`` stores (and evicts least recently used entries while there are more
 than ``max_entries``, or their sizes add up to more than ``max_bytes``); ``get(key)`` returns
 the value or ``None`` once it has expired or been evicted. ``size`` is the caller's estimate
-of the memory an entry holds (``bytes`` tells the running total). Time comes from the
+of the memory an entry holds (``bytes`` tells the running total); ``hits`` and ``misses``
+count the calls of ``get`` that found a live entry and those that did not (the metrics read
+them). Time comes from the
 injected clock (``clock.seconds()``), so tests use ``twisted.internet.task.Clock``. Not
 thread-safe: it lives on the reactor thread.
 """
@@ -31,6 +33,8 @@ class ExpiringCache(Generic[K, V]):
         self.max_bytes = max_bytes
         self.clock = clock
         self.bytes = 0
+        self.hits = 0
+        self.misses = 0
         self._data: OrderedDict[K, tuple[float, V, int]] = OrderedDict()
 
     def __len__(self) -> int:
@@ -40,12 +44,15 @@ class ExpiringCache(Generic[K, V]):
         """The live value for ``key``, or None; a hit becomes the most recently used entry."""
         item = self._data.get(key)
         if item is None:
+            self.misses += 1
             return None
         expires, value, _size = item
         if expires <= self.clock.seconds():
             self.pop(key)
+            self.misses += 1
             return None
         self._data.move_to_end(key)
+        self.hits += 1
         return value
 
     def put(self, key: K, value: V, ttl_seconds: float, size: int = 0) -> None:

@@ -168,10 +168,13 @@ class SpfResults:
     name. Without macros in the records consulted it depends on the IP address and the
     identity's domain alone, so one result serves every local part of that domain (the
     common case of a busy sender); with macros it is reused only for the same three inputs.
+    ``hits`` and ``misses`` count the calls of ``get`` (one lookup, whichever key matched).
     """
 
     def __init__(self, max_entries: int, clock: Clock) -> None:
         self.cache: ExpiringCache[tuple[object, ...], SpfFact] = ExpiringCache(max_entries, clock)
+        self.hits = 0
+        self.misses = 0
 
     @staticmethod
     def _keys(ip: IPAddress, sender: str,
@@ -183,7 +186,9 @@ class SpfResults:
         general, exact = self._keys(ip, sender, helo)
         fact = self.cache.get(general) or self.cache.get(exact)
         if fact is None:
+            self.misses += 1
             return None
+        self.hits += 1
         identity = sender or "postmaster@" + (helo_domain(helo) or helo[:100])
         return fact if fact.identity == identity else replace(fact, identity=identity)
 
