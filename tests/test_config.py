@@ -156,14 +156,29 @@ def test_directory_is_refused(tmp_path):
         load_config(str(tmp_path))
 
 
-def test_sample_config_loads_and_postfix_examples_are_the_same_files():
-    """The embedded sample loads, and postfix-examples/ carries exactly the same files."""
+def test_sample_config_loads_and_listens_on_loopback_tcp():
+    """The embedded sample (the quick start, no Postfix needed) loads and listens on loopback
+    TCP without a milter; postfix-examples/ carries the same opt-in table."""
     config = load_config(SAMPLE_CONFIG)
     assert config.listen == ("tcp:10045:interface=127.0.0.1",)
+    assert config.milter_listen == ()
     assert os.path.exists(config.optin_file)
-    for name in ("policyd-ipv6.toml", "optin-domains"):
-        assert filecmp.cmp(os.path.join(os.path.dirname(SAMPLE_CONFIG), name),
-                           os.path.join(ROOT, "postfix-examples", name), shallow=False), name
+    assert filecmp.cmp(os.path.join(os.path.dirname(SAMPLE_CONFIG), "optin-domains"),
+                       os.path.join(ROOT, "postfix-examples", "optin-domains"), shallow=False)
+
+
+def test_packaged_example_puts_both_listeners_on_unix_sockets_only_postfix_reaches():
+    """postfix-examples/policyd-ipv6.toml (installed by the Debian package) differs from the
+    sample only in its listeners: policy and milter on Unix sockets in
+    /var/spool/postfix/policyd-ipv6, mode 660, with a lock file that clears a crash's socket."""
+    example = load_config(os.path.join(ROOT, "postfix-examples", "policyd-ipv6.toml"))
+    sample = load_config(SAMPLE_CONFIG)
+    spool = "unix:/var/spool/postfix/policyd-ipv6/"
+    assert example.listen == (spool + "policy:mode=660:lockfile=1",)
+    assert example.milter_listen == (spool + "milter:mode=660:lockfile=1",)
+    same = {"listen": sample.listen, "milter_listen": sample.milter_listen,
+            "optin_file": sample.optin_file, "source": sample.source}  # paths: their own dirs
+    assert dataclasses.replace(example, **same) == sample
 
 
 def test_descriptor_budget_keeps_room_for_dns():

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import uuid
 from pathlib import Path
 
@@ -140,9 +141,9 @@ def _build_network(lab: Lab, request) -> None:
 def _build_postfix(lab: Lab, request) -> None:
     fragment = (EXAMPLES / "main.cf.fragment").read_text()
     restrictions = postfix.main_cf_value(fragment, "smtpd_recipient_restrictions")
-    socket_rel = "%s/%s" % (T.UNIX_SOCKET_DIR, T.UNIX_SOCKET_NAME)
+    fcrdns_endpoint = "inet:127.0.0.1:%d" % T.FCRDNS_PORT
     lab.postfix = postfix.PostfixInstance(
-        lab.root / "postfix", T.postfix_settings(restrictions, socket_rel), [fragment],
+        lab.root / "postfix", T.postfix_settings(restrictions, fcrdns_endpoint), [fragment],
         T.postfix_services(), lab.mx)
     request.addfinalizer(lab.postfix.stop)
     lab.postfix.start()
@@ -162,8 +163,9 @@ def _build_daemons(lab: Lab, request) -> None:
     os.chmod(directory, 0o755)
     os.chmod(lab.optin_path, 0o644)
     example = (EXAMPLES / "policyd-ipv6.toml").read_text()
-    socket_path = lab.postfix.queue_dir / T.UNIX_SOCKET_DIR / T.UNIX_SOCKET_NAME
-    for name, overrides in T.daemon_overrides(str(lab.optin_path), str(socket_path)).items():
+    plan = T.daemon_overrides(str(lab.optin_path), tomllib.loads(example),
+                              str(lab.postfix.queue_dir))
+    for name, overrides in plan.items():
         config = directory / ("%s.toml" % name)
         config.write_text(policyd.config_from_example(example, overrides))
         os.chmod(config, 0o644)

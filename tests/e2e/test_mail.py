@@ -78,7 +78,7 @@ def test_ptr_not_resolving_back_is_accepted_in_ptr_mode(lab):
 
 
 def test_ptr_not_resolving_back_is_refused_in_fcrdns_mode(lab):
-    """With rdns = "fcrdns" (second daemon, unix socket), the same sender gets 450 4.7.25."""
+    """With rdns = "fcrdns" (second daemon, on TCP), the same sender gets 450 4.7.25."""
     bob = rcpt("bob")
     result = lab.send(T.GHOST, [bob], port=T.SMTP_PORT_FCRDNS)
     assert re.fullmatch(rejected("450 4.7.25", bob, NO_PTR % re.escape(T.GHOST)),
@@ -88,12 +88,25 @@ def test_ptr_not_resolving_back_is_refused_in_fcrdns_mode(lab):
 
 
 def test_unix_socket_listener_serves_postfix(lab):
-    """Postfix reaches the daemon over its unix socket (group postfix, mode 660): a
-    forward-confirmed sender is accepted through it in fcrdns mode."""
-    socket_path = lab.postfix.queue_dir / T.UNIX_SOCKET_DIR / T.UNIX_SOCKET_NAME
-    info = os.stat(socket_path)
-    assert stat.S_ISSOCK(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o660
-    assert info.st_gid == __import__("grp").getgrnam("postfix").gr_gid
+    """The fragment's unix:policyd-ipv6/policy reaches the example's Unix socket: group
+    postfix (from the set-group-ID directory), mode 660, and mail flows through it."""
+    directory = lab.postfix.queue_dir / T.UNIX_SOCKET_DIR
+    postfix_gid = __import__("grp").getgrnam("postfix").gr_gid
+    assert stat.S_IMODE(os.stat(directory).st_mode) == 0o2750
+    for name in (T.UNIX_SOCKET_NAME, "milter"):
+        info = os.stat(directory / name)
+        assert stat.S_ISSOCK(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o660, name
+        assert info.st_gid == postfix_gid, name
+    bob = rcpt("bob")
+    result = lab.send(T.GOOD, [bob])
+    assert re.fullmatch(OK, result.rcpt_reply(bob)), result.transcript
+    assert lab.delivered(result.subject, 1) == [bob]
+    assert [d["reply"] for d in decisions(lab, bob, "main")] == ["DUNNO"]
+
+
+def test_tcp_listener_serves_postfix(lab):
+    """Postfix reaches a daemon listening on TCP (inet:127.0.0.1:10045, the fcrdns daemon): a
+    forward-confirmed sender is accepted through it."""
     bob = rcpt("bob")
     result = lab.send(T.GOOD, [bob], port=T.SMTP_PORT_FCRDNS)
     assert re.fullmatch(OK, result.rcpt_reply(bob)), result.transcript

@@ -6,8 +6,8 @@ is the lab's settings, postfix-examples/main.cf.fragment verbatim, then the frag
 commented milter lines, uncommented, with postfix-examples/policyd-ipv6-milter.cidr verbatim
 as the smtpd_milter_maps table: the documented wiring is what is tested. The milter listens on
 a Unix socket in a root:postfix 2750 directory of the queue directory, as documented. The
-daemon runs postfix-examples/policyd-ipv6.toml with milter_listen, authserv_id and a short
-idle_timeout_seconds (IDLE_SECONDS) set.
+daemon runs postfix-examples/policyd-ipv6.toml with its two sockets moved into the lab's
+queue directory, authserv_id and a short idle_timeout_seconds (IDLE_SECONDS) set.
 
 Scenarios (issue "SPF or DKIM"): from an IPv6 sender whose SPF fails, a message validly
 DKIM-signed (dkimpy, key published in Knot) is delivered with our Authentication-Results; an
@@ -26,6 +26,7 @@ import re
 import shutil
 import tempfile
 import time
+import tomllib
 import uuid
 from pathlib import Path
 
@@ -156,12 +157,15 @@ def milter_lab(request):
     optin = directory / "optin-domains"
     shutil.copyfile(EXAMPLES / "optin-domains", optin)
     config = directory / "milter.toml"
-    config.write_text(policyd.config_from_example(
-        (EXAMPLES / "policyd-ipv6.toml").read_text(), {
-            "user": "nobody", "optin_file": str(optin), "dns_timeout_seconds": 1.0,
-            "decision_deadline_seconds": 5.0,
-            "milter_listen": ["unix:%s:mode=660" % lab.milter_socket],
-            "idle_timeout_seconds": IDLE_SECONDS, "authserv_id": AUTHSERV}))
+    example = (EXAMPLES / "policyd-ipv6.toml").read_text()
+    queue = str(lab.postfix.queue_dir)
+    milter_listen = T.in_queue_dir(tomllib.loads(example)["milter_listen"], queue)
+    assert milter_listen[0].startswith("unix:%s:" % lab.milter_socket), milter_listen
+    config.write_text(policyd.config_from_example(example, {
+        "user": "nobody", "optin_file": str(optin), "dns_timeout_seconds": 1.0,
+        "decision_deadline_seconds": 5.0, "milter_listen": milter_listen,
+        "listen": T.in_queue_dir(tomllib.loads(example)["listen"], queue),
+        "idle_timeout_seconds": IDLE_SECONDS, "authserv_id": AUTHSERV}))
     os.chmod(directory, 0o755)
     lab.daemon = policyd.PolicyDaemon(config, directory / "milter.log", lab.mx)
     request.addfinalizer(lab.daemon.stop)
@@ -367,7 +371,8 @@ def test_a_pause_in_data_longer_than_the_idle_timeout_still_gets_the_milters_ver
 def test_the_daemon_killed_between_rcpt_and_end_of_message_gives_4xx(milter_lab):
     """The milter said at RCPT that it would judge the message (the policy answered DUNNO to
     the SPF failure); killed during DATA, Postfix applies the map's tempfail: 4xx at the end
-    of DATA, nothing delivered. The daemon is restarted for the other tests."""
+    of DATA, nothing delivered. Restarted on the same socket paths (lockfile=1 clears what
+    SIGKILL left), it serves the other tests."""
     import signal
 
     lab = milter_lab
@@ -381,7 +386,6 @@ def test_the_daemon_killed_between_rcpt_and_end_of_message_gives_4xx(milter_lab)
         rcpt, final = _finish(process)
     finally:
         lab.daemon.stop()
-        lab.milter_socket.unlink(missing_ok=True)  # left by SIGKILL
         lab.daemon.start()
         _wait_for_socket(lab.daemon, lab.milter_socket)
     assert rcpt == 250

@@ -7,8 +7,8 @@ inside the lab's two network namespaces and uses documentation prefixes only.
     p6e-snd0  2001:db8:1::10  GOOD   ---veth---   p6e-mx0  2001:db8:25::25  Postfix smtpd
               2001:db8:1::20  GHOST                        2001:db8:25::53  Knot (all zones)
               2001:db8:1::30  NOPTR                        192.0.2.25       Postfix smtpd (IPv4)
-              2001:db8:2::40  OUTSIDE                      127.0.0.1:10045  policyd-ipv6 (ptr)
-              192.0.2.10      IPV4                         unix socket      policyd-ipv6 (fcrdns)
+              2001:db8:2::40  OUTSIDE                      unix socket      policyd-ipv6 (ptr)
+              192.0.2.10      IPV4                         127.0.0.1:10045  policyd-ipv6 (fcrdns)
                                                            127.0.0.1:10047  policyd-ipv6 (dead DNS)
 
 Sender cases (SPF of sender.test: "v=spf1 ip6:2001:db8:1::/64 ip4:192.0.2.0/26 -all"):
@@ -53,11 +53,13 @@ NOT_OPTED_IN = "example.net"
 ADDED_LATER = "example.org"  # written into the opt-in file while the daemons run
 RECIPIENT_DOMAINS = [OPTED_IN, NOT_OPTED_IN, ADDED_LATER]
 
-SMTP_PORT = 25            # policy: main daemon, TCP, rdns = "ptr" (the fragment as shipped)
-SMTP_PORT_FCRDNS = 2525   # policy: second daemon on a unix socket, rdns = "fcrdns"
+SMTP_PORT = 25            # policy: main daemon, Unix socket, rdns = "ptr" (fragment as is)
+SMTP_PORT_FCRDNS = 2525   # policy: second daemon on TCP, rdns = "fcrdns"
 SMTP_PORT_DNS_DOWN = 2626  # policy: third daemon whose nameserver never answers
 
-FRAGMENT_ENDPOINT = "inet:127.0.0.1:10045"
+FRAGMENT_ENDPOINT = "unix:policyd-ipv6/policy"  # relative to Postfix's queue directory
+EXAMPLE_QUEUE_DIR = "/var/spool/postfix"  # where postfix-examples/policyd-ipv6.toml listens
+FCRDNS_PORT = 10045
 DNS_DOWN_PORT = 10047
 UNIX_SOCKET_DIR = "policyd-ipv6"  # inside Postfix's queue directory
 UNIX_SOCKET_NAME = "policy"
@@ -88,11 +90,12 @@ def zones(dkim_public_key_b64: str) -> dict[str, str]:
     return result
 
 
-def postfix_settings(fragment_restrictions: str, unix_socket: str) -> dict[str, str]:
+def postfix_settings(fragment_restrictions: str, fcrdns_endpoint: str) -> dict[str, str]:
     """main.cf settings of the lab (the fragment itself is appended verbatim after these).
 
     `fragment_restrictions` is the fragment's smtpd_recipient_restrictions value; the variant
-    listeners use it with only the policy endpoint changed, so they test the same wiring.
+    listeners use it with only the policy endpoint changed, so they test the same wiring:
+    `fcrdns_endpoint` (a Postfix endpoint such as "inet:127.0.0.1:10045") for the fcrdns one.
     """
     if fragment_restrictions.count(FRAGMENT_ENDPOINT) != 1:
         raise ValueError("the fragment no longer names %s once: %s"
@@ -105,7 +108,7 @@ def postfix_settings(fragment_restrictions: str, unix_socket: str) -> dict[str, 
         "virtual_mailbox_domains": " ".join(RECIPIENT_DOMAINS),
         "smtpd_banner": "$myhostname ESMTP lab",
         "lab_fcrdns_restrictions": fragment_restrictions.replace(
-            FRAGMENT_ENDPOINT, "unix:" + unix_socket),
+            FRAGMENT_ENDPOINT, fcrdns_endpoint),
         "lab_dns_down_restrictions": fragment_restrictions.replace(
             FRAGMENT_ENDPOINT, "inet:127.0.0.1:%d" % DNS_DOWN_PORT),
     }
@@ -124,8 +127,19 @@ def postfix_services() -> list[str]:
     ]
 
 
-def daemon_overrides(optin_file: str, unix_socket_path: str) -> dict[str, dict]:
-    """Per daemon name, the keys changed from postfix-examples/policyd-ipv6.toml."""
+def in_queue_dir(endpoints: list[str], queue_dir: str) -> list[str]:
+    """The example's Unix-socket endpoints moved from /var/spool/postfix to `queue_dir`."""
+    prefix = "unix:%s/" % EXAMPLE_QUEUE_DIR
+    moved = ["unix:%s/%s" % (queue_dir, e[len(prefix):]) if e.startswith(prefix) else e
+             for e in endpoints]
+    if moved == list(endpoints):
+        raise ValueError("no endpoint below %s: %s" % (EXAMPLE_QUEUE_DIR, endpoints))
+    return moved
+
+
+def daemon_overrides(optin_file: str, example: dict, queue_dir: str) -> dict[str, dict]:
+    """Per daemon name, the keys changed from postfix-examples/policyd-ipv6.toml (`example`,
+    parsed); its sockets move into the lab Postfix's `queue_dir` (only their paths change)."""
     common = {
         # Started as root like a system service; it binds, then drops to this account. The lab
         # creates no account on the host: "nobody" exists everywhere and owns nothing here.
@@ -137,12 +151,15 @@ def daemon_overrides(optin_file: str, unix_socket_path: str) -> dict[str, dict]:
         "decision_deadline_seconds": 5.0,
     }
     return {
-        # `listen` stays the example's own value: the fragment's endpoint must reach it.
-        "main": dict(common),
-        "fcrdns": dict(common, rdns="fcrdns",
-                       listen=["unix:%s:mode=660" % unix_socket_path]),
+        # The example's listeners, moved into the queue directory: the fragment's endpoint
+        # must reach `listen`; the milter listens (lock file and all) though Postfix ignores it.
+        "main": dict(common, listen=in_queue_dir(example["listen"], queue_dir),
+                     milter_listen=in_queue_dir(example["milter_listen"], queue_dir)),
+        # A TCP listener, so that TCP stays tested end to end.
+        "fcrdns": dict(common, rdns="fcrdns", milter_listen=[],
+                       listen=["tcp:%d:interface=127.0.0.1" % FCRDNS_PORT]),
         # Under the deadline the only possible outcome is a temporary failure.
         "dns_down": dict(common, listen=["tcp:%d:interface=127.0.0.1" % DNS_DOWN_PORT],
-                         nameservers=["[%s]:53" % DEAD_DNS6],
+                         milter_listen=[], nameservers=["[%s]:53" % DEAD_DNS6],
                          decision_deadline_seconds=3.0),
     }

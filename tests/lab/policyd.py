@@ -10,7 +10,8 @@ Contract:
   the namespace, stdout and stderr appended to `log_path`. `start()` (= `launch()` then
   `wait_ready()`, which several daemons can overlap) returns once every
   listen endpoint of the config accepts connections (TCP: a LISTEN socket on the port in the
-  daemon's own network namespace, read from /proc/PID/net; unix: the socket file exists);
+  daemon's own network namespace, read from /proc/PID/net; unix: a listening socket bound to
+  the path there, so a file a killed daemon left behind does not count);
   it raises `DaemonError` with the log's tail if the daemon exits or is not ready in time.
 - `stop()` sends SIGTERM to the daemon's PID (SIGKILL after 10 s); `restart()` = stop + start.
 - `decisions()` returns the daemon's `decision ...` log lines (see policyd_ipv6/policy/engine.py for
@@ -86,6 +87,17 @@ def _listening_tcp_ports(pid: int) -> set[int]:
     return ports
 
 
+def _listening_unix_paths(pid: int) -> set[str]:
+    """Paths of listening Unix sockets in the network namespace of process `pid`."""
+    try:
+        rows = Path("/proc/%d/net/unix" % pid).read_text().splitlines()[1:]
+    except OSError:
+        return set()
+    # Num RefCount Protocol Flags Type St Inode Path; flag __SO_ACCEPTCON: listening.
+    return {fields[7] for fields in (row.split() for row in rows)
+            if len(fields) > 7 and int(fields[3], 16) & 0x10000}
+
+
 class PolicyDaemon:
     """One `policyd-ipv6 serve --config FILE` process."""
 
@@ -138,7 +150,8 @@ class PolicyDaemon:
                 raise DaemonError("policyd-ipv6 exited with status %s:\n%s"
                                   % (code, self.log_tail()))
             listening = _listening_tcp_ports(self.process.pid)
-            if all(p in listening for p in ports) and all(p.exists() for p in paths):
+            bound = _listening_unix_paths(self.process.pid) if paths else set()
+            if all(p in listening for p in ports) and all(str(p) in bound for p in paths):
                 return self
             if time.monotonic() > deadline:
                 self.stop()
