@@ -7,6 +7,7 @@ is running; when it fires, ``self.timer`` is None and the subclass's ``_timed_ou
 cancels it (on connection loss). ``_peer()`` is the remote address, printable and bounded,
 for log lines. ``OverLimitWarning`` logs "max_connections reached" at most once a minute, with
 the count since the last line: a flood of connections must not become a flood of log lines.
+Both it and ``PeerCheck`` keep ``refused``, the connections closed since start-up (metrics).
 ``PeerCheck(clock, listener, uids)`` admits a Unix-socket peer only when its uid, read with
 SO_PEERCRED, is one of ``uids`` (None: every peer); peers on other sockets are admitted (TCP
 carries no credentials). No I/O of its own beyond that socket option.
@@ -70,10 +71,12 @@ class OverLimitWarning:
         self.clock = clock
         self.listener = listener  # "policy" or "milter"
         self.count = 0
+        self.refused = 0
         self.warned_at: float | None = None
 
     def note(self, limit: int, what: str) -> None:
         self.count += 1
+        self.refused += 1
         now = self.clock.seconds()
         if self.warned_at is not None and now - self.warned_at < WARN_INTERVAL_SECONDS:
             return
@@ -109,6 +112,7 @@ class PeerCheck:
         self.clock = clock
         self.listener = listener
         self.count = 0
+        self.refused = 0
         self.warned_at: float | None = None
 
     def admits(self, transport) -> bool:
@@ -118,6 +122,7 @@ class PeerCheck:
         if uid is None or uid in self.uids:
             return True
         self.count += 1
+        self.refused += 1
         now = self.clock.seconds()
         if self.warned_at is None or now - self.warned_at >= WARN_INTERVAL_SECONDS:
             _log.warn("{listener} connection from uid {uid} refused: not one of "

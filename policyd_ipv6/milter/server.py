@@ -32,9 +32,14 @@ for ``idle_timeout_seconds`` between transactions are closed; never one in a tra
 (MAIL to end of message or ABORT): Postfix sends nothing while the client uploads DATA
 (cleanup sends the content only once the whole message is queued), and a close there would
 make Postfix apply ``milter_default_action`` to the message.
+
+The factory counts what it answered (read by the metrics): ``messages`` by end-of-message
+rule, ``signatures`` by the result of each DKIM signature verified.
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
@@ -202,15 +207,20 @@ class MilterProtocol(TimedConnection, protocol.Protocol):
         if not self._settle(token):
             return
         decision, dkim = decided
+        self.factory.messages[decision.rule] += 1
+        for signature in dkim.signatures if dkim else ():
+            self.factory.signatures[signature.result] += 1
         if not self.closed:
             self.transport.write(self.session.send_verdict(decision.response, decision.edits))
         response = getattr(decision.response, "text", None) or decision.response.name
+        # Report mode: would= is the refusal that was only reported (end_of_message).
+        would = f' would="{printable(decision.would, 300)}"' if decision.would else ""
         _log.info('milter client={client} sender="{sender}" queue_id={queue_id} '
-                  'size={size} dkim={dkim} rule={rule} reply="{reply}" ms={ms:.1f}',
+                  'size={size} dkim={dkim} rule={rule}{would} reply="{reply}" ms={ms:.1f}',
                   client=self.client, sender=printable(message.sender or "", 200),
                   queue_id=printable(message.macros.get("i", ""), 20) or "-",
                   size=len(message.body), dkim=dkim.describe() if dkim else "-",
-                  rule=decision.rule, reply=printable(response, 300),
+                  rule=decision.rule, would=would, reply=printable(response, 300),
                   ms=(self.factory.clock.seconds() - start) * 1000)
         if decision.rule.startswith("too-large"):
             _log.warn("milter: message from {client} too large to check ({rule})",
@@ -278,6 +288,8 @@ class MilterFactory(protocol.Factory):
         self.over_limit = OverLimitWarning(clock, "milter")
         # A started dkim_pool.DkimPool for large messages; None verifies everything inline.
         self.dkim_pool = dkim_pool
+        self.messages: Counter[str] = Counter()  # verdicts by end-of-message rule
+        self.signatures: Counter[str] = Counter()  # DKIM signatures by result
 
     def buildProtocol(self, addr) -> MilterProtocol:
         return MilterProtocol(self)

@@ -6,8 +6,9 @@ configuration error: an empty table would refuse all IPv6 mail). Afterwards ``ta
 the last table that loaded without error: a file that is deleted, unreadable or invalid leaves
 the previous table in force and logs one error naming the file and line, until it is good
 again. ``start()`` polls the file's identity (inode, size, mtime) every ``interval_seconds``
-(none for 0); ``reload(why)`` re-reads it unconditionally (SIGHUP). The read is a small local
-file read on the reactor thread; no DNS, no network.
+(none for 0); ``reload(why)`` re-reads it unconditionally (SIGHUP). ``loaded_at`` is the
+clock's time of the last load that succeeded, ``failures`` the loads that failed (metrics).
+The read is a small local file read on the reactor thread; no DNS, no network.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class OptinWatcher:
         self.interval_seconds = interval_seconds
         self._identity = self._stat()
         self.table: OptinTable = load_optin(path)
+        self.loaded_at = clock.seconds()
+        self.failures = 0
         self._last_error: str | None = None
         self._loop: task.LoopingCall | None = None
 
@@ -72,9 +75,11 @@ class OptinWatcher:
                 _log.error("opt-in table not reloaded ({why}): {error}; keeping the previous "
                            "table ({count} entries)", why=why, error=text, count=len(self.table))
             self._last_error = text
+            self.failures += 1
             return False
         self._last_error = None
         self.table = table
+        self.loaded_at = self.clock.seconds()
         _log.info("opt-in table loaded ({why}): {path}, {count} entries", why=why,
                   path=self.path, count=len(table))
         return True
