@@ -43,6 +43,12 @@ dkim-pass / spf-pass  CONTINUE, after deleting every incoming Authentication-Res
                       below Postfix's own Received: header
 ====================  ===============================================================
 
+Report mode: when every recipient the policy let through for DKIM only reports the refusal's
+kind (``MessageRecord.reports``: spf-failed for too-large-unverified, dkim-failed and unsigned,
+spf-temporary for dkim-temporary), the decision is CONTINUE with the usual header edits
+(forged ones deleted, ours inserted when DKIM was checked), the same rule, and ``would`` the
+refusal text.
+
 The refusals are the configured texts exactly (``replies``, validated at start-up as one
 line, 4xx/5xx with a matching enhanced code), so Postfix passes them to the client verbatim.
 Unsigned and badly signed mail are told apart in the log and the rule name, not in the text.
@@ -59,7 +65,7 @@ from policyd_ipv6.milter.codec import ChangeHeader, Disposition, HeaderEdit, Ins
 from policyd_ipv6.names import domain_key, helo_domain, host_name, recipient_domain
 from policyd_ipv6.policy.replies import Replies
 from policyd_ipv6.text import printable
-from policyd_ipv6.vocabulary import DkimResult, EndRule
+from policyd_ipv6.vocabulary import DkimResult, EndRule, PolicyRule
 
 __all__ = ["EndDecision", "needs_check", "decide_end", "auth_results", "claims_authserv_id",
            "forged_deletions", "AR_HEADER"]
@@ -79,6 +85,13 @@ class EndDecision:
     edits: tuple[HeaderEdit, ...] = ()
     rule: EndRule = EndRule.NOT_CONCERNED
     auth_results: str = ""  # the header value inserted, "" if none
+    would: str = ""  # a refusal only reported (report mode): the message is let through
+
+
+# The policy rule (report_only_rules name) each end-of-message refusal counts as.
+_KIND = {EndRule.TOO_LARGE_UNVERIFIED: PolicyRule.SPF_FAILED,
+         EndRule.DKIM_FAILED: PolicyRule.SPF_FAILED, EndRule.UNSIGNED: PolicyRule.SPF_FAILED,
+         EndRule.DKIM_TEMPORARY: PolicyRule.SPF_TEMPORARY}
 
 
 def needs_check(record, too_large: bool) -> str | None:
@@ -99,19 +112,26 @@ def decide_end(record, too_large: bool, dkim: DkimFact | None, replies: Replies,
     address = str(subject.ip) if subject.ip is not None else printable(subject.client_address, 64)
     if too_large:
         if record.needs_dkim:
-            return EndDecision(ReplyCode(replies.auth_failed.format(address=address)),
-                               rule=EndRule.TOO_LARGE_UNVERIFIED)
+            text = replies.auth_failed.format(address=address)
+            if record.reports(_KIND[EndRule.TOO_LARGE_UNVERIFIED]):
+                return EndDecision(Disposition.ACCEPT, forged, EndRule.TOO_LARGE_UNVERIFIED,
+                                   would=text)
+            return EndDecision(ReplyCode(text), rule=EndRule.TOO_LARGE_UNVERIFIED)
         return EndDecision(Disposition.ACCEPT, forged, rule=EndRule.TOO_LARGE)
     if dkim is None:
         raise ValueError("decide_end needs the DKIM fact of a concerned message")
+    value = auth_results(authserv_id, subject, facts, dkim)
+    edits: tuple[HeaderEdit, ...] = (*forged, InsertHeader(AR_INDEX, AR_HEADER, " " + value))
     if record.needs_dkim and dkim.result != DkimResult.PASS:
         if dkim.result == DkimResult.TEMPERROR:
             text = replies.temporary.format(address=address, check="DKIM")
-            return EndDecision(ReplyCode(text), rule=EndRule.DKIM_TEMPORARY)
-        rule = EndRule.UNSIGNED if dkim.result == DkimResult.NONE else EndRule.DKIM_FAILED
-        return EndDecision(ReplyCode(replies.auth_failed.format(address=address)), rule=rule)
-    value = auth_results(authserv_id, subject, facts, dkim)
-    edits: tuple[HeaderEdit, ...] = (*forged, InsertHeader(AR_INDEX, AR_HEADER, " " + value))
+            rule = EndRule.DKIM_TEMPORARY
+        else:
+            text = replies.auth_failed.format(address=address)
+            rule = EndRule.UNSIGNED if dkim.result == DkimResult.NONE else EndRule.DKIM_FAILED
+        if record.reports(_KIND[rule]):
+            return EndDecision(Disposition.CONTINUE, edits, rule, value, would=text)
+        return EndDecision(ReplyCode(text), rule=rule)
     rule = EndRule.DKIM_PASS if record.needs_dkim else EndRule.SPF_PASS
     return EndDecision(Disposition.CONTINUE, edits, rule, value)
 

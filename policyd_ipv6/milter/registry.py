@@ -117,10 +117,20 @@ class MessageRecord:
         self.sender = sender.strip().strip("<>")
         self.open = True
         self.verdicts: dict[str, tuple] = {}  # rule -> (subject, facts), latest per rule
+        # The refusal kinds every DKIM-pending recipient only reports (report mode,
+        # report_only_rules): a refusal at end of message is only logged when all agree.
+        self.reported: frozenset | None = None
 
     def record(self, subject, verdict, facts) -> None:
         """The policy engine's verdict for one recipient of this message."""
         self.verdicts[verdict.rule] = (subject, facts)
+        if verdict.rule == DKIM_PENDING_RULE:
+            kinds = frozenset(getattr(verdict, "reported", ()))
+            self.reported = kinds if self.reported is None else self.reported & kinds
+
+    def reports(self, kind: str) -> bool:
+        """Whether a refusal of this kind (a report_only_rules name) is only reported."""
+        return self.reported is not None and kind in self.reported
 
     @property
     def concerned(self) -> bool:
