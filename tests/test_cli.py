@@ -113,6 +113,31 @@ def test_check_prints_the_reply_then_a_trace(tmp_path, knot, address, sender, re
     assert rest, "a trace follows the reply"
 
 
+@pytest.mark.parametrize("extra, optin, sender, line1, line2", [
+    ('mode = "report"\n', "sender.test\n", "a@pass.sender.test", "action=DUNNO",
+     "would: 450 4.7.25 "),
+    ("", "sender.test mode=report\n", "a@fail.sender.test", "action=DUNNO",
+     "would: 450 4.7.26 "),
+    ('report_only_rules = ["no-rdns"]\n', "sender.test\n", "a@fail.sender.test",
+     "action=450 4.7.26 ", "would: 450 4.7.25 "),
+    ('unlisted_domains = "report"\n', "other.test\n", "a@pass.sender.test", "action=DUNNO",
+     "would: 550 5.2.1 "),
+])
+def test_check_prints_what_report_mode_would_have_answered(tmp_path, knot, extra, optin,
+                                                           sender, line1, line2):
+    """check prints the reply, then "would: <reply>" for a refusal only reported."""
+    path = write_config(tmp_path, knot, ["tcp:0:interface=127.0.0.1"], optin, extra)
+    result = cli("check", "--config", path, "--client-address", dnslab.NO_PTR
+                 if "4.7.25" in line2 else dnslab.WITH_PTR, "--sender", sender,
+                 "--recipient", "bob@sender.test", "--helo", "helo.sender.test")
+    assert result.returncode == 0, result.stderr
+    first, second, *rest = result.stdout.splitlines()
+    assert first.startswith(line1) and second.startswith(line2), result.stdout
+    plain = cli("check", "--config", write_config(tmp_path, knot, ["tcp:0"]), "--client-address",
+                dnslab.NO_PTR, "--sender", sender, "--recipient", "bob@sender.test")
+    assert "would:" not in plain.stdout
+
+
 class Daemon:
     """policyd-ipv6 serve as a child process, with its log captured."""
 

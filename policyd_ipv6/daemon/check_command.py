@@ -2,8 +2,10 @@
 
 Contract: ``check(config, args)`` builds the same service parts as ``serve`` (same lookups,
 same decision table), decides one RCPT-stage request made from the command-line options,
-prints ``action=<reply>`` as the first line of standard output, then one line per step that
-was evaluated, and returns 0. It raises ``ConfigError`` like ``serve``.
+prints ``action=<reply>`` as the first line of standard output, then ``would: <reply>`` when
+a refusal was only reported (report mode, ``report_only_rules``, ``unlisted_domains =
+"report"``, or the milter's in report mode), then one line per step that was evaluated, and
+returns 0. It raises ``ConfigError`` like ``serve``.
 
 With ``args.message`` (a stored RFC 5322 message, ``--message FILE``) it decides as the policy
 service and the built-in milter together would: the RCPT-stage request as if the milter were
@@ -120,6 +122,7 @@ def dkim_lines(dkim) -> list[str]:
 
 @defer.inlineCallbacks
 def _decide(parts, args, record, data, headers):
+    yield parts.ready()  # the opt-in table (from PostgreSQL: its first load)
     outcome = yield parts.engine.answer(request_from_args(args))
     if record is None:
         return outcome, None, None
@@ -149,7 +152,7 @@ def check(config, args) -> int:
             print(f"policyd-ipv6: cannot read --message {message}: {error.strerror}",
                   file=sys.stderr)
             return 1
-    parts = PolicyService(config, reactor)
+    parts = PolicyService(config, reactor, keep_state=False)
     record = MessageRecord(args.sender) if message else None
     if record is not None:
         parts.engine.sessions = _MilterOnConnection(record)
@@ -162,6 +165,7 @@ def check(config, args) -> int:
 
     reactor.callWhenRunning(run)
     reactor.run()
+    parts.optin.stop()
     if not isinstance(done[0], tuple):
         done[0].raiseException()
     outcome, dkim, end = done[0]
@@ -169,8 +173,14 @@ def check(config, args) -> int:
     if end is not None and isinstance(end.response, ReplyCode):
         action = end.response.text  # refused after DATA
     print(f"action={action}")
+    would = outcome.verdict.would or (end.would if end is not None else "")
+    if would:  # a refusal only reported (report mode, report_only_rules, unlisted_domains)
+        print(f"would: {would}")
     optin_matches = parts.optin.table.matches(outcome.subject.recipient_domain)
     lines = trace_lines(outcome, optin_matches)
+    if config.optin_postgresql:  # never the password: describe() shows it as ***
+        lines.insert(1, f"opt-in table: {parts.optin.describe()} ({parts.optin.origin}, "
+                     f"{len(parts.optin.table)} entries)")
     if dkim is not None:
         lines += dkim_lines(dkim)
     if end is not None:
