@@ -214,6 +214,14 @@ class Config:
         "and then becomes this user; as root with no user it refuses to start. Leave it empty "
         "in the Debian package: its systemd unit already starts the daemon as its own user "
         "_policyd-ipv6, and a non-root process cannot become another user.", restart=True)
+    metrics_listen: tuple[str, ...] = setting(
+        [], string_list,
+        "Where Prometheus scrapes the metrics (GET /metrics, the Prometheus text format; any "
+        'other path is 404), as Twisted server endpoint strings such as '
+        '"tcp:9145:interface=127.0.0.1"; empty: no metrics listener. The metrics tell '
+        "decisions, DNS queries and cache use apart by rule, outcome and type, never by "
+        "address or sender; keep the port on loopback or behind a firewall all the same. An "
+        "endpoint that cannot be parsed or bound stops the daemon at start-up.", restart=True)
     milter_listen: tuple[str, ...] = setting(
         [], string_list,
         "Where Postfix reaches the built-in milter (smtpd_milters in main.cf), as Twisted "

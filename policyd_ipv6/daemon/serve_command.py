@@ -7,7 +7,9 @@ exit status. It raises ``ConfigError`` for a configuration that cannot start (ro
 Every module is imported before the drop. The drop happens in the same reactor turn as the
 binding, before any connection is read; if it fails, the error is logged, the listeners are
 closed and ``serve`` returns 1 without having answered a request.
-SIGHUP re-reads the configuration and the opt-in table.
+SIGHUP re-reads the configuration and the opt-in table. With ``metrics_listen``, the service
+is counted (``metrics.Metrics``) and the metrics listeners are bound after the others, before
+the drop.
 """
 
 from __future__ import annotations
@@ -15,14 +17,16 @@ from __future__ import annotations
 import gc
 import os
 import sys
-from typing import Any
+from typing import Any, cast
 
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger, globalLogPublisher
 
 from policyd_ipv6 import __version__
 from policyd_ipv6.daemon.config import Config, ConfigError
 from policyd_ipv6.daemon.limits import descriptor_budget, raise_open_files_limit
 from policyd_ipv6.daemon.logs import start_logging
+from policyd_ipv6.daemon.metrics import Metrics
+from policyd_ipv6.daemon.metrics_http import listen_metrics
 from policyd_ipv6.daemon.privileges import (
     drop_privileges,
     load_lazy_modules,
@@ -48,6 +52,10 @@ def serve(config: Config, log_level: str = "info", allow_root: bool = False) -> 
     stream = os.fdopen(sys.stdout.fileno(), "w", buffering=1 << 16, encoding="utf-8",
                        errors="backslashreplace", closefd=False)
     start_logging(stream, log_level, reactor)
+    metrics = Metrics(reactor) if config.metrics_listen else None
+    if metrics is not None:
+        metrics.attach(service)
+        globalLogPublisher.addObserver(cast(ILogObserver, metrics.observe_log))
     soft, _hard = raise_open_files_limit()
     milter = service.milter_factory
     connections, dns_inflight = descriptor_budget(soft, config.max_connections,
@@ -104,12 +112,17 @@ def serve(config: Config, log_level: str = "info", allow_root: bool = False) -> 
         if allow_root and plan is None:
             _log.warn("running as root (--allow-root): meant for disposable test labs only")
 
+    def metrics_too(ports):
+        if metrics is None:
+            return ports
+        return listen_metrics(reactor, config.metrics_listen, metrics, ports)
+
     def not_started(f) -> None:
         failure.append(f.value if f.check(ConfigError) else ConfigError(str(f.value)))
         reactor.stop()
 
     reactor.callWhenRunning(
-        lambda: service.listen().addCallbacks(started, not_started))
+        lambda: service.listen().addCallback(metrics_too).addCallbacks(started, not_started))
     reactor.run()
     if failure:
         stream.flush()
