@@ -6,6 +6,7 @@ The cost markers are registered in pyproject.toml:
 - `process`: real sockets or subprocesses on loopback (the daemon as a process, a fake DNS
   server), no root;
 - `knot`: a real Knot DNS server (and unbound) on loopback;
+- `postgresql`: a private PostgreSQL cluster (initdb, postgres on loopback) and psycopg 3;
 - `soak`: long runs that watch resource use (minutes);
 - `e2e`: root, network namespaces, real Postfix, Knot and swaks;
 - `deb`: builds, installs and purges the Debian package (root).
@@ -22,7 +23,7 @@ import subprocess
 
 import pytest
 
-COST_MARKERS = ("unit", "process", "knot", "soak", "e2e", "deb")
+COST_MARKERS = ("unit", "process", "knot", "postgresql", "soak", "e2e", "deb")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -30,6 +30,7 @@ from policyd_ipv6.milter.end_of_message import decide_end, forged_deletions, nee
 from policyd_ipv6.milter.events import Header
 from policyd_ipv6.milter.registry import MessageRecord
 from policyd_ipv6.milter.session import DEFAULT_MAX_HEADERS, DEFAULT_MAX_MESSAGE_BYTES
+from policyd_ipv6.optin.postgresql import PostgresOptin
 from policyd_ipv6.policy.decision import RULES
 from policyd_ipv6.policy.engine import Outcome
 
@@ -178,7 +179,7 @@ def check(config, args) -> int:
         print(f"would: {would}")
     optin_matches = parts.optin.table.matches(outcome.subject.recipient_domain)
     lines = trace_lines(outcome, optin_matches)
-    if config.optin_postgresql:  # never the password: describe() shows it as ***
+    if isinstance(parts.optin, PostgresOptin):  # describe() shows a password as ***
         lines.insert(1, f"opt-in table: {parts.optin.describe()} ({parts.optin.origin}, "
                      f"{len(parts.optin.table)} entries)")
     if dkim is not None:

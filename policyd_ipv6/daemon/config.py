@@ -30,6 +30,7 @@ from typing import Any
 
 from policyd_ipv6.daemon.values import (
     authserv_id,
+    channel,
     choice,
     domain_entries,
     endpoints,
@@ -43,10 +44,12 @@ from policyd_ipv6.daemon.values import (
     replies,
     report_rules,
     show,
+    sql_query,
     string_list,
     user,
     users,
 )
+from policyd_ipv6.optin.rows import conninfo
 from policyd_ipv6.policy.replies import Replies
 from policyd_ipv6.vocabulary import PolicyRule
 
@@ -106,7 +109,42 @@ class Config:
         '("example.com" exactly, ".example.com" its subdomains). A relative path is taken '
         "relative to the configuration file. A missing or invalid file stops the daemon at "
         "start-up; later, a file that becomes unreadable or invalid leaves the previous table "
-        "in force.")
+        "in force. Not used with optin_postgresql (setting both is an error).")
+    optin_postgresql: str = setting(
+        "", conninfo,
+        "The opt-in table from PostgreSQL instead of optin_file: a libpq connection string "
+        '("host=db.example.com dbname=mail user=policyd") or URI '
+        '("postgresql://policyd@db.example.com/mail"); empty: optin_file is used. Keep the '
+        "password out of it: libpq's passfile (~/.pgpass, or PGPASSFILE or passfile=) works, "
+        "and the daemon never logs or prints a password. The daemon LISTENs on "
+        "optin_notify_channel and reloads within a second of a NOTIFY (the trigger is in "
+        "postfix-examples/optin-postgresql.sql), and every optin_reload_interval_seconds. "
+        "It listens for mail only after a first load; while the database is down the last "
+        "table stays in force and it reconnects, backing off up to 30 seconds. Needs the "
+        "python3-psycopg package (psycopg 3).", restart=True)
+    optin_query: str = setting(
+        "SELECT domain, options FROM policyd_ipv6_optin", sql_query,
+        "The query giving the opt-in table: one row per entry, the domain (as a line of "
+        'optin_file: "example.com" or ".example.com") and its options (NULL, or the same '
+        '"key=value" words as in the file). A row that the file would refuse is skipped with '
+        "a warning naming it.", restart=True)
+    optin_notify_channel: str = setting(
+        "policyd_ipv6_optin", channel,
+        "The channel the daemon LISTENs on for changes of the opt-in table (as pg_notify() "
+        "names it: exactly, case included).", restart=True)
+    optin_connect_timeout_seconds: float = setting(
+        10.0, number(1, 300),
+        "How long start-up waits for the database's first answer (also libpq's connect "
+        "timeout and the longest a query may run). Past it, or when the database refuses, the "
+        "daemon starts on the last-good copy in state_directory, with a warning; with no copy "
+        "it refuses to start.", restart=True)
+    state_directory: str = setting(
+        "/var/lib/policyd-ipv6", path,
+        "Where the daemon keeps its state: optin-domains.last-good, the last opt-in table "
+        "loaded from optin_postgresql, in the opt-in file's syntax, replaced atomically after "
+        "each load that changed it. It must be writable by the daemon's user (the Debian "
+        "unit's StateDirectory=). A relative path is taken relative to the configuration "
+        "file.", restart=True)
     rdns: str = setting(
         "ptr", choice("ptr", "fcrdns"),
         'The reverse DNS rule. "ptr": the client address must have a PTR record (what Exchange '
@@ -174,7 +212,7 @@ class Config:
     optin_reload_interval_seconds: float = setting(
         5.0, number(0, 86400),
         "How often the opt-in file is checked for changes (its inode, size and modification "
-        "time); 0: only on SIGHUP.")
+        "time), or the query of optin_postgresql run again; 0: only on SIGHUP (and NOTIFY).")
     dns_cache_size: int = setting(
         50_000, number(1, 10_000_000, integer=True),
         "How many DNS answers are kept, each for its TTL (at most dns_max_ttl_seconds).",
@@ -287,8 +325,12 @@ def parse_config(text: str, base_dir: str = ".", source: str = "<config>") -> Co
             values[name] = key.parse(name, value)
         except ValueError as error:
             raise ConfigError(f"{source}: {error}") from None
-    optin_file = values.get("optin_file", known["optin_file"].default)
-    values["optin_file"] = os.path.normpath(os.path.join(base_dir, optin_file))
+    if values.get("optin_postgresql") and "optin_file" in raw:
+        raise ConfigError(f'{source}: optin_file = "{raw["optin_file"]}" and optin_postgresql '
+                          "are both set: the opt-in table comes from one of them; remove one")
+    for name in ("optin_file", "state_directory"):
+        given = values.get(name, known[name].default)
+        values[name] = os.path.normpath(os.path.join(base_dir, given))
     return Config(**values, source=source)
 
 

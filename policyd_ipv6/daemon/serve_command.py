@@ -9,7 +9,9 @@ binding, before any connection is read; if it fails, the error is logged, the li
 closed and ``serve`` returns 1 without having answered a request.
 SIGHUP re-reads the configuration and the opt-in table. With ``metrics_listen``, the service
 is counted (``metrics.Metrics``) and the metrics listeners are bound after the others, before
-the drop.
+the drop. With ``optin_postgresql`` the listeners
+are bound only once the first table is loaded (``PolicyService.ready()``), and the database
+connection is closed at shutdown.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from policyd_ipv6.daemon.privileges import (
     plan_privileges,
 )
 from policyd_ipv6.daemon.wiring import PolicyService, install_sighup
+from policyd_ipv6.optin.postgresql import PostgresOptin
 
 __all__ = ["serve"]
 
@@ -101,7 +104,8 @@ def serve(config: Config, log_level: str = "info", allow_root: bool = False) -> 
         _log.info("policyd-ipv6 {version} ready: rdns={rdns}, nameservers {servers}, "
                   "opt-in table {path} ({count} entries), up to {files} open files{user}",
                   version=__version__, rdns=config.rdns, servers=servers,
-                  path=config.optin_file, count=len(service.optin.table), files=soft,
+                  path=(service.optin.describe() if isinstance(service.optin, PostgresOptin)
+                        else config.optin_file), count=len(service.optin.table), files=soft,
                   user=f", running as {plan[2]}" if plan else "")
         if service.milter_factory is not None:
             _log.info("milter: SPF or DKIM (DKIM checked at end of message), "
@@ -121,8 +125,10 @@ def serve(config: Config, log_level: str = "info", allow_root: bool = False) -> 
         failure.append(f.value if f.check(ConfigError) else ConfigError(str(f.value)))
         reactor.stop()
 
+    reactor.addSystemEventTrigger("before", "shutdown", service.optin.stop)
     reactor.callWhenRunning(
-        lambda: service.listen().addCallback(metrics_too).addCallbacks(started, not_started))
+        lambda: service.ready().addCallback(lambda _table: service.listen())
+        .addCallback(metrics_too).addCallbacks(started, not_started))
     reactor.run()
     if failure:
         stream.flush()

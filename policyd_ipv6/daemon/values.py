@@ -21,7 +21,8 @@ from policyd_ipv6.vocabulary import REPORTABLE_RULES, PolicyRule
 
 __all__ = ["bad", "show", "Number", "number", "string_list", "endpoints", "authserv_id", "path",
            "choice", "networks", "parse_nameserver", "nameservers", "user", "users",
-           "replies", "report_rules", "local_parts", "fingerprints", "domain_entries"]
+           "replies", "report_rules", "local_parts", "fingerprints", "domain_entries",
+           "sql_query", "channel"]
 
 _AUTHSERV_ID = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?")
 _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
@@ -210,3 +211,18 @@ def domain_entries(key: str, value: Any) -> tuple[str, ...]:
             raise bad(key, item, 'is not "example.com" or ".example.com"')
         entries.append(("." if parent else "") + name)
     return tuple(dict.fromkeys(entries))
+
+
+def sql_query(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip() or "\0" in value:
+        raise bad(key, value, "must be an SQL query returning domain and options")
+    return value
+
+
+def channel(key: str, value: Any) -> str:
+    # A PostgreSQL identifier: at most 63 bytes (NAMEDATALEN - 1), compared exactly as
+    # pg_notify() and a quoted LISTEN name it.
+    if (not isinstance(value, str) or not value or "\0" in value
+            or len(value.encode("utf-8")) > 63):
+        raise bad(key, value, "must be a channel name of 1 to 63 bytes")
+    return value

@@ -1,8 +1,12 @@
 """Service wiring: from a ``Config`` to running listeners, shared by ``serve`` and ``check``.
 
 Contract: ``PolicyService(config, reactor)`` creates the long-lived parts (DNS client, lookup
-cache, fact finder, opt-in watcher, engine, protocol factory) and raises ``ConfigError``
-naming the key and value when one cannot start (an unreadable or invalid opt-in file).
+cache, fact finder, opt-in source, engine, protocol factory) and raises ``ConfigError``
+naming the key and value when one cannot start (an unreadable or invalid opt-in file, or
+``optin_postgresql`` without its driver). ``ready()`` is a Deferred that fires once the opt-in
+table is loaded (at once for a file; from PostgreSQL or its last-good copy for
+``optin_postgresql``, failing with ``ConfigError`` when neither answers): listen only after it.
+With ``keep_state=False`` (``check``) the last-good copy is read but never written.
 ``listen()`` binds every ``listen`` endpoint, then every ``milter_listen`` endpoint (a Deferred
 failing with ``ConfigError`` naming the key and the endpoint). With ``milter_listen`` set, the
 policy engine and the milter share one ``sessions.Sessions`` registry (the milter tells the
@@ -41,6 +45,7 @@ from policyd_ipv6.daemon.config import (
 )
 from policyd_ipv6.milter.registry import Sessions
 from policyd_ipv6.milter.server import MilterFactory
+from policyd_ipv6.optin.postgresql import DatabaseSettings, PostgresOptin, StartError
 from policyd_ipv6.optin.table import OptinSyntaxError
 from policyd_ipv6.optin.watch import OptinWatcher
 from policyd_ipv6.policy.decision import Policy
@@ -109,6 +114,22 @@ def _watcher(config: Config, reactor) -> OptinWatcher:
         raise ConfigError(f'optin_file = "{config.optin_file}": {error}') from None
 
 
+def _optin_source(config: Config, reactor, keep_state: bool) -> OptinWatcher | PostgresOptin:
+    if not config.optin_postgresql:
+        return _watcher(config, reactor)
+    try:
+        import psycopg
+    except ImportError as error:
+        raise ConfigError(
+            "optin_postgresql is set but the PostgreSQL driver psycopg 3 cannot be loaded "
+            f"({error}): install python3-psycopg (pip: policyd-ipv6[postgresql])") from None
+    settings = DatabaseSettings(
+        config.optin_postgresql, config.optin_query, config.optin_notify_channel,
+        config.optin_connect_timeout_seconds, config.state_directory,
+        config.optin_reload_interval_seconds, write_copy=keep_state)
+    return PostgresOptin(settings, reactor, psycopg)
+
+
 class Current:
     """The configuration in force: the one object a reload replaces."""
 
@@ -117,7 +138,7 @@ class Current:
 
 
 class PolicyService:
-    def __init__(self, config: Config, reactor) -> None:
+    def __init__(self, config: Config, reactor, keep_state: bool = True) -> None:
         self.current = Current(config)
         self.reactor = reactor
         self.client = DnsClient(reactor, self._servers(config), config.dns_timeout_seconds,
@@ -129,7 +150,7 @@ class PolicyService:
                                  config.decision_deadline_seconds, config.message_cache_size,
                                  config.message_cache_ttl_seconds,
                                  Limits(void_lookups=config.spf_void_limit))
-        self.optin = _watcher(config, reactor)
+        self.optin = _optin_source(config, reactor, keep_state)
         # One entry per SMTP session the milter is on: bounded like the connections.
         sessions = (Sessions(reactor, config.max_connections, SESSION_TTL_SECONDS)
                     if config.milter_listen else None)
@@ -155,6 +176,16 @@ class PolicyService:
     @staticmethod
     def _servers(config: Config) -> list[Nameserver]:
         return list(config.nameservers) or system_nameservers()
+
+    def ready(self) -> defer.Deferred:
+        """Fires once the opt-in table is loaded; fails with ConfigError when it cannot be."""
+        if not isinstance(self.optin, PostgresOptin):
+            return defer.succeed(self.optin.table)
+
+        def not_loaded(failure):
+            failure.trap(StartError)
+            raise ConfigError(str(failure.value))
+        return self.optin.ready().addErrback(not_loaded)
 
     @defer.inlineCallbacks
     def listen(self):
@@ -191,7 +222,7 @@ class PolicyService:
         try:
             new = load_config(self.config.source)
             optin = None
-            if new.optin_file != self.config.optin_file:
+            if new.optin_file != self.config.optin_file and not self.config.optin_postgresql:
                 optin = _watcher(new, self.reactor)
             servers = self._servers(new)
         except ConfigError as error:
@@ -214,7 +245,9 @@ class PolicyService:
             self.milter_factory.authserv_id = authserv_id(new)
         if optin is None:
             self.optin.reload("SIGHUP")
-            if new.optin_reload_interval_seconds != old.optin_reload_interval_seconds:
+            if isinstance(self.optin, PostgresOptin):
+                self.optin.interval_seconds = new.optin_reload_interval_seconds
+            elif new.optin_reload_interval_seconds != old.optin_reload_interval_seconds:
                 self.optin.stop()
                 self.optin.interval_seconds = new.optin_reload_interval_seconds
                 self.optin.start()

@@ -3,7 +3,8 @@
 Contract:
 - ``ServeProcess(directory, settings, optin)`` writes ``policyd.toml`` (the ``settings`` dict,
   plus a TCP listener on a free loopback port and ``optin_file = "optin"``) and the opt-in file
-  into ``directory``, runs ``python -m policyd_ipv6 serve --config FILE`` from the repository
+  into ``directory`` (a setting given as None is left out: ``optin_file=None`` for
+  ``optin_postgresql``), runs ``python -m policyd_ipv6 serve --config FILE`` from the repository
   (as test_cli.py does; ``--allow-root`` when run by root) with its output in ``serve.log``,
   and returns from ``start()`` once the daemon logs "ready". ``rlimit_nofile=(soft, hard)``
   starts it under that open-file limit;
@@ -61,8 +62,9 @@ class ServeProcess:
                  file_modes_apply: bool = False) -> None:
         self.directory = Path(directory)
         self.port = free_port()
-        self.settings = {"listen": [f"tcp:{self.port}:interface=127.0.0.1"],
-                         "optin_file": "optin", **(settings or {})}
+        settings = {"listen": [f"tcp:{self.port}:interface=127.0.0.1"],
+                    "optin_file": "optin", **(settings or {})}
+        self.settings = {k: v for k, v in settings.items() if v is not None}
         self.optin_path = self.directory / "optin"
         self.config_path = self.directory / "policyd.toml"
         self.log_path = self.directory / "serve.log"
