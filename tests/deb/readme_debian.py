@@ -3,16 +3,13 @@
 Contract (pure text functions; they raise ValueError when README.Debian no longer has the part):
 - `main_cf_lines(text)` is the block an administrator pastes into main.cf (the indented lines
   after "Add to /etc/postfix/main.cf:"), as one string ending in a newline.
-- `unix_socket_recipe(text)` returns the steps of "Using a Unix socket instead of TCP":
-  `install` (the `install -d ...` command, as argv), `read_write_paths` (the ReadWritePaths=
-  value of the drop-in), `listen` (the TOML line's list) and `check_policy_service` (the
-  main.cf line).
+- `tcp_recipe(text)` returns the steps of "Using TCP instead of a Unix socket": `listen`
+  (the TOML line's list) and `check_policy_service` (the main.cf line).
 - `milter_main_cf_lines(text)` is the block of main.cf lines of the optional milter section.
 """
 
 from __future__ import annotations
 
-import shlex
 import tomllib
 
 
@@ -49,17 +46,14 @@ def _one_line(text: str, start: str) -> str:
     return found[0]
 
 
-def unix_socket_recipe(text: str) -> dict:
-    """The Unix-socket steps of README.Debian (see the module docstring)."""
-    section = text.split("Using a Unix socket instead of TCP", 1)
+def tcp_recipe(text: str) -> dict:
+    """The TCP steps of README.Debian (see the module docstring)."""
+    section = text.split("Using TCP instead of a Unix socket", 1)
     if len(section) != 2:
-        raise ValueError("README.Debian has no Unix socket section")
+        raise ValueError("README.Debian has no TCP section")
     body = section[1]
-    listen = tomllib.loads(_one_line(body, "listen = "))["listen"]
     return {
-        "install": shlex.split(_one_line(body, "install -d ")),
-        "read_write_paths": _one_line(body, "ReadWritePaths=").split("=", 1)[1].split(),
-        "listen": listen,
+        "listen": tomllib.loads(_one_line(body, "listen = "))["listen"],
         "check_policy_service": _one_line(body, "check_policy_service "),
     }
 
@@ -69,6 +63,5 @@ def milter_main_cf_lines(text: str) -> str:
     section = text.split("the built-in milter)", 1)
     if len(section) != 2:
         raise ValueError("README.Debian has no milter section")
-    return "\n".join(_indented_block_after(section[1], "run \"systemctl restart "
-                                           "policyd-ipv6\", then add to /etc/postfix/main.cf:"))\
+    return "\n".join(_indented_block_after(section[1], "then add to /etc/postfix/main.cf:")) \
         + "\n"

@@ -7,10 +7,12 @@ used in another; these tests fail when one side changes without the other.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 
 import pytest
+from lab.policyd import config_from_example
 from lab.postfix import main_cf_value
 
 from policyd_ipv6 import __version__
@@ -22,6 +24,7 @@ from .unitrun import Unit
 
 DEBIAN = debbuild.DEBIAN
 EXAMPLES = debbuild.REPO / "postfix-examples"
+SOCKET_DIR = "/var/spool/postfix/policyd-ipv6"
 
 
 def packaged(name: str) -> str:
@@ -60,18 +63,33 @@ def test_unit_sandbox_settings():
         assert unit.one(key) == value, key
     assert unit.settings["CapabilityBoundingSet"] == [""]
     assert "@system-service" in unit.settings["SystemCallFilter"]
-    assert "ReadWritePaths" not in unit.settings, "the default (TCP) needs no writable path"
+    assert unit.settings["ReadWritePaths"] == ["-" + SOCKET_DIR], "the sockets' directory only"
 
 
-def test_packaged_configuration_listens_on_loopback_and_finds_the_optin_file():
+def test_sockets_directory_is_made_by_tmpfiles_and_before_each_start():
+    """debian/policyd-ipv6.tmpfiles makes /var/spool/postfix/policyd-ipv6 owned by the unit's
+    user, group postfix, set-group-ID 2750; the unit runs the same entry as root before each
+    start (a Postfix installed later brings its group), and a failure there does not hide the
+    daemon's own message."""
+    unit = Unit.read(DEBIAN / "policyd-ipv6.service")
+    lines = [line.split() for line in packaged("policyd-ipv6.tmpfiles").splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert lines == [["d", SOCKET_DIR, "2750", unit.user, "postfix", "-"]]
+    assert unit.settings["ExecStartPre"] == [
+        "-+/usr/bin/systemd-tmpfiles --create policyd-ipv6.conf"]
+
+
+def test_packaged_configuration_listens_on_unix_sockets_and_finds_the_optin_file():
     """The example config installed as /etc/policyd-ipv6/policyd-ipv6.toml resolves optin_file
-    to /etc/policyd-ipv6/optin-domains, listens on 127.0.0.1:10045 and names no user."""
+    to /etc/policyd-ipv6/optin-domains, listens (policy and milter) on Unix sockets of mode 660
+    with a lock file in the unit's writable directory, and names no user."""
     install = packaged("policyd-ipv6.install").split("\n")
     assert "postfix-examples/policyd-ipv6.toml etc/policyd-ipv6/" in install
-    assert "debian/build/optin-domains etc/policyd-ipv6/" in install
+    assert "debian/build/optin-domains usr/share/policyd-ipv6/" in install  # a template
     config = parse_config((EXAMPLES / "policyd-ipv6.toml").read_text(), "/etc/policyd-ipv6")
     assert config.optin_file == "/etc/policyd-ipv6/optin-domains"
-    assert config.listen == ("tcp:10045:interface=127.0.0.1",)
+    assert config.listen == ("unix:%s/policy:mode=660:lockfile=1" % SOCKET_DIR,)
+    assert config.milter_listen == ("unix:%s/milter:mode=660:lockfile=1" % SOCKET_DIR,)
     # The unit already runs as its own user: a non-root process cannot switch to another.
     assert config.user == ""
 
@@ -82,7 +100,7 @@ def test_readme_debian_wiring_is_the_examples_wiring():
     fragment = (EXAMPLES / "main.cf.fragment").read_text()
     name = "smtpd_recipient_restrictions"
     assert main_cf_value(readme, name) == main_cf_value(fragment, name)
-    assert "inet:127.0.0.1:10045" in main_cf_value(readme, name)
+    assert "unix:policyd-ipv6/policy," in main_cf_value(readme, name)
 
 
 def test_readme_debian_milter_wiring_is_the_examples_wiring():
@@ -105,31 +123,23 @@ def test_readme_debian_milter_wiring_is_the_examples_wiring():
     (listen,) = [line.strip() for line in readme.splitlines()
                  if line.strip().startswith("milter_listen = ")]
     example = (EXAMPLES / "policyd-ipv6.toml").read_text()
-    assert example.count("\nmilter_listen = []\n") == 1
-    config = parse_config(example.replace("\nmilter_listen = []\n", "\n%s\n" % listen),
-                          "/etc/policyd-ipv6")
-    assert config.milter_listen == ("unix:/var/spool/postfix/policyd-ipv6/milter:mode=660",)
+    assert "\n%s\n" % listen in example, "README.Debian shows the packaged milter_listen"
+    config = parse_config(example, "/etc/policyd-ipv6")
+    assert config.milter_listen == ("unix:%s/milter:mode=660:lockfile=1" % SOCKET_DIR,)
     assert all("unix:policyd-ipv6/milter," in entry for entry in entries)
 
 
-def test_readme_debian_unix_socket_recipe_is_consistent():
-    """The Unix-socket steps create the socket's directory, make it writable for the unit, and
-    point Postfix (relative to its queue directory) at the socket the daemon listens on."""
-    recipe = readme_debian.unix_socket_recipe(packaged("README.Debian"))
-    unit = Unit.read(DEBIAN / "policyd-ipv6.service")
-    install = recipe["install"]
-    directory = install[-1]
-    assert install[:2] == ["install", "-d"]
-    assert install[install.index("-o") + 1] == unit.user
-    assert install[install.index("-g") + 1] == "postfix"
-    assert install[install.index("-m") + 1] == "2750"
-    assert recipe["read_write_paths"] == [directory]
-    (endpoint,) = recipe["listen"]
-    socket = endpoint.split(":")[1]
-    assert socket.startswith(directory + "/") and ":mode=660" in endpoint
-    relative = socket[len("/var/spool/postfix/"):]
+def test_readme_debian_tcp_recipe_is_consistent():
+    """README.Debian's TCP alternative is a listen value the configuration accepts and the
+    main.cf endpoint of that same port, in the restrictions' own form."""
+    recipe = readme_debian.tcp_recipe(packaged("README.Debian"))
+    example = (EXAMPLES / "policyd-ipv6.toml").read_text()
+    config = parse_config(config_from_example(example, {"listen": recipe["listen"]}),
+                          "/etc/policyd-ipv6")
+    (endpoint,) = config.listen
+    port = re.fullmatch(r"tcp:(\d+):interface=127\.0\.0\.1", endpoint).group(1)
     assert recipe["check_policy_service"] == (
-        "check_policy_service { unix:%s, timeout=30s }" % relative)
+        "check_policy_service { inet:127.0.0.1:%s, timeout=30s }" % port)
 
 
 @pytest.mark.process

@@ -10,8 +10,11 @@ read-only file system, private /tmp, the system-call filter, address families an
 DNS is the namespace's resolv.conf, which the installed config's empty `nameservers` reads
 and which names the lab's Knot. The one
 change to the installed files: example.com is added to /etc/policyd-ipv6/optin-domains while
-this module runs (the file is restored afterwards). A second installed daemon listens on the
-Unix socket that README.Debian's recipe sets up.
+this module runs (the file is restored afterwards). The installed config listens on Unix
+sockets in /var/spool/postfix/policyd-ipv6, which the unit's ExecStartPre= (the package's
+tmpfiles.d entry) makes; the lab Postfix's queue directory links its policyd-ipv6 to that
+directory, so README.Debian's unix:policyd-ipv6/policy reaches the real socket. A second
+installed daemon listens on TCP as README.Debian's "Using TCP instead" says.
 
 The lab lives under /var/spool, not /tmp: the reproduced PrivateTmp= hides /tmp from the daemon.
 """
@@ -23,12 +26,14 @@ import json
 import os
 import pwd
 import re
+import shlex
 import shutil
 import signal
 import stat
 import subprocess
 import tempfile
 import time
+import tomllib
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,52 +106,55 @@ def _requirements() -> str | None:
     return None
 
 
-def _in_postfix_queue(path: str, queue_dir: Path) -> str:
-    """A README.Debian path below /var/spool/postfix, moved below the lab's queue directory."""
-    if not path.startswith(POSTFIX_SPOOL + "/"):
-        raise ValueError("%s is not below %s" % (path, POSTFIX_SPOOL))
-    return str(queue_dir) + path[len(POSTFIX_SPOOL):]
-
-
 def _network(lab: DebLab, request) -> None:
     netns.build_link(lab.mx, MX_IF, T.MX_ADDRESSES, lab.sender, SENDER_IF, T.SENDER_ADDRESSES,
                      "2001:db8::/32", [T.DNS6], request.addfinalizer)
 
 
 def _postfix(lab: DebLab, readme: str, request) -> dict:
-    """Postfix with README.Debian's main.cf lines; returns README.Debian's Unix socket recipe."""
+    """Postfix with README.Debian's main.cf lines; returns README.Debian's TCP recipe."""
     lines = readme_debian.main_cf_lines(readme)
-    recipe = readme_debian.unix_socket_recipe(readme)
-    socket_rel = re.fullmatch(r"check_policy_service \{ unix:(\S+), timeout=30s \}",
-                              recipe["check_policy_service"]).group(1)
+    recipe = readme_debian.tcp_recipe(readme)
+    tcp_endpoint = re.fullmatch(r"check_policy_service \{ (inet:\S+), timeout=30s \}",
+                                recipe["check_policy_service"]).group(1)
     restrictions = postfix.main_cf_value(lines, "smtpd_recipient_restrictions")
     # The e2e listeners minus the one wired to a policy service that is down there.
     services = [s for s in T.postfix_services() if "]:%d " % T.SMTP_PORT_DNS_DOWN not in s]
     lab.postfix = postfix.PostfixInstance(lab.root / "postfix",
-                                          T.postfix_settings(restrictions, socket_rel), [lines],
+                                          T.postfix_settings(restrictions, tcp_endpoint), [lines],
                                           services, lab.mx)
     request.addfinalizer(lab.postfix.stop)
     lab.postfix.start()
     return recipe
 
 
+def _sockets_directory(lab: DebLab, request) -> Path:
+    """The unit's ExecStartPre= as systemd runs it (as root), then the lab Postfix's
+    policyd-ipv6 linked to the directory it made; returns the directory."""
+    (pre,) = lab.unit.settings["ExecStartPre"]
+    made = subprocess.run(shlex.split(pre.lstrip("-+")), capture_output=True, text=True)
+    assert made.returncode == 0, "%s: %s" % (pre, made.stderr)
+    (writable,) = lab.unit.settings["ReadWritePaths"]
+    directory = Path(writable.lstrip("-"))
+    link = lab.postfix.queue_dir / directory.name
+    link.symlink_to(directory)
+    request.addfinalizer(lambda: link.unlink(missing_ok=True))
+    return directory
+
+
 def _daemons(lab: DebLab, recipe: dict, request) -> None:
-    queue = lab.postfix.queue_dir
-    # README.Debian's steps, verbatim but for /var/spool/postfix -> the lab's queue directory.
-    install = recipe["install"][:-1] + [_in_postfix_queue(recipe["install"][-1], queue)]
-    made = subprocess.run(install, capture_output=True, text=True)
-    assert made.returncode == 0, "%s: %s" % (install, made.stderr)
-    listen = [re.sub(r"^unix:([^:]+)", lambda m: "unix:" + _in_postfix_queue(m.group(1), queue),
-                     endpoint) for endpoint in recipe["listen"]]
+    directory = _sockets_directory(lab, request)
+    listen = tomllib.loads(CONFIG.read_text())["listen"]
     lab.socket_path = Path(listen[0].split(":")[1])
-    unix_config = lab.root / "unix-socket.toml"
-    unix_config.write_text(config_from_example(CONFIG.read_text(), {
-        "listen": listen, "optin_file": str(OPTIN)}))
-    os.chmod(unix_config, 0o644)
-    lab.daemon = InstalledDaemon(lab.unit, lab.root / "daemon.log", lab.mx)
+    assert lab.socket_path.parent == directory, listen
+    tcp_config = lab.root / "tcp.toml"
+    tcp_config.write_text(config_from_example(CONFIG.read_text(), {
+        "listen": recipe["listen"], "milter_listen": [], "optin_file": str(OPTIN)}))
+    os.chmod(tcp_config, 0o644)
+    lab.daemon = InstalledDaemon(lab.unit, lab.root / "daemon.log", lab.mx,
+                                 read_write_paths=[directory])
     lab.unix_daemon = InstalledDaemon(
-        lab.unit, lab.root / "unix-daemon.log", lab.mx, config_path=unix_config,
-        read_write_paths=[_in_postfix_queue(p, queue) for p in recipe["read_write_paths"]])
+        lab.unit, lab.root / "tcp-daemon.log", lab.mx, config_path=tcp_config)
     for daemon in (lab.daemon, lab.unix_daemon):
         request.addfinalizer(daemon.stop)
         daemon.launch()
@@ -322,20 +330,89 @@ def test_reload_applies_an_optin_edit(deb_lab):
     assert_delivered(deb_lab, result, after)
 
 
-def test_unix_socket_set_up_as_readme_debian_says(deb_lab):
-    """README.Debian's Unix-socket recipe works: the socket belongs to the unit's user and group
-    postfix, mode 660, and Postfix's smtpd gets the installed daemon's replies through it."""
-    info = deb_lab.socket_path.stat()
-    assert stat.S_ISSOCK(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o660
+def test_installed_daemon_listens_on_its_unix_sockets_postfix_reaches(deb_lab):
+    """The installed config's sockets lie in the directory ExecStartPre= made (the unit's user,
+    group postfix, 2750), belong to the unit's user and group postfix with mode 660, and
+    Postfix's smtpd gets the installed daemon's replies through unix:policyd-ipv6/policy."""
+    directory = deb_lab.socket_path.parent
+    info = directory.stat()
+    assert stat.S_IMODE(info.st_mode) == 0o2750 and stat.S_ISDIR(info.st_mode)
     assert pwd.getpwuid(info.st_uid).pw_name == deb_lab.unit.user
     assert info.st_gid == grp.getgrnam("postfix").gr_gid
+    for name in ("policy", "milter"):
+        info = (directory / name).stat()
+        assert stat.S_ISSOCK(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o660, name
+        assert pwd.getpwuid(info.st_uid).pw_name == deb_lab.unit.user, name
+        assert info.st_gid == grp.getgrnam("postfix").gr_gid, name
     good, noptr = rcpt(), rcpt()
+    assert_delivered(deb_lab, deb_lab.send(T.GOOD, good), good)
+    result = deb_lab.send(T.NOPTR, noptr)
+    assert result.rcpt_reply(noptr).startswith("450 4.7.25"), result.transcript
+    assert decision(deb_lab.daemon, good)["reply"] == "DUNNO"
+    assert decision(deb_lab.daemon, noptr)["rule"] == "no-rdns"
+
+
+def test_tcp_listener_as_readme_debian_says(deb_lab):
+    """README.Debian's TCP alternative works: Postfix reaches the installed daemon on
+    inet:127.0.0.1:10045 and gets its replies."""
+    good = rcpt()
     result = deb_lab.send(T.GOOD, good, port=T.SMTP_PORT_FCRDNS)
     assert_delivered(deb_lab, result, good)
-    result = deb_lab.send(T.NOPTR, noptr, port=T.SMTP_PORT_FCRDNS)
-    assert result.rcpt_reply(noptr).startswith("450 4.7.25"), result.transcript
     assert decision(deb_lab.unix_daemon, good)["reply"] == "DUNNO"
-    assert decision(deb_lab.unix_daemon, noptr)["rule"] == "no-rdns"
+
+
+# Connects to each socket with the credentials it runs with; prints what happened.
+PEER = r"""
+import errno, json, socket, sys
+out = {}
+for path in sys.argv[1:]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    try:
+        sock.connect(path)
+        sock.sendall(b"request=smtpd_access_policy\n")
+        out[path] = "closed" if sock.recv(100) == b"" else "answered"
+    except OSError as error:
+        out[path] = errno.errorcode.get(error.errno, str(error.errno))
+    finally:
+        sock.close()
+print(json.dumps(out))
+"""
+
+
+def _connect_as(args: list[str], paths: list[Path]) -> dict:
+    run = subprocess.run(["setpriv", *args, "--", "/usr/bin/python3", "-c", PEER,
+                          *map(str, paths)], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
+
+
+def test_other_local_users_are_refused_on_both_sockets(deb_lab):
+    """A local user other than root and postfix cannot use the sockets: as nobody the
+    directory refuses it (EACCES); even with group postfix, the daemon reads its uid
+    (SO_PEERCRED) and closes the connection at once, on the policy and the milter socket."""
+    directory = deb_lab.socket_path.parent
+    paths = [directory / "policy", directory / "milter"]
+    nobody = ["--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+    assert _connect_as(nobody, paths) == {str(p): "EACCES" for p in paths}
+    with_group = ["--reuid=nobody", "--regid=nogroup", "--groups=postfix"]
+    assert _connect_as(with_group, paths) == {str(p): "closed" for p in paths}
+    refused = "connection from uid %d refused" % pwd.getpwnam("nobody").pw_uid
+    assert refused in deb_lab.daemon.log(), deb_lab.daemon.log_tail()
+
+
+def test_sigkill_then_restart_binds_the_same_paths(deb_lab):
+    """Killed with SIGKILL (socket files and locks left behind), the daemon started again as
+    Restart=on-failure does binds the same socket paths (lockfile=1) and Postfix reaches it."""
+    daemon = deb_lab.daemon
+    daemon.process.send_signal(signal.SIGKILL)
+    daemon.process.wait(timeout=10)
+    daemon.process = None
+    assert deb_lab.socket_path.is_socket()  # left behind
+    daemon.start()
+    bob = rcpt()
+    assert_delivered(deb_lab, deb_lab.send(T.GOOD, bob), bob)
+    assert decision(daemon, bob)["reply"] == "DUNNO"
 
 
 def test_sigterm_stops_the_daemon_with_status_0(deb_lab):

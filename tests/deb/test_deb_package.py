@@ -111,13 +111,13 @@ def test_installation_creates_the_units_system_user(installed):
 
 def test_installed_configuration_opts_no_domain_in(installed):
     """The installed opt-in table is comments only (a copy of the template, not a conffile),
-    and the installed config listens on 127.0.0.1:10045, reads that table next to itself and
-    names no user."""
+    and the installed config listens on the Unix socket /var/spool/postfix/policyd-ipv6/policy,
+    reads that table next to itself and names no user."""
     lines = [line.strip() for line in OPTIN.read_text().splitlines()]
     assert [line for line in lines if line and not line.startswith("#")] == []
     assert any(line.startswith("#") for line in lines)
     config = tomllib.loads(CONFIG.read_text())
-    assert config["listen"] == ["tcp:10045:interface=127.0.0.1"]
+    assert config["listen"] == ["unix:/var/spool/postfix/policyd-ipv6/policy:mode=660:lockfile=1"]
     assert config["optin_file"] == "optin-domains" and config.get("user", "") == ""
     conffiles = run(["dpkg-query", "-W", "-f", "${Conffiles}", debbuild.PACKAGE]).stdout
     assert [line.split()[0] for line in conffiles.strip().splitlines()] == [str(CONFIG)]
