@@ -39,6 +39,7 @@ PURE_MODULES = [
     "policyd_ipv6.checks.spf_terms",
     "policyd_ipv6.checks.spf_eval",
     "policyd_ipv6.optin.table",
+    "policyd_ipv6.optin.rows",
     "policyd_ipv6.daemon.config",
     "policyd_ipv6.daemon.values",
     "policyd_ipv6.daemon.keydocs",
