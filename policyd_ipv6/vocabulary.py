@@ -79,6 +79,8 @@ class PolicyRule(enum.StrEnum):
     SPF_TEMPORARY = "spf-temporary"
     # rdns_exempt_sender_domains: a listed sender without PTR that did not authenticate.
     NO_RDNS_UNAUTHENTICATED = "no-rdns-unauthenticated"
+    # ... unless the built-in milter will find a DKIM signature of the sender's domain.
+    NO_RDNS_DKIM_PENDING = "no-rdns-dkim-pending"
     SPF_FAILED_DKIM_PENDING = "spf-failed-dkim-pending"
     SPF_FAILED = "spf-failed"
     PASS = "pass"
@@ -102,6 +104,8 @@ class EndRule(enum.StrEnum):
     UNSIGNED = "unsigned"
     DKIM_PASS = "dkim-pass"
     SPF_PASS = "spf-pass"
+    # A PTR-exempt sender without PTR and SPF: no passing DKIM signature of its domain.
+    NO_RDNS_UNAUTHENTICATED = "no-rdns-unauthenticated"
     EOM_DEADLINE = "eom-deadline"  # the adapter's: DKIM not settled in time, 451
 
 

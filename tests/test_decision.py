@@ -147,7 +147,8 @@ def test_every_rule_is_reachable():
     assert [r.name for r in RULES] == [
         "wrong-stage", "not-an-address", "ipv4", "authenticated", "trusted-network",
         "postmaster", "tls-connector", "not-opted-in", "unlisted-ignored", "exempt-recipient",
-        "rdns-temporary", "no-rdns", "spf-temporary", "no-rdns-unauthenticated",
+        "rdns-temporary", "no-rdns", "spf-temporary", "no-rdns-dkim-pending",
+        "no-rdns-unauthenticated",
         "spf-failed-dkim-pending", "spf-failed", "pass"]
 
 

@@ -285,3 +285,15 @@ def test_trusted_network_still_comes_first_in_report_mode():
 def _all_kinds():
     from policyd_ipv6.vocabulary import REPORTABLE_RULES
     return frozenset(REPORTABLE_RULES)
+
+
+def test_rdns_exempt_sender_with_the_milter_waits_for_its_dkim():
+    """With the milter on the connection, a listed sender without PTR failing SPF is let
+    through RCPT for the milter to look for its domain's DKIM signature; one that passes SPF
+    needs nothing more."""
+    p = policy('rdns_exempt_sender_domains = ["partner.example"]')
+    s = subject(sender="a@partner.example")
+    pending = walk(p, s, MISSING, SpfFact("fail"), dkim_pending=True)
+    assert (pending.action, pending.rule) == (DUNNO, "no-rdns-dkim-pending")
+    assert walk(p, s, MISSING, SpfFact("pass"), dkim_pending=True).rule == "pass"
+    assert walk(p, subject(), MISSING, dkim_pending=True).rule == "no-rdns"

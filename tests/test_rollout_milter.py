@@ -74,3 +74,50 @@ def test_too_large_unverified_in_report_mode_is_accepted_without_our_header():
                                                                     NO_AUTH)
     enforced = decide_end(record(frozenset()), True, None, Replies(), "mx", FORGED)
     assert enforced.response == ReplyCode(NO_AUTH)
+
+
+NO_PTR = (f"450 4.7.25 Service unavailable, sending IPv6 address [{ADDR}] must have reverse DNS"
+          " record.")
+
+
+def rdns_pending(sender: str = "alice@partner.example", reported=frozenset()) -> MessageRecord:
+    """A PTR-exempt sender without PTR and SPF, let through RCPT for its DKIM."""
+    r = MessageRecord("<%s>" % sender)
+    s = Subject.from_request({"protocol_state": "RCPT", "client_address": ADDR,
+                              "sender": sender, "recipient": "bob@contoso.com"})
+    r.record(s, Verdict("DUNNO", "no-rdns-dkim-pending", reported=reported),
+             Facts(RdnsFact(RdnsOutcome.MISSING), SpfFact("fail")))
+    return r
+
+
+def signed(domain: str, result: str = "pass") -> DkimFact:
+    return DkimFact(result, domain, "s1", signatures=(SignatureResult(result, domain, "s1"),))
+
+
+@pytest.mark.parametrize("dkim, accepted", [
+    (signed("partner.example"), True),
+    (signed("example"), True),  # a parent of the sender's domain
+    (signed("mail.partner.example"), False),  # a subdomain is not the sender's domain
+    (signed("other.example"), False),  # another domain's pass proves nothing
+    (signed("partner.example", "fail"), False),
+    (UNSIGNED, False),
+])
+def test_rdns_exempt_sender_needs_its_own_domains_dkim(dkim, accepted):
+    """Only a passing signature whose d= is the sender's domain (or a parent) stands in for
+    the missing PTR; otherwise the 450 4.7.25, not the 4.7.26."""
+    decision = decide_end(rdns_pending(), False, dkim, Replies(), "mx")
+    if accepted:
+        assert (decision.response, decision.rule) == (Disposition.CONTINUE, "dkim-pass")
+    else:
+        assert decision.response == ReplyCode(NO_PTR)
+        assert decision.rule == "no-rdns-unauthenticated"
+
+
+def test_rdns_exempt_sender_refusal_follows_report_mode():
+    """Reported no-rdns lets the message through with would= the 4.7.25; a message too large
+    to check gets the 4.7.25 too."""
+    reported = decide_end(rdns_pending(reported=frozenset({"no-rdns"})), False, UNSIGNED,
+                          Replies(), "mx")
+    assert reported.response is Disposition.CONTINUE and reported.would == NO_PTR
+    large = decide_end(rdns_pending(), True, None, Replies(), "mx")
+    assert large.response == ReplyCode(NO_PTR)

@@ -188,9 +188,10 @@ class Config:
     rdns_exempt_sender_domains: tuple[str, ...] = setting(
         [], domain_entries,
         'Sender domains ("example.com" exactly, ".example.com" its subdomains) not refused '
-        "for a missing or unconfirmed PTR when SPF passes for them: partners whose outbound "
-        "IPv6 has no PTR. Bound to SPF, so it cannot be forged; one that does not pass SPF "
-        "gets the 450 4.7.25 of a missing PTR.")
+        "for a missing or unconfirmed PTR when SPF passes for them or, with the milter, a "
+        "DKIM signature whose d= is their domain verifies: partners whose outbound IPv6 has "
+        "no PTR. Bound to authentication, so it cannot be forged; one that does not "
+        "authenticate gets the 450 4.7.25 of a missing PTR.")
     nameservers: tuple = setting(
         [], nameservers,
         'The DNS servers to ask, each as "ADDRESS", "ADDRESS:PORT" or "[IPv6]:PORT", tried in '

@@ -34,6 +34,10 @@ too-large-unverified  SPF failed and the message is over the collection bound, s
 too-large             SPF passed, message over the bound: ACCEPT after deleting the
                       forged headers (marked past the bound too); no header of ours,
                       since DKIM was not checked
+no-rdns-unauthenticated
+                      a sender of rdns_exempt_sender_domains without PTR that failed
+                      SPF: no passing signature whose d= is its domain (or a parent):
+                      ``no_reverse_dns`` (450 4.7.25)
 dkim-temporary        SPF failed, no signature verifies, a key lookup failed
                       temporarily: ``temporary`` with check="DKIM" (451 4.4.3)
 dkim-failed           SPF failed, signed, no valid signature: ``auth_failed``
@@ -89,7 +93,8 @@ class EndDecision:
 
 
 # The policy rule (report_only_rules name) each end-of-message refusal counts as.
-_KIND = {EndRule.TOO_LARGE_UNVERIFIED: PolicyRule.SPF_FAILED,
+_KIND = {EndRule.NO_RDNS_UNAUTHENTICATED: PolicyRule.NO_RDNS,
+         EndRule.TOO_LARGE_UNVERIFIED: PolicyRule.SPF_FAILED,
          EndRule.DKIM_FAILED: PolicyRule.SPF_FAILED, EndRule.UNSIGNED: PolicyRule.SPF_FAILED,
          EndRule.DKIM_TEMPORARY: PolicyRule.SPF_TEMPORARY}
 
@@ -112,8 +117,10 @@ def decide_end(record, too_large: bool, dkim: DkimFact | None, replies: Replies,
     address = str(subject.ip) if subject.ip is not None else printable(subject.client_address, 64)
     if too_large:
         if record.needs_dkim:
-            text = replies.auth_failed.format(address=address)
-            if record.reports(_KIND[EndRule.TOO_LARGE_UNVERIFIED]):
+            text = (replies.no_reverse_dns if record.needs_aligned_dkim
+                    else replies.auth_failed).format(address=address)
+            kind = PolicyRule.NO_RDNS if record.needs_aligned_dkim else PolicyRule.SPF_FAILED
+            if record.reports(kind):
                 return EndDecision(Disposition.ACCEPT, forged, EndRule.TOO_LARGE_UNVERIFIED,
                                    would=text)
             return EndDecision(ReplyCode(text), rule=EndRule.TOO_LARGE_UNVERIFIED)
@@ -122,6 +129,15 @@ def decide_end(record, too_large: bool, dkim: DkimFact | None, replies: Replies,
         raise ValueError("decide_end needs the DKIM fact of a concerned message")
     value = auth_results(authserv_id, subject, facts, dkim)
     edits: tuple[HeaderEdit, ...] = (*forged, InsertHeader(AR_INDEX, AR_HEADER, " " + value))
+    if record.needs_aligned_dkim and dkim.result != DkimResult.TEMPERROR and not _aligned(
+            dkim, subject.sender):
+        # rdns_exempt_sender_domains: only the sender domain's own signature stands in for
+        # the missing PTR (another domain's pass proves nothing about this sender).
+        text = replies.no_reverse_dns.format(address=address)
+        rule = EndRule.NO_RDNS_UNAUTHENTICATED
+        if record.reports(_KIND[rule]):
+            return EndDecision(Disposition.CONTINUE, edits, rule, value, would=text)
+        return EndDecision(ReplyCode(text), rule=rule)
     if record.needs_dkim and dkim.result != DkimResult.PASS:
         if dkim.result == DkimResult.TEMPERROR:
             text = replies.temporary.format(address=address, check="DKIM")
@@ -134,6 +150,18 @@ def decide_end(record, too_large: bool, dkim: DkimFact | None, replies: Replies,
         return EndDecision(ReplyCode(text), rule=rule)
     rule = EndRule.DKIM_PASS if record.needs_dkim else EndRule.SPF_PASS
     return EndDecision(Disposition.CONTINUE, edits, rule, value)
+
+
+def _aligned(dkim: DkimFact, sender: str) -> bool:
+    """Whether a passing signature's d= is the sender's domain or a parent of it."""
+    domain = domain_key(recipient_domain(sender.strip().strip("<>")) or "")
+    if domain is None:
+        return False
+    for sig in dkim.signatures:
+        d = domain_key(sig.domain) if sig.result == DkimResult.PASS else None
+        if d is not None and (domain == d or domain.endswith("." + d)):
+            return True
+    return False
 
 
 def forged_deletions(headers, authserv_id: str) -> tuple[ChangeHeader, ...]:

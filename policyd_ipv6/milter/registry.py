@@ -49,6 +49,8 @@ __all__ = ["Sessions", "SessionState", "MessageRecord", "SessionKey", "milter_ke
 
 # decision.RULES names the milter acts on.
 DKIM_PENDING_RULE = PolicyRule.SPF_FAILED_DKIM_PENDING
+# A PTR-exempt sender without PTR or SPF: a DKIM signature of its own domain must verify.
+RDNS_PENDING_RULE = PolicyRule.NO_RDNS_DKIM_PENDING
 PASS_RULE = PolicyRule.PASS
 
 
@@ -124,7 +126,7 @@ class MessageRecord:
     def record(self, subject, verdict, facts) -> None:
         """The policy engine's verdict for one recipient of this message."""
         self.verdicts[verdict.rule] = (subject, facts)
-        if verdict.rule == DKIM_PENDING_RULE:
+        if verdict.rule in (DKIM_PENDING_RULE, RDNS_PENDING_RULE):
             kinds = frozenset(getattr(verdict, "reported", ()))
             self.reported = kinds if self.reported is None else self.reported & kinds
 
@@ -135,17 +137,24 @@ class MessageRecord:
     @property
     def concerned(self) -> bool:
         """True when the policy let this message through with a verdict the milter acts on."""
-        return DKIM_PENDING_RULE in self.verdicts or PASS_RULE in self.verdicts
+        return (DKIM_PENDING_RULE in self.verdicts or PASS_RULE in self.verdicts
+                or RDNS_PENDING_RULE in self.verdicts)
 
     @property
     def needs_dkim(self) -> bool:
         """True when some recipient was let through only because DKIM may still pass."""
-        return DKIM_PENDING_RULE in self.verdicts
+        return DKIM_PENDING_RULE in self.verdicts or RDNS_PENDING_RULE in self.verdicts
+
+    @property
+    def needs_aligned_dkim(self) -> bool:
+        """True when the DKIM that passes must be the sender domain's (no PTR, no SPF)."""
+        return RDNS_PENDING_RULE in self.verdicts
 
     def evidence(self):
         """(subject, facts) the end-of-message decision reports: those of the DKIM-pending
         verdict when there is one, else those of the pass verdict, else None."""
-        return self.verdicts.get(DKIM_PENDING_RULE) or self.verdicts.get(PASS_RULE)
+        return (self.verdicts.get(RDNS_PENDING_RULE) or self.verdicts.get(DKIM_PENDING_RULE)
+                or self.verdicts.get(PASS_RULE))
 
 
 class SessionState:

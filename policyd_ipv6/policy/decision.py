@@ -279,7 +279,11 @@ RULES: tuple[Rule, ...] = (
     _R(_K.SPF_TEMPORARY, (Need.SPF,),
        lambda s, f, p, e: _spf(f).result == SpfResult.TEMPERROR, _spf_temporary,
        _K.SPF_TEMPORARY),
-    # rdns_exempt_sender_domains: without a PTR, only a sender that passes SPF goes on.
+    # rdns_exempt_sender_domains: without a PTR, only a sender that passes SPF goes on, or,
+    # with the milter on the connection, one whose domain's DKIM signature verifies there.
+    _R(_K.NO_RDNS_DKIM_PENDING, (Need.RDNS, Need.SPF),
+       lambda s, f, p, e: _rdns(f).outcome in _NO_PTR and p.rdns_exempt(s)
+       and _spf(f).result != SpfResult.PASS and f.dkim_pending, _dunno),
     _R(_K.NO_RDNS_UNAUTHENTICATED, (Need.RDNS, Need.SPF),
        lambda s, f, p, e: _rdns(f).outcome in _NO_PTR and p.rdns_exempt(s)
        and _spf(f).result != SpfResult.PASS, _no_rdns, _K.NO_RDNS),
