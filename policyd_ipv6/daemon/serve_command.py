@@ -25,6 +25,7 @@ from twisted.logger import ILogObserver, Logger, globalLogPublisher
 
 from policyd_ipv6 import __version__
 from policyd_ipv6.daemon.config import Config, ConfigError
+from policyd_ipv6.daemon.lifecycle import Lifecycle
 from policyd_ipv6.daemon.limits import descriptor_budget, raise_open_files_limit
 from policyd_ipv6.daemon.logs import start_logging
 from policyd_ipv6.daemon.metrics import Metrics
@@ -50,6 +51,8 @@ def serve(config: Config, log_level: str = "info", allow_root: bool = False) -> 
 
     plan = plan_privileges(config.user, allow_root)
     service = PolicyService(config, reactor)  # raises ConfigError before anything is bound
+    # systemd: sockets passed in (socket activation), READY/RELOADING/STOPPING, watchdog.
+    lifecycle = Lifecycle.from_environment(reactor, service)
     # Our own buffered stream on standard output, whatever python -u or PYTHONUNBUFFERED say:
     # lines are flushed once per reactor turn (logsetup), not written one system call each.
     stream = os.fdopen(sys.stdout.fileno(), "w", buffering=1 << 16, encoding="utf-8",
@@ -99,7 +102,8 @@ def serve(config: Config, log_level: str = "info", allow_root: bool = False) -> 
         if milter is not None and milter.dkim_pool is not None:
             # Spawned now, as the daemon's user: the workers parse hostile messages.
             milter.dkim_pool.start()
-        install_sighup(reactor, service.reload)
+        install_sighup(reactor, lifecycle.reloading(service.reload))
+        lifecycle.ready(ports)  # READY=1: bound, privileges dropped, table loaded
         servers = ", ".join(str(s) for s in service.client.nameservers)
         _log.info("policyd-ipv6 {version} ready: rdns={rdns}, nameservers {servers}, "
                   "opt-in table {path} ({count} entries), up to {files} open files{user}",
@@ -127,7 +131,7 @@ def serve(config: Config, log_level: str = "info", allow_root: bool = False) -> 
 
     reactor.addSystemEventTrigger("before", "shutdown", service.optin.stop)
     reactor.callWhenRunning(
-        lambda: service.ready().addCallback(lambda _table: service.listen())
+        lambda: service.ready().addCallback(lambda _table: service.listen(lifecycle.inherited))
         .addCallback(metrics_too).addCallbacks(started, not_started))
     reactor.run()
     if failure:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import pwd
 import signal
 import socket
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet import defer
@@ -43,6 +44,7 @@ from policyd_ipv6.daemon.config import (
     load_config,
     parse_nameserver,
 )
+from policyd_ipv6.daemon.systemd import adopt_inherited
 from policyd_ipv6.milter.registry import Sessions
 from policyd_ipv6.milter.server import MilterFactory
 from policyd_ipv6.optin.postgresql import DatabaseSettings, PostgresOptin, StartError
@@ -188,13 +190,18 @@ class PolicyService:
         return self.optin.ready().addErrback(not_loaded)
 
     @defer.inlineCallbacks
-    def listen(self):
+    def listen(self, inherited: Sequence[tuple[int, str]] = ()):
         """Bind every endpoint of ``listen`` and ``milter_listen``; fails with ConfigError
-        naming the key and the endpoint that failed (and unbinds the others)."""
-        ports: list = []
-        wanted: list[tuple[str, str, Any, str]] = [
-            ("listen", d, self.factory, "policy requests") for d in self.config.listen]
-        if self.milter_factory is not None:
+        naming the key and the endpoint that failed (and unbinds the others). ``inherited``
+        are the sockets systemd passed (``systemd.take_listen_fds``): those named ``policy``
+        replace ``listen``, those named ``milter`` replace ``milter_listen``."""
+        ports: list = adopt_inherited(self.reactor, inherited, self.factory,
+                                      self.milter_factory)
+        names = {name for _fd, name in inherited}
+        wanted: list[tuple[str, str, Any, str]] = []
+        if "policy" not in names:
+            wanted += [("listen", d, self.factory, "policy requests") for d in self.config.listen]
+        if self.milter_factory is not None and "milter" not in names:
             wanted += [("milter_listen", d, self.milter_factory, "the milter")
                        for d in self.config.milter_listen]
         for key, description, factory, what in wanted:

@@ -79,6 +79,7 @@ class MilterProtocol(TimedConnection, protocol.Protocol):
 
     def connectionMade(self) -> None:
         self.factory.connections += 1
+        self.factory.open.add(self)
         if not self.factory.peer_check.admits(self.transport):
             self._close()
             return
@@ -260,6 +261,7 @@ class MilterProtocol(TimedConnection, protocol.Protocol):
         self._settle(self.waiting)
         self._unregister()
         self.factory.connections -= 1
+        self.factory.open.discard(self)
         self._stop_timer()
 
 
@@ -285,6 +287,7 @@ class MilterFactory(protocol.Factory):
         self.eom_deadline_seconds = eom_deadline_seconds
         self.peer_check = PeerCheck(clock, "milter", peer_uids)
         self.connections = 0
+        self.open: set[MilterProtocol] = set()  # for a graceful stop (daemon.stopping)
         self.over_limit = OverLimitWarning(clock, "milter")
         # A started dkim_pool.DkimPool for large messages; None verifies everything inline.
         self.dkim_pool = dkim_pool

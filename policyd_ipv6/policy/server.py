@@ -42,6 +42,7 @@ class PolicyProtocol(TimedConnection, protocol.Protocol):
         self.queue: deque = deque()
         self.busy = False
         self.closed = False
+        self.answered = 0  # replies written (a graceful stop waits for a first request)
 
     @property
     def idle(self) -> bool:
@@ -91,6 +92,7 @@ class PolicyProtocol(TimedConnection, protocol.Protocol):
         if self.closed:
             return
         self.transport.write(encode_reply(outcome.verdict.action))
+        self.answered += 1
         self._arm_timer()
         self.factory.touch(self)
         self._next()

@@ -1,0 +1,80 @@
+"""The daemon's life as systemd sees it: sockets passed in, ready, reloading, watchdog, stopping.
+
+Contract: ``Lifecycle.from_environment(reactor, service)`` takes what systemd put in the
+environment (``systemd.Notifier``, ``systemd.take_listen_fds``, ``systemd.watchdog_seconds``;
+all removed from it, so no child inherits them) and raises ``ConfigError`` for socket
+activation variables that do not parse. It starts the watchdog pings (``WATCHDOG=1`` from
+the reactor, every half of ``WatchdogSec=``) and registers the graceful stop as a
+"before shutdown" trigger: ``STOPPING=1``, then ``stopping.drain`` of the ports ``ready()``
+was given, bounded by ``grace_seconds`` (the decision deadline plus one second: every policy
+request already received has its answer, 451 at worst, by then).
+``inherited`` is the ``(fd, name)`` list for ``PolicyService.listen``. ``ready(ports)`` sends
+``READY=1`` (call it once the listeners are bound and privileges dropped).
+``reloading(action)`` wraps the SIGHUP action: ``RELOADING=1`` with ``MONOTONIC_USEC``,
+the action, then ``READY=1`` (even when the action failed: the old configuration serves on).
+Not under systemd, each of these only does the daemon's own part (the drain, the action).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from policyd_ipv6.daemon.config import ConfigError
+from policyd_ipv6.daemon.stopping import drain
+from policyd_ipv6.daemon.systemd import (
+    Notifier,
+    start_watchdog,
+    take_listen_fds,
+    watchdog_seconds,
+)
+
+__all__ = ["Lifecycle"]
+
+
+class Lifecycle:
+    def __init__(self, reactor, service, notifier: Notifier,
+                 inherited: list[tuple[int, str]], watchdog: float | None) -> None:
+        self.reactor = reactor
+        self.service = service
+        self.notifier = notifier
+        self.inherited = inherited
+        self.ports: list = []
+        self.grace_seconds = service.config.decision_deadline_seconds + 1.0
+        self.pings = None
+        if watchdog is not None and notifier.enabled:
+            self.pings = start_watchdog(reactor, notifier, watchdog)
+        reactor.addSystemEventTrigger("before", "shutdown", self.stop)
+
+    @classmethod
+    def from_environment(cls, reactor, service) -> Lifecycle:
+        env = os.environ
+        try:
+            inherited = take_listen_fds()  # os.environ, or what Twisted took out of it
+        except ValueError as error:
+            raise ConfigError(f"socket activation: {error}") from None
+        watchdog = watchdog_seconds(env, os.getpid())
+        env.pop("WATCHDOG_USEC", None)
+        env.pop("WATCHDOG_PID", None)
+        return cls(reactor, service, Notifier.from_environment(env), inherited, watchdog)
+
+    def ready(self, ports) -> None:
+        self.ports = list(ports)
+        self.notifier.ready("serving on %d listener(s)" % len(self.ports))
+
+    def reloading(self, action: Callable[[], object]) -> Callable[[], None]:
+        def reload() -> None:
+            self.notifier.reloading()
+            try:
+                action()
+            finally:
+                self.notifier.ready()
+        return reload
+
+    def stop(self):
+        """The "before shutdown" trigger: a Deferred that fires when draining is over."""
+        self.notifier.stopping()
+        # The watchdog pings go on while draining: the drain is bounded.
+        milter = getattr(self.service, "milter_factory", None)
+        return drain(self.reactor, self.ports, self.service.factory, milter,
+                     self.grace_seconds)

@@ -1,0 +1,209 @@
+"""systemd's side of the daemon without systemd: notify messages, socket activation variables,
+the watchdog timer and the graceful stop, with literals, a fake transport and a fake clock."""
+
+from types import SimpleNamespace
+
+import pytest
+from lab.daemonproc import request
+from twisted.internet import defer, task
+from twisted.internet.testing import StringTransport
+
+from policyd_ipv6.daemon.lifecycle import Lifecycle
+from policyd_ipv6.daemon.stopping import FIRST_REQUEST_SECONDS, drain
+from policyd_ipv6.daemon.systemd import (
+    Notifier,
+    listen_fds,
+    notify_address,
+    notify_message,
+    start_watchdog,
+    watchdog_seconds,
+)
+from policyd_ipv6.policy.server import PolicyFactory
+
+
+def test_notify_message_is_one_line_per_field_in_order():
+    """The datagram is KEY=value lines in the order given (sd_notify(3))."""
+    assert notify_message({"RELOADING": "1", "MONOTONIC_USEC": "42"}) == \
+        b"RELOADING=1\nMONOTONIC_USEC=42\n"
+
+
+@pytest.mark.parametrize("fields", [{"STATUS": "a\nREADY=1"}, {"ready": "1"}, {"A=B": "1"}])
+def test_notify_message_refuses_a_value_that_would_forge_another_field(fields):
+    """A newline in a value or a key that is not upper-case word characters is refused."""
+    with pytest.raises(ValueError):
+        notify_message(fields)
+
+
+@pytest.mark.parametrize("value, address", [
+    ("/run/systemd/notify", "/run/systemd/notify"),
+    ("@sd-notify/1", "\0sd-notify/1"),
+    ("", None), (None, None), ("@", None), ("vsock:2:1234", None), ("relative", None)])
+def test_notify_address_paths_and_the_abstract_namespace(value, address):
+    """A path is used as is, '@' means the abstract namespace; anything else is not spoken."""
+    assert notify_address(value) == address
+
+
+def test_without_notify_socket_every_message_is_a_no_op():
+    """Not under systemd, the notifier sends nothing and never fails."""
+    env = {}
+    notifier = Notifier.from_environment(env)
+    assert not notifier.enabled
+    assert not notifier.ready() and not notifier.reloading() and not notifier.stopping()
+    assert not notifier.watchdog()
+
+
+def test_the_notify_socket_is_taken_out_of_the_environment():
+    """NOTIFY_SOCKET is removed once read, so the DKIM workers cannot claim to be us."""
+    env = {"NOTIFY_SOCKET": "@x", "PATH": "/bin"}
+    assert Notifier.from_environment(env).address == "\0x"
+    assert env == {"PATH": "/bin"}
+
+
+@pytest.mark.parametrize("env, seconds", [
+    ({"WATCHDOG_USEC": "30000000"}, 30.0),
+    ({"WATCHDOG_USEC": "3000000", "WATCHDOG_PID": "77"}, 3.0),
+    ({"WATCHDOG_USEC": "3000000", "WATCHDOG_PID": "78"}, None),
+    ({"WATCHDOG_USEC": "0"}, None), ({"WATCHDOG_USEC": "x"}, None), ({}, None)])
+def test_watchdog_seconds_only_for_this_process(env, seconds):
+    """WATCHDOG_USEC counts for us only when WATCHDOG_PID is absent or ours (pid 77 here)."""
+    assert watchdog_seconds(env, 77) == seconds
+
+
+def test_watchdog_pings_every_half_timeout_while_the_reactor_turns():
+    """WATCHDOG=1 goes out at once, then every half of the timeout, from the clock."""
+    clock = task.Clock()
+    sent = []
+    notifier = SimpleNamespace(watchdog=lambda: sent.append(clock.seconds()))
+    ping = start_watchdog(clock, notifier, 4.0)
+    clock.pump([1.0] * 5)
+    ping.stop()
+    assert sent == [0.0, 2.0, 4.0]
+
+
+@pytest.mark.parametrize("env, fds", [
+    ({"LISTEN_PID": "77", "LISTEN_FDS": "2", "LISTEN_FDNAMES": "policy:milter"},
+     [(3, "policy"), (4, "milter")]),
+    ({"LISTEN_PID": "77", "LISTEN_FDS": "2", "LISTEN_FDNAMES": "policy"},
+     [(3, "unknown"), (4, "unknown")]),
+    ({"LISTEN_PID": "78", "LISTEN_FDS": "1", "LISTEN_FDNAMES": "policy"}, []),
+    ({"LISTEN_FDS": "1"}, []), ({}, [])])
+def test_listen_fds_are_ours_from_three_with_their_names(env, fds):
+    """Sockets are taken only when LISTEN_PID is ours; names pair with fds 3, 4, ..."""
+    assert listen_fds(env, 77) == fds
+
+
+@pytest.mark.parametrize("env", [{"LISTEN_PID": "77", "LISTEN_FDS": "two"},
+                                 {"LISTEN_PID": "77", "LISTEN_FDS": "0"},
+                                 {"LISTEN_PID": "seventy", "LISTEN_FDS": "1"}])
+def test_listen_fds_malformed_variables_are_an_error(env):
+    """Variables that do not parse are an error, not a daemon silently binding elsewhere."""
+    with pytest.raises(ValueError):
+        listen_fds(env, 77)
+
+
+class SlowEngine:
+    """Answers each request when the test says so."""
+
+    def __init__(self):
+        self.waiting: list[defer.Deferred] = []
+
+    def answer(self, _request):
+        d: defer.Deferred = defer.Deferred()
+        self.waiting.append(d)
+        return d
+
+    def settle(self, action="DUNNO"):
+        for d in self.waiting:
+            d.callback(SimpleNamespace(verdict=SimpleNamespace(action=action)))
+        self.waiting.clear()
+
+
+def _connect(factory):
+    proto = factory.buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return proto, transport
+
+
+def _lose_closed(protos):
+    """What the reactor does for a transport told to close: connectionLost, once."""
+    for proto, transport in protos:
+        if transport.disconnecting and not getattr(transport, "lost", False):
+            transport.lost = True
+            proto.connectionLost()
+
+
+class FakePort:
+    def __init__(self):
+        self.listening = True
+
+    def stopListening(self):
+        self.listening = False
+
+
+def test_drain_answers_the_request_in_flight_then_closes():
+    """On stop, a connection between requests closes at once; one deciding gets its reply,
+    then closes; a new one gets FIRST_REQUEST_SECONDS to send its request."""
+    clock, engine = task.Clock(), SlowEngine()
+    factory = PolicyFactory(engine, clock)
+    idle, busy, fresh = _connect(factory), _connect(factory), _connect(factory)
+    idle[0].dataReceived(request())
+    engine.settle()
+    busy[0].dataReceived(request())
+    port = FakePort()
+    done = drain(clock, [port], factory, None, 5.0)
+    assert not port.listening and idle[1].disconnecting
+    assert not busy[1].disconnecting and not fresh[1].disconnecting
+    _lose_closed([idle, busy, fresh])
+    clock.advance(1.0)
+    fresh[0].dataReceived(request())  # late, but before FIRST_REQUEST_SECONDS
+    assert not done.called
+    engine.settle("451 4.4.3 later")
+    clock.advance(0.1)
+    assert busy[1].value() == fresh[1].value() == b"action=451 4.4.3 later\n\n"
+    assert busy[1].disconnecting and fresh[1].disconnecting
+    _lose_closed([idle, busy, fresh])
+    clock.advance(0.1)
+    assert done.called
+
+
+def test_drain_closes_a_silent_new_connection_after_the_first_request_wait():
+    """A connection that never sends its first request does not hold the stop."""
+    clock = task.Clock()
+    factory = PolicyFactory(SlowEngine(), clock)
+    _proto, transport = _connect(factory)
+    drain(clock, [], factory, None, 10.0)
+    clock.pump([0.5] * int(FIRST_REQUEST_SECONDS / 0.5 - 1))
+    assert not transport.disconnecting
+    clock.pump([0.5] * 2)
+    assert transport.disconnecting and transport.value() == b""
+
+
+def test_drain_is_bounded_by_the_grace_period():
+    """A request still undecided when the grace period ends does not hold the stop."""
+    clock, engine = task.Clock(), SlowEngine()
+    factory = PolicyFactory(engine, clock)
+    _proto, transport = _connect(factory)
+    _proto.dataReceived(request())
+    done = drain(clock, [], factory, None, 2.0)
+    clock.pump([0.5] * 3)
+    assert not done.called
+    clock.pump([0.5] * 2)
+    assert done.called and transport.value() == b""
+
+
+def test_lifecycle_reload_says_reloading_then_ready_even_when_the_reload_fails():
+    """SIGHUP's action is wrapped in RELOADING=1 (with MONOTONIC_USEC) and READY=1."""
+    sent = []
+    notifier = Notifier("\0unused")
+    notifier.send = lambda fields: sent.append(dict(fields)) or True
+    reactor = SimpleNamespace(addSystemEventTrigger=lambda *a: None)
+    service = SimpleNamespace(config=SimpleNamespace(decision_deadline_seconds=1.0))
+    life = Lifecycle(reactor, service, notifier, [], None)
+
+    def broken():
+        raise RuntimeError("bad file")
+    with pytest.raises(RuntimeError):
+        life.reloading(broken)()
+    assert [list(m) for m in sent] == [["RELOADING", "MONOTONIC_USEC"], ["READY"]]
+    assert sent[0]["MONOTONIC_USEC"].isdigit()

@@ -1,0 +1,233 @@
+"""The daemon as a process, started the way systemd starts it: a real AF_UNIX datagram socket
+as NOTIFY_SOCKET, and listening sockets inherited as fds 3, 4 with LISTEN_FDS, LISTEN_PID and
+LISTEN_FDNAMES (a subprocess started with pass_fds)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from lab.daemonproc import ROOT, ServeProcess, ask, request
+from lab.knot import free_port
+
+pytestmark = pytest.mark.process
+
+# Puts the inherited sockets on fds 3, 4, ... and LISTEN_PID on the daemon's own pid (it keeps
+# the wrapper's across exec), as systemd does between fork and exec.
+WRAPPER = (
+    "import os, sys\n"
+    "n = int(sys.argv[1])\n"
+    "for i in range(n):\n"
+    "    os.dup2(int(sys.argv[2 + i]), 3 + i)\n"
+    "    os.set_inheritable(int(sys.argv[2 + i]), False)\n"
+    "if n:\n"
+    "    os.environ['LISTEN_PID'] = str(os.getpid())\n"
+    "os.execv(sys.executable, [sys.executable] + sys.argv[2 + n:])\n")
+
+
+class Activated(ServeProcess):
+    """ServeProcess started with systemd's environment: ``sockets`` as (socket, name)."""
+
+    def __init__(self, directory, settings=None, optin="example.com\n", sockets=(), env=None,
+                 wait_ready=True):
+        super().__init__(directory, settings, optin)
+        self.sockets = list(sockets)
+        self.extra_env = dict(env or {})
+        self.wait_ready = wait_ready
+
+    def start(self) -> Activated:
+        fds = [fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD_CLOEXEC, 20) for sock, _ in self.sockets]
+        env = dict(os.environ, PYTHONPATH=str(ROOT), **self.extra_env)
+        for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET"):
+            if key not in self.extra_env:
+                env.pop(key, None)
+        if self.sockets:
+            env["LISTEN_FDS"] = str(len(self.sockets))
+            env["LISTEN_FDNAMES"] = ":".join(name for _, name in self.sockets)
+        argv = [sys.executable, "-c", WRAPPER, str(len(fds)), *map(str, fds),
+                *self.argv()[1:]]
+        try:
+            with open(self.log_path, "ab") as log:
+                self.process = subprocess.Popen(argv, cwd=ROOT, env=env, pass_fds=fds,
+                                                stdin=subprocess.DEVNULL, stdout=log,
+                                                stderr=subprocess.STDOUT)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        if self.wait_ready:
+            try:
+                self.wait_for("ready", 15)
+            except BaseException:
+                self.stop()
+                raise
+        return self
+
+
+def _listening_tcp() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    return sock
+
+
+def _notify_socket(name: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("\0" + name)
+    sock.settimeout(0.2)
+    return sock
+
+
+def _messages(sock: socket.socket, until, seconds: float = 15.0) -> list[dict[str, str]]:
+    """Datagrams received (parsed) until ``until(messages)`` holds, bounded in time."""
+    got: list[dict[str, str]] = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and not until(got):
+        try:
+            data = sock.recv(4096)
+        except TimeoutError:
+            continue
+        got.append(dict(line.split("=", 1) for line in data.decode().splitlines()))
+    assert until(got), f"not seen within {seconds}s: {got}"
+    return got
+
+
+def _has(key):
+    return lambda got: any(key in m for m in got)
+
+
+def _ask_port(port: int, data: bytes, timeout: float = 10.0) -> str | None:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        return ask(sock, data, timeout)
+
+
+def test_ready_once_listening_then_watchdog_reloading_and_stopping(tmp_path):
+    """READY=1 comes when the listener answers; WATCHDOG=1 repeats; SIGHUP gives RELOADING=1
+    with MONOTONIC_USEC then READY=1; SIGTERM gives STOPPING=1."""
+    name = f"p6d-notify-{os.getpid()}"
+    with _notify_socket(name) as notify:
+        daemon = Activated(tmp_path, optin="example.com\n", wait_ready=False,
+                           env={"NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "400000"})
+        daemon.start()
+        try:
+            got = _messages(notify, _has("READY"))
+            ready = next(m for m in got if "READY" in m)
+            assert ready["READY"] == "1" and "STATUS" in ready
+            # Ready means listening: the first request is answered.
+            assert daemon.ask(request(client_address="192.0.2.1")) == "DUNNO"
+            pings = _messages(notify, lambda g: sum("WATCHDOG" in m for m in g) >= 3, 5)
+            assert all(m == {"WATCHDOG": "1"} for m in pings if "WATCHDOG" in m)
+            daemon.process.send_signal(signal.SIGHUP)
+            got = _messages(notify, lambda g: any("RELOADING" in m for m in g)
+                            and "READY" in g[-1])
+            reloading = next(m for m in got if "RELOADING" in m)
+            now = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            assert 0 < now - int(reloading["MONOTONIC_USEC"]) < 15_000_000
+            daemon.process.send_signal(signal.SIGTERM)
+            _messages(notify, _has("STOPPING"))
+            assert daemon.process.wait(15) == 0
+        finally:
+            daemon.stop()
+
+
+def test_inherited_sockets_are_served_and_the_configured_ones_not_bound(tmp_path):
+    """With LISTEN_FDS, the fds named policy (TCP) and milter (Unix) are served; the
+    configured endpoints are left alone, and the fds are not inherited by the DKIM workers."""
+    policy = _listening_tcp()
+    milter = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    path = str(tmp_path / "milter")
+    milter.bind(path)
+    os.chmod(path, 0o640)
+    milter.listen(16)
+    unused = free_port()
+    settings = {"listen": [f"tcp:{unused}:interface=127.0.0.1"],
+                "milter_listen": [f"unix:{tmp_path}/configured-milter"]}
+    with policy, milter, Activated(tmp_path, settings, sockets=[(policy, "policy"),
+                                                                  (milter, "milter")]) as daemon:
+        assert _ask_port(policy.getsockname()[1], request(client_address="192.0.2.1")) == \
+            "DUNNO"
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(path)  # served: the milter answers the negotiation
+            client.sendall(b"\x00\x00\x00\x0dO\x00\x00\x00\x06\x00\x00\x01\xff\x00\x1f\xff\xff")
+            client.settimeout(10)
+            assert client.recv(4)  # a reply of its own
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", unused), timeout=2).close()
+        assert not os.path.exists(f"{tmp_path}/configured-milter")
+        assert "socket activation" in daemon.log()
+        daemon.stop()
+        # The socket file is the socket unit's: not chmod-ed, not unlinked by the stop.
+        assert os.stat(path).st_mode & 0o777 == 0o640
+
+
+def test_restart_loses_nothing_with_socket_activation(tmp_path):
+    """While one process stops and the next starts on the same inherited socket, requests
+    sent continuously are all answered: none refused, none closed without a reply."""
+    policy = _listening_tcp()
+    port = policy.getsockname()[1]
+    replies: list[str | None] = []
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        for _ in range(2000):  # bounded
+            if stop.is_set():
+                return
+            try:
+                replies.append(_ask_port(port, request(client_address="192.0.2.1"), 20))
+            except OSError as error:
+                errors.append(repr(error))
+
+    with policy:
+        (tmp_path / "a").mkdir()
+        first = Activated(tmp_path / "a", sockets=[(policy, "policy")]).start()
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        try:
+            time.sleep(0.5)
+            first.stop()  # SIGTERM: a graceful stop
+            (tmp_path / "b").mkdir()
+            with Activated(tmp_path / "b", sockets=[(policy, "policy")]):
+                time.sleep(0.5)
+                stop.set()
+                for thread in threads:
+                    thread.join(30)
+        finally:
+            stop.set()
+            first.stop()
+    assert not errors, errors[:5]
+    assert len(replies) > 20 and all(r == "DUNNO" for r in replies), set(replies)
+
+
+def test_a_request_in_flight_at_sigterm_is_answered(tmp_path):
+    """SIGTERM while a decision waits on DNS: the client still gets its reply (451 at the
+    deadline), then the daemon exits."""
+    dead_dns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # bound, never answers
+    dead_dns.bind(("127.0.0.1", 0))
+    settings = {"nameservers": [f"127.0.0.1:{dead_dns.getsockname()[1]}"],
+                "decision_deadline_seconds": 1.5}
+    with dead_dns, Activated(tmp_path, settings, optin="example.com\n") as daemon:
+        with daemon.connect() as sock:
+            sock.sendall(request(recipient="b@example.com"))
+            time.sleep(0.3)
+            daemon.process.send_signal(signal.SIGTERM)
+            reply = ask(sock, b"", 10)
+        assert reply is not None and reply.startswith("451 4.4.3"), reply
+        assert daemon.process.wait(10) == 0
+
+
+def test_a_socket_with_an_unknown_name_stops_the_daemon(tmp_path):
+    """An inherited fd named neither policy nor milter is a start-up error naming it."""
+    policy = _listening_tcp()
+    with policy:
+        daemon = Activated(tmp_path, sockets=[(policy, "policyd-ipv6.socket")],
+                           wait_ready=False).start()
+        assert daemon.process.wait(15) == 1
+        assert 'file descriptor 3 named "policyd-ipv6.socket"' in daemon.log()
