@@ -36,6 +36,8 @@ PURE_MODULES = [
     "policyd_ipv6.checks.spf_eval",
     "policyd_ipv6.checks.dkim_verify",
     "policyd_ipv6.resolver.wire",
+    "policyd_ipv6.report.lines",
+    "policyd_ipv6.report.impact",
     "policyd_ipv6.checks.spf_terms",
     "policyd_ipv6.checks.spf_eval",
     "policyd_ipv6.optin.table",

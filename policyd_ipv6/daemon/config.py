@@ -253,6 +253,13 @@ class Config:
         "and then becomes this user; as root with no user it refuses to start. Leave it empty "
         "in the Debian package: its systemd unit already starts the daemon as its own user "
         "_policyd-ipv6, and a non-root process cannot become another user.", restart=True)
+    log_decisions: str = setting(
+        "all", choice("all", "ipv6", "refusals"),
+        'Which decisions get a log line. "all": every policy decision and milter verdict. '
+        '"ipv6": only those about IPv6 clients. "refusals": only refusals and would-be '
+        "refusals (report mode's would=), which is what policyd-ipv6 report needs to find "
+        "whom the rules would hurt; it can then no longer tell whether a deferred sender "
+        "later got through.")
     metrics_listen: tuple[str, ...] = setting(
         [], string_list,
         "Where Prometheus scrapes the metrics (GET /metrics, the Prometheus text format; any "

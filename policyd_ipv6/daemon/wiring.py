@@ -74,6 +74,7 @@ _LIVE = (
     ("idle_timeout_seconds", "factory", "idle_timeout_seconds"),
     ("idle_timeout_seconds", "milter_factory", "idle_timeout_seconds"),
     ("milter_eom_deadline_seconds", "milter_factory", "eom_deadline_seconds"),
+    ("log_decisions", "engine", "log_decisions"),
 )
 # The keys the decision reads (``decision.Policy``, fields of the same names).
 POLICY_KEYS = ("trusted_networks", "replies", "mode", "report_only_rules", "unlisted_domains",
@@ -158,6 +159,7 @@ class PolicyService:
                     if config.milter_listen else None)
         self.engine = PolicyEngine(policy_of(config),
                                    self.optin, self.finder, reactor, sessions)
+        self.engine.log_decisions = config.log_decisions
         uids = peer_uids(config)
         self.factory = PolicyFactory(self.engine, reactor, config.max_connections,
                                      config.idle_timeout_seconds, peer_uids=uids)

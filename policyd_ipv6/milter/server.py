@@ -216,13 +216,17 @@ class MilterProtocol(TimedConnection, protocol.Protocol):
         response = getattr(decision.response, "text", None) or decision.response.name
         # Report mode: would= is the refusal that was only reported (end_of_message).
         would = f' would="{printable(decision.would, 300)}"' if decision.would else ""
-        _log.info('milter client={client} sender="{sender}" queue_id={queue_id} '
-                  'size={size} dkim={dkim} rule={rule}{would} reply="{reply}" ms={ms:.1f}',
-                  client=self.client, sender=printable(message.sender or "", 200),
-                  queue_id=printable(message.macros.get("i", ""), 20) or "-",
-                  size=len(message.body), dkim=dkim.describe() if dkim else "-",
-                  rule=decision.rule, would=would, reply=printable(response, 300),
-                  ms=(self.factory.clock.seconds() - start) * 1000)
+        which = self.factory.engine.log_decisions  # the key log_decisions
+        refused = bool(decision.would) or response[:1] in ("4", "5", "T", "R")  # TEMPFAIL, REJECT
+        if (which == "all" or (which == "ipv6" and ":" in self.client)
+                or (which == "refusals" and refused)):
+            _log.info('milter client={client} sender="{sender}" queue_id={queue_id} '
+                      'size={size} dkim={dkim} rule={rule}{would} reply="{reply}" ms={ms:.1f}',
+                      client=self.client, sender=printable(message.sender or "", 200),
+                      queue_id=printable(message.macros.get("i", ""), 20) or "-",
+                      size=len(message.body), dkim=dkim.describe() if dkim else "-",
+                      rule=decision.rule, would=would, reply=printable(response, 300),
+                      ms=(self.factory.clock.seconds() - start) * 1000)
         if decision.rule.startswith("too-large"):
             _log.warn("milter: message from {client} too large to check ({rule})",
                       client=self.client, rule=decision.rule)

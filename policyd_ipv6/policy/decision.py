@@ -73,6 +73,7 @@ class Subject:
     ccert_fingerprint: str = ""  # Postfix 2.2+, "AB:CD:..." in smtpd_tls_fingerprint_digest
     ccert_pubkey_fingerprint: str = ""  # Postfix 2.9+
     encryption_protocol: str = ""  # "TLSv1.3"; empty for a plaintext session
+    queue_id: str = ""  # empty until Postfix opens the queue file (smtpd_delay_open)
 
     @classmethod
     def from_request(cls, attrs: dict[str, str]) -> Subject:
@@ -94,6 +95,7 @@ class Subject:
             ccert_fingerprint=get("ccert_fingerprint", ""),
             ccert_pubkey_fingerprint=get("ccert_pubkey_fingerprint", ""),
             encryption_protocol=get("encryption_protocol", ""),
+            queue_id=get("queue_id", ""),
         )
 
     def local_part(self) -> str:

@@ -14,9 +14,11 @@ decides at RCPT.
 
 Log format (one line per decision, ``key=value``, untrusted values quoted and escaped):
 ``decision client=... helo="..." sender="..." recipient="..." instance=... rdns=... spf=...
-rule=... [would="..."] reply="..." [tls=...] facts=new|shared|none ms=...``: ``would`` is a
-refusal only reported (report mode, ``report_only_rules``, ``unlisted_domains = "report"``),
-``tls`` the session's TLS protocol (absent for a plaintext session).
+rule=... [would="..."] reply="..." [tls=...] [queue_id=...] facts=new|shared|none ms=...``:
+``would`` is a refusal only reported (report mode, ``report_only_rules``, ``unlisted_domains =
+"report"``), ``tls`` the session's TLS protocol (absent for a plaintext session), ``queue_id``
+Postfix's queue id when it sent one. ``log_decisions`` ("all", "ipv6" or "refusals", the key of
+the same name) chooses which decisions are logged; ``policyd_ipv6.report`` reads these lines.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from policyd_ipv6.policy.decision import Need, Policy, Subject, Verdict, decide,
 from policyd_ipv6.text import printable
 from policyd_ipv6.vocabulary import Clock, PolicyRule
 
-__all__ = ["PolicyEngine", "Outcome"]
+__all__ = ["PolicyEngine", "Outcome", "logged"]
 
 _log = Logger(namespace="policyd-ipv6")
 
@@ -62,6 +64,8 @@ class Outcome:
         fields.append(f'reply="{printable(self.verdict.action, 300)}"')
         if s.encryption_protocol:
             fields.append(f"tls={printable(s.encryption_protocol, 20)}")
+        if s.queue_id:
+            fields.append(f"queue_id={printable(s.queue_id, 20)}")
         fields += [f"facts={self.facts_source}", f"ms={self.elapsed_ms:.1f}"]
         return " ".join(fields)
 
@@ -77,6 +81,7 @@ class PolicyEngine:
         # Which SMTP sessions have the built-in milter in their path (None: no milter); the
         # engine records its verdicts there for the milter's end-of-message decision.
         self.sessions = sessions
+        self.log_decisions = "all"  # the key log_decisions: "all", "ipv6" or "refusals"
 
     def answer(self, attributes: dict[str, str]) -> defer.Deferred:
         start = self.clock.seconds()
@@ -122,5 +127,16 @@ class PolicyEngine:
             _log.warn("policy request at protocol_state={state}: policyd-ipv6 belongs in "
                       "smtpd_recipient_restrictions (answering DUNNO)",
                       state=printable(subject.protocol_state, 20))
-        _log.info("{line}", line=outcome.log_line())
+        if logged(self.log_decisions, subject, verdict):
+            _log.info("{line}", line=outcome.log_line())
         return outcome
+
+
+def logged(which: str, subject: Subject, verdict: Verdict) -> bool:
+    """Whether ``log_decisions = which`` logs this decision: "ipv6" only IPv6 clients',
+    "refusals" only refusals (4xx, 5xx) and refusals only reported (would=)."""
+    if which == "ipv6":
+        return subject.ip is not None and subject.ip.version == 6
+    if which == "refusals":
+        return bool(verdict.would) or verdict.action[:1] in ("4", "5")
+    return True

@@ -1,0 +1,183 @@
+"""Aggregate parsed log entries into the impact report, as text tables or one JSON object.
+
+Contract: ``Impact`` takes entries in log order (``add(entry)``; ``skip()`` for a line that
+was not one) and ``result()`` returns a plain dictionary, the ``--json`` object: ``rules``
+(rule name -> count), ``outcomes`` (``accept``/``defer``/``reject``/``report`` -> count, as
+in the metrics), ``rule_outcomes`` (rule -> outcome -> count), ``unparsed_lines``, ``entries``,
+``refusals_by_recipient_domain`` (domain -> ``{"refused": n, "would": n}``), the top ``limit``
+``sender_domains``, ``client_prefixes`` (IPv6 /64) and ``ptr_less_clients`` among refusals and
+would-be refusals, and ``deferred``: for each sender and recipient deferred (4xx, at RCPT or
+after DATA), how often, and whether the same sender later reached that recipient (``reached``,
+``via`` "retry" or "ipv4"). ``render_text(result)`` formats it as text tables.
+
+A milter line names no recipient: its recipients are those of the decisions the same client
+and sender got at RCPT for the last message (Postfix's ``instance``) before it (rules ``pass``
+and ``spf-failed-dkim-pending``, or a refusal only reported: those let the message on to end
+of message). A decision of ``spf-failed-dkim-pending`` is not
+yet a delivery: the milter line that follows says whether the message got in. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter, defaultdict
+
+from policyd_ipv6.report.lines import OUTCOMES, Entry, sender_key
+
+__all__ = ["Impact", "render_text"]
+
+_TO_MILTER = ("pass", "spf-failed-dkim-pending")  # decisions the milter's verdict completes
+_PROVISIONAL = "spf-failed-dkim-pending"
+MAX_OPEN = 100_000  # messages awaiting their milter line: bounded, oldest forgotten first
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower() if "@" in address else "(none)"
+
+
+def _prefix(client: str) -> str:
+    try:
+        ip = ipaddress.ip_address(client)
+    except ValueError:
+        return client or "-"
+    bits = 64 if ip.version == 6 else 32
+    return str(ipaddress.ip_network(f"{ip}/{bits}", strict=False))
+
+
+def _is_ipv4(client: str) -> bool:
+    try:
+        return ipaddress.ip_address(client).version == 4
+    except ValueError:
+        return False
+
+
+class Impact:
+    def __init__(self, limit: int = 10) -> None:
+        self.limit = limit
+        self.entries = 0
+        self.unparsed = 0
+        self.rules: Counter[str] = Counter()
+        self.outcomes: Counter[str] = Counter({name: 0 for name in OUTCOMES})
+        self.rule_outcomes: dict[str, Counter[str]] = defaultdict(Counter)
+        self.by_domain: dict[str, Counter[str]] = defaultdict(Counter)
+        self.senders: Counter[str] = Counter()
+        self.prefixes: Counter[str] = Counter()
+        self.ptr_less: Counter[str] = Counter()
+        # (client, sender) -> (instance, recipients) of the message the milter has yet to judge
+        self.open: dict[tuple[str, str], tuple[str, list[str]]] = {}
+        # (sender, recipient) -> {"deferrals", "rules", "reached", "via"}
+        self.deferred: dict[tuple[str, str], dict] = {}
+
+    def skip(self) -> None:
+        self.unparsed += 1
+
+    def add(self, entry: Entry) -> None:
+        self.entries += 1
+        rule, result = entry.rule, entry.outcome
+        self.rules[rule] += 1
+        self.outcomes[result] += 1
+        self.rule_outcomes[rule][result] += 1
+        client, sender = entry.get("client"), sender_key(entry.get("sender"))
+        if entry.kind == "decision":
+            recipients = [entry.get("recipient").lower()]
+            if result in ("accept", "report") and (rule in _TO_MILTER or entry.get("would")):
+                self._hold((client, sender), entry.get("instance"), recipients[0])
+        else:
+            recipients = self.open.pop((client, sender), ("", []))[1]
+        refused = result in ("defer", "reject")
+        if refused or entry.get("would"):
+            self._hurt(entry, recipients, refused, sender)
+        for recipient in recipients:
+            key = (sender, recipient)
+            if result == "defer":
+                seen = self.deferred.setdefault(
+                    key, {"deferrals": 0, "rules": Counter(), "reached": False, "via": None})
+                seen["deferrals"] += 1
+                seen["rules"][rule] += 1
+            elif (result in ("accept", "report") and key in self.deferred
+                  and not (entry.kind == "decision" and rule == _PROVISIONAL)):
+                seen = self.deferred[key]
+                if not seen["reached"]:
+                    seen["reached"] = True
+                    seen["via"] = "ipv4" if _is_ipv4(client) else "retry"
+
+    def _hold(self, key: tuple[str, str], instance: str, recipient: str) -> None:
+        if key not in self.open and len(self.open) >= MAX_OPEN:
+            del self.open[next(iter(self.open))]
+        held = self.open.get(key)
+        if held is None or held[0] != instance:  # Postfix's instance: one per message
+            held = self.open[key] = (instance, [])
+        held[1].append(recipient)
+
+    def _hurt(self, entry: Entry, recipients: list[str], refused: bool, sender: str) -> None:
+        column = "refused" if refused else "would"
+        for recipient in recipients or ["(unknown)"]:
+            self.by_domain[_domain(recipient) if recipient != "(unknown)" else recipient][
+                column] += 1
+        self.senders[_domain(sender) if sender != "<>" else "<>"] += 1
+        client = entry.get("client")
+        self.prefixes[_prefix(client)] += 1
+        if entry.get("rdns").startswith("missing") or entry.rule == "no-rdns":
+            self.ptr_less[client] += 1
+
+    def result(self) -> dict:
+        def top(counter: Counter[str], name: str) -> list[dict]:
+            return [{name: key, "count": n} for key, n in counter.most_common(self.limit)]
+
+        deferred = [
+            {"sender": sender, "recipient": recipient, "deferrals": seen["deferrals"],
+             "rules": dict(seen["rules"]), "reached": seen["reached"], "via": seen["via"]}
+            for (sender, recipient), seen in self.deferred.items()]
+        return {
+            "entries": self.entries,
+            "unparsed_lines": self.unparsed,
+            "rules": dict(self.rules.most_common()),
+            "outcomes": dict(self.outcomes),
+            "rule_outcomes": {rule: dict(c) for rule, c in sorted(self.rule_outcomes.items())},
+            "refusals_by_recipient_domain": {
+                domain: {"refused": c["refused"], "would": c["would"]}
+                for domain, c in sorted(self.by_domain.items(),
+                                        key=lambda item: -sum(item[1].values()))},
+            "sender_domains": top(self.senders, "domain"),
+            "client_prefixes": top(self.prefixes, "prefix"),
+            "ptr_less_clients": top(self.ptr_less, "client"),
+            "deferred": deferred,
+            "deferred_reached": sum(1 for d in deferred if d["reached"]),
+        }
+
+
+def _table(title: str, header: tuple[str, ...], rows: list[tuple]) -> list[str]:
+    lines = ["", title]
+    if not rows:
+        return lines + ["  (none)"]
+    cells = [tuple(str(c) for c in row) for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    return lines
+
+
+def render_text(r: dict) -> str:
+    """The report as text tables (the default output)."""
+    out = [f"decisions: {r['entries']}  skipped lines: {r['unparsed_lines']}  "
+           + "  ".join(f"{name}: {n}" for name, n in r["outcomes"].items())]
+    out += _table("by rule and outcome", ("rule", "total", *OUTCOMES),
+                  [(rule, r["rules"][rule], *(c.get(o, 0) for o in OUTCOMES))
+                   for rule, c in sorted(r["rule_outcomes"].items(),
+                                         key=lambda item: -r["rules"][item[0]])])
+    out += _table("refusals by recipient domain", ("domain", "refused", "would be"),
+                  [(d, c["refused"], c["would"])
+                   for d, c in r["refusals_by_recipient_domain"].items()])
+    out += _table("sender domains refused or would be", ("domain", "count"),
+                  [(e["domain"], e["count"]) for e in r["sender_domains"]])
+    out += _table("client prefixes refused or would be", ("prefix", "count"),
+                  [(e["prefix"], e["count"]) for e in r["client_prefixes"]])
+    out += _table("clients without PTR refused or would be", ("client", "count"),
+                  [(e["client"], e["count"]) for e in r["ptr_less_clients"]])
+    out += _table(f"deferred sender and recipient ({r['deferred_reached']} of "
+                  f"{len(r['deferred'])} reached later)",
+                  ("sender", "recipient", "deferrals", "later", "rules"),
+                  [(d["sender"], d["recipient"], d["deferrals"],
+                    (f"reached ({d['via']})" if d["reached"] else "not reached"),
+                    ",".join(d["rules"])) for d in r["deferred"]])
+    return "\n".join(out) + "\n"

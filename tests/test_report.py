@@ -1,0 +1,187 @@
+"""The impact report and the decision log it reads: lines the engine really writes, parsed back.
+
+The engine decides with a fake resolver (``fakes.FakeDnsClient``) and a ``task.Clock``; its log
+events go through the daemon's own line observer (``daemon.logs``) into a string, exactly as
+``serve`` writes them, then into ``report.lines`` and ``report.impact``.
+"""
+
+from __future__ import annotations
+
+import io
+import ipaddress
+import json
+from types import SimpleNamespace
+
+import pytest
+from fakes import FakeDnsClient
+from twisted.internet import task
+from twisted.logger import globalLogPublisher
+
+from policyd_ipv6.checks.gather import FactFinder
+from policyd_ipv6.daemon.logs import _LineObserver
+from policyd_ipv6.daemon.report_command import report
+from policyd_ipv6.optin.table import parse_optin
+from policyd_ipv6.policy.decision import Policy
+from policyd_ipv6.policy.engine import PolicyEngine
+from policyd_ipv6.report.impact import Impact, render_text
+from policyd_ipv6.report.lines import outcome, parse_line
+from policyd_ipv6.resolver.lookups import Lookups
+
+GOOD, NO_PTR, OTHER_NO_PTR = "2001:db8::25", "2001:db8:0:0:1::30", "2001:db8:7::30"
+RECORDS = {
+    (ipaddress.ip_address(GOOD).reverse_pointer, "PTR"): ["mx.example.net."],
+    ("mx.example.net", "AAAA"): [GOOD],
+    ("example.net", "TXT"): ['"v=spf1 ip6:2001:db8::/32 ip4:192.0.2.0/24 -all"'],
+    ("fail.example", "TXT"): ['"v=spf1 -all"'],
+}
+
+
+def request(client, sender, recipient, queue_id=""):
+    return {"request": "smtpd_access_policy", "protocol_state": "RCPT", "protocol_name": "ESMTP",
+            "client_address": client, "helo_name": "mx.example.net", "sender": sender,
+            "recipient": recipient, "instance": "1.2.3", "queue_id": queue_id,
+            "encryption_protocol": "TLSv1.3" if queue_id else ""}
+
+
+def engine_log(requests, policy=None, optin="contoso.com\nfabrikam.com\n",
+               log_decisions="all", journal=False) -> str:
+    """The log text the engine writes while it decides ``requests`` in order."""
+    clock = task.Clock()
+    finder = FactFinder(Lookups(FakeDnsClient(RECORDS), clock), clock, "ptr", 15.0)
+    table = parse_optin(optin)
+    engine = PolicyEngine(policy or Policy(), lambda: table, finder, clock)
+    engine.log_decisions = log_decisions
+    stream = io.StringIO()
+    observer = _LineObserver(stream, "info", None, journal)
+    globalLogPublisher.addObserver(observer)
+    try:
+        for attributes in requests:
+            engine.answer(attributes)
+            clock.advance(0)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    return stream.getvalue()
+
+
+STORY = [
+    request(NO_PTR, "alice@example.net", "bob@contoso.com"),      # 450 4.7.25: deferred
+    request(GOOD, "alice@example.net", "bob@contoso.com", "4Xq1"),  # the retry gets through
+    request(NO_PTR, "carol@example.net", "dan@fabrikam.com"),     # deferred, never again
+    request(OTHER_NO_PTR, "erin@example.net", "bob@contoso.com"),  # deferred ...
+    request("192.0.2.7", "erin@example.net", "bob@contoso.com"),   # ... then in over IPv4
+    request(GOOD, "x@fail.example", "bob@contoso.com"),           # 450 4.7.26
+    request(GOOD, "alice@example.net", "eve@elsewhere.test"),     # 550 5.2.1
+]
+
+
+def summary(text: str) -> dict:
+    impact = Impact()
+    for line in text.splitlines():
+        entry = parse_line(line)
+        impact.add(entry) if entry else impact.skip()
+    return impact.result()
+
+
+def test_engine_lines_carry_queue_id_tls_and_parse_back():
+    """A decision line carries queue_id= and tls= when Postfix sent them, and parses back."""
+    text = engine_log(STORY[:2])
+    first, second = (parse_line(line) for line in text.splitlines())
+    assert first.rule == "no-rdns" and first.outcome == "defer" and "queue_id" not in first.fields
+    assert second.get("queue_id") == "4Xq1" and second.get("tls") == "TLSv1.3"
+    assert second.rule == "pass" and second.outcome == "accept"
+
+
+def test_report_counts_rules_outcomes_and_follows_deferred_senders():
+    """The report counts by rule and outcome and tells which deferred pair got through later,
+    by a retry or over IPv4."""
+    result = summary(engine_log(STORY) + "info policyd-ipv6 ready\nnot a log line\n")
+    assert result["rules"] == {"no-rdns": 3, "pass": 1, "ipv4": 1, "spf-failed": 1,
+                               "not-opted-in": 1}
+    assert result["outcomes"] == {"accept": 2, "defer": 4, "reject": 1, "report": 0}
+    assert result["unparsed_lines"] == 2
+    later = {(d["sender"], d["recipient"]): (d["reached"], d["via"]) for d in result["deferred"]}
+    assert later == {("alice@example.net", "bob@contoso.com"): (True, "retry"),
+                     ("carol@example.net", "dan@fabrikam.com"): (False, None),
+                     ("erin@example.net", "bob@contoso.com"): (True, "ipv4"),
+                     ("x@fail.example", "bob@contoso.com"): (False, None)}
+    assert result["refusals_by_recipient_domain"]["contoso.com"] == {"refused": 3, "would": 0}
+    assert result["refusals_by_recipient_domain"]["elsewhere.test"]["refused"] == 1
+    assert {e["client"] for e in result["ptr_less_clients"]} == {NO_PTR, OTHER_NO_PTR}
+    assert {"prefix": "2001:db8::/64", "count": 4} in result["client_prefixes"]
+    assert result["sender_domains"][0] == {"domain": "example.net", "count": 4}
+
+
+def test_report_mode_lines_count_as_report_outcome():
+    """A refusal only reported (would=) is the outcome "report" and a would-be refusal."""
+    result = summary(engine_log(STORY[:1], Policy(mode="report")))
+    assert result["outcomes"]["report"] == 1
+    assert result["refusals_by_recipient_domain"] == {"contoso.com": {"refused": 0, "would": 1}}
+
+
+def test_journal_and_short_iso_prefixes_are_accepted():
+    """Lines with an sd-daemon priority and a journalctl short-iso prefix parse like bare ones."""
+    text = engine_log(STORY[:1], journal=True)
+    assert text.startswith("<6>info decision ")
+    stamped = "2026-05-01T10:00:00+0000 mx policyd-ipv6[812]: " + text.splitlines()[0][3:]
+    entry = parse_line(stamped)
+    assert entry is not None and entry.time == "2026-05-01T10:00:00+0000"
+    assert entry.fields == parse_line(text).fields
+
+
+@pytest.mark.parametrize("line", [
+    "", "info decision", 'info decision client=1 rule=pass reply="DUNNO" junk here',
+    'info decision client=1 rule=pass reply="DUNNO', "x" * 10000, "\x00\udcff decision rule=",
+    'milter client=1 rule= reply="x"',
+])
+def test_lines_it_cannot_parse_are_none(line):
+    """A line that is not a whole decision or milter line parses to None, never an error."""
+    assert parse_line(line) is None
+
+
+def test_milter_lines_complete_the_messages_of_their_decisions():
+    """A milter verdict counts for the recipients its client and sender got at RCPT."""
+    text = engine_log([request(GOOD, "x@fail.example", "bob@contoso.com")],
+                      Policy(mode="report"))
+    text += ('info milter client=2001:db8::25 sender="<x@fail.example>" queue_id=4Y size=10 '
+             'dkim=none rule=unsigned reply="451 4.7.26 no" ms=1.0\n')
+    result = summary(text)
+    assert result["rules"] == {"spf-failed": 1, "unsigned": 1}
+    assert result["deferred"][0]["recipient"] == "bob@contoso.com"
+
+
+@pytest.mark.parametrize("reply, would, expected", [
+    ("DUNNO", "", "accept"), ("DUNNO", "450 4.7.25 x", "report"), ("450 4.7.25 x", "", "defer"),
+    ("550 5.2.1 x", "", "reject"), ("TEMPFAIL", "", "defer"), ("REJECT", "", "reject"),
+    ("CONTINUE", "", "accept"),
+])
+def test_outcome_names(reply, would, expected):
+    """Replies map to the metrics' outcome names."""
+    assert outcome(reply, would) == expected
+
+
+@pytest.mark.parametrize("which, rules", [
+    ("all", {"no-rdns", "pass", "ipv4", "spf-failed", "not-opted-in"}),
+    ("ipv6", {"no-rdns", "pass", "spf-failed", "not-opted-in"}),
+    ("refusals", {"no-rdns", "spf-failed", "not-opted-in"}),
+])
+def test_log_decisions_chooses_the_lines(which, rules):
+    """log_decisions "ipv6" drops IPv4 decisions, "refusals" keeps only refusals."""
+    assert set(summary(engine_log(STORY, log_decisions=which))["rules"]) == rules
+
+
+def test_report_command_json_and_text(tmp_path):
+    """report --json prints one object with rules, outcomes and unparsed_lines; the default is
+    text tables; a missing file is exit status 1."""
+    log = tmp_path / "log"
+    log.write_text(engine_log(STORY) + "garbage\n")
+    out = io.StringIO()
+    assert report(SimpleNamespace(files=[str(log)], json=True, top=10), stdout=out) == 0
+    result = json.loads(out.getvalue())
+    assert result["rules"]["no-rdns"] == 3 and result["unparsed_lines"] == 1
+    out = io.StringIO()
+    assert report(SimpleNamespace(files=["-"], json=False, top=10),
+                  stdin=io.StringIO(log.read_text()), stdout=out) == 0
+    assert "by rule and outcome" in out.getvalue() and "reached (ipv4)" in out.getvalue()
+    assert render_text(result) == out.getvalue()
+    assert report(SimpleNamespace(files=[str(tmp_path / "nope")], json=False, top=10),
+                  stdout=io.StringIO()) == 1
