@@ -223,11 +223,15 @@ def test_a_request_in_flight_at_sigterm_is_answered(tmp_path):
         assert daemon.process.wait(10) == 0
 
 
-def test_a_socket_with_an_unknown_name_stops_the_daemon(tmp_path):
-    """An inherited fd named neither policy nor milter is a start-up error naming it."""
+@pytest.mark.parametrize("name, message", [
+    ("policyd-ipv6.socket", 'file descriptor 3 named "policyd-ipv6.socket": the daemon serves '
+                            "FileDescriptorName=policy or FileDescriptorName=milter only"),
+    ("milter", 'file descriptor 3 named "milter": milter_listen is empty')])
+def test_a_socket_nobody_would_serve_stops_the_daemon(tmp_path, name, message):
+    """An inherited fd with an unknown name, or a milter socket with the milter off, is a
+    start-up error naming the fd (a socket nobody serves would hold Postfix's connections)."""
     policy = _listening_tcp()
     with policy:
-        daemon = Activated(tmp_path, sockets=[(policy, "policyd-ipv6.socket")],
-                           wait_ready=False).start()
+        daemon = Activated(tmp_path, sockets=[(policy, name)], wait_ready=False).start()
         assert daemon.process.wait(15) == 1
-        assert 'file descriptor 3 named "policyd-ipv6.socket"' in daemon.log()
+        assert message in daemon.log(), daemon.log()

@@ -288,7 +288,9 @@ def adopt_inherited(reactor, inherited: Sequence[tuple[int, str]], factory,
                 raise ValueError("the daemon serves FileDescriptorName=policy or "
                                  "FileDescriptorName=milter only")
             if target is None:
-                raise ValueError("milter_listen is empty, so the milter is off")
+                raise ValueError("milter_listen is empty, so the milter is off (set it, or "
+                                 "stop passing this socket: systemctl mask --now "
+                                 "policyd-ipv6-milter.socket)")
             port = adopt(reactor, fd, target)
         except ValueError as error:
             for bound in ports:
