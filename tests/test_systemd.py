@@ -207,3 +207,29 @@ def test_lifecycle_reload_says_reloading_then_ready_even_when_the_reload_fails()
         life.reloading(broken)()
     assert [list(m) for m in sent] == [["RELOADING", "MONOTONIC_USEC"], ["READY"]]
     assert sent[0]["MONOTONIC_USEC"].isdigit()
+
+
+class FakeMilterConnection:
+    def __init__(self, waiting=None, in_transaction=False):
+        self.waiting, self.in_transaction, self.closed = waiting, in_transaction, False
+
+    def _close(self):
+        self.closed = True
+
+
+def test_drain_lets_a_milter_message_under_way_be_judged_first():
+    """A milter connection between messages closes at once; one in a transaction or owed a
+    verdict stays open until it is neither (bounded by the grace period)."""
+    clock = task.Clock()
+    between, sending, judging = (FakeMilterConnection(), FakeMilterConnection(None, True),
+                                 FakeMilterConnection(object(), True))
+    milter = SimpleNamespace(open={between, sending, judging})
+    done = drain(clock, [], None, milter, 5.0)
+    assert between.closed and not sending.closed and not judging.closed
+    milter.open.discard(between)
+    sending.in_transaction = False  # end of message answered
+    clock.advance(0.1)
+    assert sending.closed and not judging.closed
+    milter.open.discard(sending)
+    clock.pump([1.0] * 5)
+    assert done.called and not judging.closed  # left to the reactor's shutdown

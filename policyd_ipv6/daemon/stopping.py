@@ -8,12 +8,12 @@ fails). A policy connection is closed as soon as it is idle (``PolicyProtocol.id
 request received and unanswered, none half-received): at once for one waiting for its
 client's next request, right after its last reply for one still deciding; one that has not
 sent its first request yet (accepted just before the stop) is given ``FIRST_REQUEST_SECONDS``
-to send it. A milter connection is closed
-once it owes Postfix no verdict (``MilterProtocol.waiting`` is None): Postfix then applies
-``milter_default_action`` to any transaction in progress (the packaged map: tempfail for
-IPv6), so nothing is let in unjudged. What is still open when the grace ends is left to the
-reactor's own shutdown, which closes it. Connections are looked at every ``TICK_SECONDS``,
-a bounded loop.
+to send it. A milter connection is closed once it owes Postfix no verdict and no message is
+open on it (``MilterProtocol.waiting`` is None, ``in_transaction`` false): a message under way
+is judged first. What is still open when the grace ends is left to the reactor's own
+shutdown, which closes it; Postfix then applies ``milter_default_action`` to those milter
+sessions (the packaged map: tempfail for IPv6), so nothing is let in unjudged. Connections
+are looked at every ``TICK_SECONDS``, a bounded loop.
 
 Under socket activation, stopping an adopted port closes only this process's copy of the
 socket: systemd keeps it open, and new connections wait in its backlog for the next process.
@@ -52,7 +52,7 @@ def _close_settled(policy_factory, milter_factory, first_request_over: bool) -> 
                 still += 1
     if milter_factory is not None:
         for proto in list(getattr(milter_factory, "open", ())):
-            if proto.waiting is None and not proto.closed:
+            if proto.waiting is None and not proto.in_transaction and not proto.closed:
                 proto._close()
             elif not proto.closed:
                 still += 1
