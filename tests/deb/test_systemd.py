@@ -1,0 +1,203 @@
+"""The package on Debian 13 ("trixie") and Debian 12 ("bookworm") under a real systemd.
+
+For each release: the package is built in a clean root of that release (its unit tests run
+during the build) and linted by that release's lintian; then a minbase + systemd root of the
+same release, holding only what the package declares, is booted with systemd-nspawn as PID 1
+(../shared/LAB.md) and the package installed there: the unit starts, reloads (no /bin/kill on
+such a system), restarts, stops, is sandboxed (systemd-analyze security, a denied write), the
+autopkgtest scripts pass, purge leaves only the system user; and an upgrade from the previous
+version keeps the administrator's opt-in table edit without a prompt.
+
+The tests of one release run in file order against one booted container (module fixture).
+Run them under the lab lock: `flock /tmp/e2e.lock pytest -m deb tests/deb/test_systemd.py`
+(the pristine roots are made once per run, see containers.py).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from . import containers, rootbuild
+from .debbuild import REPO, require
+
+pytestmark = pytest.mark.deb
+
+RELEASES = ("trixie", "bookworm")
+SYSTEMD = {"trixie": 257, "bookworm": 252}
+UNIT = "policyd-ipv6.service"
+ETC = "/etc/policyd-ipv6"
+TABLE = ETC + "/optin-domains"
+CONFIG = ETC + "/policyd-ipv6.toml"
+RELOADED = "configuration reloaded (SIGHUP)"
+
+
+class Lab:
+    """One release: its build, and its booted container with the debs copied in."""
+
+    def __init__(self, build: rootbuild.RootBuild, ct: containers.Booted):
+        self.build, self.ct = build, ct
+
+    def sh(self, script: str, check: bool = True, timeout: float = 120):
+        return self.ct.run(["sh", "-c", script], check=check, timeout=timeout)
+
+    def main_pid(self) -> int:
+        return int(self.sh("systemctl show -P MainPID " + UNIT).stdout.strip())
+
+    def journal(self) -> str:
+        return self.sh("journalctl -q -o cat -u " + UNIT).stdout
+
+    def wait_journal(self, text: str, count: int, seconds: float = 15) -> None:
+        for _ in range(int(seconds * 5)):
+            if self.journal().count(text) >= count:
+                return
+            self.sh("sleep 0.2")
+        raise AssertionError("%r not logged %d times:\n%s" % (text, count, self.journal()))
+
+    def active(self) -> str:
+        return self.sh("systemctl is-active " + UNIT, check=False).stdout.strip()
+
+
+@pytest.fixture(scope="module", params=RELEASES)
+def lab(request):
+    """The release's root build, then its booted minimal root with both debs in /root/debs."""
+    if os.geteuid() != 0:
+        require("booting containers needs root (uid %d)" % os.geteuid())
+    missing = containers.missing_tools()
+    require("missing tools: %s" % ", ".join(missing) if missing else None)
+    release = request.param
+    work = Path(tempfile.mkdtemp(prefix="p6d-ct-%s-" % release))
+    request.addfinalizer(lambda: shutil.rmtree(work, ignore_errors=True))
+    build = rootbuild.build_in_root(release, work)
+    with containers.Overlay(containers.pristine(release), work / "boot-root") as overlay:
+        for deb in (build.deb, build.previous_deb):
+            into = overlay.root / "root/debs" / deb.parent.name
+            into.mkdir(parents=True)
+            shutil.copy(deb, into / deb.name)
+        shutil.copytree(REPO / "debian/tests", overlay.root / "root/autopkgtest")
+        # Fetch the dependencies with the host's network; the booted container has none.
+        containers.offline_prepare(overlay.root, (
+            "export DEBIAN_FRONTEND=noninteractive; apt-get update -qq; "
+            "apt-get install -y -qq --download-only --no-install-recommends /root/debs/new/%s"
+            % build.deb.name))
+        with containers.Booted(overlay.root, "p6d-" + release,
+                               work / "console.log") as ct:
+            yield Lab(build, ct)
+
+
+def test_root_build_is_lintian_clean(lab):
+    """The release's own lintian finds no error and no warning in the package built there."""
+    print(lab.build.lintian_output)
+    tags = [line for line in lab.build.lintian_output.splitlines() if re.match(r"^[EW]: ", line)]
+    assert lab.build.lintian_status == 0 and tags == [], lab.build.lintian_output
+
+
+def test_container_is_the_release_with_no_kill_binary(lab):
+    """The booted root runs that release's systemd, and has no kill program (procps absent)."""
+    version = lab.sh("systemctl --version").stdout.split()[1]
+    assert int(version) == SYSTEMD[lab.build.release]
+    assert not lab.sh("test -e /bin/kill || test -e /usr/bin/kill", check=False).returncode == 0
+
+
+def test_install_starts_the_unit(lab):
+    """apt-get install of the .deb, offline, creates the user and starts the unit with the
+    packaged configuration: the daemon says it is ready and is still running a second later."""
+    lab.sh("apt-get install -y --no-install-recommends /root/debs/new/%s"
+           % lab.build.deb.name, timeout=300)
+    lab.wait_journal(" ready: ", 1)
+    pid = lab.main_pid()
+    lab.sh("sleep 1")
+    assert lab.active() == "active" and lab.main_pid() == pid, lab.journal()
+    assert lab.sh("getent passwd _policyd-ipv6").stdout.split(":")[5] == "/nonexistent"
+
+
+def test_reload_rereads_the_configuration(lab):
+    """systemctl reload succeeds and the daemon logs a configuration reload; same main PID."""
+    pid = lab.main_pid()
+    before = lab.journal().count(RELOADED)
+    lab.sh("systemctl reload " + UNIT)
+    lab.wait_journal(RELOADED, before + 1)
+    assert lab.main_pid() == pid and lab.active() == "active"
+
+
+def test_restart_gives_a_new_main_process(lab):
+    """systemctl restart replaces the main process and the unit is active again."""
+    pid = lab.main_pid()
+    lab.sh("systemctl restart " + UNIT)
+    assert lab.active() == "active" and lab.main_pid() not in (0, pid)
+
+
+def test_sandbox_exposure_is_at_most_2(lab):
+    """systemd-analyze security rates the running unit's exposure 2.0 or lower."""
+    out = lab.sh("systemd-analyze security --no-pager " + UNIT).stdout
+    match = re.search(r"Overall exposure level for %s: ([\d.]+)" % re.escape(UNIT), out)
+    assert match and float(match.group(1)) <= 2.0, out
+
+
+def test_sandbox_denies_writing_the_configuration(lab):
+    """Inside the running unit's mount namespace, as its user, /etc is read-only; the process
+    has no capabilities, no new privileges and a seccomp filter."""
+    pid = lab.main_pid()
+    status = lab.sh("cat /proc/%d/status" % pid).stdout
+    fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+    assert fields["NoNewPrivs"].strip() == "1" and fields["Seccomp"].strip() == "2"
+    assert int(fields["CapEff"], 16) == 0 and int(fields["CapBnd"], 16) == 0
+    probe = lab.sh("nsenter -t %d -m -S $(stat -c %%u /proc/%d) -G $(stat -c %%g /proc/%d) "
+                   "sh -c 'echo x > %s/probe'" % (pid, pid, pid, ETC), check=False)
+    assert probe.returncode != 0 and "Read-only file system" in probe.stderr, probe
+    writable = lab.sh("nsenter -t %d -m sh -c 'echo x > %s/probe && rm %s/probe'"
+                      % (pid, "/tmp", "/tmp"), check=False)
+    assert writable.returncode == 0, "the probe itself must be able to succeed: %s" % writable
+
+
+def test_autopkgtest_scripts_pass_on_the_installed_package(lab):
+    """debian/tests/policy-requests and packaged-service pass against the installed package."""
+    for name in ("policy-requests", "packaged-service"):
+        result = lab.sh("cd /root && /root/autopkgtest/%s" % name, check=False, timeout=180)
+        assert result.returncode == 0, "%s:\n%s%s" % (name, result.stdout, result.stderr)
+
+
+def test_stop_leaves_the_unit_inactive(lab):
+    """systemctl stop ends the daemon: the unit is inactive, not failed."""
+    lab.sh("systemctl stop " + UNIT)
+    assert lab.active() == "inactive"
+
+
+def test_purge_removes_everything_but_the_user(lab):
+    """apt-get purge removes the unit, the program and /etc/policyd-ipv6; the user stays."""
+    lab.sh("apt-get purge -y policyd-ipv6", timeout=300)
+    left = lab.sh("ls -d /etc/policyd-ipv6 /usr/bin/policyd-ipv6 /usr/share/policyd-ipv6 "
+                  "/lib/systemd/system/%s /usr/lib/systemd/system/%s 2>/dev/null; true"
+                  % (UNIT, UNIT)).stdout.split()
+    assert left == []
+    assert lab.sh("systemctl cat " + UNIT, check=False).returncode != 0
+    assert lab.sh("getent passwd _policyd-ipv6", check=False).returncode == 0
+
+
+def test_upgrade_keeps_the_optin_table_edit_without_a_prompt(lab):
+    """From the previous version with an edited opt-in table and configuration, a
+    non-interactive upgrade asks nothing about the table, keeps both edits, and the unit runs
+    (and reloads) on the new version; the table is no longer a live conffile."""
+    lab.sh("apt-get install -y --no-install-recommends /root/debs/old/%s"
+           % lab.build.previous_deb.name, timeout=300)
+    lab.sh("echo edited.example >> %s && echo '# edited by the administrator' >> %s"
+           % (TABLE, CONFIG))
+    upgrade = lab.sh("apt-get install -y --no-install-recommends "
+                     "-o Dpkg::Options::=--force-confold /root/debs/new/%s < /dev/null"
+                     % lab.build.deb.name, timeout=300)
+    assert "optin-domains" not in upgrade.stdout + upgrade.stderr, upgrade.stdout
+    assert "edited.example" in lab.sh("cat " + TABLE).stdout
+    assert "# edited by the administrator" in lab.sh("cat " + CONFIG).stdout
+    conffiles = lab.sh("dpkg-query -W -f '${Conffiles}' policyd-ipv6").stdout
+    live = [line.split()[0] for line in conffiles.strip().splitlines()
+            if not line.strip().endswith("obsolete")]
+    assert live == [CONFIG], conffiles
+    assert lab.active() == "active"
+    before = lab.journal().count(RELOADED)
+    lab.sh("systemctl reload " + UNIT)
+    lab.wait_journal(RELOADED, before + 1)
