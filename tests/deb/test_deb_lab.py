@@ -372,6 +372,10 @@ for path in sys.argv[1:]:
         sock.connect(path)
         sock.sendall(b"request=smtpd_access_policy\n")
         out[path] = "closed" if sock.recv(100) == b"" else "answered"
+    except socket.timeout:
+        out[path] = "still open after 5 s"
+    except ConnectionResetError:  # closed with unread data: a reset
+        out[path] = "closed"
     except OSError as error:
         out[path] = errno.errorcode.get(error.errno, str(error.errno))
     finally:
