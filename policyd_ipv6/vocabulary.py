@@ -15,11 +15,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    import dns.message
     import dns.rdatatype
     from twisted.internet.defer import Deferred
 
     from policyd_ipv6.resolver.lookups import Answer
+    from policyd_ipv6.resolver.reply import Reply
 
 __all__ = ["DnsStatus", "SpfResult", "DkimResult", "PolicyRule", "REPORTABLE_RULES",
            "EndRule", "DelayedCall",
@@ -131,10 +131,11 @@ class Clock(Protocol):
 
 class DnsClient(Protocol):
     """Sends one DNS query (``resolver.client.DnsClient``, or a test's fake); the Deferred
-    fires with the response, or fails on a transient fault."""
+    fires with the response (a fake may give a ``dns.message.Message``, which
+    ``lookups.interpret`` reads too), or fails on a transient fault."""
 
     def query(self, qname: str,
-              rdtype: dns.rdatatype.RdataType) -> Deferred[dns.message.Message]: ...
+              rdtype: dns.rdatatype.RdataType) -> Deferred[Reply]: ...
 
 
 class Lookups(Protocol):

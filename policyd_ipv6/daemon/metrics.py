@@ -37,6 +37,7 @@ from prometheus_client.process_collector import ProcessCollector
 from twisted.logger import Logger, LogLevel
 
 from policyd_ipv6.resolver.client import TransientDnsError
+from policyd_ipv6.resolver.reply import Reply
 from policyd_ipv6.vocabulary import Clock
 
 __all__ = ["Metrics", "CountingEngine", "CountingDnsClient", "decision_outcome", "render",
@@ -69,7 +70,7 @@ def decision_outcome(action: str, would: str) -> str:
 
 def dns_outcome(result: object) -> str:
     """The ``outcome`` label of what ``DnsClient.query`` gave: a response or a Failure."""
-    if isinstance(result, dns.message.Message):
+    if isinstance(result, (dns.message.Message, Reply)):
         if result.rcode() == dns.rcode.NXDOMAIN:
             return "nxdomain"
         return "answer" if result.answer else "nodata"

@@ -1,17 +1,20 @@
-"""An asynchronous DNS stub client: dnspython builds and parses messages, Twisted moves them.
+"""An asynchronous DNS stub client: ``wire`` builds queries, ``reply`` parses, Twisted moves them.
 
-Contract: ``DnsClient.query(qname, rdtype)`` returns a Deferred that fires with the response
-``dns.message.Message`` of the first nameserver that gives a usable answer (NOERROR or
-NXDOMAIN), or fails with ``TransientDnsError`` once every try has timed out, been refused or
-answered SERVFAIL/REFUSED/FORMERR/NOTIMP. It never blocks the reactor and never fails with any
-other exception. Interpreting the answer (CNAME chains, TTLs, caching) is ``lookups``' job.
+Contract: ``DnsClient.query(qname, rdtype)`` returns a Deferred that fires with the parsed
+response (a ``resolver.reply.Reply``) of the first nameserver that gives a usable answer
+(NOERROR or NXDOMAIN), or fails with ``TransientDnsError`` once every try has timed out, been
+refused or answered SERVFAIL/REFUSED/FORMERR/NOTIMP. It never blocks the reactor and never
+fails with any other exception. Interpreting the answer (CNAME chains, TTLs, caching) is
+``lookups``' job.
 
 How a query runs: tries go round-robin over the nameservers, ``attempts`` rounds, each try on
 a fresh UDP socket with a kernel-chosen source port and a random query ID (RFC 5452), connected
 to the server so that only its datagrams are read and an ICMP "port unreachable" fails the try
 at once. A response must match the query's ID and question (``dns_wire.is_reply_to``);
-anything else is dropped. A truncated (TC) response is retried over TCP to the same server
-(RFC 7766). The resolv.conf search list is never applied: names are always absolute.
+anything else is dropped, as is a reply ``parse_reply`` rejects. A response with the TC bit
+is retried over TCP to the same server (RFC 7766) whatever the rest of it holds; a TCP
+response is read into one buffer, parsed once, and may be up to 65,535 bytes. The resolv.conf
+search list is never applied: names are always absolute.
 """
 
 from __future__ import annotations
@@ -20,13 +23,12 @@ import secrets
 import struct
 from typing import Any, cast
 
-import dns.flags
-import dns.message
 import dns.rcode
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IProtocolFactory
 
+from policyd_ipv6.resolver.reply import MalformedReply, Reply, parse_reply
 from policyd_ipv6.resolver.wire import Nameserver, encode_name, encode_query, is_reply_to
 from policyd_ipv6.vocabulary import DelayedCall
 
@@ -50,7 +52,7 @@ class DnsClient:
         self.timeout_seconds = timeout_seconds
         self.attempts = attempts
 
-    def query(self, name: str, rdtype: int) -> defer.Deferred[dns.message.Message]:
+    def query(self, name: str, rdtype: int) -> defer.Deferred[Reply]:
         """Resolve ``name`` (absolute, as text) / ``rdtype``; see the module docstring.
 
         Raises ValueError at once for a name DNS cannot carry (``dns_wire.encode_name``).
@@ -68,10 +70,10 @@ class _Query:
         self.wire = wire
         self.tries = tries
         self.problems: list[str] = []
-        self.result: defer.Deferred[dns.message.Message] = defer.Deferred(self._cancel)
+        self.result: defer.Deferred[Reply] = defer.Deferred(self._cancel)
         self.current: _Try | None = None  # the _Try under way
 
-    def start(self) -> defer.Deferred[dns.message.Message]:
+    def start(self) -> defer.Deferred[Reply]:
         self._next()
         return self.result
 
@@ -86,14 +88,14 @@ class _Query:
         self.current = udp = _UdpTry(self, server)
         udp.start()
 
-    def answered(self, server: Nameserver, response: dns.message.Message) -> None:
+    def answered(self, server: Nameserver, response: Reply) -> None:
         rcode = response.rcode()
         if rcode in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
             self.current = None
             if not self.result.called:
                 self.result.callback(response)
             return
-        self.failed(server, dns.rcode.to_text(rcode))
+        self.failed(server, dns.rcode.to_text(dns.rcode.Rcode.make(rcode)))
 
     def truncated(self, server: Nameserver) -> None:
         self.current = tcp = _TcpTry(self, server)
@@ -171,15 +173,16 @@ class _UdpTry(_Try, protocol.DatagramProtocol):
     def datagramReceived(self, data: bytes, addr) -> None:
         if self.done or not is_reply_to(self.query.wire, data):
             return  # not ours (spoofed, late, junk): keep waiting for the real answer
+        if data[2] & 0x02:  # TC: the answer did not fit, whatever came with it
+            self._finish()
+            self.query.truncated(self.server)
+            return
         try:
-            response = dns.message.from_wire(data, ignore_trailing=True)
-        except Exception:  # dnspython raises many kinds on junk: drop it, keep waiting
+            response = parse_reply(data)
+        except MalformedReply:  # junk: drop it, keep waiting
             return
         self._finish()
-        if response.flags & dns.flags.TC:
-            self.query.truncated(self.server)
-        else:
-            self.query.answered(self.server, response)
+        self.query.answered(self.server, response)
 
     def connectionRefused(self) -> None:
         self._fail("port unreachable")
@@ -203,7 +206,7 @@ class _TcpTry(_Try, protocol.Protocol):
 
     def __init__(self, query: _Query, server: Nameserver) -> None:
         super().__init__(query, server)
-        self.buffer = b""
+        self.buffer = bytearray()
         self.connecting: defer.Deferred[Any] | None = None
 
     def start(self) -> None:
@@ -230,13 +233,13 @@ class _TcpTry(_Try, protocol.Protocol):
         if len(self.buffer) < 2 + length:
             return
         self._finish()
-        wire = self.buffer[2:2 + length]
+        wire = bytes(self.buffer[2:2 + length])
         if not is_reply_to(self.query.wire, wire):
             self.query.failed(self.server, "mismatched TCP response")
             return
         try:
-            response = dns.message.from_wire(wire, ignore_trailing=True)
-        except Exception:
+            response = parse_reply(wire)
+        except MalformedReply:
             self.query.failed(self.server, "malformed TCP response")
             return
         self.query.answered(self.server, response)

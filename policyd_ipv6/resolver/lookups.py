@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 
 from policyd_ipv6.cache import ExpiringCache
 from policyd_ipv6.resolver.client import TransientDnsError
+from policyd_ipv6.resolver.reply import Reply, resolve
 from policyd_ipv6.resolver.wire import encode_name
 from policyd_ipv6.vocabulary import Clock, DnsClient, DnsStatus
 
@@ -65,8 +66,28 @@ def _values(rrset, rrtype: str) -> tuple:
     return tuple(tuple(r.strings) for r in rrset)  # TXT
 
 
-def interpret(response: dns.message.Message, rrtype: str, max_ttl: float) -> Answer:
+def interpret_reply(reply: Reply, max_ttl: float) -> Answer:
+    """``interpret`` for the client's own parsed reply (``resolver.reply``)."""
+    if reply.opcode != 0:
+        return Answer(DnsStatus.TEMPFAIL, detail="unusable answer (not a query response)")
+    found = resolve(reply)
+    if found.kind == "chain-too-long":
+        return Answer(DnsStatus.NODATA, detail="CNAME chain too long")
+    if found.kind == "answer-for-nxdomain":
+        return Answer(DnsStatus.TEMPFAIL, detail="unusable answer (AnswerForNXDOMAIN)")
+    if found.ttl is None:
+        return Answer(DnsStatus.NXDOMAIN if found.kind == "nxdomain" else DnsStatus.NODATA,
+                      ttl=min(_NEGATIVE_TTL_FALLBACK, max_ttl))
+    ttl = float(min(found.ttl, max_ttl))
+    if found.kind == "answer":
+        return Answer(DnsStatus.OK, found.values, ttl=ttl)
+    return Answer(DnsStatus.NXDOMAIN if found.kind == "nxdomain" else DnsStatus.NODATA, ttl=ttl)
+
+
+def interpret(response: dns.message.Message | Reply, rrtype: str, max_ttl: float) -> Answer:
     """Turn a NOERROR/NXDOMAIN response into an Answer, following its CNAME chain."""
+    if isinstance(response, Reply):
+        return interpret_reply(response, max_ttl)
     if not isinstance(response, dns.message.QueryMessage):  # opcode not QUERY
         return Answer(DnsStatus.TEMPFAIL, detail="unusable answer (not a query response)")
     try:
