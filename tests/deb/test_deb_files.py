@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import tomllib
 
 import pytest
 from lab.policyd import config_from_example
@@ -29,6 +30,16 @@ SOCKET_DIR = "/var/spool/postfix/policyd-ipv6"
 
 def packaged(name: str) -> str:
     return (DEBIAN / name).read_text()
+
+
+def test_every_python_package_is_built_into_the_deb():
+    """pyproject.toml's package list names every directory of policyd_ipv6 that holds an
+    __init__.py: a package left out is missing from the .deb, and the command fails there."""
+    listed = set(tomllib.loads((debbuild.REPO / "pyproject.toml").read_text())
+                 ["tool"]["setuptools"]["packages"])
+    found = {".".join(init.parent.relative_to(debbuild.REPO).parts)
+             for init in (debbuild.REPO / "policyd_ipv6").rglob("__init__.py")}
+    assert sorted(found - listed) == []
 
 
 def test_changelog_version_is_the_program_version():
