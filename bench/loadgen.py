@@ -21,7 +21,8 @@ smtpd reuses a policy connection for up to 1000 s.
 Scenarios: warm (senders drawn at random from a small set, already asked once while
 priming), cold (every message a sender never seen before: new domain, new client address),
 slow-mix (cold, a --slow-share of messages from senders whose DNS never answers; their
-latencies are reported as class "slow", the rest as class "normal").
+latencies are reported as class "slow", the rest as class "normal"), hostile (the same with
+senders whose SPF record has 10 includes each answering ~62 KB over TCP, class "slow" too).
 
 Efficiency: one process, one epoll loop, requests formatted once per message; per request
 one send and one recv system call. Its own CPU time is reported (loadgen_cpu_s) so a run can
@@ -67,10 +68,11 @@ class Source:
     def pick(self):
         if self.scenario == "warm":
             return "normal", self.rng.choice(self.pop["warm"])
-        if self.scenario == "slow-mix" and self.rng.random() < self.slow_share:
-            if self.next_slow < len(self.pop["slow"]):
+        if self.scenario in ("slow-mix", "hostile") and self.rng.random() < self.slow_share:
+            pool = self.pop["slow" if self.scenario == "slow-mix" else "hostile"]
+            if self.next_slow < len(pool):
                 self.next_slow += 1
-                return "slow", self.pop["slow"][self.next_slow - 1]
+                return "slow", pool[self.next_slow - 1]
         if self.next_cold < len(self.pop["cold"]):
             self.next_cold += 1
             return "normal", self.pop["cold"][self.next_cold - 1]
@@ -127,6 +129,7 @@ class Generator:
         self.errors = {}
         self.requests_in_window = 0
         self.messages = 0
+        self.messages_by_class = {"normal": 0, "slow": 0}
         self.inflight = 0
 
     def connect(self, conn):
@@ -158,6 +161,7 @@ class Generator:
                 conn.queue = []
                 return False
             self.messages += 1
+            self.messages_by_class[conn.kind] += 1
             conn.first = True
         else:
             conn.first = False
@@ -282,7 +286,8 @@ class Generator:
             "requests": request_count(self.latencies),
             "requests_in_window": self.requests_in_window,
             "requests_per_s": self.requests_in_window / window if window > 0 else 0.0,
-            "messages": self.messages, "pool_exhausted": self.source.exhausted,
+            "messages": self.messages, "messages_by_class": self.messages_by_class,
+            "pool_exhausted": self.source.exhausted,
             "latency": {k: summarize(v) for k, v in self.latencies.items() if v},
             "replies": self.replies, "errors": self.errors,
             "loadgen_cpu_s": (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime),
@@ -310,7 +315,8 @@ def summarize(values):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--population", required=True)
-    parser.add_argument("--scenario", choices=("warm", "cold", "slow-mix"), required=True)
+    parser.add_argument("--scenario", choices=("warm", "cold", "slow-mix", "hostile"),
+                        required=True)
     parser.add_argument("--connections", type=int, default=20)
     parser.add_argument("--duration", type=float, default=15.0)
     parser.add_argument("--request-timeout", type=float, default=30.0)

@@ -40,7 +40,7 @@ LINK_MX = "2001:db8:ffff::2"
 KNOT_CONF = """\
 server:
     rundir: "{d}/knot-run"
-    listen: ::1@53
+    listen: [ ::1@53, {link}@5300 ]
     udp-workers: 1
     tcp-workers: 1
     background-workers: 1
@@ -61,6 +61,8 @@ zone:
     file: example.zone
   - domain: {reverse}
     file: ip6.zone
+  - domain: {big}
+    file: big.zone
 """
 
 # Debian's unbound with a cache large enough never to evict during a run, no DNSSEC
@@ -96,6 +98,9 @@ stub-zone:
 stub-zone:
     name: "{reverse}"
     stub-addr: {ns}
+stub-zone:
+    name: "{big}"
+    stub-addr: {ns}@5300
 """
 
 
@@ -170,7 +175,8 @@ class Lab:
     def start_knot(self):
         conf = os.path.join(self.dir, "knot.conf")
         with open(conf, "w") as out:
-            out.write(KNOT_CONF.format(d=self.dir, zone=zonegen.ZONE, reverse=zonegen.REVERSE_ZONE))
+            out.write(KNOT_CONF.format(d=self.dir, zone=zonegen.ZONE, reverse=zonegen.REVERSE_ZONE,
+                                       big=zonegen.BIG_ZONE, link=LINK_DNS))
         for sub in ("knot-run", "knot-db"):
             os.makedirs(os.path.join(self.dir, sub), exist_ok=True)
         run("knotc", "-c", conf, "conf-check")
@@ -191,7 +197,8 @@ class Lab:
         conf = os.path.join(self.dir, "unbound.conf")
         with open(conf, "w") as out:
             out.write(UNBOUND_CONF.format(d=self.dir, mx=LINK_MX, ns=LINK_DNS,
-                                          zone=zonegen.ZONE, reverse=zonegen.REVERSE_ZONE))
+                                          zone=zonegen.ZONE, reverse=zonegen.REVERSE_ZONE,
+                                          big=zonegen.BIG_ZONE))
         self.unbound = self.spawn(self.ns_mx, ["unbound", "-d", "-c", conf], "unbound.log")
         # A name no scenario uses, so the cache stays cold for everything measured.
         self.wait_for_answer(self.ns_mx, "127.0.0.1", "ns.example", "AAAA")

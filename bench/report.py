@@ -1,20 +1,25 @@
 #!/usr/bin/python3
 """Turn a bench/run results file into a markdown report and a latency chart.
 
-Contract: `markdown(results)` returns the tables (one per scenario/round trip/connections
-cell, one row per server) followed by the issue 7 target checks, each computed from runs of
-the same results file (ratios within one run, never across runs). `chart(results, path)`
-draws first-recipient p50 and all-request p99 latency (top) and requests/s (bottom) against
-connections, one column per scenario and round trip, and returns False when matplotlib is
-missing or no column has two connection counts.
+Contract: `markdown(results)` returns the tables (one per scenario/round trip/connections cell,
+one row per server) followed by the issue 12 target checks (bench/targets.py), each computed
+from runs of the same results file (ratios within one run, never across runs). `chart(results,
+path)` draws first-recipient p50 and all-request p99 latency (top) and requests/s (bottom)
+against connections, one column per scenario and round trip, and returns False when matplotlib
+is missing or no column has two connection counts.
 `python3 bench/report.py RESULTS.json [--chart OUT.png]` prints the report.
 """
 
 import argparse
 import json
+import os
 import sys
 
-TARGETS_NOTE = "targets from issue 7; ratios use runs of this results file only"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import targets  # noqa: E402
+
+TARGETS_NOTE = "targets from issue 12; ratios use runs of this results file only"
 
 
 def _lat(run, cls="normal"):
@@ -62,14 +67,6 @@ def _cells(results):
     return cells
 
 
-def _find(results, server, scenario, delay, conns):
-    for run in results["runs"]:
-        if (run["server"], run["scenario"], run["delay_ms"], run["connections"]) == \
-                (server, scenario, delay, conns) and "failed" not in run:
-            return run
-    return None
-
-
 def table(runs):
     head = ("| server | req/s | p50 ms | p90 ms | p99 ms | max ms | 1st rcpt p50 / p99 ms | "
             "CPU s / 1000 | peak RSS MiB (procs) | peak PSS MiB | errors | replies | "
@@ -93,7 +90,8 @@ def table(runs):
         slow = _lat(run, "slow")
         if slow:
             lines.append(
-                f"| ↳ slow 10 % | | {slow['p50_ms']:.0f} | {slow['p90_ms']:.0f} | "
+                f"| ↳ {'hostile' if run['scenario'] == 'hostile' else 'slow'} 10 % | | "
+                f"{slow['p50_ms']:.0f} | {slow['p90_ms']:.0f} | "
                 f"{slow['p99_ms']:.0f} | "
                 f"{slow['max_ms']:.0f} | | | | | | {_replies(run, 'slow')} | | |")
     return "\n".join(lines)
@@ -101,57 +99,7 @@ def table(runs):
 
 def checks(results):
     """Yield (target, measured, verdict) for every target the results can answer."""
-    deadline = results.get("options", {}).get("deadline", 5.0)
-    for (scenario, delay, conns), _runs in sorted(_cells(results).items()):
-        ours = _find(results, "policyd-ipv6", scenario, delay, conns)
-        if ours is None:
-            continue
-        trivial = _find(results, "trivial", scenario, delay, conns)
-        spf = _find(results, "policyd-spf", scenario, delay, conns)
-        where = f"{scenario}, {delay} ms, {conns} conn"
-        if scenario == "warm" and trivial:
-            ratio = ours["requests_per_s"] / trivial["requests_per_s"]
-            yield (f"{where}: throughput ≥ 0.5× trivial", f"{ratio:.2f}×", ratio >= 0.5)
-        if scenario == "warm":
-            ms = ours["cpu_s_per_1000"]
-            yield (f"{where}: ≤ 0.1 ms CPU per decision", f"{ms:.3f} ms", ms <= 0.1)
-        if scenario == "cold" and delay > 0 and spf:
-            ratio = _lat(ours)["p50_ms"] / _lat(spf)["p50_ms"]
-            yield (f"{where}: p50 ≤ 0.5× policyd-spf", f"{ratio:.2f}× "
-                   f"({_lat(ours)['p50_ms']:.0f} vs {_lat(spf)['p50_ms']:.0f} ms)", ratio <= 0.5)
-            # The same for first recipients only: later recipients of a message may reuse
-            # its lookups, which flatters the all-requests p50.
-            a, b = _lat(ours, "first"), _lat(spf, "first")
-            if a and b:
-                ratio = a["p50_ms"] / b["p50_ms"]
-                yield (f"{where}: first-recipient p50 ≤ 0.5× policyd-spf", f"{ratio:.2f}× "
-                       f"({a['p50_ms']:.0f} vs {b['p50_ms']:.0f} ms)", ratio <= 0.5)
-            if conns >= 100:
-                ratio = ours["requests_per_s"] / spf["requests_per_s"]
-                yield (f"{where}: throughput ≥ 5× policyd-spf", f"{ratio:.1f}×", ratio >= 5)
-        if scenario == "slow-mix":
-            cold = _find(results, "policyd-ipv6", "cold", delay, conns)
-            if cold:
-                ratio = _lat(ours)["p99_ms"] / _lat(cold)["p99_ms"]
-                yield (f"{where}: other 90 % p99 ≤ 1.5× cold p99", f"{ratio:.2f}× "
-                       f"({_lat(ours)['p99_ms']:.0f} vs {_lat(cold)['p99_ms']:.0f} ms)",
-                       ratio <= 1.5)
-            # Recipients in a domain that has not opted in are refused at once (550 5.2.1),
-            # without DNS; every other slow decision waits for the dead zone.
-            slow = {k: n for k, n in ours.get("replies", {}).get("slow", {}).items()
-                    if not k.startswith("action=550 5.2.1")}
-            total = sum(slow.values())
-            tempfail = sum(n for k, n in slow.items() if k.startswith("action=451 4.4.3"))
-            late = _lat(ours, "slow").get("max_ms", 0)
-            ok = total > 0 and tempfail == total and late <= deadline * 1000 + 250
-            yield (f"{where}: every slow decision 451 4.4.3 within the {deadline:g} s deadline",
-                   f"{tempfail}/{total}, slowest {late / 1000:.2f} s", ok)
-        if conns >= 100:
-            mb = ours["peak_rss_mib"] * 1.048576
-            yield (f"{where}: peak RSS ≤ 100 MB", f"{mb:.0f} MB", mb <= 100)
-            if spf:
-                ratio = spf["peak_rss_mib"] / ours["peak_rss_mib"]
-                yield (f"{where}: ≥ 20× less memory than policyd-spf", f"{ratio:.0f}×", ratio >= 20)
+    return targets.checks(results)
 
 
 def markdown(results):

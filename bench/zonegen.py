@@ -19,6 +19,12 @@ zone whose nameserver never answers"):
   unbound marks a single dead address down after a few timeouts and then answers SERVFAIL at
   once, which would hide the slowness the slow-mix scenario is about.
 
+- hostile senders `hN.example` (issue 12): an SPF record of 10 `include:`s, each of a name
+  `iK.hN.big.example` that the wildcard `*.big.example` answers with about 62 KB of TXT (245
+  strings of 250 bytes: over UDP truncated, then over TCP), unique per sender so that no
+  cache helps; the client address is in an `ip6:` after the includes. `big.example` is its
+  own zone (`big.zone`), reached by unbound straight from Knot's TCP-capable listener.
+
 Each population entry is what Postfix's smtpd would know about that client when it asks the
 policy service: [client_address, client_name, reverse_client_name, helo_name, sender_domain,
 ptr_shape, spf_shape]. client_name/reverse_client_name follow smtpd_peer.c: `unknown` when the
@@ -34,6 +40,9 @@ ZONE = "example."
 REVERSE_ZONE = "8.b.d.0.1.0.0.2.ip6.arpa."
 NS_ADDRESS = "2001:db8:ffff::1"      # the delay relay, which unbound takes for the authority
 DEAD_PREFIX = "2001:db8:dead"        # /48 black-holed by the lab
+BIG_ZONE = "big.example."           # the wildcard of ~62 KB TXT answers (hostile senders)
+BIG_STRINGS, BIG_STRING_BYTES = 245, 250
+HOSTILE_INCLUDES = 10
 OPTIN_DOMAIN = "optin.example"       # recipient domain in the opt-in file
 OTHER_DOMAIN = "other.example"       # recipient domain not opted in
 PROVIDERS = 20
@@ -43,9 +52,9 @@ SPF_SHAPES = [("ip6", 35), ("include", 25), ("mx", 15), ("heavy", 10), ("fail", 
 PTR_SHAPES = [("fcrdns", 85), ("noptr", 8), ("notback", 7)]
 # Second hextet of the client's /64 per pool and SPF shape; the provider records cover the
 # "include" hextets so that those clients pass through the include.
-POOL_BASE = {"c": 0x1000, "w": 0x6000, "s": 0x7000}
+POOL_BASE = {"c": 0x1000, "w": 0x6000, "s": 0x7000, "h": 0x8000}
 SHAPE_OFFSET = {"ip6": 0, "include": 0x100, "mx": 0x200, "heavy": 0x300, "fail": 0x400,
-                "none": 0x500}
+                "none": 0x500, "hostile": 0x600}
 
 
 def pick(rng, shapes):
@@ -77,6 +86,8 @@ def sender(rng, pool, index, records, ptrs, domain=None, spf_shape=None, ptr_sha
         "mx": "v=spf1 mx -all",
         "heavy": f"v=spf1 a mx include:{provider} ip6:{net} -all",
         "fail": "v=spf1 ip6:2001:db8:ffff:ffff::/64 -all",
+        "hostile": "v=spf1 " + " ".join(f"include:i{k}.{label}.{BIG_ZONE.rstrip('.')}"
+                                        for k in range(HOSTILE_INCLUDES)) + f" ip6:{net} -all",
         "none": None,
     }[spf_shape]
     if spf is not None and not domain.endswith(".dead.example"):
@@ -107,9 +118,18 @@ def header(origin):
             "@ NS ns.example."]
 
 
-def generate(directory, cold=20000, warm=50, slow=3000, seed=7):
-    """Write example.zone, ip6.zone and population.json into directory; return the population."""
-    if max(cold, warm, slow) > 0xFFFF:
+def big_zone():
+    """The zone of ~62 KB TXT answers: one wildcard, distinct strings (a set drops repeats)."""
+    strings = " ".join(f'"{i:03d}' + "x" * (BIG_STRING_BYTES - 3) + '"'
+                       for i in range(BIG_STRINGS))
+    return header(BIG_ZONE) + [f"* TXT {strings}"]
+
+
+def generate(directory, cold=20000, warm=50, slow=3000, seed=7, hostile=None):
+    """Write example.zone, ip6.zone, big.zone and population.json into directory; return the
+    population (``hostile`` senders: a tenth of the cold pool unless given)."""
+    hostile = cold // 10 if hostile is None else hostile
+    if max(cold, warm, slow, hostile) > 0xFFFF:
         raise ValueError("at most 65535 senders per pool (one hextet of the address)")
     rng = random.Random(seed)
     records, ptrs = header(ZONE), header(REVERSE_ZONE)
@@ -123,6 +143,8 @@ def generate(directory, cold=20000, warm=50, slow=3000, seed=7):
         "warm": [sender(rng, "w", i, records, ptrs, spf_shape=pick(rng, SPF_SHAPES[:4]))
                  for i in range(warm)],
         "slow": [],
+        "hostile": [sender(rng, "h", i, records, ptrs, spf_shape="hostile", ptr_shape="fcrdns")
+                    for i in range(hostile)],
         "optin_domain": OPTIN_DOMAIN,
         "other_domain": OTHER_DOMAIN,
     }
@@ -135,7 +157,8 @@ def generate(directory, cold=20000, warm=50, slow=3000, seed=7):
         records.append(f"ns.{domain}. AAAA {DEAD_PREFIX}::{i + 1:x}")
         population["slow"].append(entry)
     os.makedirs(directory, exist_ok=True)
-    for name, lines in (("example.zone", records), ("ip6.zone", ptrs)):
+    for name, lines in (("example.zone", records), ("ip6.zone", ptrs),
+                        ("big.zone", big_zone())):
         with open(os.path.join(directory, name), "w") as out:
             out.write("\n".join(lines) + "\n")
     with open(os.path.join(directory, "population.json"), "w") as out:
