@@ -166,11 +166,37 @@ def test_inherited_sockets_are_served_and_the_configured_ones_not_bound(tmp_path
         assert os.stat(path).st_mode & 0o777 == 0o640
 
 
-def test_restart_loses_nothing_with_socket_activation(tmp_path):
-    """While one process stops and the next starts on the same inherited socket, requests
-    sent continuously are all answered: none refused, none closed without a reply."""
-    policy = _listening_tcp()
-    port = policy.getsockname()[1]
+def _listening_unix(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(128)
+    return sock
+
+
+def _ask_unix(path: str, data: bytes, timeout: float = 10.0) -> str | None:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        return ask(sock, data, timeout)
+
+
+@pytest.mark.parametrize("family", ["tcp", "unix"])
+def test_restart_loses_nothing_with_socket_activation(tmp_path, family):
+    """While one process stops and the next starts on the same inherited socket (TCP or
+    Unix), requests sent continuously are all answered: none refused, none closed without
+    a reply."""
+    if family == "tcp":
+        policy = _listening_tcp()
+        port = policy.getsockname()[1]
+
+        def send(data: bytes, timeout: float) -> str | None:
+            return _ask_port(port, data, timeout)
+    else:
+        path = str(tmp_path / "policy")
+        policy = _listening_unix(path)
+
+        def send(data: bytes, timeout: float) -> str | None:
+            return _ask_unix(path, data, timeout)
     replies: list[str | None] = []
     errors: list[str] = []
     stop = threading.Event()
@@ -180,7 +206,7 @@ def test_restart_loses_nothing_with_socket_activation(tmp_path):
             if stop.is_set():
                 return
             try:
-                replies.append(_ask_port(port, request(client_address="192.0.2.1"), 20))
+                replies.append(send(request(client_address="192.0.2.1"), 20))
             except OSError as error:
                 errors.append(repr(error))
 

@@ -217,7 +217,8 @@ def initial_environment(path: str = "/proc/self/environ") -> dict[str, str]:
 class _AdoptedUnixPort(unix.Port):
     """A Unix listener made by a socket unit: Twisted's own would chmod the file to its mode
     when it starts and unlink it when it stops, and the next process would adopt a socket no
-    client can find. The file, its owner and mode stay the socket unit's."""
+    client can find; and it would shut the shared socket down. The file, its owner and mode
+    stay the socket unit's, and the socket stays open for the next process."""
 
     def startListening(self) -> None:
         reserve = getattr(tcp, "_reservedFD", None)  # the spare fd for EMFILE (Twisted)
@@ -227,6 +228,10 @@ class _AdoptedUnixPort(unix.Port):
         factory.doStart()
         skt: Any = self._preexistingSocket
         self._preexistingSocket = None
+        # Never shutdown(2) it when the port closes (Twisted's TCP Port spares an adopted
+        # socket the same way): shutting down a listening socket shared with systemd would
+        # refuse every connection the next process should have found in its backlog.
+        self._shouldShutdown = False
         self.connected = True
         self.socket = skt
         self.fileno = skt.fileno  # type: ignore[method-assign]  # as Twisted's own Port does
