@@ -42,6 +42,21 @@ def test_every_python_package_is_built_into_the_deb():
     assert sorted(found - listed) == []
 
 
+def test_build_dependencies_cover_the_runtime_python_libraries():
+    """Every python3-* library the package Depends on is a Build-Depends (<!nocheck>) too: the
+    unit tests run at build time and import them."""
+    control = packaged("control")
+    source, binary = control.split("\nPackage:", 1)
+
+    def field(stanza: str, name: str) -> set[str]:
+        match = re.search(r"^%s:(.*?)(?=^\S)" % name, stanza + "\nEnd:", re.M | re.S)
+        return {entry.split()[0] for entry in match.group(1).replace("\n", " ").split(",")
+                if entry.strip()} if match else set()
+
+    needed = {name for name in field(binary, "Depends") if name.startswith("python3-")}
+    assert sorted(needed - field(source, "Build-Depends")) == []
+
+
 def test_changelog_version_is_the_program_version():
     """debian/changelog's upstream version (before the Debian revision) is __version__."""
     version = debbuild.changelog_version()
