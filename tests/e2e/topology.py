@@ -61,6 +61,7 @@ FRAGMENT_ENDPOINT = "unix:policyd-ipv6/policy"  # relative to Postfix's queue di
 EXAMPLE_QUEUE_DIR = "/var/spool/postfix"  # where postfix-examples/policyd-ipv6.toml listens
 FCRDNS_PORT = 10045
 DNS_DOWN_PORT = 10047
+METRICS_PORT = 9145  # the main daemon's metrics_listen, on the MX side's loopback
 UNIX_SOCKET_DIR = "policyd-ipv6"  # inside Postfix's queue directory
 UNIX_SOCKET_NAME = "policy"
 
@@ -154,7 +155,8 @@ def daemon_overrides(optin_file: str, example: dict, queue_dir: str) -> dict[str
         # The example's listeners, moved into the queue directory: the fragment's endpoint
         # must reach `listen`; the milter listens (lock file and all) though Postfix ignores it.
         "main": dict(common, listen=in_queue_dir(example["listen"], queue_dir),
-                     milter_listen=in_queue_dir(example["milter_listen"], queue_dir)),
+                     milter_listen=in_queue_dir(example["milter_listen"], queue_dir),
+                     metrics_listen=["tcp:%d:interface=127.0.0.1" % METRICS_PORT]),
         # A TCP listener, so that TCP stays tested end to end.
         "fcrdns": dict(common, rdns="fcrdns", milter_listen=[],
                        listen=["tcp:%d:interface=127.0.0.1" % FCRDNS_PORT]),
