@@ -34,7 +34,7 @@ import pytest
 from dkimkeys import DkimKey, message, sign
 from lab import knot, netns, policyd, postfix, smtp
 
-from policyd_ipv6.milter import server as milter_server
+from policyd_ipv6.checks import dkim as dkim_check
 
 from . import topology as T
 from .conftest import EXAMPLES, IN_CI, _missing_requirement
@@ -204,14 +204,14 @@ def test_spf_fail_but_dkim_signed_is_delivered_with_our_authentication_results(m
     """OUTSIDE fails SPF; its validly signed message passes RCPT (DUNNO) and DATA, and the
     delivered copy carries our Authentication-Results with dkim=pass, the forged one with our
     authserv-id (outside the signed headers) is gone, another server's stays. The body is
-    large enough to be verified on the daemon's thread pool."""
+    large enough to be verified by the daemon's DKIM worker processes."""
     lab = milter_lab
     bob, subject = fresh()
     forged = ("Authentication-Results: %s; dkim=pass header.d=bank.example\r\n"
               "Authentication-Results: other.example; spf=pass\r\n" % AUTHSERV).encode()
     body = b"".join(b"line %05d of a digest a mailing list forwarded\r\n" % n
-                    for n in range(800))
-    assert len(body) > milter_server.DKIM_THREAD_BYTES
+                    for n in range(2000))
+    assert len(body) > dkim_check.INLINE_WORK_BYTES
     result = lab.send(T.OUTSIDE, signed_message(lab, bob, subject, extra=forged, body=body),
                       subject, bob)
     assert re.fullmatch(r"250 2\.1\.5 Ok", result.rcpt_reply(bob)), result.transcript
