@@ -27,6 +27,7 @@ from policyd_ipv6.cache import ExpiringCache
 from policyd_ipv6.checks.rdns import check_rdns
 from policyd_ipv6.checks.spf import DEFAULT_LIMITS, Limits, SpfResults, check_spf
 from policyd_ipv6.facts import Facts, RdnsFact, RdnsOutcome, SpfFact
+from policyd_ipv6.live import Live, Setting
 from policyd_ipv6.names import IPAddress
 from policyd_ipv6.policy.decision import Need, Subject
 from policyd_ipv6.vocabulary import Clock, DelayedCall, Lookups, SpfResult
@@ -95,6 +96,12 @@ class MessageFacts:
 
 class FactFinder:
     """Starts and remembers the lookups of each message. See the module docstring."""
+
+    # Reloadable: read from the configuration in force once the wiring sets ``live``.
+    rdns_mode = Setting("rdns")
+    deadline_seconds = Setting("decision_deadline_seconds")
+    message_ttl_seconds = Setting("message_cache_ttl_seconds")
+    live: Live | None = None
 
     def __init__(self, lookups: Lookups, clock: Clock, rdns_mode: str, deadline_seconds: float,
                  max_messages: int = 20_000, message_ttl_seconds: float = 3600.0,

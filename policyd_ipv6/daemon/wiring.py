@@ -11,12 +11,14 @@ With ``keep_state=False`` (``check``) the last-good copy is read but never writt
 failing with ``ConfigError`` naming the key and the endpoint). With ``milter_listen`` set, the
 policy engine and the milter share one ``sessions.Sessions`` registry (the milter tells the
 policy side which SMTP sessions it is on); without it the engine has none and SPF alone
-decides. The configuration in force is one object, ``service.current.config``. ``reload()``
-(SIGHUP) re-reads the configuration file: a file that does not load leaves the running
-configuration in force and logs why; otherwise the new ``Config``, with the restart-only keys
-(``config.RESTART_KEYS``, logged when they changed) carried over from the running one, replaces
-it in one swap, and the running parts take their reloadable values from it (``_LIVE``: every
-key SIGHUP applies is listed there or below it, which a test checks).
+decides. The configuration in force is one object, ``service.live.now`` (a ``live.InForce``:
+the ``Config`` and what is derived from it), which every running part reads its reloadable
+values from (``live.Setting``). ``reload()`` (SIGHUP) re-reads the configuration file: a file
+that does not load leaves the running configuration in force and logs why; otherwise the new
+``Config``, with the restart-only keys (``config.RESTART_KEYS``, logged when they changed)
+carried over from the running one, becomes the new snapshot in one assignment; only the
+opt-in source is restarted when its file or interval changed. ``RELOADED_KEYS`` names every
+key a reload applies (a test checks it is every key not in ``RESTART_KEYS``).
 ``system_nameservers()`` reads /etc/resolv.conf's nameserver lines (the search list is never
 used).
 """
@@ -45,6 +47,7 @@ from policyd_ipv6.daemon.config import (
     parse_nameserver,
 )
 from policyd_ipv6.daemon.systemd import adopt_inherited
+from policyd_ipv6.live import InForce, Live
 from policyd_ipv6.milter.registry import Sessions
 from policyd_ipv6.milter.server import MilterFactory
 from policyd_ipv6.optin.postgresql import DatabaseSettings, PostgresOptin, StartError
@@ -57,33 +60,26 @@ from policyd_ipv6.resolver.client import DnsClient
 from policyd_ipv6.resolver.lookups import Lookups
 from policyd_ipv6.resolver.wire import Nameserver
 
-__all__ = ["PolicyService", "Current", "system_nameservers", "install_sighup", "RESTART_KEYS",
+__all__ = ["PolicyService", "in_force", "system_nameservers", "install_sighup", "RESTART_KEYS",
            "RELOADED_KEYS"]
 
 _log = Logger(namespace="policyd-ipv6")
 
-# The reloadable keys a running part keeps a copy of: (key, part, attribute). reload() sets
-# them from the configuration in force; the other reloadable keys are in RELOADED_KEYS.
-_LIVE = (
-    ("dns_timeout_seconds", "client", "timeout_seconds"),
-    ("dns_attempts", "client", "attempts"),
-    ("dns_max_ttl_seconds", "lookups", "max_ttl_seconds"),
-    ("rdns", "finder", "rdns_mode"),
-    ("decision_deadline_seconds", "finder", "deadline_seconds"),
-    ("message_cache_ttl_seconds", "finder", "message_ttl_seconds"),
-    ("idle_timeout_seconds", "factory", "idle_timeout_seconds"),
-    ("idle_timeout_seconds", "milter_factory", "idle_timeout_seconds"),
-    ("milter_eom_deadline_seconds", "milter_factory", "eom_deadline_seconds"),
-    ("log_decisions", "engine", "log_decisions"),
-)
 # The keys the decision reads (``decision.Policy``, fields of the same names).
 POLICY_KEYS = ("trusted_networks", "replies", "mode", "report_only_rules", "unlisted_domains",
                "exempt_recipients", "exempt_client_certificates", "rdns_exempt_sender_domains")
-# Every key reload() applies: those of _LIVE and the ones it derives a part from.
-RELOADED_KEYS = frozenset({key for key, _part, _attribute in _LIVE}
-                          | {"nameservers", "trusted_networks", "replies", "authserv_id",
-                             "optin_file", "optin_reload_interval_seconds"}
-                          | set(POLICY_KEYS))
+# Every key a reload applies. The running parts read them from the configuration in force
+# (``live.Setting``), so applying them is the one swap in ``reload()``; the opt-in source is
+# the one part a reload restarts (a new file, or a new interval).
+RELOADED_KEYS = frozenset({
+    "dns_timeout_seconds", "dns_attempts", "nameservers",  # resolver.client.DnsClient
+    "dns_max_ttl_seconds",  # resolver.lookups.Lookups
+    "rdns", "decision_deadline_seconds", "message_cache_ttl_seconds",  # checks.gather
+    "idle_timeout_seconds",  # policy.server.PolicyFactory, milter.server.MilterFactory
+    "milter_eom_deadline_seconds", "authserv_id",  # milter.server.MilterFactory
+    "log_decisions",  # policy.engine.PolicyEngine
+    "optin_file", "optin_reload_interval_seconds",  # the opt-in source, restarted
+} | set(POLICY_KEYS))
 # How long a milter session's entry outlives the milter's last event if its close is missed;
 # Postfix ends an SMTP session idle for smtpd_timeout (300s) long before.
 SESSION_TTL_SECONDS = 3600.0
@@ -133,18 +129,17 @@ def _optin_source(config: Config, reactor, keep_state: bool) -> OptinWatcher | P
     return PostgresOptin(settings, reactor, psycopg)
 
 
-class Current:
-    """The configuration in force: the one object a reload replaces."""
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
+def in_force(config: Config, servers: Sequence[Nameserver]) -> InForce:
+    """The snapshot the running parts read: ``config`` and what is derived from it."""
+    return InForce(config, policy_of(config), tuple(servers), authserv_id(config))
 
 
 class PolicyService:
     def __init__(self, config: Config, reactor, keep_state: bool = True) -> None:
-        self.current = Current(config)
+        servers = self._servers(config)
+        self.live = Live(in_force(config, servers))
         self.reactor = reactor
-        self.client = DnsClient(reactor, self._servers(config), config.dns_timeout_seconds,
+        self.client = DnsClient(reactor, servers, config.dns_timeout_seconds,
                                 config.dns_attempts)
         self.lookups = Lookups(self.client, reactor, config.dns_cache_size,
                                config.dns_max_ttl_seconds,
@@ -171,11 +166,16 @@ class PolicyService:
                 config.max_connections, config.idle_timeout_seconds,
                 eom_deadline_seconds=config.milter_eom_deadline_seconds, peer_uids=uids,
                 dkim_pool=DkimPool(reactor))  # started by serve, once privileges are dropped
+        # From here on the reloadable values come from the snapshot in force (live.Setting).
+        for part in (self.client, self.lookups, self.finder, self.engine, self.factory,
+                     self.milter_factory):
+            if part is not None:
+                part.live = self.live
 
     @property
     def config(self) -> Config:
-        """The configuration in force (``current.config``)."""
-        return self.current.config
+        """The configuration in force (``live.now.config``)."""
+        return self.live.now.config
 
     @staticmethod
     def _servers(config: Config) -> list[Nameserver]:
@@ -227,7 +227,7 @@ class PolicyService:
 
     def reload(self) -> bool:
         """SIGHUP: re-read the configuration and the opt-in table; True if the new one is in
-        force (then ``current.config`` is that one, restart-only keys kept)."""
+        force (then ``live.now.config`` is that one, restart-only keys kept)."""
         try:
             new = load_config(self.config.source)
             optin = None
@@ -243,15 +243,7 @@ class PolicyService:
         for key in changed:
             _log.warn("configuration key {key} changed: it takes effect at the next restart",
                       key=key)
-        self.current.config = new
-        for key, part, attribute in _LIVE:
-            target = getattr(self, part)
-            if target is not None:
-                setattr(target, attribute, getattr(new, key))
-        self.client.nameservers = servers
-        self.engine.policy = policy_of(new)
-        if self.milter_factory is not None:
-            self.milter_factory.authserv_id = authserv_id(new)
+        self.live.now = in_force(new, servers)  # the one swap: every part reads it
         if optin is None:
             self.optin.reload("SIGHUP")
             if isinstance(self.optin, PostgresOptin):

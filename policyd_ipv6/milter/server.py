@@ -47,6 +47,7 @@ from twisted.logger import Logger
 from policyd_ipv6.checks.dkim import check_dkim
 from policyd_ipv6.connection import OverLimitWarning, PeerCheck, TimedConnection
 from policyd_ipv6.facts import DkimFact
+from policyd_ipv6.live import Live, Setting
 from policyd_ipv6.milter.authres import forged_authres
 from policyd_ipv6.milter.codec import Disposition, MilterProtocolError, ReplyCode
 from policyd_ipv6.milter.end_of_message import EndDecision, decide_end, needs_check
@@ -273,6 +274,12 @@ class MilterFactory(protocol.Factory):
     """``engine`` gives the live policy (trusted networks, replies) and ``sessions``."""
 
     noisy = False
+
+    # Reloadable: read from the configuration in force once the wiring sets ``live``.
+    authserv_id = Setting("authserv_id", derived=True)
+    idle_timeout_seconds = Setting("idle_timeout_seconds")
+    eom_deadline_seconds = Setting("milter_eom_deadline_seconds")
+    live: Live | None = None
 
     def __init__(self, engine, lookups, clock, authserv_id: str, max_connections: int = 1000,
                  idle_timeout_seconds: float = 600.0, dkim_pool=None,

@@ -29,6 +29,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from policyd_ipv6.facts import Facts
+from policyd_ipv6.live import Live, Setting
 from policyd_ipv6.policy.decision import Need, Policy, Subject, Verdict, decide, rdns_mode
 from policyd_ipv6.text import printable
 from policyd_ipv6.vocabulary import Clock, PolicyRule
@@ -72,6 +73,11 @@ class Outcome:
 
 class PolicyEngine:
     """See the module docstring. ``optin`` is a zero-argument callable giving the live table."""
+
+    # Reloadable: read from the configuration in force once the wiring sets ``live``.
+    policy = Setting("policy", derived=True)
+    log_decisions = Setting("log_decisions")  # "all", "ipv6" or "refusals"
+    live: Live | None = None
 
     def __init__(self, policy: Policy, optin, finder, clock: Clock, sessions=None) -> None:
         self.policy = policy

@@ -25,6 +25,7 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
 from policyd_ipv6.connection import OverLimitWarning, PeerCheck, TimedConnection
+from policyd_ipv6.live import Live, Setting
 from policyd_ipv6.policy.codec import PolicyDecoder, PolicyProtocolError, encode_reply
 
 __all__ = ["PolicyFactory", "PolicyProtocol", "MAX_QUEUED"]
@@ -127,6 +128,9 @@ class PolicyProtocol(TimedConnection, protocol.Protocol):
 
 class PolicyFactory(protocol.Factory):
     noisy = False
+
+    idle_timeout_seconds = Setting("idle_timeout_seconds")  # reloadable (``live``)
+    live: Live | None = None
 
     def __init__(self, engine, clock, max_connections: int = 1000,
                  idle_timeout_seconds: float = 600.0,

@@ -28,6 +28,7 @@ from twisted.internet import defer, protocol
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IProtocolFactory
 
+from policyd_ipv6.live import Live, Setting
 from policyd_ipv6.resolver.reply import MalformedReply, Reply, parse_reply
 from policyd_ipv6.resolver.wire import Nameserver, encode_name, encode_query, is_reply_to
 from policyd_ipv6.vocabulary import DelayedCall
@@ -43,12 +44,18 @@ class TransientDnsError(Exception):
 class DnsClient:
     """Send queries to ``nameservers``; see the module docstring for the contract."""
 
+    # Reloadable: read from the configuration in force once the wiring sets ``live``.
+    nameservers = Setting("nameservers", derived=True)
+    timeout_seconds = Setting("dns_timeout_seconds")
+    attempts = Setting("dns_attempts")
+    live: Live | None = None
+
     def __init__(self, reactor, nameservers: list[Nameserver], timeout_seconds: float,
                  attempts: int = 2) -> None:
         if not nameservers:
             raise ValueError("no nameservers")
         self.reactor = reactor
-        self.nameservers = list(nameservers)
+        self.nameservers = tuple(nameservers)
         self.timeout_seconds = timeout_seconds
         self.attempts = attempts
 

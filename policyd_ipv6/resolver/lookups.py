@@ -31,6 +31,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from policyd_ipv6.cache import ExpiringCache
+from policyd_ipv6.live import Live, Setting
 from policyd_ipv6.resolver.client import TransientDnsError
 from policyd_ipv6.resolver.reply import Reply, resolve
 from policyd_ipv6.resolver.wire import encode_name
@@ -127,6 +128,9 @@ def answer_size(key: tuple[str, str], answer: Answer) -> int:
 
 class Lookups:
     """See the module docstring. ``client`` is a ``DnsClient`` (or a fake with ``query``)."""
+
+    max_ttl_seconds = Setting("dns_max_ttl_seconds")  # reloadable (``live``)
+    live: Live | None = None
 
     def __init__(self, client: DnsClient, clock: Clock, max_entries: int = 100_000,
                  max_ttl_seconds: float = 3600.0, max_inflight: int = 10_000,
