@@ -53,3 +53,16 @@ def _unit_tests_stay_in_process(request, monkeypatch):
         monkeypatch.setattr(socket.socket, name, _refuse("%s a socket" % name))
     monkeypatch.setattr(subprocess.Popen, "__init__", _refuse("start a subprocess"))
     yield
+
+
+@pytest.fixture(scope="module")
+def knot():
+    """A real Knot server on loopback serving the shared lab zones (tests/dnslab.py); yields
+    its port. A module that needs other zones defines its own ``knot`` fixture."""
+    import dnslab
+    from lab.knot import KnotServer, free_port, require_knot
+
+    require_knot()
+    port = free_port()
+    with KnotServer(dnslab.zones(), [("127.0.0.1", port)]):
+        yield port

@@ -13,18 +13,10 @@ import sys
 
 import dnslab
 import pytest
-from lab.knot import KnotServer, free_port, require_knot
 from test_cli import ROOT, Daemon, cli, write_config
 
 pytestmark = pytest.mark.process
 
-
-@pytest.fixture(scope="module")
-def knot():
-    require_knot()
-    port = free_port()
-    with KnotServer(dnslab.zones(), [("127.0.0.1", port)]):
-        yield port
 
 PASS = {"client_address": dnslab.WITH_PTR, "sender": "a@pass.sender.test",
         "recipient": "bob@sender.test"}

@@ -14,7 +14,7 @@ import time
 
 import dnslab
 import pytest
-from lab.knot import KnotServer, free_port, require_knot
+from lab.knot import free_port
 
 from policyd_ipv6 import __version__
 
@@ -27,14 +27,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def cli(*args, timeout=30):
     return subprocess.run([sys.executable, "-m", "policyd_ipv6", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def knot():
-    require_knot()
-    port = free_port()
-    with KnotServer(dnslab.zones(), [("127.0.0.1", port)]):
-        yield port
 
 
 def write_config(tmp_path, knot_port, listen, optin="sender.test\n.opted.test\n", extra=""):

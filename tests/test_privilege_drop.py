@@ -16,7 +16,7 @@ import dns
 import dnslab
 import pytest
 import spf
-from lab.knot import KnotServer, free_port, require_knot
+from lab.knot import free_port
 
 pytestmark = [pytest.mark.process, pytest.mark.knot]
 
@@ -24,14 +24,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUEST = ("request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address={ip}\n"
            "helo_name=helo.sender.test\nsender=a@pass.sender.test\nrecipient=b@sender.test\n"
            "instance=root-clone\n\n")
-
-
-@pytest.fixture(scope="module")
-def knot():
-    require_knot()
-    port = free_port()
-    with KnotServer(dnslab.zones(), [("127.0.0.1", port)]):
-        yield port
 
 
 @pytest.fixture
