@@ -35,6 +35,7 @@ LABELS = {
     "milter_messages_total": {"rule"}, "dkim_signatures_total": {"result"},
     "optin_entries": set(), "optin_last_load_timestamp_seconds": set(),
     "optin_load_failures_total": set(), "internal_errors_total": set(),
+    "optin_skipped_rows": set(), "optin_from_last_good_copy": set(),
 }
 
 
@@ -165,6 +166,21 @@ def test_optin_table_loads_and_failures(tmp_path):
     assert not d.service.optin.reload("test")
     assert d.value("optin_load_failures_total") == 1
     assert d.value("optin_entries") == 2
+
+
+def test_database_source_skipped_rows_and_last_good_copy_are_exported(tmp_path):
+    """With the PostgreSQL source, its skipped rows and serving the last-good copy are gauges
+    (a file source reports 0 for both)."""
+    d = Daemon(tmp_path)
+    assert d.value("optin_skipped_rows") == 0 and d.value("optin_from_last_good_copy") == 0
+
+    class DatabaseSource:  # the attributes optin.postgresql.PostgresOptin keeps
+        table = d.service.optin.table
+        loaded_at, failures, skipped_rows, origin = None, 2, 3, "last-good copy"
+    d.service.optin = DatabaseSource()
+    assert d.value("optin_skipped_rows") == 3 and d.value("optin_from_last_good_copy") == 1
+    DatabaseSource.origin = "database"
+    assert d.value("optin_from_last_good_copy") == 0
 
 
 def test_milter_verdicts_and_signatures_are_exported(tmp_path):

@@ -54,7 +54,7 @@ NAMES = tuple(_P + n for n in (
     "dns_query_duration_seconds", "cache_lookups_total", "cache_entries", "connections",
     "connections_refused_total", "milter_messages_total", "dkim_signatures_total",
     "optin_entries", "optin_last_load_timestamp_seconds", "optin_load_failures_total",
-    "internal_errors_total"))
+    "optin_skipped_rows", "optin_from_last_good_copy", "internal_errors_total"))
 _DECISION_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
 _DNS_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
 
@@ -264,3 +264,12 @@ class Metrics:
         yield CounterMetricFamily(
             _P + "optin_load_failures", "Loads of the opt-in table that failed (the previous "
             "table stayed in force).", value=self._optin_failures_before + watcher.failures)
+        # The database source only (a file with a bad line is refused whole): rows its last load
+        # left out, and whether the daemon serves the state directory's copy (database down).
+        yield GaugeMetricFamily(
+            _P + "optin_skipped_rows", "Rows of the opt-in database the last load skipped "
+            "(each logged with a warning naming it).", value=getattr(watcher, "skipped_rows", 0))
+        yield GaugeMetricFamily(
+            _P + "optin_from_last_good_copy", "1 while the opt-in table in force is the "
+            "last-good copy in state_directory (the database did not answer at start-up).",
+            value=1 if getattr(watcher, "origin", "") == "last-good copy" else 0)
