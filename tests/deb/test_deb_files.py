@@ -57,6 +57,17 @@ def test_build_dependencies_cover_the_runtime_python_libraries():
     assert sorted(needed - field(source, "Build-Depends")) == []
 
 
+def test_package_depends_on_a_postfix_with_smtpd_milter_maps():
+    """The package Depends on postfix (>= 3.2), the only client of its Unix sockets and the
+    owner of the user milter_peer_users names (without it the service does not start); it is
+    not merely recommended."""
+    binary = packaged("control").split("\nPackage:", 1)[1] + "\nEnd:"
+    fields = {name: " ".join(value.split()) for name, value in
+              re.findall(r"^([\w-]+):(.*?)(?=^[\w#-])", binary, re.M | re.S)}
+    assert "postfix (>= 3.2)" in [entry.strip() for entry in fields["Depends"].split(",")]
+    assert "postfix" not in fields.get("Recommends", "")
+
+
 def test_changelog_version_is_the_program_version():
     """debian/changelog's upstream version (before the Debian revision) is __version__."""
     version = debbuild.changelog_version()
@@ -67,7 +78,8 @@ def test_changelog_version_is_the_program_version():
 
 def test_unit_runs_the_default_configuration_as_the_user_postinst_creates():
     """The unit starts `policyd-ipv6 serve --config <default path>` as the user postinst adds,
-    and reloads with the program's own `reload --pid $MAINPID` (no /bin/kill on minbase)."""
+    and reloads with the program's own `reload --config <default path> --pid $MAINPID` (no
+    /bin/kill on minbase; a configuration that would not load fails the reload)."""
     unit = Unit.read(DEBIAN / "policyd-ipv6.service")
     assert unit.exec_start == ["/usr/bin/policyd-ipv6", "serve", "--config", DEFAULT_CONFIG_PATH]
     assert unit.user not in ("root", "0") and unit.group == unit.user
@@ -75,7 +87,8 @@ def test_unit_runs_the_default_configuration_as_the_user_postinst_creates():
     (adduser,) = [line.split() for line in script.splitlines() if "adduser --system" in line]
     assert "--group" in adduser and adduser[-1] == unit.user
     assert "--gecos" not in adduser, "deprecated in Debian 13's adduser"
-    assert unit.exec_reload == ["/usr/bin/policyd-ipv6", "reload", "--pid", "$MAINPID"]
+    assert unit.exec_reload == ["/usr/bin/policyd-ipv6", "reload", "--config",
+                                DEFAULT_CONFIG_PATH, "--pid", "$MAINPID"]
     assert unit.one("Restart") == "on-failure"
 
 

@@ -80,11 +80,15 @@ def lab(request):
             into.mkdir(parents=True)
             shutil.copy(deb, into / deb.name)
         shutil.copytree(REPO / "debian/tests", overlay.root / "root/autopkgtest")
-        # Fetch the dependencies with the host's network; the booted container has none.
+        # Fetch the dependencies (postfix among them) with the host's network; the booted
+        # container has none. Postfix's debconf question is answered beforehand, as an
+        # administrator's preseed would: installed after boot, it writes no main.cf.
         containers.offline_prepare(overlay.root, (
             "export DEBIAN_FRONTEND=noninteractive; apt-get update -qq; "
+            "echo 'postfix postfix/main_mailer_type select No configuration' "
+            "| debconf-set-selections; "
             "apt-get install -y -qq --download-only --no-install-recommends /root/debs/new/%s"
-            % build.deb.name))
+            % build.deb.name), timeout=900)
         with containers.Booted(overlay.root, "p6d-" + release,
                                work / "console.log") as ct:
             yield Lab(build, ct)
@@ -105,10 +109,12 @@ def test_container_is_the_release_with_no_kill_binary(lab):
 
 
 def test_install_starts_the_unit(lab):
-    """apt-get install of the .deb, offline, creates the user and starts the unit with the
-    packaged configuration: the daemon says it is ready and is still running a second later."""
+    """apt-get install of the .deb, offline, brings postfix (a Depends), creates the user and
+    starts the unit with the packaged configuration: the daemon says it is ready and is still
+    running a second later."""
     lab.sh("apt-get install -y --no-install-recommends /root/debs/new/%s"
            % lab.build.deb.name, timeout=300)
+    assert lab.sh("getent passwd postfix", check=False).returncode == 0
     lab.wait_journal(" ready: ", 1)
     pid = lab.main_pid()
     lab.sh("sleep 1")
