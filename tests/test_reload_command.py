@@ -1,7 +1,9 @@
 """``policyd-ipv6 reload --pid PID``: the unit's ExecReload=, which needs no ``kill`` binary.
 
-The command sends SIGHUP to the running daemon and reads no configuration; a process id that
-cannot be the daemon, or a process that is gone, is an error naming the id (exit status 1).
+The command sends SIGHUP to the running daemon; with ``--config`` (as the unit runs it) it first
+checks that configuration as ``configtest`` does and refuses to signal when it would not load.
+A process id that cannot be the daemon, or a process that is gone, is an error naming the id
+(exit status 1).
 """
 
 import os
@@ -9,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from test_cli import ROOT, Daemon, knot, write_config  # noqa: F401  (knot is a fixture)
+from test_cli import ROOT, Daemon, write_config
 
 from policyd_ipv6.daemon.cli import main
 
@@ -34,7 +36,7 @@ def test_reload_of_a_process_that_is_gone_fails_naming_it():
 
 
 @pytest.mark.process
-def test_reload_makes_the_running_daemon_reread_its_configuration(tmp_path, knot):  # noqa: F811
+def test_reload_makes_the_running_daemon_reread_its_configuration(tmp_path, knot):
     """reload --pid of a serving daemon makes it re-read the configuration and the opt-in
     table exactly as SIGHUP does, with no configuration option of its own."""
     config = write_config(tmp_path, knot, ["tcp:0:interface=127.0.0.1"])
@@ -49,3 +51,24 @@ def test_reload_makes_the_running_daemon_reread_its_configuration(tmp_path, knot
     finally:
         daemon.stop()
     assert daemon.process.returncode == 0
+
+
+@pytest.mark.process
+def test_reload_with_a_bad_configuration_is_refused_and_the_daemon_not_signalled(tmp_path, knot):
+    """reload --config FILE --pid PID checks FILE first: a bad edit gives status 1 with the
+    error naming the key, and the daemon gets no SIGHUP (systemctl reload fails visibly)."""
+    config = write_config(tmp_path, knot, ["tcp:0:interface=127.0.0.1"])
+    daemon = Daemon(config)
+    try:
+        with open(config, "a") as handle:
+            handle.write("dns_attempts = 99\n")
+        result = subprocess.run([sys.executable, "-m", "policyd_ipv6", "reload", "--config",
+                                 config, "--pid", str(daemon.process.pid)], cwd="/",
+                                capture_output=True, text=True, timeout=30,
+                                env={**os.environ, "PYTHONPATH": ROOT})
+        assert result.returncode == 1
+        assert "dns_attempts = 99" in result.stderr and "not signalled" in result.stderr
+        text = daemon.text()
+    finally:
+        daemon.stop()
+    assert "SIGHUP" not in text

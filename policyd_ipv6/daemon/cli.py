@@ -24,10 +24,11 @@ own exit too) is returned, not raised.
   and exits 0, or 1 printing the error (``configtest_command``).
 - ``report [--json] [FILE ...]`` summarises decision and milter log lines
   (``report_command``).
-- ``reload --pid PID`` sends SIGHUP to the running daemon PID (the unit's ``ExecReload=``, so
-  that ``systemctl reload`` needs no ``kill`` binary: minbase + systemd has none); it reads no
-  configuration, and exits 1 naming the PID when there is no such process or it may not be
-  signalled.
+- ``reload [--config F] --pid PID`` sends SIGHUP to the running daemon PID (the unit's
+  ``ExecReload=``, so that ``systemctl reload`` needs no ``kill`` binary: minbase + systemd has
+  none). With ``--config`` it first checks F as ``configtest`` does and exits 1 with the error,
+  not signalling, when F would not load; it exits 1 naming the PID when there is no such
+  process or it may not be signalled.
 """
 
 from __future__ import annotations
@@ -105,6 +106,9 @@ def _parser() -> argparse.ArgumentParser:
                                  "configuration and opt-in table (SIGHUP)")
     reload.add_argument("--pid", type=int, required=True,
                         help="the daemon's process id (systemd's $MAINPID)")
+    reload.add_argument("--config", metavar="FILE", default=None,
+                        help="check this configuration first (as configtest does) and refuse "
+                             "to signal when it would not load")
     return parser
 
 
@@ -159,6 +163,17 @@ def main(argv: list[str] | None = None) -> int:
         _parser().print_help(sys.stderr)
         return 2
     if args.command == "reload":
+        if args.config is not None:
+            # The unit's ExecReload=: a bad edit fails `systemctl reload` here, visibly,
+            # instead of being logged by the daemon, which would keep its old configuration.
+            from policyd_ipv6.daemon.configtest_command import configtest
+
+            try:
+                configtest(load_config(args.config))
+            except ConfigError as error:
+                print(f"policyd-ipv6: reload: configuration error: {error}; the daemon was "
+                      "not signalled", file=sys.stderr)
+                return 1
         return _reload(args.pid)
     if args.command == "report":
         from policyd_ipv6.daemon.report_command import report
