@@ -22,6 +22,11 @@ import socket
 import subprocess
 
 import pytest
+from hypothesis import settings
+
+# The package build runs the unit tests with --hypothesis-profile=derandomized (debian/rules):
+# every build of a release tries the same examples, and no example database carries over.
+settings.register_profile("derandomized", derandomize=True, database=None)
 
 COST_MARKERS = ("unit", "process", "knot", "postgresql", "soak", "e2e", "deb")
 
