@@ -61,7 +61,10 @@ def test_package_ships_command_unit_manuals_and_one_conffile(package, tmp_path):
     (the configuration; the opt-in table is data postinst makes); no tests, no byte code."""
     listing = run(["dpkg-deb", "-c", str(package.build.deb)]).stdout
     paths = {line.split()[-1].lstrip(".") for line in listing.splitlines()}
-    for expected in ("/usr/bin/policyd-ipv6", "/lib/systemd/system/policyd-ipv6.service",
+    # debhelper puts the unit under /lib on Debian 12 and under /usr/lib on Debian 13.
+    assert {"/lib/systemd/system/policyd-ipv6.service",
+            "/usr/lib/systemd/system/policyd-ipv6.service"} & paths, "the unit"
+    for expected in ("/usr/bin/policyd-ipv6",
                      "/usr/share/policyd-ipv6/policyd_ipv6/daemon/cli.py",
                      "/usr/share/policyd-ipv6/optin-domains",
                      "/usr/share/man/man8/policyd-ipv6.8.gz",
