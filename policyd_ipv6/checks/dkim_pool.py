@@ -18,8 +18,16 @@ fed through its standard input with ``dkim_verify``'s length-prefixed frames (th
 bytes are written as they are, never copied into the frame), one job at a time, and it answers
 one JSON frame on standard output. ``-I`` (isolated mode) keeps the worker from importing
 anything from its working directory or the environment; the package's parent directory is
-put first on its path explicitly. Workers are started after the daemon dropped its
-privileges, so they run as the daemon's user.
+put first on its path explicitly.
+
+Privileges: the workers parse hostile messages, so they never verify as root. Started by a
+daemon that is still root (``start(become=(uid, gid, name))``, just before the daemon drops its
+own privileges), a worker imports what it needs while it can still read it (a clone in /root,
+mode 700, is readable only by root) and then drops to that user itself, before it reads any
+job; a worker that cannot drop exits without serving. A worker the pool respawns later is
+started by the unprivileged daemon and imports as that user: from a place that user cannot
+read it dies at start-up, and its jobs get ``WorkerLost`` (a temporary refusal, never an
+accept); the packaged install (/usr/share/policyd-ipv6) is readable by everyone.
 """
 
 from __future__ import annotations
@@ -54,7 +62,8 @@ _STDERR_LINES = 20  # per worker, so a noisy worker cannot fill the log
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _BOOT = (f"import sys; sys.path.insert(0, {_ROOT!r}); "
-         "from policyd_ipv6.checks.dkim_verify import main; sys.exit(main())")
+         "from policyd_ipv6.checks.dkim_verify import main, become; "
+         "become(sys.argv[1:]); sys.exit(main())")
 
 
 class PoolBusy(Exception):
@@ -170,12 +179,16 @@ class DkimPool:
         self.queue: collections.deque[_Job] = collections.deque()
         self.running = False
         self.restarts = 0
+        self.become: tuple[int, int, str] | None = None
 
-    def start(self) -> None:
-        """Spawn the workers; they are stopped before the reactor shuts down."""
+    def start(self, become: tuple[int, int, str] | None = None) -> None:
+        """Spawn the workers; they are stopped before the reactor shuts down. ``become``:
+        the (uid, gid, name) a worker started as root drops to once it has imported what it
+        needs (see the module docstring)."""
         if self.running:
             return
         self.running = True
+        self.become = become
         for _ in range(self.size):
             self._spawn()
         self.reactor.addSystemEventTrigger("before", "shutdown", self.stop)
@@ -233,7 +246,9 @@ class DkimPool:
         if not self.running or len(self.workers) >= self.size:
             return
         worker = _Worker(self, self.reactor.seconds())
-        self.reactor.spawnProcess(worker, sys.executable, [sys.executable, "-I", "-c", _BOOT],
+        become = [str(v) for v in self.become] if self.become is not None else []
+        self.reactor.spawnProcess(worker, sys.executable,
+                                  [sys.executable, "-I", "-c", _BOOT, *become],
                                   env={}, childFDs={0: "w", 1: "r", 2: "r"})
         self.workers.append(worker)
         self._idle(worker)

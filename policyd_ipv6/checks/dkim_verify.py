@@ -35,6 +35,7 @@ Bounds, so that one message costs time and memory proportional to its size, what
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 import sys
@@ -47,7 +48,7 @@ from dkim.canonicalization import (
     strip_trailing_lines,
 )
 
-__all__ = ["split_message", "parse_signatures", "verify_all", "collapse_wsp", "relaxed_body",
+__all__ = ["become", "split_message", "parse_signatures", "verify_all", "collapse_wsp", "relaxed_body",
            "install_linear_relaxed",
            "encode_request", "read_request", "encode_answer", "decode_answer", "main"]
 
@@ -280,6 +281,25 @@ def _handle(received: list):
     head = head[:int(request["head_end"])]
     verified = _verify_owned(head, [received.pop()], jobs)
     return [[idx, result, reason] for idx, (result, reason) in verified.items()]
+
+
+def become(args: list[str]) -> None:
+    """In a worker started as root: drop to ``[uid, gid, name]`` now that everything is
+    imported, before any job is read; exit (status 3) if that fails. Not root: nothing to do
+    (the worker already runs as the daemon's user)."""
+    if not args or os.geteuid() != 0:
+        return
+    uid, gid, name = int(args[0]), int(args[1]), args[2]
+    try:
+        os.initgroups(name, gid)
+        os.setgid(gid)
+        os.setuid(uid)
+    except OSError as error:
+        print(f"dkim worker: cannot drop privileges to {name}: {error}", file=sys.stderr)
+        sys.exit(3)
+    if os.getuid() != uid or os.geteuid() != uid or os.getgid() != gid:
+        print(f"dkim worker: still privileged after dropping to {name}", file=sys.stderr)
+        sys.exit(3)
 
 
 def main() -> int:

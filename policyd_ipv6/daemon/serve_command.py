@@ -80,6 +80,10 @@ def serve(config: Config, log_level: str = "info", allow_root: bool = False) -> 
         load_lazy_modules()
 
     def started(ports) -> None:
+        if milter is not None and milter.dkim_pool is not None:
+            # Spawned while still root so that they can import from wherever the daemon was
+            # started (a clone in /root); each drops to the daemon's user before its first job.
+            milter.dkim_pool.start(become=plan)
         try:
             drop_privileges(plan)
         except Exception as error:
@@ -99,9 +103,6 @@ def serve(config: Config, log_level: str = "info", allow_root: bool = False) -> 
         gc.freeze()
         gc.set_threshold(20_000, 20, 20)
         service.optin.start()
-        if milter is not None and milter.dkim_pool is not None:
-            # Spawned now, as the daemon's user: the workers parse hostile messages.
-            milter.dkim_pool.start()
         install_sighup(reactor, lifecycle.reloading(service.reload))
         lifecycle.ready(ports)  # READY=1: bound, privileges dropped, table loaded
         servers = ", ".join(str(s) for s in service.client.nameservers)
