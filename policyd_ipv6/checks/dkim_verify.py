@@ -48,8 +48,8 @@ from dkim.canonicalization import (
     strip_trailing_lines,
 )
 
-__all__ = ["become", "split_message", "parse_signatures", "verify_all", "collapse_wsp", "relaxed_body",
-           "install_linear_relaxed",
+__all__ = ["become", "split_message", "parse_signatures", "verify_all", "collapse_wsp",
+           "relaxed_body", "install_linear_relaxed",
            "encode_request", "read_request", "encode_answer", "decode_answer", "main"]
 
 _WSP_RUN = re.compile(rb"[\t ]+")
