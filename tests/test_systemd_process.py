@@ -136,18 +136,19 @@ def test_ready_once_listening_then_watchdog_reloading_and_stopping(tmp_path):
             daemon.stop()
 
 
-def test_inherited_sockets_are_served_and_the_configured_ones_not_bound(tmp_path):
-    """With LISTEN_FDS, the fds named policy (TCP) and milter (Unix) are served; the
-    configured endpoints are left alone, and the fds are not inherited by the DKIM workers."""
+def test_inherited_sockets_are_served_beside_the_configured_ones(tmp_path):
+    """With LISTEN_FDS, the fds named policy (TCP) and milter (Unix) are served, and so are
+    the configured endpoints at other addresses (an upgraded host whose Postfix still points
+    at the old ones); a configured endpoint at a passed socket's address is not bound again."""
     policy = _listening_tcp()
     milter = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     path = str(tmp_path / "milter")
     milter.bind(path)
     os.chmod(path, 0o640)
     milter.listen(16)
-    unused = free_port()
-    settings = {"listen": [f"tcp:{unused}:interface=127.0.0.1"],
-                "milter_listen": [f"unix:{tmp_path}/configured-milter"]}
+    other = free_port()
+    settings = {"listen": [f"tcp:{other}:interface=127.0.0.1"],
+                "milter_listen": [f"unix:{tmp_path}/configured-milter", f"unix:{path}"]}
     with policy, milter, Activated(tmp_path, settings, sockets=[(policy, "policy"),
                                                                   (milter, "milter")]) as daemon:
         assert _ask_port(policy.getsockname()[1], request(client_address="192.0.2.1")) == \
@@ -157,10 +158,10 @@ def test_inherited_sockets_are_served_and_the_configured_ones_not_bound(tmp_path
             client.sendall(b"\x00\x00\x00\x0dO\x00\x00\x00\x06\x00\x00\x01\xff\x00\x1f\xff\xff")
             client.settimeout(10)
             assert client.recv(4)  # a reply of its own
-        with pytest.raises(ConnectionRefusedError):
-            socket.create_connection(("127.0.0.1", unused), timeout=2).close()
-        assert not os.path.exists(f"{tmp_path}/configured-milter")
+        assert _ask_port(other, request(client_address="192.0.2.1")) == "DUNNO"
+        assert os.path.exists(f"{tmp_path}/configured-milter")
         assert "socket activation" in daemon.log()
+        assert f'milter_listen = "unix:{path}"' not in daemon.log()  # not bound a second time
         daemon.stop()
         # The socket file is the socket unit's: not chmod-ed, not unlinked by the stop.
         assert os.stat(path).st_mode & 0o777 == 0o640
@@ -251,13 +252,26 @@ def test_a_request_in_flight_at_sigterm_is_answered(tmp_path):
 
 @pytest.mark.parametrize("name, message", [
     ("policyd-ipv6.socket", 'file descriptor 3 named "policyd-ipv6.socket": the daemon serves '
-                            "FileDescriptorName=policy or FileDescriptorName=milter only"),
-    ("milter", 'file descriptor 3 named "milter": milter_listen is empty')])
+                            "FileDescriptorName=policy or FileDescriptorName=milter only")])
 def test_a_socket_nobody_would_serve_stops_the_daemon(tmp_path, name, message):
-    """An inherited fd with an unknown name, or a milter socket with the milter off, is a
-    start-up error naming the fd (a socket nobody serves would hold Postfix's connections)."""
+    """An inherited fd with an unknown name is a start-up error naming the fd (a socket
+    nobody serves would hold Postfix's connections)."""
     policy = _listening_tcp()
     with policy:
         daemon = Activated(tmp_path, sockets=[(policy, name)], wait_ready=False).start()
         assert daemon.process.wait(15) == 1
         assert message in daemon.log(), daemon.log()
+
+
+def test_a_milter_socket_turns_the_milter_on_without_milter_listen(tmp_path):
+    """A configuration without milter_listen (one kept from before the socket units) and a
+    socket named milter: the daemon starts and serves the milter on it."""
+    policy = _listening_tcp()
+    milter = _listening_unix(str(tmp_path / "milter"))
+    with policy, milter, Activated(tmp_path, {"milter_listen": []},
+                                   sockets=[(policy, "policy"), (milter, "milter")]):
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(str(tmp_path / "milter"))
+            client.sendall(b"\x00\x00\x00\x0dO\x00\x00\x00\x06\x00\x00\x01\xff\x00\x1f\xff\xff")
+            client.settimeout(10)
+            assert client.recv(4)  # the milter's negotiation reply

@@ -171,8 +171,13 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 configtest(load_config(args.config))
             except ConfigError as error:
-                print(f"policyd-ipv6: reload: configuration error: {error}; the daemon was "
-                      "not signalled", file=sys.stderr)
+                # Run by systemd (ExecReload=), standard error is the journal: mark the line
+                # as an error (sd-daemon prefix) so that journalctl -p err shows it.
+                from policyd_ipv6.daemon.logs import journal_stream
+
+                mark = "<3>" if journal_stream(sys.stderr) else ""
+                print(f"{mark}policyd-ipv6: reload: configuration error: {error}; the daemon "
+                      "was not signalled", file=sys.stderr)
                 return 1
         return _reload(args.pid)
     if args.command == "report":

@@ -29,7 +29,15 @@ from policyd_ipv6.daemon.systemd import (
     watchdog_seconds,
 )
 
-__all__ = ["Lifecycle"]
+__all__ = ["Lifecycle", "inherited_sockets"]
+
+
+def inherited_sockets() -> list[tuple[int, str]]:
+    """The sockets systemd passed, as ``(fd, name)``; ConfigError when they are malformed."""
+    try:
+        return take_listen_fds()  # os.environ, or what Twisted took out of it
+    except ValueError as error:
+        raise ConfigError(f"socket activation: {error}") from None
 
 
 class Lifecycle:
@@ -47,12 +55,11 @@ class Lifecycle:
         reactor.addSystemEventTrigger("before", "shutdown", self.stop)
 
     @classmethod
-    def from_environment(cls, reactor, service) -> Lifecycle:
+    def from_environment(cls, reactor, service,
+                         inherited: list[tuple[int, str]] | None = None) -> Lifecycle:
         env = os.environ
-        try:
-            inherited = take_listen_fds()  # os.environ, or what Twisted took out of it
-        except ValueError as error:
-            raise ConfigError(f"socket activation: {error}") from None
+        if inherited is None:
+            inherited = inherited_sockets()
         watchdog = watchdog_seconds(env, os.getpid())
         env.pop("WATCHDOG_USEC", None)
         env.pop("WATCHDOG_PID", None)

@@ -25,7 +25,7 @@ from twisted.logger import ILogObserver, Logger, globalLogPublisher
 
 from policyd_ipv6 import __version__
 from policyd_ipv6.daemon.config import Config, ConfigError
-from policyd_ipv6.daemon.lifecycle import Lifecycle
+from policyd_ipv6.daemon.lifecycle import Lifecycle, inherited_sockets
 from policyd_ipv6.daemon.limits import descriptor_budget, raise_open_files_limit
 from policyd_ipv6.daemon.logs import start_logging
 from policyd_ipv6.daemon.metrics import Metrics
@@ -50,9 +50,12 @@ def serve(config: Config, log_level: str = "info", allow_root: bool = False) -> 
     reactor: Any = global_reactor
 
     plan = plan_privileges(config.user, allow_root)
-    service = PolicyService(config, reactor)  # raises ConfigError before anything is bound
+    inherited = inherited_sockets()  # socket activation: what systemd passed, if anything
+    # Raises ConfigError before anything is bound. A socket named milter turns the milter on.
+    service = PolicyService(config, reactor,
+                            milter_socket=any(name == "milter" for _fd, name in inherited))
     # systemd: sockets passed in (socket activation), READY/RELOADING/STOPPING, watchdog.
-    lifecycle = Lifecycle.from_environment(reactor, service)
+    lifecycle = Lifecycle.from_environment(reactor, service, inherited)
     # Our own buffered stream on standard output, whatever python -u or PYTHONUNBUFFERED say:
     # lines are flushed once per reactor turn (logsetup), not written one system call each.
     stream = os.fdopen(sys.stdout.fileno(), "w", buffering=1 << 16, encoding="utf-8",

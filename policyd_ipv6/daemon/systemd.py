@@ -280,6 +280,21 @@ def describe(port) -> str:
     return f"{address.type.lower()}:{address.host}:{address.port}"
 
 
+def endpoint_address(description: str) -> str:
+    """A server endpoint string's address in ``describe``'s form ("unix:PATH",
+    "tcp:HOST:PORT"), so a configured endpoint can be matched with an adopted socket; "" for
+    a form it does not know (never equal to an adopted socket's)."""
+    kind, _, rest = description.partition(":")
+    words = rest.split(":")
+    options = dict(word.split("=", 1) for word in words[1:] if "=" in word)
+    if kind == "unix" and words[0]:
+        return "unix:" + os.path.abspath(words[0])
+    if kind in ("tcp", "tcp6") and words[0].isdigit():
+        host = options.get("interface", "0.0.0.0" if kind == "tcp" else "::")
+        return f"tcp:{host}:{words[0]}"
+    return ""
+
+
 def adopt_inherited(reactor, inherited: Sequence[tuple[int, str]], factory,
                     milter_factory) -> list:
     """Serve the sockets systemd passed: ``policy`` ones for policy requests, ``milter`` ones

@@ -46,7 +46,7 @@ from policyd_ipv6.daemon.config import (
     load_config,
     parse_nameserver,
 )
-from policyd_ipv6.daemon.systemd import adopt_inherited
+from policyd_ipv6.daemon.systemd import adopt_inherited, describe, endpoint_address
 from policyd_ipv6.live import InForce, Live
 from policyd_ipv6.milter.registry import Sessions
 from policyd_ipv6.milter.server import MilterFactory
@@ -135,7 +135,8 @@ def in_force(config: Config, servers: Sequence[Nameserver]) -> InForce:
 
 
 class PolicyService:
-    def __init__(self, config: Config, reactor, keep_state: bool = True) -> None:
+    def __init__(self, config: Config, reactor, keep_state: bool = True,
+                 milter_socket: bool = False) -> None:
         servers = self._servers(config)
         self.live = Live(in_force(config, servers))
         self.reactor = reactor
@@ -150,8 +151,12 @@ class PolicyService:
                                  Limits(void_lookups=config.spf_void_limit))
         self.optin = _optin_source(config, reactor, keep_state)
         # One entry per SMTP session the milter is on: bounded like the connections.
+        # The milter is on when milter_listen names an endpoint or systemd passes a socket
+        # named milter (the packaged policyd-ipv6-milter.socket): a socket handed over is
+        # served, never left to hold Postfix's connections (an upgrade keeps an older
+        # configuration without milter_listen).
         sessions = (Sessions(reactor, config.max_connections, SESSION_TTL_SECONDS)
-                    if config.milter_listen else None)
+                    if config.milter_listen or milter_socket else None)
         self.engine = PolicyEngine(policy_of(config),
                                    self.optin, self.finder, reactor, sessions)
         self.engine.log_decisions = config.log_decisions
@@ -199,13 +204,16 @@ class PolicyService:
         replace ``listen``, those named ``milter`` replace ``milter_listen``."""
         ports: list = adopt_inherited(self.reactor, inherited, self.factory,
                                       self.milter_factory)
-        names = {name for _fd, name in inherited}
+        # The configured endpoints are bound too, except one at an address systemd already
+        # passed: an upgrade that adds the packaged socket units keeps serving the endpoints
+        # an older configuration names (a Postfix still pointed at them keeps working).
+        adopted = {describe(port) for port in ports}
         wanted: list[tuple[str, str, Any, str]] = []
-        if "policy" not in names:
-            wanted += [("listen", d, self.factory, "policy requests") for d in self.config.listen]
-        if self.milter_factory is not None and "milter" not in names:
+        wanted += [("listen", d, self.factory, "policy requests") for d in self.config.listen
+                   if endpoint_address(d) not in adopted]
+        if self.milter_factory is not None:
             wanted += [("milter_listen", d, self.milter_factory, "the milter")
-                       for d in self.config.milter_listen]
+                       for d in self.config.milter_listen if endpoint_address(d) not in adopted]
         for key, description, factory, what in wanted:
             try:
                 endpoint = serverFromString(self.reactor, description)

@@ -176,19 +176,22 @@ def test_reload_is_reloading_then_ready_again(ct):
 
 
 def test_journal_priorities(ct):
-    """The journal stores each line's priority: a refused reload is an error (-p err), the
-    ready line info only (in -p info, not in -p warning)."""
+    """The journal stores each line's priority: a bad edit fails `systemctl reload` (the
+    unit's ExecReload checks the file first) with the error at priority err, the daemon keeps
+    running unsignalled; the ready line is info only (in -p info, not in -p warning)."""
     config = "/etc/policyd-ipv6/policyd-ipv6.toml"
     ct.sh("cp %s /root/config.keep && echo 'no_such_key = 1' >> %s" % (config, config))
     try:
-        ct.sh("systemctl reload " + UNIT)
-        ct.wait(lambda: "configuration not reloaded" in ct.journal("-p err"), 15,
+        refused = ct.sh("systemctl reload %s; echo status=$?" % UNIT)
+        assert "status=0" not in refused.stdout, refused.stdout
+        ct.wait(lambda: "reload: configuration error" in ct.journal("-p err"), 15,
                 "the refused reload logged as an error")
     finally:
         ct.sh("cp /root/config.keep %s" % config)
+    assert "no_such_key" in ct.journal("-p err")
     assert " ready: " in ct.journal("-p info")
     warnings = ct.journal("-p warning")
-    assert " ready: " not in warnings and "configuration not reloaded" in warnings
+    assert " ready: " not in warnings and "reload: configuration error" in warnings
     assert ct.show("ActiveState") == "active"
 
 
