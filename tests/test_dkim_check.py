@@ -212,3 +212,26 @@ def test_against_knot_valid_altered_unknown_selector_long_key_and_pool(knot_keys
     assert altered.result == "fail" and "body hash" in altered.signatures[0].reason
     assert unknown.result == "fail" and unknown.signatures[0].result == "permerror"
     assert pooled.result == "pass" and submitted and submitted[0] > 1_500_000
+
+
+def test_a_bug_in_the_check_is_logged_and_temporary(monkeypatch):
+    """An exception inside the DKIM check (a bug, not hostile input) gives temperror, so the
+    message is deferred, and is logged at error level with its traceback."""
+    from twisted.logger import globalLogPublisher
+
+    from policyd_ipv6.checks import dkim as dkim_check
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(dkim_check, "_check", explode)
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        fact = run(Lookups(FakeDnsClient(), task.Clock()), message("a@example.net"))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert fact.result == "temperror" and "boom" in fact.reason
+    (event,) = [e for e in events if "log_failure" in e]
+    assert event["log_level"].name in ("error", "critical")
+    assert "RuntimeError" in event["log_failure"].getTraceback()

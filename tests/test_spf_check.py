@@ -116,8 +116,9 @@ def test_unusable_sender_domain_is_none(sender):
     assert fact.result == "none"
 
 
-def test_exception_inside_the_evaluator_becomes_permerror(monkeypatch):
-    """A bug inside the evaluator gives permerror (fail closed), never an escaping exception."""
+def test_exception_inside_the_evaluator_becomes_temperror(monkeypatch):
+    """A bug inside the evaluator gives temperror (the temporary reply: the fault is ours),
+    never an escaping exception."""
     from policyd_ipv6.checks import spf_eval
 
     def explode(self, *args, **kwargs):
@@ -126,7 +127,7 @@ def test_exception_inside_the_evaluator_becomes_permerror(monkeypatch):
 
     monkeypatch.setattr(spf_eval._Evaluation, "record", explode)
     fact, _ = run(FakeDnsClient({("example.net", "TXT"): ['"v=spf1 -all"']}))
-    assert fact.result == "permerror" and fact.explanation == "internal error"
+    assert fact.result == "temperror" and fact.explanation == "internal error"
 
 
 def test_evaluation_waits_for_asynchronous_answers():

@@ -48,6 +48,7 @@ import re
 from typing import Any
 
 from twisted.internet import defer
+from twisted.logger import Logger
 
 from policyd_ipv6.checks.dkim_pool import PoolBusy, WorkerLost
 from policyd_ipv6.checks.dkim_verify import parse_signatures, split_message, verify_all
@@ -55,6 +56,8 @@ from policyd_ipv6.facts import DkimFact, SignatureResult
 from policyd_ipv6.resolver.lookups import Answer
 from policyd_ipv6.text import printable
 from policyd_ipv6.vocabulary import DkimResult, DnsStatus, Lookups
+
+_log = Logger(namespace="policyd-ipv6")
 
 __all__ = ["check_dkim", "DkimFact", "SignatureResult", "MAX_SIGNATURES", "MAX_LISTED",
            "MAX_BODY_BYTES"]
@@ -104,9 +107,15 @@ def _testing(record: bytes) -> bool:
 def check_dkim(lookups: Lookups, message: bytes, pool=None) -> defer.Deferred[DkimFact]:
     """See the module docstring."""
     d = defer.maybeDeferred(_check, lookups, message, pool)
-    d.addErrback(lambda f: DkimFact(DkimResult.TEMPERROR,
-                                    reason=f"internal error: {f.value!r}"[:200]))
+    d.addErrback(_internal_error)
     return d
+
+
+def _internal_error(failure) -> DkimFact:
+    # A bug, not hostile input (dkim_verify turns that into results): logged with its
+    # traceback at error level, and temporary, so a message DKIM decides is deferred.
+    _log.failure("internal error in the DKIM check", failure)
+    return DkimFact(DkimResult.TEMPERROR, reason=f"internal error: {failure.value!r}"[:200])
 
 
 def _parse(message: bytes, head_end: int, pool) -> defer.Deferred[list]:

@@ -106,9 +106,11 @@ class _Evaluation:
                 self._finish(end.value)
                 return
             except Exception:  # a bug in the evaluator: fail closed, and say so
+                # temperror, not permerror: the fault is ours, not the sender's record, so the
+                # reply is the temporary one (451 4.4.3) and the sender retries.
                 _log.failure("internal error in the SPF evaluation for {identity}",
                              identity=self.identity)
-                self._finish(Verdict("permerror", "internal error", False))
+                self._finish(Verdict("temperror", "internal error", False))
                 return
             self.questions += 1
             if self.questions > MAX_QUESTIONS:
