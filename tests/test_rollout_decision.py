@@ -4,6 +4,7 @@ per-entry options, exempt recipients, pinned client certificates and PTR-exempt 
 import ipaddress
 
 import pytest
+from test_decision import subject  # the same request, built one way
 
 from policyd_ipv6.daemon.config import ConfigError, parse_config
 from policyd_ipv6.daemon.wiring import policy_of
@@ -34,15 +35,6 @@ FP_PLAIN = FP.replace(":", "").lower()
 def policy(text: str = "") -> Policy:
     """The decision's policy of a configuration text, as the daemon builds it."""
     return policy_of(parse_config(text))
-
-
-def subject(**overrides) -> Subject:
-    attrs = {"request": "smtpd_access_policy", "protocol_state": "RCPT",
-             "client_address": ADDR, "helo_name": "mx.example.net",
-             "sender": "alice@example.net", "recipient": "bob@contoso.com",
-             "instance": "1.2.3.4", "sasl_username": ""}
-    attrs.update(overrides)
-    return Subject.from_request(attrs)
 
 
 def walk(p: Policy, s: Subject | None = None, rdns=None, spf=None, dkim_pending=False):
