@@ -258,7 +258,12 @@ class Generator:
                 self.send_next(conn, now, measuring=False)
             self.loop(False, deadline, 0)
         if self.inflight or any(c.sock is None for c in self.conns):
-            raise SystemExit(f"priming failed: {self.errors}")
+            # bench/run reports this line as the reason the cell failed.
+            closed = sum(c.sock is None for c in self.conns)
+            raise SystemExit(f"priming failed: {closed} of {len(self.conns)} connections lost "
+                             f"before a reply, {self.inflight} requests unanswered at the end "
+                             f"(--prime-timeout {self.args.prime_timeout:g} s; errors: "
+                             f"{self.errors})")
         for conn in self.conns:
             conn.reconnects = 0
 

@@ -2,12 +2,15 @@
 """Turn a bench/run results file into a markdown report and a latency chart.
 
 Contract: `markdown(results)` returns the tables (one per scenario/round trip/connections cell,
-one row per server) followed by the issue 12 target checks (bench/targets.py), each computed
-from runs of the same results file (ratios within one run, never across runs). `chart(results,
+one row per server), the soak's summary when the file holds one, and the issue 12 target
+checks (bench/targets.py), each computed from the same results file (ratios within one run,
+never across runs); a target the file cannot answer is listed as not measured. `chart(results,
 path)` draws first-recipient p50 and all-request p99 latency (top) and requests/s (bottom)
-against connections, one column per scenario and round trip, and returns False when matplotlib
-is missing or no column has two connection counts.
-`python3 bench/report.py RESULTS.json [--chart OUT.png]` prints the report.
+against connections, one column per scenario and round trip, and returns False when it cannot;
+`why_no_chart(results)` says why (matplotlib not importable by this interpreter, or no column
+with two connection counts), None when it can.
+`/usr/bin/python3 bench/report.py RESULTS.json [--chart OUT.png]` prints the report (Debian's
+python3-matplotlib serves /usr/bin/python3, not another python3 first on PATH).
 """
 
 import argparse
@@ -74,7 +77,8 @@ def table(runs):
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for run in runs:
         if "failed" in run:
-            lines.append(f"| {run['server']} | failed: {run['failed']} |" + " |" * 12)
+            why = run["failed"].splitlines()[0].replace("|", "\\|") if run["failed"] else ""
+            lines.append(f"| {run['server']} | failed: {why} |" + " |" * 12)
             continue
         lat = _lat(run)
         # A cold pool used up ends the window early; the rate is then over the shorter window.
@@ -98,8 +102,28 @@ def table(runs):
 
 
 def checks(results):
-    """Yield (target, measured, verdict) for every target the results can answer."""
+    """Yield (target, measured, met) for every target; met None: not measured."""
     return targets.checks(results)
+
+
+def soak_table(soak):
+    """The soak's summary (bench/soak.py via bench/run --soak) as a one-row table."""
+    head = "| requests | answered | seconds | requests/s | RSS start / once full / end / peak MiB |"
+    if "failed" in soak:
+        return f"{head}\n|---|---|---|---|---|\n| {soak.get('requests', '?')} | failed: " \
+               f"{soak['failed'].splitlines()[0] if soak['failed'] else ''} | | | |"
+    growth, *_ = targets.soak_figures(soak)
+    peak = targets.soak_peak_kib(soak)
+    mib = [soak[k] / 1024 for k in ("rss_start_kib", "rss_plateau_kib", "rss_end_kib")]
+    return (f"{head}\n|---|---|---|---|---|\n| {soak.get('sent', 0):,} | "
+            f"{soak.get('answered', 0):,} | {soak.get('seconds', 0):.0f} | "
+            f"{soak.get('requests_per_second', 0):,} | "
+            f"{mib[0]:.0f} / {mib[1]:.0f} / {mib[2]:.0f} / {peak / 1024:.0f} "
+            f"({growth * 100:+.1f} % once full) |")
+
+
+def _verdict(met):
+    return "-" if met is None else "yes" if met else "**no**"
 
 
 def markdown(results):
@@ -112,28 +136,45 @@ def markdown(results):
     for (scenario, delay, conns), runs in sorted(_cells(results).items()):
         out += [f"### {scenario}, DNS round trip {delay} ms, {conns} connections", "",
                 table(runs), ""]
+    if results.get("soak"):
+        small = " (small caches)" if results["soak"].get("small_caches") else ""
+        out += [f"### soak: policyd-ipv6, cold senders, Knot on loopback{small}", "",
+                soak_table(results["soak"]), ""]
     found = list(checks(results))
     if found:
         out += [f"### Targets ({TARGETS_NOTE})", "", "| target | measured | met |", "|---|---|---|"]
-        out += [f"| {t} | {v} | {'yes' if ok else '**no**'} |" for t, v, ok in found]
+        out += [f"| {t} | {v} | {_verdict(ok)} |" for t, v, ok in found]
     return "\n".join(out)
 
 
-def chart(results, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+def _panels(results):
     panels = {}
     for run in results["runs"]:
         if "failed" not in run:
             panels.setdefault((run["scenario"], run["delay_ms"]), []).append(run)
-    panels = {k: v for k, v in sorted(panels.items())
-              if len({r["connections"] for r in v}) >= 2}
-    if not panels:
+    return {k: v for k, v in sorted(panels.items())
+            if len({r["connections"] for r in v}) >= 2}
+
+
+def why_no_chart(results=None):
+    """Why chart() cannot draw (None when it can); without results, matplotlib alone."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return (f"matplotlib cannot be imported by {sys.executable} "
+                "(apt-get install python3-matplotlib, for /usr/bin/python3)")
+    if results is not None and not _panels(results):
+        return "no scenario and round trip was measured at two or more connection counts"
+    return None
+
+
+def chart(results, path):
+    if why_no_chart(results):
         return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = _panels(results)
     fig, axes = plt.subplots(2, len(panels), figsize=(5.5 * len(panels), 8), squeeze=False)
     for col, ((scenario, delay), runs) in enumerate(panels.items()):
         top, bottom = axes[0][col], axes[1][col]
@@ -179,8 +220,10 @@ def main(argv=None):
         results = json.load(f)
     print(markdown(results))
     if args.chart and not chart(results, args.chart):
-        print("no chart: matplotlib missing or fewer than two connection counts", file=sys.stderr)
+        print(f"no chart: {why_no_chart(results)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
