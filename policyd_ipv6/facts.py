@@ -26,6 +26,10 @@ class RdnsOutcome(enum.Enum):
     TEMPFAIL = "tempfail"  # timeout, SERVFAIL, deadline: a transient fault
 
 
+# An Enum member's .value is a property lookup; the log line reads this once per decision.
+_OUTCOME_TEXT = {outcome: outcome.value for outcome in RdnsOutcome}
+
+
 @dataclass(frozen=True)
 class RdnsFact:
     outcome: RdnsOutcome
@@ -35,7 +39,8 @@ class RdnsFact:
 
     def describe(self) -> str:
         name = self.confirmed or (self.names[0] if self.names else "")
-        return f"{self.outcome.value}({name})" if name else self.outcome.value
+        text = _OUTCOME_TEXT[self.outcome]
+        return f"{text}({name})" if name else text
 
 
 @dataclass(frozen=True)

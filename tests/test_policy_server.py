@@ -1,13 +1,16 @@
 """Tests of the policy engine and its Twisted adapter, with a fake transport, clock and DNS."""
 
 import ipaddress
+from types import SimpleNamespace
 
+import pytest
 from fakes import FakeDnsClient
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.internet.testing import StringTransport
 
 from policyd_ipv6.checks.gather import FactFinder
 from policyd_ipv6.optin.table import parse_optin
+from policyd_ipv6.policy.codec import PolicyDecoder
 from policyd_ipv6.policy.decision import Policy
 from policyd_ipv6.policy.engine import PolicyEngine
 from policyd_ipv6.policy.server import MAX_QUEUED, PolicyFactory
@@ -203,16 +206,44 @@ def test_too_many_requests_ahead_of_replies():
     assert transport.disconnecting
 
 
-def test_engine_bug_closes_without_reply():
-    """An internal error closes the connection without a reply (Postfix retries), no crash."""
+@pytest.mark.parametrize("how", ["raises", "fails later"])
+def test_engine_bug_closes_without_reply(how):
+    """An internal error, raised at once or failing the Deferred, closes the connection without
+    a reply (Postfix retries), no crash."""
     h = Harness()
-    h.factory.engine.answer = lambda attrs: (_ for _ in ()).throw(RuntimeError("bug"))
+    h.factory.engine.answer_now = (
+        (lambda attrs: (_ for _ in ()).throw(RuntimeError("bug"))) if how == "raises"
+        else (lambda attrs: defer.fail(RuntimeError("bug"))))
     proto, transport = h.connect()
     try:
         proto.dataReceived(request())
     except RuntimeError:
         raise AssertionError("the exception escaped to the reactor") from None
     assert transport.disconnecting and replies(transport) == []
+
+
+def test_a_reply_that_cannot_be_encoded_closes_without_reply():
+    """A verdict decided at once whose action is not a valid reply (a bug) closes the
+    connection without a reply, as a failed Deferred does, instead of escaping."""
+    h = Harness()
+    bad = SimpleNamespace(verdict=SimpleNamespace(action="DUNNO\nOK"))
+    h.factory.engine.answer_now = lambda attrs: bad
+    proto, transport = h.connect()
+    proto.dataReceived(request())
+    assert transport.disconnecting and replies(transport) == []
+
+
+def test_a_warm_request_is_answered_without_a_deferred():
+    """When every fact is known (cached answers, a reused SPF result), the engine answers at
+    once with an Outcome, not a Deferred, and the reply is written in the same call."""
+    h = Harness()
+    proto, transport = h.connect()
+    proto.dataReceived(request(instance="warm-1"))
+    assert replies(transport) == ["action=DUNNO"]
+    attributes = PolicyDecoder().feed(request(instance="warm-2"))[0]
+    outcome = h.factory.engine.answer_now(attributes)
+    assert not isinstance(outcome, defer.Deferred)
+    assert outcome.verdict.action == "DUNNO" and outcome.facts_source == "new"
 
 
 def test_deadline_stops_the_checks_still_running():

@@ -6,7 +6,7 @@ import pytest
 from fakes import FakeDnsClient
 from twisted.internet import task
 
-from policyd_ipv6.checks.rdns import check_rdns
+from policyd_ipv6.checks.rdns import check_rdns, rdns_known
 from policyd_ipv6.facts import RdnsOutcome
 from policyd_ipv6.resolver.lookups import Lookups
 
@@ -83,3 +83,37 @@ def test_postfix_names_are_a_fast_path():
     assert fake.queries == []
     # an unverified name is no proof in fcrdns mode: the check looks for itself
     assert run(fake, "fcrdns", reverse="mx.example.net").outcome is RdnsOutcome.MISSING
+
+
+@pytest.mark.parametrize("mode", ["ptr", "fcrdns"])
+@pytest.mark.parametrize("records", [
+    {(PTR, "PTR"): ["mx.example.net."], ("mx.example.net", "AAAA"): ["2001:db8::25"]},
+    {(PTR, "PTR"): ["a.example.net.", "mx.example.net."],
+     ("mx.example.net", "AAAA"): ["2001:db8::25"]},
+    {(PTR, "PTR"): ["mx.example.net."], ("mx.example.net", "AAAA"): ["2001:db8::99"]},
+    {(PTR, "PTR"): ["1.2.3.4."]},
+    {},
+])
+def test_rdns_known_gives_the_checks_fact_from_the_cache_alone(mode, records):
+    """rdns_known answers nothing (None) before the answers are cached, and once they are it
+    gives the fact check_rdns gives, without a single query."""
+    fake = FakeDnsClient(records)
+    lookups = Lookups(fake, task.Clock())
+    assert rdns_known(lookups, IP, mode) is None
+    out = []
+    check_rdns(lookups, IP, mode).addCallback(out.append)
+    asked = list(fake.queries)
+    known = rdns_known(lookups, IP, mode)
+    assert known is not None and fake.queries == asked
+    assert (known.outcome, known.names) == (out[0].outcome, out[0].names)
+
+
+def test_rdns_known_waits_for_a_forward_answer_not_cached():
+    """fcrdns with the PTR cached but a name's address answer not (yet) known: None, so the
+    check runs its lookups instead of deciding on part of the answers."""
+    fake = FakeDnsClient({(PTR, "PTR"): ["mx.example.net."],
+                          ("mx.example.net", "AAAA"): ["2001:db8::25"]})
+    lookups = Lookups(fake, task.Clock())
+    lookups.lookup(PTR, "PTR")
+    assert rdns_known(lookups, IP, "ptr").outcome is RdnsOutcome.PASS
+    assert rdns_known(lookups, IP, "fcrdns") is None

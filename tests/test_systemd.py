@@ -107,7 +107,7 @@ class SlowEngine:
     def __init__(self):
         self.waiting: list[defer.Deferred] = []
 
-    def answer(self, _request):
+    def answer_now(self, _request):
         d: defer.Deferred = defer.Deferred()
         self.waiting.append(d)
         return d

@@ -24,7 +24,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from policyd_ipv6.cache import ExpiringCache
-from policyd_ipv6.checks.rdns import check_rdns
+from policyd_ipv6.checks.rdns import check_rdns, rdns_known
 from policyd_ipv6.checks.spf import DEFAULT_LIMITS, Limits, SpfResults, check_spf
 from policyd_ipv6.facts import Facts, RdnsFact, RdnsOutcome, SpfFact
 from policyd_ipv6.live import Live, Setting
@@ -62,12 +62,12 @@ class MessageFacts:
 
     def set_rdns(self, fact: RdnsFact) -> None:
         if self.facts.rdns is None:
-            self.facts = self.facts.with_(rdns=fact)
+            self.facts = Facts(fact, self.facts.spf, self.facts.dkim_pending)
             self._wake(Need.RDNS)
 
     def set_spf(self, fact: SpfFact) -> None:
         if self.facts.spf is None:
-            self.facts = self.facts.with_(spf=fact)
+            self.facts = Facts(self.facts.rdns, fact, self.facts.dkim_pending)
             self._wake(Need.SPF)
 
     def _wake(self, need: Need) -> None:
@@ -136,22 +136,34 @@ class FactFinder:
             self.messages.put(key, message, self.message_ttl_seconds)
         ip = subject.ip
         assert ip is not None  # the decision asks for facts only about an address
-        rdns = check_rdns(self.lookups, ip, mode,
-                          subject.reverse_client_name, subject.client_name)
-        message.work.append(rdns)
-        rdns.addCallback(message.set_rdns)
-        rdns.addErrback(self._bug, "reverse DNS check", message.set_rdns,
-                        RdnsFact(RdnsOutcome.TEMPFAIL, detail="internal error"))
+        # Known at once (Postfix's names, cached answers, a reusable SPF result): set without
+        # a Deferred; otherwise the check runs and sets its fact when it ends.
+        try:
+            rdns_fact = rdns_known(self.lookups, ip, mode, subject.reverse_client_name,
+                                   subject.client_name)
+        except Exception:
+            _log.failure("internal error in the reverse DNS check")
+            rdns_fact = RdnsFact(RdnsOutcome.TEMPFAIL, detail="internal error")
+        if rdns_fact is not None:
+            message.set_rdns(rdns_fact)
+        else:
+            rdns = check_rdns(self.lookups, ip, mode,
+                              subject.reverse_client_name, subject.client_name)
+            message.work.append(rdns)
+            rdns.addCallback(message.set_rdns)
+            rdns.addErrback(self._bug, "reverse DNS check", message.set_rdns,
+                            RdnsFact(RdnsOutcome.TEMPFAIL, detail="internal error"))
         inputs = (ip, subject.sender, subject.helo_name)
         known = self.spf_results.get(*inputs)
-        spf = defer.succeed(known) if known is not None else check_spf(self.lookups, *inputs,
-                                                                    self.spf_limits)
-        if known is None:
+        if known is not None:
+            message.set_spf(known)
+        else:
+            spf = check_spf(self.lookups, *inputs, self.spf_limits)
             message.work.append(spf)
             spf.addCallback(self._remember_spf, inputs)
-        spf.addCallback(message.set_spf)
-        spf.addErrback(self._bug, "SPF check", message.set_spf,
-                       SpfFact(SpfResult.TEMPERROR, "internal error"))
+            spf.addCallback(message.set_spf)
+            spf.addErrback(self._bug, "SPF check", message.set_spf,
+                           SpfFact(SpfResult.TEMPERROR, "internal error"))
         message.start_deadline()
         return message, False
 

@@ -1,7 +1,9 @@
 """The reverse DNS check (rule 2 of EOP): does the client address have a (valid) PTR record?
 
 Contract: ``check_rdns(lookups, ip, mode, reverse_client_name, client_name)`` returns a
-Deferred that always fires with an ``RdnsFact``; it never fails.
+Deferred that always fires with an ``RdnsFact``; it never fails. ``rdns_known`` (same
+arguments) returns that fact at once when no lookup is needed (Postfix's names, or every
+answer in the lookups' cache), else None.
 
 - ``mode == "ptr"`` (EOP as documented): PASS when the address has a PTR record whose target is
   a host name; MISSING for NXDOMAIN, no PTR data, or only targets that are not host names (as
@@ -25,7 +27,7 @@ from policyd_ipv6.names import IPAddress, client_ip, host_name
 from policyd_ipv6.resolver.lookups import Answer
 from policyd_ipv6.vocabulary import DnsStatus, Lookups
 
-__all__ = ["check_rdns", "MAX_PTR_NAMES"]
+__all__ = ["check_rdns", "rdns_known", "MAX_PTR_NAMES"]
 
 # RFC 7208 §4.6.4 bounds the ptr mechanism to 10 names; the same bound serves here.
 MAX_PTR_NAMES = 10
@@ -39,17 +41,42 @@ def _host_names(values: tuple) -> tuple[str, ...]:
 def check_rdns(lookups: Lookups, ip: IPAddress, mode: str, reverse_client_name: str = "unknown",
                client_name: str = "unknown") -> defer.Deferred[RdnsFact]:
     """See the module docstring."""
-    if mode == "fcrdns" and client_name not in ("", "unknown"):
-        return defer.succeed(RdnsFact(RdnsOutcome.PASS, (client_name.lower(),),
-                                      client_name.lower(), "confirmed by Postfix (client_name)"))
-    if mode == "ptr" and reverse_client_name not in ("", "unknown"):
-        return defer.succeed(RdnsFact(RdnsOutcome.PASS, (reverse_client_name.lower(),), None,
-                                      "found by Postfix (reverse_client_name)"))
+    known = rdns_known(lookups, ip, mode, reverse_client_name, client_name)
+    if known is not None:
+        return defer.succeed(known)
     return lookups.lookup(ip.reverse_pointer, "PTR").addCallback(_after_ptr, lookups, ip, mode)
 
 
-def _after_ptr(answer: Answer, lookups: Lookups, ip: IPAddress,
-               mode: str) -> RdnsFact | defer.Deferred[RdnsFact]:
+def rdns_known(lookups: Lookups, ip: IPAddress, mode: str, reverse_client_name: str = "unknown",
+               client_name: str = "unknown") -> RdnsFact | None:
+    """The fact ``check_rdns`` would give, at once, when Postfix's names or the lookups' cache
+    already hold every answer it needs; None when a lookup is still to be made."""
+    if mode == "fcrdns" and client_name not in ("", "unknown"):
+        return RdnsFact(RdnsOutcome.PASS, (client_name.lower(),), client_name.lower(),
+                        "confirmed by Postfix (client_name)")
+    if mode == "ptr" and reverse_client_name not in ("", "unknown"):
+        return RdnsFact(RdnsOutcome.PASS, (reverse_client_name.lower(),), None,
+                        "found by Postfix (reverse_client_name)")
+    answer = lookups.cached(ip.reverse_pointer, "PTR")
+    if answer is None:
+        return None
+    first = _ptr_fact(answer, mode)
+    if isinstance(first, RdnsFact):
+        return first
+    rrtype = "AAAA" if ip.version == 6 else "A"
+    outcomes: dict[str, str] = {}
+    for name in first:
+        forward = lookups.cached(name, rrtype)
+        if forward is None:
+            return None
+        if forward.ok and any(_same(ip, value) for value in forward.values):
+            return RdnsFact(RdnsOutcome.PASS, first, name, f"{name} resolves back ({rrtype})")
+        outcomes[name] = forward.status if forward.ok is False else "other address"
+    return _unconfirmed(first, outcomes)
+
+
+def _ptr_fact(answer: Answer, mode: str) -> RdnsFact | tuple[str, ...]:
+    """The fact a PTR answer settles, or the names to confirm (fcrdns)."""
     if answer.status == DnsStatus.TEMPFAIL:
         return RdnsFact(RdnsOutcome.TEMPFAIL, detail=f"PTR lookup: {answer.detail}")
     if not answer.ok:
@@ -59,7 +86,21 @@ def _after_ptr(answer: Answer, lookups: Lookups, ip: IPAddress,
         return RdnsFact(RdnsOutcome.MISSING, detail="PTR target is not a host name")
     if mode == "ptr":
         return RdnsFact(RdnsOutcome.PASS, names, None, "PTR found")
-    return _confirm(lookups, ip, names)
+    return names
+
+
+def _after_ptr(answer: Answer, lookups: Lookups, ip: IPAddress,
+               mode: str) -> RdnsFact | defer.Deferred[RdnsFact]:
+    first = _ptr_fact(answer, mode)
+    return first if isinstance(first, RdnsFact) else _confirm(lookups, ip, first)
+
+
+def _unconfirmed(names: tuple[str, ...], outcomes: dict[str, str]) -> RdnsFact:
+    """No name resolved back: TEMPFAIL if a forward lookup failed temporarily."""
+    details = ", ".join(f"{n}: {s}" for n, s in outcomes.items())
+    temporary = any(s == DnsStatus.TEMPFAIL for s in outcomes.values())
+    outcome = RdnsOutcome.TEMPFAIL if temporary else RdnsOutcome.UNCONFIRMED
+    return RdnsFact(outcome, names, None, f"forward lookups: {details}")
 
 
 def _confirm(lookups: Lookups, ip: IPAddress,
@@ -78,10 +119,7 @@ def _confirm(lookups: Lookups, ip: IPAddress,
             return
         outcomes[name] = answer.status if answer.ok is False else "other address"
         if len(outcomes) == len(names):
-            details = ", ".join(f"{n}: {s}" for n, s in outcomes.items())
-            temporary = any(s == DnsStatus.TEMPFAIL for s in outcomes.values())
-            outcome = RdnsOutcome.TEMPFAIL if temporary else RdnsOutcome.UNCONFIRMED
-            result.callback(RdnsFact(outcome, names, None, f"forward lookups: {details}"))
+            result.callback(_unconfirmed(names, outcomes))
 
     for name in names:
         lookups.lookup(name, rrtype).addCallback(one_done, name)

@@ -34,6 +34,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+from twisted.internet import defer
 from twisted.logger import Logger, LogLevel
 
 from policyd_ipv6.resolver.client import TransientDnsError
@@ -94,6 +95,12 @@ class CountingEngine:
 
     def answer(self, attributes: dict[str, str]):
         return self.engine.answer(attributes).addCallback(self._count)
+
+    def answer_now(self, attributes: dict[str, str]):
+        outcome = self.engine.answer_now(attributes)
+        if isinstance(outcome, defer.Deferred):
+            return outcome.addCallback(self._count)
+        return self._count(outcome)
 
     def _count(self, outcome):
         try:

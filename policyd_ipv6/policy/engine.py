@@ -1,10 +1,14 @@
 """The policy engine: one request in, one verdict out, with the decision's log line.
 
 Contract: ``PolicyEngine.answer(attributes)`` returns a Deferred that fires (never fails) with
-an ``Outcome``: the ``Verdict`` and what the log line reports. It asks ``decide`` first with no
-facts; only when the table needs one does it start (or join) the message's lookups, and it
-decides again each time a needed fact arrives. It holds no socket and writes no reply: the
-Twisted adapter (``policy_server``) does that; the ``check`` command uses it too.
+an ``Outcome``: the ``Verdict`` and what the log line reports. ``answer_now(attributes)`` is the
+same decision without the Deferred when it can be made at once: it returns the ``Outcome``
+itself when no fact is needed or every needed fact is already known (from the caches or
+another recipient of the message), else a Deferred as ``answer`` does; it may raise where
+``answer`` would fail. It asks ``decide`` first with no facts; only when the table needs one
+does it start (or join) the message's lookups, and it decides again each time a needed fact
+arrives. It holds no socket and writes no reply: the Twisted adapter (``policy.server``) does
+that, through ``answer_now``; the ``check`` command uses ``answer``.
 
 With a ``sessions`` registry (the built-in milter is configured), a request about a message
 the milter is collecting may be answered DUNNO although SPF failed (the milter checks DKIM at
@@ -37,6 +41,7 @@ from policyd_ipv6.vocabulary import Clock, PolicyRule
 __all__ = ["PolicyEngine", "Outcome", "logged"]
 
 _log = Logger(namespace="policyd-ipv6")
+_NO_FACTS = Facts()
 
 
 @dataclass(frozen=True)
@@ -89,37 +94,53 @@ class PolicyEngine:
         self.sessions = sessions
         self.log_decisions = "all"  # the key log_decisions: "all", "ipv6" or "refusals"
 
-    def answer(self, attributes: dict[str, str]) -> defer.Deferred:
+    def answer(self, attributes: dict[str, str]) -> defer.Deferred[Outcome]:
+        try:
+            outcome = self.answer_now(attributes)
+        except Exception:
+            return defer.fail()
+        return outcome if isinstance(outcome, defer.Deferred) else defer.succeed(outcome)
+
+    def answer_now(self, attributes: dict[str, str]) -> Outcome | defer.Deferred[Outcome]:
         start = self.clock.seconds()
         subject = Subject.from_request(attributes)
         optin = self.optin()
-        first = decide(subject, Facts(), self.policy, optin)
+        policy = self.policy
+        first = decide(subject, _NO_FACTS, policy, optin)
         if isinstance(first, Verdict):
-            return defer.succeed(self._done(first, subject, Facts(), "none", start))
+            return self._done(first, subject, _NO_FACTS, "none", start)
         if first is not Need.RDNS and first is not Need.SPF:  # pragma: no cover
             raise AssertionError(first)
         message, shared = self.finder.for_message(subject, rdns_mode(subject, optin))
-        policy = self.policy
         source = "shared" if shared else "new"
         milter = self._milter_message(attributes)
-        result: defer.Deferred[Outcome] = defer.Deferred()
+        result: defer.Deferred[Outcome] | None = None
 
-        def step(_ignored=None) -> None:
+        def step(_ignored=None) -> Outcome | None:
+            nonlocal result
             # Asked again at each step: if the milter's message ended while the lookups ran
             # (connection lost), nobody will check DKIM, so SPF alone decides.
             pending = milter is not None and milter.open
             facts = message.facts
             if facts.dkim_pending != pending:
-                facts = facts.with_(dkim_pending=pending)
+                facts = Facts(facts.rdns, facts.spf, pending)
             verdict = decide(subject, facts, policy, optin, policy.resume_at)
             if isinstance(verdict, Need):
+                if result is None:
+                    result = defer.Deferred()
                 message.when(verdict).addCallback(step)
-            else:
-                if pending:
-                    milter.record(subject, verdict, facts)  # read back at end of message
-                result.callback(self._done(verdict, subject, facts, source, start))
+                return None
+            if pending:
+                milter.record(subject, verdict, facts)  # read back at end of message
+            outcome = self._done(verdict, subject, facts, source, start)
+            if result is not None:
+                result.callback(outcome)
+            return outcome
 
-        step()
+        outcome = step()  # every fact needed already known: no Deferred at all
+        if outcome is not None:
+            return outcome
+        assert result is not None
         return result
 
     def _milter_message(self, attributes: dict[str, str]):

@@ -23,6 +23,7 @@ from collections import OrderedDict, deque
 
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from policyd_ipv6.connection import OverLimitWarning, PeerCheck, TimedConnection
 from policyd_ipv6.live import Live, Setting
@@ -84,9 +85,17 @@ class PolicyProtocol(TimedConnection, protocol.Protocol):
         if self.busy or self.closed or not self.queue:
             return
         self.busy = True
-        d = defer.maybeDeferred(self.factory.engine.answer, self.queue.popleft())
-        d.addCallback(self._reply)
-        d.addErrback(self._failed)
+        # Decided at once when every fact is known (the warm path: no Deferred at all).
+        try:
+            outcome = self.factory.engine.answer_now(self.queue.popleft())
+            if not isinstance(outcome, defer.Deferred):
+                self._reply(outcome)
+                return
+        except Exception:
+            self._failed(Failure())
+            return
+        outcome.addCallback(self._reply)
+        outcome.addErrback(self._failed)
 
     def _reply(self, outcome) -> None:
         self.busy = False
