@@ -1,0 +1,323 @@
+"""The DNS client's UDP side on a fake reactor: shared sockets, IDs, demultiplexing, faults.
+
+No sockets: ``FakeReactor.listenUDP`` hands out ports that record what is written, and the
+tests play the server (replies built with dnspython), the kernel (an ICMP error reported as
+``connectionRefused`` or as the epoll reactor's close) and the clock (``task.Clock``).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import dns.flags
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdatatype
+import dns.rrset
+from twisted.internet import task
+from twisted.python.failure import Failure
+
+from policyd_ipv6.resolver import client as client_module
+from policyd_ipv6.resolver.client import (
+    QUERIES_PER_SOCKET,
+    SOCKET_SECONDS,
+    DnsClient,
+    TransientDnsError,
+)
+from policyd_ipv6.resolver.wire import Nameserver
+
+SERVER = Nameserver("127.0.0.1", 53)
+OTHER = Nameserver("::1", 5353)
+_ports = itertools.count(40000)
+
+
+class FakePort:
+    """A connected UDP port: keeps what is written, closes when asked (one reactor turn later)."""
+
+    def __init__(self, reactor: FakeReactor, protocol, interface: str) -> None:
+        self.reactor = reactor
+        self.protocol = protocol
+        self.interface = interface
+        self.number = next(_ports)
+        self.peer = None
+        self.sent: list[bytes] = []
+        self.closed = False
+        self.refuse_writes = False
+        protocol.makeConnection(self)
+
+    def connect(self, host: str, port: int) -> None:
+        self.peer = (host, port)
+
+    def write(self, data: bytes) -> None:
+        if self.refuse_writes:  # as udp.Port.write does on ECONNREFUSED
+            self.protocol.connectionRefused()
+            return
+        self.sent.append(data)
+
+    def stopListening(self) -> None:
+        assert not self.closed, "closed twice"
+        self.closed = True
+        self.reactor.callLater(0, self.protocol.doStop)
+
+    def lose_by_error(self) -> None:
+        """What the epoll reactor does on EPOLLERR: it closes the port itself."""
+        self.closed = True
+        self.protocol.doStop()
+
+
+class FakeReactor(task.Clock):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ports: list[FakePort] = []
+        self.tcp: list[tuple] = []
+        self.fail_listen = False
+
+    def listenUDP(self, port: int, protocol, interface: str = "") -> FakePort:
+        assert port == 0, "the kernel chooses the source port"
+        if self.fail_listen:
+            raise OSError(97, "Address family not supported by protocol")
+        udp = FakePort(self, protocol, interface)
+        self.ports.append(udp)
+        return udp
+
+    def connectTCP(self, host, port, factory, timeout=30, bindAddress=None):
+        self.tcp.append((host, port))
+        from twisted.internet.testing import MemoryReactor
+
+        return MemoryReactor().connectTCP(host, port, factory, timeout, bindAddress)
+
+
+def make(servers=(SERVER,), attempts=1, timeout=2.0):
+    reactor = FakeReactor()
+    return reactor, DnsClient(reactor, list(servers), timeout, attempts)
+
+
+def outcome(deferred) -> list:
+    seen: list = []
+    deferred.addBoth(seen.append)
+    return seen
+
+
+def reply_to(query: bytes, *, name: str | None = None, tc: bool = False,
+             rcode: int = dns.rcode.NOERROR) -> bytes:
+    """The server's answer to ``query`` (an AAAA for its name), or for another ``name``."""
+    message = dns.message.from_wire(query)
+    if name is not None:
+        other = dns.message.make_query(name, message.question[0].rdtype)
+        other.id = message.id
+        message = other
+    response = dns.message.make_response(message)
+    response.set_rcode(rcode)
+    if tc:
+        response.flags |= dns.flags.TC
+    elif rcode == dns.rcode.NOERROR:
+        response.answer.append(dns.rrset.from_text(message.question[0].name, 60, "IN", "AAAA",
+                                                   "2001:db8::1"))
+    return response.to_wire()
+
+
+def answered_name(seen: list) -> str:
+    """The question name of the one answer a query got (it must have got one)."""
+    [response] = seen
+    assert not isinstance(response, Failure), response
+    assert response.answer
+    return dns.name.from_wire(response.qname, 0)[0].to_text()
+
+
+def test_tries_share_a_socket_up_to_the_bound():
+    """QUERIES_PER_SOCKET tries go out on one connected socket, the next on a fresh one."""
+    reactor, client = make()
+    for i in range(QUERIES_PER_SOCKET + 1):
+        client.query(f"q{i}.example", dns.rdatatype.AAAA)
+    first, second = reactor.ports
+    assert len(first.sent) == QUERIES_PER_SOCKET and len(second.sent) == 1
+    assert first.peer == second.peer == ("127.0.0.1", 53)
+    assert first.interface == ""
+
+
+def test_a_socket_takes_new_tries_for_a_bounded_time():
+    """After SOCKET_SECONDS a try gets a fresh socket; the idle old one is closed at once."""
+    reactor, client = make(timeout=SOCKET_SECONDS * 4)
+    answer = outcome(client.query("a.example", dns.rdatatype.AAAA))
+    [first] = reactor.ports
+    first.protocol.datagramReceived(reply_to(first.sent[0]), ("127.0.0.1", 53))
+    assert answer and not first.closed
+    reactor.advance(SOCKET_SECONDS)
+    client.query("b.example", dns.rdatatype.AAAA)
+    assert len(reactor.ports) == 2 and first.closed
+
+
+def test_a_retired_socket_closes_when_its_last_try_ends():
+    """A socket past its bound stays open for the answers still due, then closes."""
+    reactor, client = make()
+    results = [outcome(client.query(f"q{i}.example", dns.rdatatype.AAAA))
+               for i in range(QUERIES_PER_SOCKET + 1)]
+    first = reactor.ports[0]
+    for wire in first.sent[:-1]:
+        first.protocol.datagramReceived(reply_to(wire), ("127.0.0.1", 53))
+    assert not first.closed
+    first.protocol.datagramReceived(reply_to(first.sent[-1]), ("127.0.0.1", 53))
+    assert first.closed
+    assert all(len(seen) == 1 for seen in results[:-1]) and not results[-1]
+    reactor.advance(0)  # the port's close completes: no "port unreachable" from our own close
+    assert not results[-1]
+
+
+def test_answers_are_matched_by_id_whatever_their_order():
+    """Replies on a shared socket reach their own query, in any order."""
+    reactor, client = make()
+    a = outcome(client.query("a.example", dns.rdatatype.AAAA))
+    b = outcome(client.query("b.example", dns.rdatatype.AAAA))
+    [port] = reactor.ports
+    port.protocol.datagramReceived(reply_to(port.sent[1]), ("127.0.0.1", 53))
+    port.protocol.datagramReceived(reply_to(port.sent[0]), ("127.0.0.1", 53))
+    assert (answered_name(a)) == "a.example." and (answered_name(b)) == "b.example."
+
+
+def test_ids_in_flight_on_a_socket_differ(monkeypatch):
+    """A drawn ID that a try in flight on the same socket holds is drawn again."""
+    draws = iter([7, 7, 7, 9])
+    monkeypatch.setattr(client_module.secrets, "randbits", lambda _bits: next(draws))
+    reactor, client = make()
+    client.query("a.example", dns.rdatatype.AAAA)
+    client.query("b.example", dns.rdatatype.AAAA)
+    [port] = reactor.ports
+    assert [wire[:2] for wire in port.sent] == [b"\x00\x07", b"\x00\x09"]
+
+
+def test_spoofed_and_stray_datagrams_are_dropped():
+    """Right ID with another question, an unknown ID, and a runt change nothing; the answer does."""
+    reactor, client = make()
+    seen = outcome(client.query("a.example", dns.rdatatype.AAAA))
+    [port] = reactor.ports
+    [query] = port.sent
+    port.protocol.datagramReceived(reply_to(query, name="evil.example"), ("127.0.0.1", 53))
+    stray = bytearray(reply_to(query))
+    stray[:2] = ((int.from_bytes(query[:2], "big") + 1) % 65536).to_bytes(2, "big")
+    port.protocol.datagramReceived(bytes(stray), ("127.0.0.1", 53))
+    port.protocol.datagramReceived(query[:2], ("127.0.0.1", 53))
+    assert not seen
+    port.protocol.datagramReceived(reply_to(query), ("127.0.0.1", 53))
+    assert (answered_name(seen)) == "a.example."
+
+
+def test_port_unreachable_fails_every_try_on_the_socket():
+    """An ICMP error fails all tries in flight on that socket; the next tries use a fresh one."""
+    reactor, client = make(attempts=2)
+    a = outcome(client.query("a.example", dns.rdatatype.AAAA))
+    b = outcome(client.query("b.example", dns.rdatatype.AAAA))
+    first = reactor.ports[0]
+    first.protocol.connectionRefused()
+    second = reactor.ports[1]
+    assert first.closed and len(second.sent) == 2
+    for wire in second.sent:
+        second.protocol.datagramReceived(reply_to(wire), ("127.0.0.1", 53))
+    assert (answered_name(a)) == "a.example." and (answered_name(b)) == "b.example."
+
+
+def test_the_reactor_closing_the_socket_on_an_error_fails_its_tries():
+    """EPOLLERR makes the epoll reactor close the port: its tries fail as port unreachable."""
+    reactor, client = make()
+    seen = outcome(client.query("a.example", dns.rdatatype.AAAA))
+    reactor.ports[0].lose_by_error()
+    [failure] = seen
+    assert failure.check(TransientDnsError) and "port unreachable" in str(failure.value)
+    client.query("b.example", dns.rdatatype.AAAA)
+    assert len(reactor.ports) == 2
+
+
+def test_a_refused_write_fails_the_try():
+    """An ICMP error reported on the write itself fails the query without waiting for a timeout."""
+    reactor, client = make()
+    real_listen = reactor.listenUDP
+
+    def refusing(port, protocol, interface=""):
+        udp = real_listen(port, protocol, interface)
+        udp.refuse_writes = True
+        return udp
+
+    reactor.listenUDP = refusing
+    seen = outcome(client.query("a.example", dns.rdatatype.AAAA))
+    [failure] = seen
+    assert "port unreachable" in str(failure.value)
+    reactor.advance(0)  # the refused socket's close completes
+    assert reactor.ports[0].closed and not reactor.getDelayedCalls()
+
+
+def test_a_timed_out_try_is_retried_under_a_new_id_and_its_late_answer_dropped():
+    """After a timeout the next try has its own ID; the first try's late answer is ignored."""
+    reactor, client = make(attempts=2, timeout=1.0)
+    seen = outcome(client.query("a.example", dns.rdatatype.AAAA))
+    reactor.advance(1.0)
+    [port] = reactor.ports
+    first, second = port.sent
+    assert first[:2] != second[:2] and first[2:] == second[2:]
+    port.protocol.datagramReceived(reply_to(first), ("127.0.0.1", 53))
+    assert not seen
+    port.protocol.datagramReceived(reply_to(second), ("127.0.0.1", 53))
+    assert (answered_name(seen)) == "a.example."
+
+
+def test_every_try_timing_out_is_a_transient_error():
+    """No answer from any server within the tries: TransientDnsError naming the timeouts."""
+    reactor, client = make(servers=(SERVER, OTHER), attempts=2, timeout=1.0)
+    seen = outcome(client.query("a.example", dns.rdatatype.AAAA))
+    reactor.advance(1.0)
+    reactor.advance(1.0)
+    reactor.advance(1.0)
+    assert not seen
+    reactor.advance(1.0)
+    [failure] = seen
+    assert failure.check(TransientDnsError) and "timeout" in str(failure.value)
+    assert {port.peer for port in reactor.ports} == {("127.0.0.1", 53), ("::1", 5353)}
+    assert {port.interface for port in reactor.ports} == {"", "::"}
+
+
+def test_cancelling_frees_the_id_and_the_timer():
+    """A cancelled query stops its timer and leaves no try registered on the socket."""
+    reactor, client = make()
+    query = client.query("a.example", dns.rdatatype.AAAA)
+    query.addErrback(lambda _failure: None)
+    [port] = reactor.ports
+    query.cancel()
+    assert not port.protocol.tries and not reactor.getDelayedCalls()
+    port.protocol.datagramReceived(reply_to(port.sent[0]), ("127.0.0.1", 53))  # late: ignored
+
+
+def test_servfail_goes_to_the_next_try():
+    """SERVFAIL is not an answer: the next try is asked and its answer is used."""
+    reactor, client = make(attempts=2)
+    seen = outcome(client.query("a.example", dns.rdatatype.AAAA))
+    [port] = reactor.ports
+    port.protocol.datagramReceived(reply_to(port.sent[0], rcode=dns.rcode.SERVFAIL), None)
+    assert not seen and len(port.sent) == 2
+    port.protocol.datagramReceived(reply_to(port.sent[1]), None)
+    assert (answered_name(seen)) == "a.example."
+
+
+def test_a_truncated_answer_is_asked_again_over_tcp():
+    """TC set: the query goes to the same server over TCP, and the UDP try is over."""
+    reactor, client = make()
+    client.query("a.example", dns.rdatatype.AAAA)
+    [port] = reactor.ports
+    port.protocol.datagramReceived(reply_to(port.sent[0], tc=True), None)
+    assert reactor.tcp == [("127.0.0.1", 53)] and not port.protocol.tries
+
+
+def test_no_socket_is_a_transient_error():
+    """A socket that cannot be opened (no IPv6 on the host) fails the try, not the daemon."""
+    reactor, client = make(attempts=2)
+    reactor.fail_listen = True
+    seen = outcome(client.query("a.example", dns.rdatatype.AAAA))
+    [failure] = seen
+    assert failure.check(TransientDnsError) and "send failed (OSError)" in str(failure.value)
+
+
+def test_ids_are_drawn_at_random():
+    """The IDs of a socket's tries are not a sequence: they are spread over 16 bits."""
+    reactor, client = make()
+    for i in range(QUERIES_PER_SOCKET):
+        client.query(f"q{i}.example", dns.rdatatype.AAAA)
+    ids = [int.from_bytes(wire[:2], "big") for wire in reactor.ports[0].sent]
+    assert len(set(ids)) == len(ids) and max(ids) - min(ids) > 4096
