@@ -17,6 +17,7 @@ Twisted; the reads cost two attribute look-ups.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 __all__ = ["InForce", "Live", "Setting"]
@@ -55,6 +56,8 @@ class Setting:
         self.key = key
         self.derived = derived
         self.slot = "_" + key
+        # One C-level getter for the whole path: read on every request.
+        self._read = attrgetter(("now." if derived else "now.config.") + key)
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.slot = "_" + name
@@ -62,11 +65,11 @@ class Setting:
     def __get__(self, obj: Any, owner: type | None = None) -> Any:
         if obj is None:
             return self
-        live = obj.__dict__.get("live")
+        own = obj.__dict__
+        live = own.get("live")
         if live is None:
-            return obj.__dict__[self.slot]
-        source = live.now if self.derived else live.now.config
-        return getattr(source, self.key)
+            return own[self.slot]
+        return self._read(live)
 
     def __set__(self, obj: Any, value: Any) -> None:
         obj.__dict__[self.slot] = value

@@ -186,3 +186,25 @@ def test_bad_line_after_the_first_is_refused_as_it_arrives(line, why):
     with pytest.raises(PolicyProtocolError, match=why):
         for byte in line:  # typed one key at a time
             decoder.feed(bytes([byte]))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from([b"request=smtpd_access_policy", b"a=b", b"a=c", b"=x", b"nox",
+                                 b"c=\0", b"d=\xff", b"e=f\r", b"", b"g==h", b"x" * 20000]),
+                min_size=0, max_size=6))
+def test_one_whole_request_in_one_read_decodes_as_byte_by_byte(lines):
+    """A read holding exactly one request (the way Postfix sends it, decoded in place without
+    the buffer) gives the same request, or the same error message, as the same bytes arriving
+    in two reads (through the buffer)."""
+    data = b"\n".join(lines) + b"\n\n"
+
+    def run(chunks):
+        decoder, out = PolicyDecoder(), []
+        try:
+            for chunk in chunks:
+                out += decoder.feed(chunk)
+        except PolicyProtocolError as error:
+            return out, str(error)
+        return out, "ok"
+
+    assert run([data]) == run([data[:1], data[1:]])

@@ -304,8 +304,10 @@ RULES: tuple[Rule, ...] = (
 )
 
 _FACT_OF = {Need.RDNS: "rdns", Need.SPF: "spf"}
-# The table with each rule's needs as (fact attribute, Need) pairs, computed once.
-_STEPS = tuple((rule, tuple((_FACT_OF[n], n) for n in rule.needs)) for rule in RULES)
+# The table as the walk reads it, computed once: each rule's needs as (fact attribute, Need)
+# pairs, then its fields as plain tuple items (read for every rule of every request).
+_STEPS = tuple((tuple((_FACT_OF[n], n) for n in rule.needs), rule.applies, rule.reply,
+                rule.kind, rule.name) for rule in RULES)
 
 
 # Rules before this index need no fact: once a walk has passed them (and returned a Need), a
@@ -331,20 +333,19 @@ def decide(subject: Subject, facts: Facts, policy: Policy, optin: Optin,
     report = (entry.mode if entry is not None and entry.mode else policy.mode) == "report"
     reported = _EVERY_KIND if report else policy.report_only_rules
     would = ""
-    for rule, needs in _STEPS[start:]:
+    for needs, applies, reply, kind, name in (_STEPS[start:] if start else _STEPS):
         for attribute, need in needs:
             if getattr(facts, attribute) is None:
                 return need
-        if not rule.applies(subject, facts, policy, entry):
+        if not applies(subject, facts, policy, entry):
             continue
-        action = rule.reply(subject, facts, policy)
-        kind = rule.kind
+        action = reply(subject, facts, policy)
         if kind is None:
-            return Verdict(action, rule.name, would, reported)
+            return Verdict(action, name, would, reported)
         if report or (kind is PolicyRule.NOT_OPTED_IN and policy.unlisted_domains == "report"):
-            return Verdict(DUNNO, rule.name, action, reported)
+            return Verdict(DUNNO, name, action, reported)
         if kind in policy.report_only_rules:
             would = would or action
             continue
-        return Verdict(action, rule.name, would, reported)
+        return Verdict(action, name, would, reported)
     raise AssertionError("the last rule always applies")  # pragma: no cover
