@@ -134,13 +134,14 @@ class DnsClient(Protocol):
     fires with the response (a fake may give a ``dns.message.Message``, which
     ``lookups.interpret`` reads too), or fails on a transient fault."""
 
-    def query(self, qname: str,
-              rdtype: dns.rdatatype.RdataType) -> Deferred[Reply]: ...
+    def query(self, qname: str, rdtype: dns.rdatatype.RdataType,
+              max_size: int = 65_535) -> Deferred[Reply]: ...
 
 
 class Lookups(Protocol):
     """The typed, cached lookups the checks use (``resolver.lookups.Lookups``, or a fake)."""
 
-    def lookup(self, name: str, rrtype: str) -> Deferred[Answer]: ...
+    def lookup(self, name: str, rrtype: str,
+               max_size: int | None = None) -> Deferred[Answer]: ...
 
     def cached(self, name: str, rrtype: str) -> Answer | None: ...

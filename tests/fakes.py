@@ -17,7 +17,7 @@ import dns.rdatatype
 import dns.rrset
 from twisted.internet import defer
 
-from policyd_ipv6.resolver.client import TransientDnsError
+from policyd_ipv6.resolver.client import MAX_REPLY_SIZE, ReplyTooLarge, TransientDnsError
 
 
 class FakeDnsClient:
@@ -69,8 +69,9 @@ class FakeDnsClient:
         # message's rrset index, which resolve_chaining relies on).
         return dns.message.from_wire(response.to_wire())
 
-    def query(self, qname: str, rdtype: int) -> defer.Deferred:
-        """Same signature as DnsClient.query: the name as absolute text, the type as a number."""
+    def query(self, qname: str, rdtype: int, max_size: int = MAX_REPLY_SIZE) -> defer.Deferred:
+        """Same signature as DnsClient.query: the name as absolute text, the type as a number;
+        a response longer than ``max_size`` on the wire fails with ``ReplyTooLarge``."""
         name = qname.rstrip(".").lower()
         self.queries.append((name, dns.rdatatype.to_text(rdtype)))
         if name in self.silent:
@@ -78,7 +79,10 @@ class FakeDnsClient:
         if name in self.broken:
             result = defer.fail(TransientDnsError("SERVFAIL from fake"))
         else:
-            result = defer.succeed(self.response(qname, rdtype))
+            response = self.response(qname, rdtype)
+            size = len(response.to_wire())
+            result = (defer.fail(ReplyTooLarge(size, max_size)) if size > max_size
+                      else defer.succeed(response))
         if self.clock is None or self.delay <= 0:
             return result
         later = defer.Deferred()

@@ -14,7 +14,15 @@ exchanges costs 111 steps, not 111 evaluations). RFC 7208's limits are the evalu
 mechanisms need (include, a, mx, exists, redirect) are fetched at once, in parallel, before
 the evaluation asks for them one by one; so are the addresses of MX exchanges.
 
-An exception inside the evaluator (a bug, not a DNS fault) gives ``permerror``, logged with its
+Memory: a TXT reply longer than ``limits.txt_bytes`` plus ``TXT_REPLY_OVERHEAD`` could only
+push the evaluation past its TXT cap, so it is refused on its length, before it is read, and
+the evaluation goes on exactly as if its text had been counted: ``permerror`` ("TXT records
+over ... bytes", logged), or the default explanation for ``exp=``. A reply that large with
+less text than the cap would need more than 4 KiB of record overhead (thousands of tiny
+records, or stuffed sections): no record worth evaluating looks like that. When the
+evaluation ends (or is cancelled), the lookups it started and no longer needs are cancelled.
+
+An exception inside the evaluator (a bug, not a DNS fault) gives ``temperror``, logged with its
 traceback: hostile input never escapes as anything else.
 """
 
@@ -28,18 +36,23 @@ from twisted.logger import Logger
 
 from policyd_ipv6.cache import ExpiringCache
 from policyd_ipv6.checks.spf_eval import Limits, Verdict, check_host
+from policyd_ipv6.checks.spf_terms import SpfPermError
 from policyd_ipv6.facts import SpfFact
 from policyd_ipv6.names import IPAddress, domain_key, helo_domain, recipient_domain
 from policyd_ipv6.resolver.lookups import Answer
 from policyd_ipv6.vocabulary import Clock, DnsStatus, Lookups, SpfResult
 
-__all__ = ["check_spf", "SpfResults", "MAX_QUESTIONS", "Limits"]
+__all__ = ["check_spf", "SpfResults", "MAX_QUESTIONS", "Limits", "TXT_REPLY_OVERHEAD"]
 
 _log = Logger(namespace="policyd-ipv6")
 
 # More DNS questions than RFC 7208's limits allow (10 terms of at most 11 lookups each, the
 # record, a redirect, %{p} and exp=): past this, the evaluator has a bug; permerror.
 MAX_QUESTIONS = 150
+# What a DNS message adds to the TXT text it carries (header, question, each record's name,
+# type, class, TTL and length, a length byte per string, EDNS), with room to spare: a TXT
+# set of ``txt_bytes`` of text fits in ``txt_bytes`` + this.
+TXT_REPLY_OVERHEAD = 4096
 DEFAULT_LIMITS = Limits()
 
 
@@ -89,19 +102,54 @@ class _Evaluation:
         self.identity = identity
         self.answers: dict[tuple[str, str], Answer] = {}
         self.questions = 0
+        self.too_large = ""  # what the last refused TXT reply was, for the log
+        self.limits = limits
         self.steps = check_host(ip, sender, helo, limits, int(time.time()))
+        # The lookups this evaluation asked for (its own and prefetched) and still waits on.
+        self.asked: dict[tuple[str, str], defer.Deferred[Answer]] = {}
         # Cancelling (the decision's deadline passed) stops the evaluation at its next step.
-        self.result: defer.Deferred[SpfFact] = defer.Deferred(lambda _d: None)
+        self.result: defer.Deferred[SpfFact] = defer.Deferred(lambda _d: self._cancel_asked())
 
     def start(self) -> defer.Deferred[SpfFact]:
         self._resume(None)
         return self.result
 
-    def _resume(self, answer: Answer | None) -> None:
+    def _ask(self, key: tuple[str, str]) -> defer.Deferred[Answer]:
+        """Look ``key`` up (or join the lookup of it under way), a TXT reply bounded by what
+        the cap can use (module docstring)."""
+        d = self.asked.get(key)
+        if d is not None:
+            return d
+        if key[1] == "TXT":
+            d = self.lookups.lookup(*key, max_size=self.limits.txt_bytes + TXT_REPLY_OVERHEAD)
+        else:
+            d = self.lookups.lookup(*key)
+        if not d.called:
+            self.asked[key] = d
+            d.addBoth(self._answered, key)
+        return d
+
+    def _answered(self, result: object, key: tuple[str, str]) -> object:
+        self.asked.pop(key, None)
+        return result
+
+    def _cancel_asked(self) -> None:
+        """Withdraw from the lookups still under way: nobody here needs them any more."""
+        asked, self.asked = self.asked, {}
+        for d in asked.values():
+            if not d.called:
+                d.addErrback(lambda _failure: None)  # the CancelledError, expected
+                d.cancel()
+
+    def _resume(self, answer: Answer | None, error: Exception | None = None) -> None:
         """Run the evaluator until it needs an answer nobody has yet, or ends."""
         while True:
             try:
-                key = self.steps.send(answer)
+                if error is not None:  # raised where the evaluator asked, as its own would be
+                    key = self.steps.throw(error)
+                    error = None
+                else:
+                    key = self.steps.send(answer)
             except StopIteration as end:
                 self._finish(end.value)
                 return
@@ -120,18 +168,19 @@ class _Evaluation:
                 return
             answer = self.answers.get(key) or self.lookups.cached(*key)
             if answer is None:
-                self.lookups.lookup(*key).addCallback(self._arrived, key)
+                self._ask(key).addCallback(self._arrived, key)
                 return
             self.answers[key] = answer
 
     def _finish(self, verdict: Verdict) -> None:
+        self._cancel_asked()
         # A result built on a temporary failure must not be reused.
         reusable = verdict.result != SpfResult.TEMPERROR and all(
             a.status != DnsStatus.TEMPFAIL for a in self.answers.values())
         ttl = min((a.ttl for a in self.answers.values()), default=0.0) if reusable else 0.0
         if verdict.result == SpfResult.PERMERROR and "TXT records over" in verdict.explanation:
-            _log.warn("SPF for {identity}: {why}", identity=self.identity,
-                      why=verdict.explanation)
+            _log.warn("SPF for {identity}: {why}{size}", identity=self.identity,
+                      why=verdict.explanation, size=self.too_large)
         if not self.result.called:
             self.result.callback(SpfFact(SpfResult(verdict.result), verdict.explanation,
                                          self.identity, len(self.answers), ttl, verdict.macros))
@@ -139,6 +188,11 @@ class _Evaluation:
     def _arrived(self, answer: Answer, key: tuple[str, str]) -> None:
         if self.result.called:  # cancelled: nobody waits for this evaluation any more
             self.steps.close()
+            return
+        if answer.too_large:  # only TXT replies are bounded: over the cap, unread
+            self.too_large = f" ({answer.detail})"
+            self._resume(None, SpfPermError(f"TXT records over {self.limits.txt_bytes} bytes",
+                                            key[0]))
             return
         self.answers[key] = answer
         if answer.ok:
@@ -159,8 +213,9 @@ class _Evaluation:
                 if text.lower().startswith("v=spf1 "):
                     wanted = list(_named_lookups(text, key[0], address_type))[:10]
                     break
-        for name, rrtype in wanted:
-            self.lookups.lookup(name, rrtype)
+        for question in wanted:
+            if question not in self.answers:
+                self._ask(question)
 
 
 class SpfResults:

@@ -37,7 +37,7 @@ from prometheus_client.process_collector import ProcessCollector
 from twisted.internet import defer
 from twisted.logger import Logger, LogLevel
 
-from policyd_ipv6.resolver.client import TransientDnsError
+from policyd_ipv6.resolver.client import MAX_REPLY_SIZE, TransientDnsError
 from policyd_ipv6.resolver.reply import Reply
 from policyd_ipv6.vocabulary import Clock
 
@@ -125,9 +125,10 @@ class CountingDnsClient:
         self.clock = clock
         self.metrics = metrics
 
-    def query(self, name: str, rdtype):
+    def query(self, name: str, rdtype, max_size: int = MAX_REPLY_SIZE):
         start = self.clock.seconds()
-        d = self.client.query(name, rdtype)
+        d = (self.client.query(name, rdtype) if max_size == MAX_REPLY_SIZE
+             else self.client.query(name, rdtype, max_size))
         return d.addBoth(self._count, dns.rdatatype.to_text(rdtype), start)
 
     def _count(self, result, rrtype: str, start: float):

@@ -15,6 +15,12 @@ of the same name share one query, and at most ``max_inflight`` names are asked a
 holds a socket). Temporary failures are not cached. Names are always absolute: no search
 list. An unexpected exception (a bug, not a DNS fault) also gives ``tempfail``, and is logged
 at error level with its traceback.
+
+``lookup(name, rrtype, max_size)`` bounds the reply in bytes: a longer one is not read and
+gives ``tempfail`` with ``too_large`` set (the caller decides what that means: for SPF's TXT
+cap, a permerror); lookups with different bounds do not share a query. Cancelling the
+Deferred of a lookup withdraws that caller; when no caller is left, the query is cancelled
+too (its socket closed), and nothing is cached from it.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from twisted.python.failure import Failure
 
 from policyd_ipv6.cache import ExpiringCache
 from policyd_ipv6.live import Live, Setting
-from policyd_ipv6.resolver.client import TransientDnsError
+from policyd_ipv6.resolver.client import ReplyTooLarge, TransientDnsError
 from policyd_ipv6.resolver.reply import Reply, resolve
 from policyd_ipv6.resolver.wire import encode_name
 from policyd_ipv6.vocabulary import Clock, DnsClient, DnsStatus
@@ -50,6 +56,7 @@ class Answer:
     values: tuple = ()
     detail: str = ""
     ttl: float = 0.0
+    too_large: bool = False  # tempfail: the reply was over the lookup's max_size, not read
 
     @property
     def ok(self) -> bool:
@@ -142,21 +149,22 @@ class Lookups:
         self.cache: ExpiringCache[tuple[str, str], Answer] = ExpiringCache(
             max_entries, clock, max_bytes)
         self.max_ttl_seconds = max_ttl_seconds
-        self._inflight: dict[tuple[str, str], list[defer.Deferred[Answer]]] = {}
+        # (name, type, max_size or None) -> the query and the Deferreds of those waiting on it
+        self._inflight: dict[tuple[str, str, int | None], _Flight] = {}
 
     def cached(self, name: str, rrtype: str) -> Answer | None:
         return self.cache.get((name.lower().rstrip("."), rrtype))
 
-    def lookup(self, name: str, rrtype: str) -> defer.Deferred[Answer]:
+    def lookup(self, name: str, rrtype: str,
+               max_size: int | None = None) -> defer.Deferred[Answer]:
         key = (name.lower().rstrip("."), rrtype)
         answer = self.cache.get(key)
         if answer is not None:
             return defer.succeed(answer)
-        waiting = self._inflight.get(key)
-        mine: defer.Deferred[Answer] = defer.Deferred()
-        if waiting is not None:
-            waiting.append(mine)
-            return mine
+        flight_key = (*key, max_size)
+        flight = self._inflight.get(flight_key)
+        if flight is not None:
+            return flight.join()
         try:
             encode_name(key[0])
             qtype = dns.rdatatype.from_text(rrtype)
@@ -166,15 +174,22 @@ class Lookups:
         if len(self._inflight) >= self.max_inflight:
             return defer.succeed(Answer(DnsStatus.TEMPFAIL,
                                         detail="too many DNS queries in flight"))
-        self._inflight[key] = [mine]
-        d = self.client.query(key[0], qtype)
-        d.addCallbacks(lambda r: interpret(r, rrtype, self.max_ttl_seconds),
-                       lambda f: Answer(DnsStatus.TEMPFAIL, detail=f.getErrorMessage())
-                       if f.check(TransientDnsError) else f)
-        d.addBoth(self._deliver, key)
+        flight = self._inflight[flight_key] = _Flight(self, flight_key)
+        mine = flight.join()
+        if max_size is None:
+            d = self.client.query(key[0], qtype)
+        else:
+            d = self.client.query(key[0], qtype, max_size=max_size)
+        flight.query = d
+        d.addCallbacks(lambda r: interpret(r, rrtype, self.max_ttl_seconds), _failed)
+        d.addBoth(self._deliver, flight)
         return mine
 
-    def _deliver(self, answer: object, key: tuple[str, str]) -> None:
+    def _deliver(self, answer: object, flight: _Flight) -> None:
+        if self._inflight.get(flight.key) is not flight:
+            return  # every waiter withdrew and the query was cancelled: nobody to tell
+        del self._inflight[flight.key]
+        key = flight.key[:2]
         if not isinstance(answer, Answer):
             # A bug below us (or a module that cannot be loaded): the mail gets a temporary
             # refusal, and the log says why, with the traceback.
@@ -185,6 +200,40 @@ class Lookups:
             answer = Answer(DnsStatus.TEMPFAIL, detail=f"internal error: {answer!r}"[:200])
         if answer.status != DnsStatus.TEMPFAIL:
             self.cache.put(key, answer, answer.ttl, answer_size(key, answer))
-        for waiter in self._inflight.pop(key, []):
+        for waiter in flight.waiters:
             if not waiter.called:  # a waiter may have been cancelled (its deadline passed)
                 waiter.callback(answer)
+
+
+def _failed(failure: Failure) -> Answer | Failure:
+    """A query's failure as an Answer: transient DNS faults are tempfail; bugs stay failures."""
+    if failure.check(ReplyTooLarge):
+        return Answer(DnsStatus.TEMPFAIL, detail=failure.getErrorMessage(), too_large=True)
+    if failure.check(TransientDnsError):
+        return Answer(DnsStatus.TEMPFAIL, detail=failure.getErrorMessage())
+    return failure
+
+
+class _Flight:
+    """One query under way and the callers waiting on it."""
+
+    def __init__(self, lookups: Lookups, key: tuple[str, str, int | None]) -> None:
+        self.lookups = lookups
+        self.key = key
+        self.waiters: list[defer.Deferred[Answer]] = []
+        self.query: defer.Deferred | None = None
+
+    def join(self) -> defer.Deferred[Answer]:
+        waiter: defer.Deferred[Answer] = defer.Deferred(self._withdraw)
+        self.waiters.append(waiter)
+        return waiter
+
+    def _withdraw(self, waiter: defer.Deferred[Answer]) -> None:
+        """A waiter was cancelled; the last one out cancels the query (and frees its socket)."""
+        if self.lookups._inflight.get(self.key) is not self:
+            return  # already answered
+        if any(not w.called and w is not waiter for w in self.waiters):
+            return
+        del self.lookups._inflight[self.key]
+        if self.query is not None:
+            self.query.cancel()
