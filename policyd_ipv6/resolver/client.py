@@ -7,17 +7,22 @@ refused or answered SERVFAIL/REFUSED/FORMERR/NOTIMP. It never blocks the reactor
 fails with any other exception. Interpreting the answer (CNAME chains, TTLs, caching) is
 ``lookups``' job.
 
-How a query runs: tries go round-robin over the nameservers, ``attempts`` rounds, each try on
-a fresh UDP socket with a kernel-chosen source port and a random query ID (RFC 5452), connected
-to the server so that only its datagrams are read and an ICMP "port unreachable" fails the try
-at once. A response must match the query's ID and question (``dns_wire.is_reply_to``);
-anything else is dropped, as is a reply ``parse_reply`` rejects. A response with the TC bit
-is retried over TCP to the same server (RFC 7766) whatever the rest of it holds; a TCP
-response is read into one buffer, parsed once, and may be up to 65,535 bytes, or up to the
-query's ``max_size``: a longer one is refused on its two-byte length prefix, before it is read
-(the connection is closed), and the query fails with ``ReplyTooLarge`` (a
-``TransientDnsError``) without trying further servers: the caller said it could not use it.
-The resolv.conf search list is never applied: names are always absolute.
+How a query runs: tries go round-robin over the nameservers, ``attempts`` rounds. Each try
+draws a random query ID and goes out on a UDP socket with a kernel-chosen random source port
+(RFC 5452 §9.2: both unpredictable), connected to the server so that only its datagrams are
+read and an ICMP "port unreachable" fails the tries on it at once. A socket is shared: it
+carries at most ``QUERIES_PER_SOCKET`` tries, takes new ones for at most ``SOCKET_SECONDS``,
+and is closed when its last try ends; no two of its tries in flight share an ID. Opening a
+socket per try cost a quarter of the daemon's CPU on cold mail (socket, bind, connect, epoll
+registration, close); a bounded reuse keeps the port unpredictable to anyone off the path. A
+response must match its try's ID (the socket's demultiplexing) and question
+(``dns_wire.is_reply_to``); anything else is dropped, as is a reply ``parse_reply`` rejects.
+A response with the TC bit is retried over TCP to the same server (RFC 7766) whatever the rest
+of it holds; a TCP response is read into one buffer, parsed once, and may be up to 65,535
+bytes, or up to the query's ``max_size``: a longer one is refused on its two-byte length
+prefix, before it is read (the connection is closed), and the query fails with
+``ReplyTooLarge`` (a ``TransientDnsError``) without trying further servers: the caller said it
+could not use it. The resolv.conf search list is never applied: names are always absolute.
 """
 
 from __future__ import annotations
@@ -40,6 +45,11 @@ __all__ = ["DnsClient", "Nameserver", "ReplyTooLarge", "TransientDnsError", "MAX
 
 # RFC 1035 §4.2.2: the two-byte length prefix of a TCP message.
 MAX_REPLY_SIZE = 65_535
+
+# How long one UDP socket (one source port) is used (see the module docstring): after this many
+# tries, or this many seconds after it opened, the next try gets a fresh socket.
+QUERIES_PER_SOCKET = 32
+SOCKET_SECONDS = 5.0
 
 
 class TransientDnsError(Exception):
@@ -72,6 +82,7 @@ class DnsClient:
         self.nameservers = tuple(nameservers)
         self.timeout_seconds = timeout_seconds
         self.attempts = attempts
+        self.sockets: dict[Nameserver, _UdpSocket] = {}  # the one taking new tries, per server
 
     def query(self, name: str, rdtype: int,
               max_size: int = MAX_REPLY_SIZE) -> defer.Deferred[Reply]:
@@ -80,9 +91,22 @@ class DnsClient:
         ``max_size`` bounds the reply in bytes (a longer one fails with ``ReplyTooLarge``).
         Raises ValueError at once for a name DNS cannot carry (``dns_wire.encode_name``).
         """
-        wire = encode_query(secrets.randbits(16), encode_name(name), rdtype)
+        wire = encode_query(0, encode_name(name), rdtype)  # each try sets its own ID
         tries = [ns for _ in range(self.attempts) for ns in self.nameservers]
         return _Query(self, wire, tries, max_size).start()
+
+    def udp_socket(self, server: Nameserver) -> _UdpSocket:
+        """The socket the next try to ``server`` goes out on; opens one if needed (may raise)."""
+        current = self.sockets.get(server)
+        if current is not None:
+            if (current.uses < QUERIES_PER_SOCKET
+                    and self.reactor.seconds() - current.opened < SOCKET_SECONDS):
+                return current
+            current.retire()
+        fresh = _UdpSocket(self, server)
+        fresh.open()
+        self.sockets[server] = fresh
+        return fresh
 
 
 class _Query:
@@ -184,27 +208,104 @@ class _Try:
         raise NotImplementedError
 
 
-class _UdpTry(_Try, protocol.DatagramProtocol):
-    noisy = False  # one socket per query: no "starting on port" log lines
+class _UdpSocket(protocol.DatagramProtocol):
+    """One connected UDP socket to one server, shared by its tries in flight (keyed by ID)."""
 
+    noisy = False  # no "starting on port" log line per socket
+
+    def __init__(self, client: DnsClient, server: Nameserver) -> None:
+        self.client = client
+        self.server = server
+        self.tries: dict[int, _UdpTry] = {}  # in flight, by query ID
+        self.uses = 0
+        self.opened = client.reactor.seconds()
+        self.port: Any = None  # the Twisted UDP port; None once closed
+        self.retired = False  # takes no new tries; closed when the last one ends
+
+    def open(self) -> None:
+        reactor = self.client.reactor
+        self.port = reactor.listenUDP(0, self, interface="::" if self.server.ipv6 else "")
+        try:
+            self.port.connect(self.server.host, self.server.port)
+        except Exception:
+            self._close()
+            raise
+
+    def add(self, attempt: _UdpTry) -> int:
+        """Register ``attempt`` under a random ID no try in flight here has; return the ID."""
+        self.uses += 1
+        # At most QUERIES_PER_SOCKET IDs are taken out of 65,536: a few draws always suffice.
+        for _ in range(64):
+            qid = secrets.randbits(16)
+            if qid not in self.tries:
+                self.tries[qid] = attempt
+                return qid
+        raise RuntimeError("no free query ID")
+
+    def remove(self, qid: int) -> None:
+        del self.tries[qid]
+        if self.retired and not self.tries:
+            self._close()
+
+    def retire(self) -> None:
+        """Take no new tries; close once those in flight have ended."""
+        self.retired = True
+        if self.client.sockets.get(self.server) is self:
+            del self.client.sockets[self.server]
+        if not self.tries:
+            self._close()
+
+    def datagramReceived(self, data: bytes, addr) -> None:
+        attempt = self.tries.get(int.from_bytes(data[:2], "big")) if len(data) >= 12 else None
+        if attempt is not None:  # else not ours (spoofed, late, junk): dropped
+            attempt.received(data)
+
+    def connectionRefused(self) -> None:
+        self._unreachable()
+
+    def stopProtocol(self) -> None:
+        # The epoll reactor closes a UDP port whose socket reports an error (EPOLLERR, as an
+        # ICMP "port unreachable" does on a connected socket) instead of calling
+        # connectionRefused: the tries on it have failed either way. Our own close sets
+        # ``port`` to None first.
+        if self.port is not None:
+            self.port = None
+            self._unreachable()
+
+    def _unreachable(self) -> None:
+        self.retire()
+        for attempt in list(self.tries.values()):
+            attempt.unreachable()
+
+    def _close(self) -> None:
+        if self.port is not None:
+            port, self.port = self.port, None
+            port.stopListening()
+
+
+class _UdpTry(_Try):
     def __init__(self, query: _Query, server: Nameserver) -> None:
         super().__init__(query, server)
-        self.port = None
+        self.socket: _UdpSocket | None = None
+        self.qid = 0
 
     def start(self) -> None:
-        reactor = self.query.client.reactor
+        query = self.query
         try:
-            self.port = reactor.listenUDP(0, self, interface="::" if self.server.ipv6 else "")
-            self.transport.connect(self.server.host, self.server.port)
-            self.transport.write(self.query.wire)
+            udp = query.client.udp_socket(self.server)
+            self.qid = qid = udp.add(self)
+            self.socket = udp
+            query.wire = wire = qid.to_bytes(2, "big") + query.wire[2:]
+            udp.port.write(wire)  # an ICMP error already queued fails the tries at once
         except Exception as error:  # socket errors: no route, no IPv6 on this host...
             self._fail(f"send failed ({error.__class__.__name__})")
             return
-        self._arm("timeout")
+        if not self.done:
+            self._arm("timeout")
 
-    def datagramReceived(self, data: bytes, addr) -> None:
+    def received(self, data: bytes) -> None:
         if self.done or not is_reply_to(self.query.wire, data):
-            return  # not ours (spoofed, late, junk): keep waiting for the real answer
+            return  # same ID, another question: spoofed or junk; keep waiting for the answer
         if data[2] & 0x02:  # TC: the answer did not fit, whatever came with it
             self._finish()
             self.query.truncated(self.server)
@@ -216,21 +317,13 @@ class _UdpTry(_Try, protocol.DatagramProtocol):
         self._finish()
         self.query.answered(self.server, response)
 
-    def connectionRefused(self) -> None:
+    def unreachable(self) -> None:
         self._fail("port unreachable")
 
-    def stopProtocol(self) -> None:
-        # The epoll reactor closes a UDP port whose socket reports an error (EPOLLERR, as an
-        # ICMP "port unreachable" does on a connected socket) instead of calling
-        # connectionRefused: the try has failed either way.
-        if not self.done:
-            self.port = None
-            self._fail("port unreachable")
-
     def _close(self) -> None:
-        if self.port is not None:
-            port, self.port = self.port, None
-            port.stopListening()
+        if self.socket is not None:
+            udp, self.socket = self.socket, None
+            udp.remove(self.qid)
 
 
 class _TcpTry(_Try, protocol.Protocol):
