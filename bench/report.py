@@ -174,6 +174,7 @@ def chart(results, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
     panels = _panels(results)
     fig, axes = plt.subplots(2, len(panels), figsize=(5.5 * len(panels), 8), squeeze=False)
     for col, ((scenario, delay), runs) in enumerate(panels.items()):
@@ -196,7 +197,12 @@ def chart(results, path):
             ax.set_yscale("log")
             ax.set_xticks(conns)
             ax.set_xticklabels([str(c) for c in conns])
-            ax.minorticks_off()
+            ax.xaxis.set_minor_locator(NullLocator())
+            # 1-2-5 steps labelled as plain numbers: a panel spanning less than a decade
+            # would otherwise have one labelled tick, or none.
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.10g}"))
+            ax.yaxis.set_minor_locator(NullLocator())
             ax.set_xlabel("concurrent connections")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)

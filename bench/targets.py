@@ -79,9 +79,14 @@ def _why_missing(results, server, scenario, delay, conns):
     where = f"{server} {scenario} {delay} ms × {conns} conn"
     for run in results["runs"]:
         if _key(run) == (server, scenario, delay, conns):
-            first = (run["failed"].splitlines() or [""])[0]
-            return f"not measured: {where} failed ({first[:80]})"
+            return f"not measured: {where} failed ({_short(run['failed'])})"
     return f"not measured: {where} not run"
+
+
+def _short(reason, width=120):
+    """The first line of a failure, cut to `width` characters (the cell's row has all of it)."""
+    first = (reason.splitlines() or [""])[0]
+    return first if len(first) <= width else first[:width - 1].rstrip("; ") + "…"
 
 
 def _ratio(a, b):
@@ -193,7 +198,7 @@ def soak_check(soak):
     if soak is None:
         return "not run (bench/run --soak 1000000)", None
     if "failed" in soak:
-        return f"not measured: soak failed ({(soak['failed'].splitlines() or [''])[0][:80]})", None
+        return f"not measured: soak failed ({_short(soak['failed'])})", None
     growth, plateau, end, peak = soak_figures(soak)
     answered, sent = soak.get("answered", 0), soak.get("sent", 0)
     measured = (f"{growth * 100:+.1f} % once full ({plateau:.0f} → {end:.0f} MB), peak "
