@@ -7,6 +7,12 @@ is running; when it fires, ``self.timer`` is None and the subclass's ``_timed_ou
 cancels it (on connection loss). ``_peer()`` is the remote address, printable and bounded,
 for log lines. ``OverLimitWarning`` logs "max_connections reached" at most once a minute, with
 the count since the last line: a flood of connections must not become a flood of log lines.
+``write_now(transport, data)`` is ``transport.write(data)`` that sends at once when nothing
+else is queued on the connection (what a reply to one request always finds): Twisted's
+write would register for writability, wait a reactor turn and unregister, two system calls
+and a turn per reply; a partial send leaves the rest to ``transport.write``, an error leaves
+all of it (Twisted then finds the error and closes), and a transport without Twisted's
+file-descriptor internals (a TLS or test transport) just gets ``write``.
 Both it and ``PeerCheck`` keep ``refused``, the connections closed since start-up (metrics).
 ``PeerCheck(clock, listener, uids)`` admits a Unix-socket peer only when its uid, read with
 SO_PEERCRED, is one of ``uids`` (None: every peer); peers on other sockets are admitted (TCP
@@ -25,10 +31,30 @@ from policyd_ipv6.text import printable
 from policyd_ipv6.vocabulary import Clock, DelayedCall
 
 __all__ = ["TimedConnection", "OverLimitWarning", "PeerCheck", "peer_uid",
-           "WARN_INTERVAL_SECONDS"]
+           "WARN_INTERVAL_SECONDS", "write_now"]
 
 _log = Logger(namespace="policyd-ipv6")
 WARN_INTERVAL_SECONDS = 60.0
+
+
+def write_now(transport: Any, data: bytes) -> None:
+    """See the module docstring."""
+    try:
+        idle = (transport.connected and not transport.disconnecting
+                and not transport._writeDisconnected and transport.producer is None
+                and not transport._tempDataBuffer
+                and len(transport.dataBuffer) <= transport.offset)
+        send = transport.writeSomeData
+    except AttributeError:  # not a Twisted socket transport
+        idle = False
+    if not idle:
+        transport.write(data)
+        return
+    sent = send(data)
+    if not isinstance(sent, int) or sent < 0:  # CONNECTION_LOST & co: Twisted's path closes
+        transport.write(data)
+    elif sent < len(data):
+        transport.write(data[sent:])
 
 
 class TimedConnection:

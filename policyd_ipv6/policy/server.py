@@ -25,7 +25,7 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from policyd_ipv6.connection import OverLimitWarning, PeerCheck, TimedConnection
+from policyd_ipv6.connection import OverLimitWarning, PeerCheck, TimedConnection, write_now
 from policyd_ipv6.live import Live, Setting
 from policyd_ipv6.policy.codec import PolicyDecoder, PolicyProtocolError, encode_reply
 
@@ -101,7 +101,7 @@ class PolicyProtocol(TimedConnection, protocol.Protocol):
         self.busy = False
         if self.closed:
             return
-        self.transport.write(encode_reply(outcome.verdict.action))
+        write_now(self.transport, encode_reply(outcome.verdict.action))
         self.answered += 1
         self._arm_timer()
         self.factory.touch(self)
