@@ -16,7 +16,6 @@ connection is closed at shutdown.
 
 from __future__ import annotations
 
-import gc
 import os
 import sys
 from typing import Any, cast
@@ -24,6 +23,7 @@ from typing import Any, cast
 from twisted.logger import ILogObserver, Logger, globalLogPublisher
 
 from policyd_ipv6 import __version__
+from policyd_ipv6.daemon.collector import Collector
 from policyd_ipv6.daemon.config import Config, ConfigError
 from policyd_ipv6.daemon.lifecycle import Lifecycle, inherited_sockets
 from policyd_ipv6.daemon.limits import descriptor_budget, raise_open_files_limit
@@ -61,6 +61,7 @@ def serve(config: Config, log_level: str = "info", allow_root: bool = False) -> 
     stream = os.fdopen(sys.stdout.fileno(), "w", buffering=1 << 16, encoding="utf-8",
                        errors="backslashreplace", closefd=False)
     start_logging(stream, log_level, reactor)
+    collector = Collector(reactor)
     metrics = Metrics(reactor) if config.metrics_listen else None
     if metrics is not None:
         metrics.attach(service)
@@ -99,12 +100,8 @@ def serve(config: Config, log_level: str = "info", allow_root: bool = False) -> 
             status[0] = 1
             reactor.stop()
             return
-        # The start-up objects (modules, config, tables) never die: keep them out of every
-        # collection, and collect the young generation less often. The caches hold many
-        # long-lived objects, and each full collection would walk them with the reactor stopped.
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(20_000, 20, 20)
+        # Short collections only, the start-up objects frozen (daemon.collector).
+        collector.start()
         service.optin.start()
         install_sighup(reactor, lifecycle.reloading(service.reload))
         lifecycle.ready(ports)  # READY=1: bound, privileges dropped, table loaded

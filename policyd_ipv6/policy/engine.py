@@ -118,7 +118,9 @@ class PolicyEngine:
         milter = self._milter_message(attributes)
         result: defer.Deferred[Outcome] | None = None
 
-        def step(_ignored=None) -> Outcome | None:
+        # step is handed itself (again) instead of naming itself: a closure that names itself
+        # is a reference cycle, left for the garbage collector after every decision.
+        def step(_ignored: object, again: Any) -> Outcome | None:
             nonlocal result
             # Asked again at each step: if the milter's message ended while the lookups ran
             # (connection lost), nobody will check DKIM, so SPF alone decides.
@@ -130,7 +132,7 @@ class PolicyEngine:
             if isinstance(verdict, Need):
                 if result is None:
                     result = defer.Deferred()
-                message.when(verdict).addCallback(step)
+                message.when(verdict).addCallback(again, again)
                 return None
             if pending:
                 milter.record(subject, verdict, facts)  # read back at end of message
@@ -139,7 +141,7 @@ class PolicyEngine:
                 result.callback(outcome)
             return outcome
 
-        outcome = step()  # every fact needed already known: no Deferred at all
+        outcome = step(None, step)  # every fact needed already known: no Deferred at all
         if outcome is not None:
             return outcome
         assert result is not None
