@@ -1,12 +1,12 @@
 """SPF evaluation (RFC 7208 §4, check_host) as a generator: the DNS is the caller's business.
 
-Contract: ``check_host(ip, sender, helo, limits, now)`` returns a generator that yields each
-DNS question as a ``(name, rrtype)`` pair (lower-case name without the trailing dot; rrtype
-one of TXT, A, AAAA, MX, PTR) and must be sent back an answer with ``status`` (a
-``DnsStatus``) and ``values`` (as ``resolver.lookups.Answer`` has them). It ends
-(``StopIteration.value``) with a ``Verdict``. Nothing here does I/O or imports Twisted, so
-the evaluation resumes where it stopped when an answer arrives: the work is linear in the
-lookups, never a replay from the top.
+Contract: ``check_host(ip, sender, helo, limits, now)`` (``ip`` as text or an ``ipaddress``
+object) returns a generator that yields each DNS question as a ``(name, rrtype)`` pair
+(lower-case name without the trailing dot; rrtype one of TXT, A, AAAA, MX, PTR) and must be
+sent back an answer with ``status`` (a ``DnsStatus``) and ``values`` (as
+``resolver.lookups.Answer`` has them). It ends (``StopIteration.value``) with a ``Verdict``.
+Nothing here does I/O or imports Twisted, so the evaluation resumes where it stopped when an
+answer arrives: the work is linear in the lookups, never a replay from the top.
 
 Semantics: pyspf 2.0.14 in strict mode, which the RFC 7208 and RFC 4408 test suites accept
 in full, with its limits made exact and configurable: at most ``limits.dns_terms`` (10)
@@ -57,6 +57,9 @@ DEFAULT_EXPLANATIONS = {  # pyspf's texts, which the daemon has always shown
 }
 _SPF_RECORD = re.compile(rb"^v=spf1$|^v=spf1 ", re.IGNORECASE)
 _MAX_RECURSION = 20  # never reached within the term limit; a guard all the same
+_ADDRESS_TYPES = (ipaddress.IPv4Address, ipaddress.IPv6Address)
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_NO_VALUES: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -79,28 +82,44 @@ class Verdict:
 class _Evaluation:
     """The state of one check_host run: counters, the client's macro values, %{p}."""
 
-    def __init__(self, ip: str, sender: str, helo: str, limits: Limits, now: int,
+    def __init__(self, ip: str | IPAddress, sender: str, helo: str, limits: Limits, now: int,
                  receiver: str) -> None:
-        address = ipaddress.ip_address(ip)
+        address = ip if isinstance(ip, _ADDRESS_TYPES) else ipaddress.ip_address(ip)
         if address.version == 6 and address.ipv4_mapped is not None:
             address = address.ipv4_mapped
         self.client = address
         self.v6 = address.version == 6
         self.address_type = "AAAA" if self.v6 else "A"
-        local, self.domain = split_sender(sender, helo)
-        if self.v6:
-            dotted = ".".join(address.exploded.replace(":", "").upper())
-        else:
-            dotted = address.exploded
-        self.reverse_name = ".".join(reversed(dotted.split("."))) + (
-            ".ip6.arpa" if self.v6 else ".in-addr.arpa")
-        self.values = {"s": sender or "postmaster@" + helo, "l": local, "o": self.domain,
-                       "i": dotted, "v": "ip6" if self.v6 else "in-addr", "h": helo,
-                       "c": str(address), "r": receiver, "t": str(now)}
+        self.sender, self.helo, self.receiver, self.now = sender, helo, receiver, now
+        self.local, self.domain = split_sender(sender, helo)
+        # The macro values and the reverse name: built when a macro or ptr first needs them
+        # (most records have neither, and the address's text forms cost more than the rest).
+        self._values: dict[str, str] | None = None
         self.limits = limits
         self.terms = self.voids = self.txt_bytes = 0
         self.p: str | None = None
         self.macros = False
+
+    @property
+    def values(self) -> dict[str, str]:
+        """The client's macro letters (RFC 7208 §7.3) but d and p."""
+        if self._values is None:
+            self._values = {"s": self.sender or "postmaster@" + self.helo, "l": self.local,
+                            "o": self.domain, "i": self._dotted(),
+                            "v": "ip6" if self.v6 else "in-addr", "h": self.helo,
+                            "c": str(self.client), "r": self.receiver, "t": str(self.now)}
+        return self._values
+
+    def _dotted(self) -> str:
+        """The i macro: dotted quad, or the 32 nibbles of an IPv6 address dot-separated."""
+        if self.v6:
+            return ".".join(self.client.exploded.replace(":", "").upper())
+        return self.client.exploded
+
+    @property
+    def reverse_name(self) -> str:
+        return ".".join(reversed(self._dotted().split("."))) + (
+            ".ip6.arpa" if self.v6 else ".in-addr.arpa")
 
     # DNS, with pyspf's accounting of void lookups
 
@@ -166,6 +185,8 @@ class _Evaluation:
         return valid
 
     def expand(self, text: str, domain: str, in_exp: bool = False) -> Steps:
+        if "%" not in text:  # no macro (most domain-specs): no letter values needed
+            return expand(text, _NO_VALUES, in_exp)
         if self.p is None and needs_p(text):
             valid = yield from self.validated_ptrs()
             suffix = "." + domain
@@ -289,9 +310,10 @@ def _ascii(raw: bytes) -> str:
         raise SpfPermError("Non-ascii characters found", repr(raw)[:100]) from None
 
 
-def check_host(ip: str, sender: str, helo: str, limits: Limits | None = None, now: int = 0,
-               receiver: str = "unknown") -> Steps:
-    """See the module docstring: yields questions, returns a Verdict."""
+def check_host(ip: str | IPAddress, sender: str, helo: str, limits: Limits | None = None,
+               now: int = 0, receiver: str = "unknown") -> Steps:
+    """See the module docstring (``ip`` as text or parsed): yields questions, returns a
+    Verdict."""
     state = _Evaluation(ip, sender, helo, limits or Limits(), now, receiver)
     try:
         record = yield from state.spf_record(state.domain)
