@@ -137,15 +137,29 @@ def test_tries_share_a_socket_up_to_the_bound():
 
 
 def test_a_socket_takes_new_tries_for_a_bounded_time():
-    """After SOCKET_SECONDS a try gets a fresh socket; the idle old one is closed at once."""
+    """SOCKET_SECONDS after it opened an idle socket closes; the next try gets a fresh one."""
     reactor, client = make(timeout=SOCKET_SECONDS * 4)
     answer = outcome(client.query("a.example", dns.rdatatype.AAAA))
     [first] = reactor.ports
     first.protocol.datagramReceived(reply_to(first.sent[0]), ("127.0.0.1", 53))
+    reactor.advance(SOCKET_SECONDS - 0.1)
     assert answer and not first.closed
+    reactor.advance(0.1)
+    assert first.closed
+    client.query("b.example", dns.rdatatype.AAAA)
+    assert len(reactor.ports) == 2
+
+
+def test_a_busy_socket_past_its_time_closes_after_its_last_try():
+    """At SOCKET_SECONDS a socket with a try in flight takes no new ones and closes after it."""
+    reactor, client = make(timeout=SOCKET_SECONDS * 4)
+    answer = outcome(client.query("a.example", dns.rdatatype.AAAA))
     reactor.advance(SOCKET_SECONDS)
     client.query("b.example", dns.rdatatype.AAAA)
-    assert len(reactor.ports) == 2 and first.closed
+    first, second = reactor.ports
+    assert not first.closed and len(second.sent) == 1
+    first.protocol.datagramReceived(reply_to(first.sent[0]), ("127.0.0.1", 53))
+    assert answer and first.closed and not second.closed
 
 
 def test_a_retired_socket_closes_when_its_last_try_ends():
@@ -281,7 +295,8 @@ def test_cancelling_frees_the_id_and_the_timer():
     query.addErrback(lambda _failure: None)
     [port] = reactor.ports
     query.cancel()
-    assert not port.protocol.tries and not reactor.getDelayedCalls()
+    assert not port.protocol.tries
+    assert [call.func for call in reactor.getDelayedCalls()] == [port.protocol.retire]
     port.protocol.datagramReceived(reply_to(port.sent[0]), ("127.0.0.1", 53))  # late: ignored
 
 

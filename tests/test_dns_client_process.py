@@ -22,7 +22,6 @@ from policyd_ipv6.resolver.client import (
     QUERIES_PER_SOCKET,
     DnsClient,
     TransientDnsError,
-    _UdpSocket,
 )
 from policyd_ipv6.resolver.wire import Nameserver, encode_name
 
@@ -79,7 +78,7 @@ def test_queries_share_sockets_and_all_are_answered(answerer):
     assert len(set(answerer.sources)) == 3
     wait(task.deferLater(reactor, 0.05, lambda: None))  # closing a port takes a reactor turn
     ours = [reader for reader in reactor.getReaders()
-            if isinstance(getattr(reader, "protocol", None), _UdpSocket)]
+            if getattr(getattr(reader, "protocol", None), "client", None) is client]
     assert ours == [client.sockets[Nameserver("127.0.0.1", answerer.port)].port]
 
 

@@ -50,6 +50,7 @@ MAX_REPLY_SIZE = 65_535
 # tries, or this many seconds after it opened, the next try gets a fresh socket.
 QUERIES_PER_SOCKET = 32
 SOCKET_SECONDS = 5.0
+_USABLE = frozenset((dns.rcode.NOERROR, dns.rcode.NXDOMAIN))  # the rcodes that answer
 
 
 class TransientDnsError(Exception):
@@ -99,8 +100,7 @@ class DnsClient:
         """The socket the next try to ``server`` goes out on; opens one if needed (may raise)."""
         current = self.sockets.get(server)
         if current is not None:
-            if (current.uses < QUERIES_PER_SOCKET
-                    and self.reactor.seconds() - current.opened < SOCKET_SECONDS):
+            if current.uses < QUERIES_PER_SOCKET:
                 return current
             current.retire()
         fresh = _UdpSocket(self, server)
@@ -139,7 +139,7 @@ class _Query:
 
     def answered(self, server: Nameserver, response: Reply) -> None:
         rcode = response.rcode()
-        if rcode in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+        if rcode in _USABLE:
             self.current = None
             if not self.result.called:
                 self.result.callback(response)
@@ -218,9 +218,9 @@ class _UdpSocket(protocol.DatagramProtocol):
         self.server = server
         self.tries: dict[int, _UdpTry] = {}  # in flight, by query ID
         self.uses = 0
-        self.opened = client.reactor.seconds()
         self.port: Any = None  # the Twisted UDP port; None once closed
         self.retired = False  # takes no new tries; closed when the last one ends
+        self.expiry: DelayedCall | None = None
 
     def open(self) -> None:
         reactor = self.client.reactor
@@ -230,6 +230,8 @@ class _UdpSocket(protocol.DatagramProtocol):
         except Exception:
             self._close()
             raise
+        # Retired by age even when idle: no socket outlives its tries by more than this.
+        self.expiry = reactor.callLater(SOCKET_SECONDS, self.retire)
 
     def add(self, attempt: _UdpTry) -> int:
         """Register ``attempt`` under a random ID no try in flight here has; return the ID."""
@@ -250,6 +252,10 @@ class _UdpSocket(protocol.DatagramProtocol):
     def retire(self) -> None:
         """Take no new tries; close once those in flight have ended."""
         self.retired = True
+        if self.expiry is not None:
+            if self.expiry.active():
+                self.expiry.cancel()
+            self.expiry = None
         if self.client.sockets.get(self.server) is self:
             del self.client.sockets[self.server]
         if not self.tries:
