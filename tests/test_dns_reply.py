@@ -273,3 +273,20 @@ def test_names_print_as_dnspython_prints_them():
     for text in ["a.example", "ex\\.am\\\"ple.test", "\\200\\032x.test", "@x.test", "."]:
         name = dns.name.from_text(text)
         assert name_text(name.to_wire().lower()) == name.to_text(omit_final_dot=True).lower()
+
+
+def test_ipv6_addresses_print_as_dnspython_prints_them():
+    """AAAA text is dnspython's for every mix of 0, 1 and ffff groups (the cases where RFC
+    5952's zero compression and the ::ffff:a.b.c.d form could differ)."""
+    import itertools
+
+    from dns.ipv6 import inet_ntoa
+
+    words = [b"\x00\x00", b"\x00\x01", b"\xff\xff"]
+    response = dns.message.make_response(dns.message.make_query("v6.test", "AAAA"))
+    addresses = [b"".join(group) for group in itertools.product(words, repeat=8)]
+    for start in range(0, len(addresses), 256):  # one reply per 256 records
+        response.answer = [dns.rrset.from_text_list(
+            "v6.test.", 60, "IN", "AAAA", [inet_ntoa(a) for a in addresses[start:start + 256]])]
+        found = resolve(parse_reply(response.to_wire(max_size=65535)))
+        assert sorted(found.values) == sorted(inet_ntoa(a) for a in addresses[start:start + 256])
