@@ -19,6 +19,7 @@ from policyd_ipv6.daemon.collector import (
     MIN_GROWTH,
     NEVER,
     PROMOTIONS,
+    TICK_SECONDS,
     WARN_SECONDS,
     YOUNG,
     Collector,
@@ -39,6 +40,9 @@ class FakeGc:
 
     def collect(self, generation: int = 2) -> int:
         self.calls.append(("collect", generation))
+        self.run(generation, 0.0, [0.0])
+        for younger in range(generation + 1):
+            self.count[younger] = 0
         return 0
 
     def freeze(self) -> None:
@@ -75,6 +79,9 @@ class FakeReactor:
     def seconds(self) -> float:
         return self.clock.seconds()
 
+    def callLater(self, delay, f, *args):
+        return self.clock.callLater(delay, f, *args)
+
     def callFromThread(self, f, *args) -> None:
         self.pending.append((f, args))
 
@@ -102,11 +109,11 @@ def test_start_freezes_start_up_and_never_collects_the_old_generation_by_itself(
     assert fake.threshold == (YOUNG, MIDDLE, NEVER)
     assert c._callback in fake.callbacks and c.baseline == 60_000
     c.stop()
-    assert fake.callbacks == []
+    assert fake.callbacks == [] and reactor.clock.getDelayedCalls() == []
 
 
-def test_old_generation_is_collected_then_frozen_on_the_reactor_after_promotions():
-    """After PROMOTIONS middle collections one old collection and a freeze are scheduled, and
+def test_survivors_are_frozen_on_the_reactor_after_a_middle_collection():
+    """After PROMOTIONS middle collections one collection and a freeze are scheduled, and
     they run on the reactor's next turn, not inside the collector's callback."""
     c, fake, reactor, timer = started()
     for _ in range(PROMOTIONS - 1):
@@ -116,7 +123,7 @@ def test_old_generation_is_collected_then_frozen_on_the_reactor_after_promotions
     fake.run(1, 0.001, timer)  # already due: scheduled once
     assert fake.calls == [] and len(reactor.pending) == 1
     reactor.turn()
-    assert fake.calls == [("collect", 2), ("freeze",)]
+    assert fake.calls == [("collect", 1), ("freeze",)]
 
 
 def test_every_pause_is_counted_in_its_generation_and_bucket():
@@ -165,7 +172,7 @@ def test_frozen_garbage_is_looked_for_when_the_frozen_objects_grew_by_half():
     reactor.clock.advance(CHECK_SECONDS / 2)
     fake.calls.clear()
     c._collect_old()
-    assert fake.calls == [("collect", 2), ("freeze",), ("unfreeze",), ("collect", 2),
+    assert fake.calls == [("collect", 1), ("freeze",), ("unfreeze",), ("collect", 2),
                           ("freeze",)]
     assert c.full_collections == 1 and c.baseline == 310_000
 
@@ -248,3 +255,20 @@ def test_a_decision_from_known_facts_leaves_no_cyclic_garbage():
         gc.enable()
     assert len(replies(transport)) == 41
     assert found == 0
+
+
+def test_the_young_generation_is_collected_every_tick_whatever_the_count():
+    """Each TICK_SECONDS the young generation is collected (the middle one when MIDDLE young
+    collections are behind it), and everything is frozen after PROMOTIONS middle ones."""
+    c, fake, reactor, timer = started()
+    for _ in range(MIDDLE + 1):
+        reactor.clock.advance(TICK_SECONDS)
+    assert fake.calls == [("collect", 0)] * MIDDLE + [("collect", 1)]
+    assert PROMOTIONS == 1 and len(reactor.pending) == 1
+    reactor.turn()
+    assert fake.calls[-2:] == [("collect", 1), ("freeze",)]
+    assert reactor.pending == []  # its own middle collection schedules no other freeze
+    c.stop()
+    calls = len(fake.calls)
+    reactor.clock.advance(TICK_SECONDS * 10)
+    assert len(fake.calls) == calls

@@ -3,8 +3,8 @@
 Contract: ``Collector(reactor, gc_module=gc, timer=time.perf_counter)``; ``start()`` (once,
 when start-up is over) collects, freezes what start-up built (modules, configuration,
 tables: they never die), sets the thresholds and hooks ``gc.callbacks``; ``stop()`` unhooks
-it. The reactor needs ``seconds()`` and ``callFromThread(f)`` (thread-safe: a collection
-may run on any thread).
+it. The reactor needs ``seconds()``, ``callLater`` (the tick) and ``callFromThread(f)``
+(thread-safe: a collection may run on any thread).
 Every collection is timed: ``pauses`` counts them per generation in the histogram buckets
 ``BUCKETS`` (with ``pause_sum``), ``longest`` is the longest pause so far (seconds), and a
 pause over ``WARN_SECONDS`` is logged once the reactor gets control back. It never collects
@@ -17,12 +17,16 @@ collection took 0.1-0.5 s, and a young threshold of 20,000 made each young colle
 some 20,000 objects of cyclic garbage at once (20-120 ms). The policy:
 
 - The young and middle generations are collected automatically, with thresholds that keep
-  them small (``YOUNG``, ``MIDDLE``): their pauses stay a few milliseconds.
+  them small (``YOUNG``, ``MIDDLE``): their pauses stay a few milliseconds. CPython counts
+  allocations minus deallocations, so while frozen cache entries die as fast as new ones are
+  made the young generation grows without ever reaching its threshold: every ``TICK_SECONDS``
+  the reactor collects the young generation (the middle one when it is due) all the same.
 - The old generation is never collected automatically. After ``PROMOTIONS`` middle
-  collections (each moves its survivors to the old generation), the next reactor turn
-  collects the old generation, which holds only what was promoted since the last time, and
-  freezes the survivors (``gc.freeze``): a frozen object is never walked again, and is still
-  freed the usual way when its last reference goes.
+  collection (it moves its survivors to the old generation), the next reactor turn collects
+  the young and middle generations once more and freezes everything (``gc.freeze``): the
+  old generation holds nothing unfrozen, a frozen object is never walked again, and it is
+  still freed the usual way when its last reference goes. So each object is walked at most
+  a few times while young, in batches the thresholds and the tick keep small.
 - A cycle that becomes garbage after it was frozen is only found by a full collection
   (``gc.unfreeze``, collect, freeze again). One runs when the frozen objects have grown by
   ``GROWTH`` over their number after the last full one (checked at most every
@@ -38,18 +42,21 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet import task
 from twisted.logger import Logger
 
-__all__ = ["Collector", "BUCKETS", "YOUNG", "MIDDLE", "PROMOTIONS", "GROWTH", "WARN_SECONDS"]
+__all__ = ["Collector", "BUCKETS", "YOUNG", "MIDDLE", "PROMOTIONS", "GROWTH", "TICK_SECONDS",
+           "WARN_SECONDS"]
 
 _log = Logger(namespace="policyd-ipv6")
 
 YOUNG = 2_000  # net new tracked objects between young collections
 MIDDLE = 4  # young collections between middle collections
-PROMOTIONS = 4  # middle collections between old collections (then a freeze)
+PROMOTIONS = 1  # middle collections between freezes
 GROWTH = 0.5  # frozen objects may grow by half before a full collection looks at them
 MIN_GROWTH = 50_000  # ... and by at least this many (start-up alone freezes ~60,000)
 CHECK_SECONDS = 60.0  # counting the frozen objects walks them: at most once a minute
+TICK_SECONDS = 0.1  # the young generation is collected at least this often
 WARN_SECONDS = 0.05  # a pause this long is logged (smtpd clients all wait meanwhile)
 NEVER = 1 << 30  # the old generation's threshold: never reached
 BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1.0, 2.5)
@@ -71,9 +78,11 @@ class Collector:
         self.baseline = 0  # frozen objects after the last full collection
         self._started = 0.0  # perf counter at the start of the collection under way
         self._old_due = False
+        self._middles = 0  # middle collections since the last freeze
         self._warn_due: list[tuple[int, float]] = []
         self._checked_at = 0.0
-        self._timer: Any = None
+        self._ticker = task.LoopingCall(self._tick)
+        self._ticker.clock = reactor
 
     def start(self) -> None:
         """Collect and freeze what start-up built; from now on, this policy."""
@@ -84,8 +93,11 @@ class Collector:
         self._checked_at = self.reactor.seconds()
         gc_.set_threshold(YOUNG, MIDDLE, NEVER)
         gc_.callbacks.append(self._callback)
+        self._ticker.start(TICK_SECONDS, now=False)
 
     def stop(self) -> None:
+        if self._ticker.running:
+            self._ticker.stop()
         if self._callback in self.gc.callbacks:
             self.gc.callbacks.remove(self._callback)
 
@@ -98,9 +110,11 @@ class Collector:
         generation = min(int(info.get("generation", 0)), 2)
         pause = now - self._started
         self._count(generation, pause)
-        if generation == 1 and not self._old_due and self.gc.get_count()[2] >= PROMOTIONS:
-            self._old_due = True
-            self.reactor.callFromThread(self._collect_old)
+        if generation == 1:
+            self._middles += 1
+            if not self._old_due and self._middles >= PROMOTIONS:
+                self._old_due = True
+                self.reactor.callFromThread(self._collect_old)
         if pause > WARN_SECONDS:
             if not self._warn_due:
                 self.reactor.callFromThread(self._warn)
@@ -116,12 +130,20 @@ class Collector:
         if pause > self.longest:
             self.longest = pause
 
-    def _collect_old(self) -> None:
-        """The old generation (only what was promoted since the last freeze), then freeze."""
-        self._old_due = False
+    def _tick(self) -> None:
+        """The young generation (with the middle one when due), whatever CPython's count."""
         gc_ = self.gc
-        gc_.collect(2)
+        gc_.collect(1 if gc_.get_count()[1] >= MIDDLE else 0)
+        if not self._old_due and self._middles >= PROMOTIONS:
+            self._collect_old()
+
+    def _collect_old(self) -> None:
+        """The young and middle generations' garbage collected, then everything frozen."""
+        gc_ = self.gc
+        gc_.collect(1)  # its own callback must not schedule another: still due meanwhile
         gc_.freeze()
+        self._middles = 0
+        self._old_due = False
         now = self.reactor.seconds()
         if now - self._checked_at < CHECK_SECONDS:
             return
