@@ -36,6 +36,7 @@ LABELS = {
     "optin_entries": set(), "optin_last_load_timestamp_seconds": set(),
     "optin_load_failures_total": set(), "internal_errors_total": set(),
     "optin_skipped_rows": set(), "optin_from_last_good_copy": set(),
+    "gc_pause_duration_seconds": {"generation"}, "gc_longest_pause_seconds": set(),
 }
 
 

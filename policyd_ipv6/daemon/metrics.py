@@ -6,7 +6,8 @@ one) with the library's process metrics. ``Metrics.attach(service)`` hooks a run
 (``CountingEngine``, ``CountingDnsClient``: the answer passes through unchanged, the count
 is taken on the way), and a collector reads, at each scrape, the counts the parts keep
 themselves (caches' ``hits``/``misses`` and sizes, connections, refusals, milter verdicts and
-DKIM signatures, the opt-in table). ``Metrics.observe_log`` is a ``twisted.logger`` observer
+DKIM signatures, the opt-in table, and the pauses ``daemon.collector`` timed once
+``Metrics.collector`` is set). ``Metrics.observe_log`` is a ``twisted.logger`` observer
 counting internal errors: events of the daemon's namespace that carry a traceback at level
 error or above. ``Metrics.snapshot()`` collects every metric (on the reactor thread: it
 reads live objects); ``render(snapshot)`` turns it into the Prometheus text format (pure: the
@@ -29,7 +30,11 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.exposition import generate_latest
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
@@ -37,6 +42,7 @@ from prometheus_client.process_collector import ProcessCollector
 from twisted.internet import defer
 from twisted.logger import Logger, LogLevel
 
+from policyd_ipv6.daemon.collector import BUCKETS
 from policyd_ipv6.resolver.client import MAX_REPLY_SIZE, TransientDnsError
 from policyd_ipv6.resolver.reply import Reply
 from policyd_ipv6.vocabulary import Clock
@@ -55,7 +61,8 @@ NAMES = tuple(_P + n for n in (
     "dns_query_duration_seconds", "cache_lookups_total", "cache_entries", "connections",
     "connections_refused_total", "milter_messages_total", "dkim_signatures_total",
     "optin_entries", "optin_last_load_timestamp_seconds", "optin_load_failures_total",
-    "optin_skipped_rows", "optin_from_last_good_copy", "internal_errors_total"))
+    "optin_skipped_rows", "optin_from_last_good_copy", "internal_errors_total",
+    "gc_pause_duration_seconds", "gc_longest_pause_seconds"))
 _DECISION_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
 _DNS_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
 
@@ -184,6 +191,7 @@ class Metrics:
             _P + "internal_errors", "Internal errors (bugs) logged with a traceback.",
             registry=r)
         self.service: Any = None
+        self.collector: Any = None  # a running daemon.collector.Collector: its pauses
         self._optin_seen: Any = None
         self._optin_failures_before = 0  # failures of opt-in watchers a reload replaced
         r.register(self)
@@ -228,6 +236,7 @@ class Metrics:
         yield entries
         yield from self._connections(service)
         yield from self._optin(service)
+        yield from self._pauses()
 
     def _connections(self, service):
         policy, milter = service.factory, service.milter_factory
@@ -281,3 +290,22 @@ class Metrics:
             _P + "optin_from_last_good_copy", "1 while the opt-in table in force is the "
             "last-good copy in state_directory (the database did not answer at start-up).",
             value=1 if getattr(watcher, "origin", "") == "last-good copy" else 0)
+
+    def _pauses(self):
+        """The garbage collector's pauses (``daemon.collector``), as it counted them."""
+        pauses = HistogramMetricFamily(
+            _P + "gc_pause_duration_seconds", "Garbage collections (the reactor stops for "
+            "each), by generation: 0 young, 1 middle, 2 old or full.", labels=["generation"])
+        collector = self.collector
+        for generation in range(3):
+            counts = collector.pauses[generation] if collector else [0] * (len(BUCKETS) + 1)
+            total, buckets = 0, []
+            for bound, count in zip((*map(str, BUCKETS), "+Inf"), counts, strict=True):
+                total += count
+                buckets.append((bound, total))
+            pauses.add_metric([str(generation)], buckets,
+                              collector.pause_sum[generation] if collector else 0.0)
+        yield pauses
+        yield GaugeMetricFamily(
+            _P + "gc_longest_pause_seconds", "The longest garbage collection since start-up.",
+            value=collector.longest if collector else 0.0)

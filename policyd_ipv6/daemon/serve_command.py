@@ -65,6 +65,7 @@ def serve(config: Config, log_level: str = "info", allow_root: bool = False) -> 
     metrics = Metrics(reactor) if config.metrics_listen else None
     if metrics is not None:
         metrics.attach(service)
+        metrics.collector = collector
         globalLogPublisher.addObserver(cast(ILogObserver, metrics.observe_log))
     soft, _hard = raise_open_files_limit()
     milter = service.milter_factory
