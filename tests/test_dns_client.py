@@ -18,7 +18,6 @@ import dns.rrset
 from twisted.internet import task
 from twisted.python.failure import Failure
 
-from policyd_ipv6.resolver import client as client_module
 from policyd_ipv6.resolver.client import (
     QUERIES_PER_SOCKET,
     SOCKET_SECONDS,
@@ -189,11 +188,11 @@ def test_answers_are_matched_by_id_whatever_their_order():
     assert (answered_name(a)) == "a.example." and (answered_name(b)) == "b.example."
 
 
-def test_ids_in_flight_on_a_socket_differ(monkeypatch):
+def test_ids_in_flight_on_a_socket_differ():
     """A drawn ID that a try in flight on the same socket holds is drawn again."""
     draws = iter([7, 7, 7, 9])
-    monkeypatch.setattr(client_module.secrets, "randbits", lambda _bits: next(draws))
     reactor, client = make()
+    client.random_id = lambda: next(draws)
     client.query("a.example", dns.rdatatype.AAAA)
     client.query("b.example", dns.rdatatype.AAAA)
     [port] = reactor.ports
@@ -327,6 +326,16 @@ def test_no_socket_is_a_transient_error():
     seen = outcome(client.query("a.example", dns.rdatatype.AAAA))
     [failure] = seen
     assert failure.check(TransientDnsError) and "send failed (OSError)" in str(failure.value)
+
+
+def test_random_ids_are_read_in_blocks_and_never_repeat_a_block():
+    """IDs come from os.urandom 128 at a time; the next block is new bytes, not the old ones."""
+    _reactor, client = make()
+    first = [client.random_id() for _ in range(128)]
+    block = client.entropy
+    second = [client.random_id() for _ in range(128)]
+    assert client.entropy != block and first != second
+    assert first == [int.from_bytes(block[i:i + 2], "big") for i in range(0, 256, 2)]
 
 
 def test_ids_are_drawn_at_random():

@@ -27,7 +27,7 @@ could not use it. The resolv.conf search list is never applied: names are always
 
 from __future__ import annotations
 
-import secrets
+import os
 import struct
 from typing import Any, cast
 
@@ -84,6 +84,8 @@ class DnsClient:
         self.timeout_seconds = timeout_seconds
         self.attempts = attempts
         self.sockets: dict[Nameserver, _UdpSocket] = {}  # the one taking new tries, per server
+        self.entropy = b""  # from os.urandom, read in blocks: one system call per 128 IDs
+        self.entropy_used = 0
 
     def query(self, name: str, rdtype: int,
               max_size: int = MAX_REPLY_SIZE) -> defer.Deferred[Reply]:
@@ -95,6 +97,14 @@ class DnsClient:
         wire = encode_query(0, encode_name(name), rdtype)  # each try sets its own ID
         tries = [ns for _ in range(self.attempts) for ns in self.nameservers]
         return _Query(self, wire, tries, max_size).start()
+
+    def random_id(self) -> int:
+        """A query ID from the system's CSPRNG (RFC 5452 §9.2)."""
+        used = self.entropy_used
+        if used >= len(self.entropy):
+            self.entropy, used = os.urandom(256), 0
+        self.entropy_used = used + 2
+        return int.from_bytes(self.entropy[used:used + 2], "big")
 
     def udp_socket(self, server: Nameserver) -> _UdpSocket:
         """The socket the next try to ``server`` goes out on; opens one if needed (may raise)."""
@@ -238,7 +248,7 @@ class _UdpSocket(protocol.DatagramProtocol):
         self.uses += 1
         # At most QUERIES_PER_SOCKET IDs are taken out of 65,536: a few draws always suffice.
         for _ in range(64):
-            qid = secrets.randbits(16)
+            qid = self.client.random_id()
             if qid not in self.tries:
                 self.tries[qid] = attempt
                 return qid
