@@ -29,7 +29,7 @@ traceback: hostile input never escapes as anything else.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+import weakref
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -108,7 +108,12 @@ class _Evaluation:
         # The lookups this evaluation asked for (its own and prefetched) and still waits on.
         self.asked: dict[tuple[str, str], defer.Deferred[Answer]] = {}
         # Cancelling (the decision's deadline passed) stops the evaluation at its next step.
-        self.result: defer.Deferred[SpfFact] = defer.Deferred(lambda _d: self._cancel_asked())
+        # Reached weakly: a canceller naming this evaluation would make a reference cycle
+        # (left to the garbage collector after every evaluation); while it runs, the lookups
+        # it waits on hold it.
+        cancel = weakref.WeakMethod(self._cancel_asked)
+        self.result: defer.Deferred[SpfFact] = defer.Deferred(
+            lambda _d: None if (method := cancel()) is None else method())
 
     def start(self) -> defer.Deferred[SpfFact]:
         self._resume(None)
@@ -247,7 +252,11 @@ class SpfResults:
             return None
         self.hits += 1
         identity = sender or "postmaster@" + (helo_domain(helo) or helo[:100])
-        return fact if fact.identity == identity else replace(fact, identity=identity)
+        if fact.identity == identity:
+            return fact
+        # Positional, not dataclasses.replace: this runs for nearly every warm decision.
+        return SpfFact(fact.result, fact.explanation, identity, fact.lookups, fact.ttl,
+                       fact.macros)
 
     def put(self, ip: IPAddress, sender: str, helo: str, fact: SpfFact) -> None:
         general, exact = self._keys(ip, sender, helo)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import struct
+import weakref
 from typing import Any, cast
 
 import dns.rcode
@@ -129,7 +130,12 @@ class _Query:
         self.tries = tries
         self.max_size = max_size
         self.problems: list[str] = []
-        self.result: defer.Deferred[Reply] = defer.Deferred(self._cancel)
+        # The canceller reaches this query weakly: a Deferred whose canceller is a method of
+        # the object holding it is a reference cycle, left to the garbage collector after
+        # every query. While the query runs, its try (known to the reactor) holds it.
+        cancel = weakref.WeakMethod(self._cancel)
+        self.result: defer.Deferred[Reply] = defer.Deferred(
+            lambda d: None if (method := cancel()) is None else method(d))
         self.current: _Try | None = None  # the _Try under way
 
     def start(self) -> defer.Deferred[Reply]:

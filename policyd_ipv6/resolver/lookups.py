@@ -200,7 +200,10 @@ class Lookups:
             answer = Answer(DnsStatus.TEMPFAIL, detail=f"internal error: {answer!r}"[:200])
         if answer.status != DnsStatus.TEMPFAIL:
             self.cache.put(key, answer, answer.ttl, answer_size(key, answer))
-        for waiter in flight.waiters:
+        # Taken off the flight: each waiter's canceller refers to the flight, a cycle the
+        # collector would have to find after every lookup.
+        waiters, flight.waiters = flight.waiters, []
+        for waiter in waiters:
             if not waiter.called:  # a waiter may have been cancelled (its deadline passed)
                 waiter.callback(answer)
 
@@ -235,5 +238,6 @@ class _Flight:
         if any(not w.called and w is not waiter for w in self.waiters):
             return
         del self.lookups._inflight[self.key]
+        self.waiters = []  # nobody is told any more (and no cycle through their cancellers)
         if self.query is not None:
             self.query.cancel()
