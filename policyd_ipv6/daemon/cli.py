@@ -136,6 +136,24 @@ def _config(args):
     return config
 
 
+# Twisted endpoint types that never use TLS (socket activation passes plain sockets too).
+_PLAIN_ENDPOINTS = frozenset({"tcp", "tcp6", "unix"})
+
+
+def _without_tls(config) -> None:
+    """Keep pyOpenSSL out of a serving process whose endpoints are all plain. Twisted's TCP
+    transport imports it when it can, with cryptography, service_identity and pyasn1 (about
+    9 MB resident), only to offer startTLS, which the daemon never calls. A module that is
+    None in ``sys.modules`` fails to import with ImportError, and twisted.internet.tcp then
+    builds its transports without TLS. Nothing changes once Twisted's TCP is loaded, or when
+    an endpoint is of another type (ssl:, tls:, a plugin's)."""
+    endpoints = (*config.listen, *config.milter_listen, *config.metrics_listen)
+    if "twisted.internet.tcp" in sys.modules or any(
+            e.partition(":")[0].strip().lower() not in _PLAIN_ENDPOINTS for e in endpoints):
+        return
+    sys.modules.setdefault("OpenSSL", None)  # type: ignore[arg-type]
+
+
 def _check_usage(args) -> str:
     """Why these ``check`` options do not go together, or ""."""
     if args.via and (args.config or args.sample_config):
@@ -196,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = _config(args)
         if args.command == "serve":
+            _without_tls(config)
             from policyd_ipv6.daemon.serve_command import serve
 
             return serve(config, args.log_level, args.allow_root)

@@ -28,8 +28,6 @@ from policyd_ipv6.daemon.config import Config, ConfigError
 from policyd_ipv6.daemon.lifecycle import Lifecycle, inherited_sockets
 from policyd_ipv6.daemon.limits import descriptor_budget, raise_open_files_limit
 from policyd_ipv6.daemon.logs import start_logging
-from policyd_ipv6.daemon.metrics import Metrics
-from policyd_ipv6.daemon.metrics_http import listen_metrics
 from policyd_ipv6.daemon.privileges import (
     drop_privileges,
     load_lazy_modules,
@@ -62,8 +60,13 @@ def serve(config: Config, log_level: str = "info", allow_root: bool = False) -> 
                        errors="backslashreplace", closefd=False)
     start_logging(stream, log_level, reactor)
     collector = Collector(reactor)
-    metrics = Metrics(reactor) if config.metrics_listen else None
-    if metrics is not None:
+    metrics = None
+    if config.metrics_listen:
+        # Imported only here: prometheus_client and twisted.web are for the metrics alone.
+        from policyd_ipv6.daemon.metrics import Metrics
+        from policyd_ipv6.daemon.metrics_http import listen_metrics
+
+        metrics = Metrics(reactor)
         metrics.attach(service)
         metrics.collector = collector
         globalLogPublisher.addObserver(cast(ILogObserver, metrics.observe_log))

@@ -35,7 +35,6 @@ from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
-from policyd_ipv6.checks.dkim_pool import DkimPool
 from policyd_ipv6.checks.gather import FactFinder
 from policyd_ipv6.checks.spf_eval import Limits
 from policyd_ipv6.daemon.config import (
@@ -49,7 +48,6 @@ from policyd_ipv6.daemon.config import (
 from policyd_ipv6.daemon.systemd import adopt_inherited, describe, endpoint_address
 from policyd_ipv6.live import InForce, Live
 from policyd_ipv6.milter.registry import Sessions
-from policyd_ipv6.milter.server import MilterFactory
 from policyd_ipv6.optin.postgresql import DatabaseSettings, PostgresOptin, StartError
 from policyd_ipv6.optin.table import OptinSyntaxError
 from policyd_ipv6.optin.watch import OptinWatcher
@@ -166,6 +164,12 @@ class PolicyService:
         self.factory.noisy = False
         self.milter_factory = None
         if sessions is not None:
+            # Imported here: DKIM (dkimpy, and the cryptography it loads) is the milter's,
+            # and a policy service without one never loads it. Still before the privilege
+            # drop (see privileges.load_lazy_modules).
+            from policyd_ipv6.checks.dkim_pool import DkimPool
+            from policyd_ipv6.milter.server import MilterFactory
+
             self.milter_factory = MilterFactory(
                 self.engine, self.lookups, reactor, authserv_id(config),
                 config.max_connections, config.idle_timeout_seconds,
