@@ -26,7 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from twisted.internet import reactor  # noqa: E402
+from twisted.internet import reactor, task  # noqa: E402
 
 from policyd_ipv6.daemon.collector import Collector  # noqa: E402
 from policyd_ipv6.daemon.config import parse_config  # noqa: E402
@@ -109,22 +109,19 @@ def build(workdir):
     return PolicyService(config, reactor)
 
 
-class Turns:
-    """The reactor as the collector sees it: what it asks to run later runs between requests."""
+class Turns(task.Clock):
+    """The reactor as the collector sees it, on real time: what it asks to run later (its
+    tick, its work after a collection) runs between requests, when due."""
 
     def __init__(self):
-        self.later = []
-
-    def seconds(self):
-        return time.monotonic()
+        super().__init__()
+        self.origin = time.monotonic()
 
     def callFromThread(self, f, *args):
-        self.later.append((f, args))
+        self.callLater(0, f, *args)
 
     def run(self):
-        while self.later:
-            f, args = self.later.pop(0)
-            f(*args)
+        self.advance(time.monotonic() - self.origin - self.seconds())
 
 
 turns = Turns()
@@ -137,8 +134,7 @@ def one_round(service, requests):
     start = time.process_time()
     for request in requests:
         proto.dataReceived(request)
-        if turns.later:
-            turns.run()
+        turns.run()
     spent = time.process_time() - start
     proto.connectionLost(None)
     return spent, transport.replies

@@ -9,13 +9,23 @@ count the calls of ``get`` that found a live entry and those that did not (the m
 them). Time comes from the
 injected clock (``clock.seconds()``), so tests use ``twisted.internet.task.Clock``. Not
 thread-safe: it lives on the reactor thread.
+
+With ``pack`` and ``unpack`` (inverse functions between a value and a plain tuple of
+strings, bytes, numbers, booleans, None and tuples of them), a value is stored as the bytes of
+``marshal.dumps(pack(value))`` and ``get`` returns ``unpack(marshal.loads(...))``: an entry is
+then a tuple of a float, bytes and an int, which the garbage collector stops tracking at the
+first collection that sees it, whatever the order it meets them in. A full cache of class
+instances (or of nested tuples, which CPython untracks one level per collection) is hundreds
+of thousands of objects that every full collection walks with the reactor stopped; as bytes it
+is none, and smaller.
 """
 
 from __future__ import annotations
 
+import marshal
 from collections import OrderedDict
-from collections.abc import Hashable
-from typing import Generic, TypeVar
+from collections.abc import Callable, Hashable
+from typing import Any, Generic, TypeVar
 
 from policyd_ipv6.vocabulary import Clock
 
@@ -26,16 +36,21 @@ V = TypeVar("V")
 
 
 class ExpiringCache(Generic[K, V]):
-    def __init__(self, max_entries: int, clock: Clock, max_bytes: int | None = None) -> None:
+    def __init__(self, max_entries: int, clock: Clock, max_bytes: int | None = None,
+                 pack: Callable[[V], Any] | None = None,
+                 unpack: Callable[[Any], V] | None = None) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
+        if (pack is None) != (unpack is None):
+            raise ValueError("pack and unpack go together")
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.clock = clock
+        self._pack, self._unpack = pack, unpack
         self.bytes = 0
         self.hits = 0
         self.misses = 0
-        self._data: OrderedDict[K, tuple[float, V, int]] = OrderedDict()
+        self._data: OrderedDict[K, tuple[float, Any, int]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._data)
@@ -53,7 +68,7 @@ class ExpiringCache(Generic[K, V]):
             return None
         self._data.move_to_end(key)
         self.hits += 1
-        return value
+        return value if self._unpack is None else self._unpack(marshal.loads(value))
 
     def put(self, key: K, value: V, ttl_seconds: float, size: int = 0) -> None:
         """Store ``value`` for ``ttl_seconds`` (nothing is stored for a TTL of 0 or less, nor
@@ -61,7 +76,8 @@ class ExpiringCache(Generic[K, V]):
         self.pop(key)
         if ttl_seconds <= 0 or (self.max_bytes is not None and size > self.max_bytes):
             return
-        self._data[key] = (self.clock.seconds() + ttl_seconds, value, size)
+        stored = value if self._pack is None else marshal.dumps(self._pack(value))
+        self._data[key] = (self.clock.seconds() + ttl_seconds, stored, size)
         self.bytes += size
         while len(self._data) > self.max_entries or (
                 self.max_bytes is not None and self.bytes > self.max_bytes):

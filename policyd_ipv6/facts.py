@@ -28,6 +28,8 @@ class RdnsOutcome(enum.Enum):
 
 # An Enum member's .value is a property lookup; the log line reads this once per decision.
 _OUTCOME_TEXT = {outcome: outcome.value for outcome in RdnsOutcome}
+_OUTCOME = {outcome.value: outcome for outcome in RdnsOutcome}
+_SPF_RESULT = {result.value: result for result in SpfResult}
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,15 @@ class RdnsFact:
         name = self.confirmed or (self.names[0] if self.names else "")
         text = _OUTCOME_TEXT[self.outcome]
         return f"{text}({name})" if name else text
+
+    def packed(self) -> tuple:
+        """A plain tuple of the fact (for caches: see ``cache``); ``unpacked`` inverts it."""
+        return (self.outcome.value, self.names, self.confirmed, self.detail)
+
+    @classmethod
+    def unpacked(cls, packed: tuple) -> RdnsFact:
+        outcome, names, confirmed, detail = packed
+        return cls(_OUTCOME[outcome], names, confirmed, detail)
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,16 @@ class SpfFact:
     def describe(self) -> str:
         return self.result
 
+    def packed(self) -> tuple:
+        """A plain tuple of the fact (for caches: see ``cache``); ``unpacked`` inverts it."""
+        return (self.result.value, self.explanation, self.identity, self.lookups, self.ttl,
+                self.macros)
+
+    @classmethod
+    def unpacked(cls, packed: tuple) -> SpfFact:
+        result, explanation, identity, lookups, ttl, macros = packed
+        return cls(_SPF_RESULT[result], explanation, identity, lookups, ttl, macros)
+
 
 @dataclass(frozen=True)
 class Facts:
@@ -66,6 +87,17 @@ class Facts:
 
     def with_(self, **changes: Any) -> Facts:
         return replace(self, **changes)
+
+    def packed(self) -> tuple:
+        """A plain tuple of the facts (for caches: see ``cache``); ``unpacked`` inverts it."""
+        return (None if self.rdns is None else self.rdns.packed(),
+                None if self.spf is None else self.spf.packed(), self.dkim_pending)
+
+    @classmethod
+    def unpacked(cls, packed: tuple) -> Facts:
+        rdns, spf, dkim_pending = packed
+        return cls(None if rdns is None else RdnsFact.unpacked(rdns),
+                   None if spf is None else SpfFact.unpacked(spf), dkim_pending)
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,17 @@ When ``deadline_seconds`` pass before a fact is known, the fact becomes a tempor
 One message, one evaluation: Postfix sends one request per recipient with the same
 ``instance`` (SMTPD_POLICY_README), possibly over a new connection if it closed the old one
 (SMTPD_POLICY_README, on the instance attribute), so the facts are kept process-wide, keyed
-by instance and the SPF inputs, in a bounded, expiring cache. A request without an instance
-is never shared.
+by instance and the SPF inputs: the message while its checks run (``pending``, each ends by
+its deadline; at most ``max_messages``), then its facts in a bounded, expiring cache, packed
+into plain tuples that the garbage collector does not walk (``cache``). A request without an
+instance is never shared.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
+from collections.abc import Callable
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -48,6 +52,15 @@ class MessageFacts:
         # Armed by start_deadline() once the checks are under way.
         self._timer: DelayedCall | None = None
         self.work: list[defer.Deferred] = []  # the checks under way, cancelled at the deadline
+        # Called once with the facts when both are known (the finder files them away).
+        self.on_complete: Callable[[Facts], None] | None = None
+
+    @classmethod
+    def known(cls, clock: Clock, facts: Facts) -> MessageFacts:
+        """A message whose facts are all known already (kept from an earlier recipient)."""
+        message = cls(clock, 0.0)
+        message.facts = facts
+        return message
 
     def when(self, need: Need) -> defer.Deferred[Facts]:
         """A Deferred firing with ``self.facts`` once ``need`` is known."""
@@ -75,6 +88,9 @@ class MessageFacts:
             self.work = []  # nothing left to cancel: let the finished checks go
             if self._timer is not None and self._timer.active():
                 self._timer.cancel()
+            complete, self.on_complete = self.on_complete, None
+            if complete is not None:
+                complete(self.facts)
         waiting, self._waiting[need] = self._waiting[need], []
         for d in waiting:
             d.callback(self.facts)
@@ -112,8 +128,12 @@ class FactFinder:
         self.deadline_seconds = deadline_seconds
         self.message_ttl_seconds = message_ttl_seconds
         self.spf_limits = spf_limits
-        self.messages: ExpiringCache[tuple[object, ...], MessageFacts] = ExpiringCache(
-            max_messages, clock)
+        # Messages whose checks are under way (each ends by its deadline), then their facts,
+        # packed (see ``cache``: a full cache the garbage collector never walks).
+        self.pending: dict[tuple[object, ...], MessageFacts] = {}
+        self.max_pending = max_messages
+        self.messages: ExpiringCache[tuple[object, ...], Facts] = ExpiringCache(
+            max_messages, clock, pack=Facts.packed, unpack=Facts.unpacked)
         # A repeat sender (same IP and domain) costs no SPF run while its answers are fresh.
         self.spf_results = SpfResults(max_messages, clock)
         self._unique = itertools.count()
@@ -128,12 +148,17 @@ class FactFinder:
                    mode)
         else:
             key = ("", next(self._unique))
-        found = self.messages.get(key)
-        if found is not None:
-            return found, True
+        under_way = self.pending.get(key)
+        if under_way is not None:
+            self.messages.hits += 1  # one cache for the metrics: under way or kept
+            return under_way, True
+        facts = self.messages.get(key)
+        if facts is not None:
+            return MessageFacts.known(self.clock, facts), True
         message = MessageFacts(self.clock, self.deadline_seconds)
-        if subject.instance:
-            self.messages.put(key, message, self.message_ttl_seconds)
+        if subject.instance and len(self.pending) < self.max_pending:
+            self.pending[key] = message
+            message.on_complete = functools.partial(self._complete, key)
         ip = subject.ip
         assert ip is not None  # the decision asks for facts only about an address
         # Known at once (Postfix's names, cached answers, a reusable SPF result): set without
@@ -166,6 +191,11 @@ class FactFinder:
                            SpfFact(SpfResult.TEMPERROR, "internal error"))
         message.start_deadline()
         return message, False
+
+    def _complete(self, key: tuple[object, ...], facts: Facts) -> None:
+        """A message's facts are all known: keep them for its other recipients."""
+        self.pending.pop(key, None)
+        self.messages.put(key, facts, self.message_ttl_seconds)
 
     def _remember_spf(self, fact: SpfFact, inputs: tuple[IPAddress, str, str]) -> SpfFact:
         ip, sender, helo = inputs

@@ -234,7 +234,8 @@ class SpfResults:
     """
 
     def __init__(self, max_entries: int, clock: Clock) -> None:
-        self.cache: ExpiringCache[tuple[object, ...], SpfFact] = ExpiringCache(max_entries, clock)
+        self.cache: ExpiringCache[tuple[object, ...], SpfFact] = ExpiringCache(
+            max_entries, clock, pack=SpfFact.packed, unpack=SpfFact.unpacked)
         self.hits = 0
         self.misses = 0
 
@@ -242,7 +243,10 @@ class SpfResults:
     def _keys(ip: IPAddress, sender: str,
               helo: str) -> tuple[tuple[object, ...], tuple[object, ...]]:
         domain = recipient_domain(sender) if sender else "postmaster@" + helo.lower()
-        return (ip, domain), (ip, sender.lower(), helo.lower())
+        # The address as bytes, not the object: a key of strings and bytes only is not tracked
+        # by the garbage collector (see ``cache``).
+        address = ip.packed
+        return (address, domain), (address, sender.lower(), helo.lower())
 
     def get(self, ip: IPAddress, sender: str, helo: str) -> SpfFact | None:
         general, exact = self._keys(ip, sender, helo)

@@ -62,6 +62,18 @@ class Answer:
     def ok(self) -> bool:
         return self.status == DnsStatus.OK
 
+    def packed(self) -> tuple:
+        """The answer as a plain tuple (how the cache keeps it: see ``cache``)."""
+        return (self.status.value, self.values, self.detail, self.ttl, self.too_large)
+
+    @classmethod
+    def unpacked(cls, packed: tuple) -> Answer:
+        status, values, detail, ttl, too_large = packed
+        return cls(_STATUS[status], values, detail, ttl, too_large)
+
+
+_STATUS = {status.value: status for status in DnsStatus}
+
 
 def _values(rrset, rrtype: str) -> tuple:
     if rrtype in ("PTR", "CNAME"):
@@ -147,7 +159,7 @@ class Lookups:
         # once rather than running the process out of file descriptors.
         self.max_inflight = max_inflight
         self.cache: ExpiringCache[tuple[str, str], Answer] = ExpiringCache(
-            max_entries, clock, max_bytes)
+            max_entries, clock, max_bytes, Answer.packed, Answer.unpacked)
         self.max_ttl_seconds = max_ttl_seconds
         # (name, type, max_size or None) -> the query and the Deferreds of those waiting on it
         self._inflight: dict[tuple[str, str, int | None], _Flight] = {}
