@@ -60,9 +60,10 @@ def reply_to(wire: bytes, rdata: str) -> bytes:
 
 def test_tcp_reply_over_max_size_is_refused_on_its_length_prefix():
     """A TCP reply longer than max_size fails the query with ReplyTooLarge after its two-byte
-    length, the connection is closed, and the rest of it is never buffered."""
+    length, the connection is closed, and what was read of it is let go at once."""
     attempt, transport, _wire, outcome = tcp_try(max_size=1000)
     attempt.dataReceived(struct.pack("!H", 4096) + b"\0" * 100)
+    assert attempt.buffer == b""
     assert isinstance(outcome[0].value, ReplyTooLarge)
     assert (outcome[0].value.size, outcome[0].value.max_size) == (4096, 1000)
     assert transport.disconnecting

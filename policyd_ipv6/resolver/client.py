@@ -30,12 +30,10 @@ from __future__ import annotations
 import os
 import struct
 import weakref
-from typing import Any, cast
+from typing import Any
 
 import dns.rcode
 from twisted.internet import defer, protocol
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.interfaces import IProtocolFactory
 
 from policyd_ipv6.live import Live, Setting
 from policyd_ipv6.resolver.reply import MalformedReply, Reply, parse_reply
@@ -355,19 +353,18 @@ class _TcpTry(_Try, protocol.Protocol):
         super().__init__(query, server)
         self.buffer = bytearray()
         self.length: int | None = None  # of the reply, once its two-byte prefix is in
-        self.connecting: defer.Deferred[Any] | None = None
+        self.connector: Any = None  # reactor.connectTCP's, until the connection is made
 
     def start(self) -> None:
-        reactor = self.query.client.reactor
-        endpoint_type = TCP6ClientEndpoint if self.server.ipv6 else TCP4ClientEndpoint
-        endpoint = endpoint_type(reactor, self.server.host, self.server.port,
-                                 timeout=self.query.client.timeout_seconds)
+        # reactor.connectTCP, not an endpoint: an endpoint's wrapping factory, protocol and
+        # Deferreds made a dozen objects of cyclic garbage per try.
         self._arm("TCP timeout")
-        # _Once is a Factory, so it provides IProtocolFactory (zope, which mypy cannot see).
-        self.connecting = connecting = endpoint.connect(cast(IProtocolFactory, _Once(self)))
-        connecting.addErrback(lambda _failure: self._fail("TCP connect failed"))
+        self.connector = self.query.client.reactor.connectTCP(
+            self.server.host, self.server.port, _Once(self),
+            timeout=self.query.client.timeout_seconds)
 
     def connectionMade(self) -> None:
+        self.connector = None
         wire = self.query.wire
         self.transport.write(struct.pack("!H", len(wire)) + wire)
 
@@ -380,16 +377,16 @@ class _TcpTry(_Try, protocol.Protocol):
                 return
             (self.length,) = struct.unpack("!H", self.buffer[:2])
             if self.length > self.query.max_size:  # refused unread: the caller cannot use it
+                self.buffer = bytearray()  # what one read brought of it (up to 64 KiB) too
                 self._finish()
                 self.query.too_large(self.length)
                 return
             del self.buffer[:2]
         if len(self.buffer) < self.length:
             return
-        self._finish()
         with memoryview(self.buffer) as view:  # one copy, not a slice's and then bytes'
             wire = bytes(view[:self.length])
-        self.buffer = bytearray()
+        self._finish()  # which lets go of the buffer
         if not is_reply_to(self.query.wire, wire):
             self.query.failed(self.server, "mismatched TCP response")
             return
@@ -402,19 +399,39 @@ class _TcpTry(_Try, protocol.Protocol):
 
     def connectionLost(self, reason=None) -> None:
         self._fail("TCP connection closed")
+        # The transport and its connector point back at this try (a cycle the collector
+        # would have to find): let go of them, and of whatever was read.
+        self.transport = None
+        self.buffer = bytearray()
 
     def _close(self) -> None:
+        self.buffer = bytearray()
         if self.transport is not None:
             self.transport.loseConnection()
-        elif self.connecting is not None and not self.connecting.called:
-            self.connecting.cancel()
+        elif self.connector is not None:
+            connector, self.connector = self.connector, None
+            connector.stopConnecting()
 
 
-class _Once(protocol.Factory):
-    """A factory that hands out one already-built protocol instance."""
+class _Once(protocol.ClientFactory):
+    """A factory that hands out one already-built protocol, once, and tells it when the
+    connection could not be made."""
 
-    def __init__(self, proto: protocol.Protocol) -> None:
-        self.proto = proto
+    noisy = False  # no "Starting factory" log line per try
 
-    def buildProtocol(self, addr) -> protocol.Protocol:
-        return self.proto
+    def __init__(self, proto: _TcpTry) -> None:
+        self.proto: _TcpTry | None = proto
+
+    def buildProtocol(self, addr) -> protocol.Protocol | None:
+        proto, self.proto = self.proto, None  # the connector keeps this factory
+        return proto
+
+    def clientConnectionLost(self, connector, reason) -> None:
+        # The connector and its transport point at each other: a cycle per try otherwise.
+        connector.transport = None
+
+    def clientConnectionFailed(self, connector, reason) -> None:
+        proto, self.proto = self.proto, None
+        if proto is not None:
+            proto.connector = None
+            proto._fail("TCP connect failed")
