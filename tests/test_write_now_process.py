@@ -40,7 +40,7 @@ def test_replies_whole_and_in_order_one_at_a_time_and_pipelined(tmp_path, family
     replies, each whole and in the order asked, on TCP and on a Unix socket."""
     path = tmp_path / "policy.sock"
     settings = {"listen": [f"unix:{path}"]} if family == "unix" else None
-    with ServeProcess(tmp_path, settings, optin="contoso.com\n").start() as proc:
+    with ServeProcess(tmp_path, settings, optin="contoso.com\n") as proc:
         if family == "unix":
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.connect(str(path))
