@@ -19,6 +19,7 @@ from twisted.internet import defer, protocol
 from policyd_ipv6.resolver import client as client_module
 from policyd_ipv6.resolver.client import DnsClient, ReplyTooLarge
 from policyd_ipv6.resolver.reply import Reply
+from policyd_ipv6.resolver.tries import TcpTry
 from policyd_ipv6.resolver.wire import Nameserver, encode_name, encode_query
 
 pytestmark = pytest.mark.process
@@ -42,7 +43,7 @@ def tcp_query(server: Nameserver, max_size: int) -> defer.Deferred:
     client = DnsClient(reactor, [server], 5.0)
     wire = encode_query(0x1234, encode_name("big.example"), dns.rdatatype.TXT)
     query = client_module._Query(client, wire, [], max_size)
-    client_module._TcpTry(query, server).start()
+    TcpTry(query, server).start()
     return query.result
 
 

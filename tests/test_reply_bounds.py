@@ -23,6 +23,7 @@ from policyd_ipv6.resolver import client as client_module
 from policyd_ipv6.resolver.client import DnsClient, ReplyTooLarge
 from policyd_ipv6.resolver.lookups import Lookups
 from policyd_ipv6.resolver.reply import Reply
+from policyd_ipv6.resolver.tries import TcpTry
 from policyd_ipv6.resolver.wire import Nameserver, encode_name, encode_query
 from policyd_ipv6.vocabulary import DnsStatus
 
@@ -45,7 +46,7 @@ def tcp_try(max_size: int):
     query = client_module._Query(dns_client, wire, [], max_size)
     outcome: list = []
     query.result.addBoth(outcome.append)
-    attempt = client_module._TcpTry(query, SERVER)
+    attempt = TcpTry(query, SERVER)
     transport = StringTransport()
     attempt.makeConnection(transport)
     return attempt, transport, wire, outcome

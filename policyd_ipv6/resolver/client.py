@@ -28,7 +28,6 @@ could not use it. The resolv.conf search list is never applied: names are always
 from __future__ import annotations
 
 import os
-import struct
 import weakref
 from typing import Any
 
@@ -37,6 +36,7 @@ from twisted.internet import defer, protocol
 
 from policyd_ipv6.live import Live, Setting
 from policyd_ipv6.resolver.reply import MalformedReply, Reply, parse_reply
+from policyd_ipv6.resolver.tries import TcpTry, Try
 from policyd_ipv6.resolver.wire import Nameserver, encode_name, encode_query, is_reply_to
 from policyd_ipv6.vocabulary import DelayedCall
 
@@ -134,7 +134,7 @@ class _Query:
         cancel = weakref.WeakMethod(self._cancel)
         self.result: defer.Deferred[Reply] = defer.Deferred(
             lambda d: None if (method := cancel()) is None else method(d))
-        self.current: _Try | None = None  # the _Try under way
+        self.current: Try | None = None  # the try under way
 
     def start(self) -> defer.Deferred[Reply]:
         self._next()
@@ -161,7 +161,7 @@ class _Query:
         self.failed(server, dns.rcode.to_text(dns.rcode.Rcode.make(rcode)))
 
     def truncated(self, server: Nameserver) -> None:
-        self.current = tcp = _TcpTry(self, server)
+        self.current = tcp = TcpTry(self, server)
         tcp.start()
 
     def too_large(self, size: int) -> None:
@@ -181,45 +181,6 @@ class _Query:
             self.current.stop()
             self.current = None
         self.tries = []
-
-
-class _Try:
-    """What UDP and TCP tries share: the server, a timer, and ending exactly once."""
-
-    # Set by the Twisted protocol this is mixed into. Typed Any: Twisted declares it as a
-    # zope.interface type, whose methods mypy cannot call (they are declared without self).
-    transport: Any
-
-    def __init__(self, query: _Query, server: Nameserver) -> None:
-        self.query = query
-        self.server = server
-        self.timer: DelayedCall | None = None
-        self.done = False
-
-    def _arm(self, why: str) -> None:
-        self.timer = self.query.client.reactor.callLater(self.query.client.timeout_seconds,
-                                                         self._fail, why)
-
-    def _fail(self, why: str) -> None:
-        """End this try as failed (once) and let the query go on to the next one."""
-        if self.timer is not None and not self.timer.active():
-            self.timer = None  # we are the timer's call
-        if not self.done:
-            self._finish()
-            self.query.failed(self.server, why)
-
-    def stop(self) -> None:
-        self._finish()
-
-    def _finish(self) -> None:
-        self.done = True
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
-        self._close()
-
-    def _close(self) -> None:
-        raise NotImplementedError
 
 
 class _UdpSocket(protocol.DatagramProtocol):
@@ -303,7 +264,7 @@ class _UdpSocket(protocol.DatagramProtocol):
             port.stopListening()
 
 
-class _UdpTry(_Try):
+class _UdpTry(Try):
     def __init__(self, query: _Query, server: Nameserver) -> None:
         super().__init__(query, server)
         self.socket: _UdpSocket | None = None
@@ -344,94 +305,3 @@ class _UdpTry(_Try):
         if self.socket is not None:
             udp, self.socket = self.socket, None
             udp.remove(self.qid)
-
-
-class _TcpTry(_Try, protocol.Protocol):
-    """One query over TCP (RFC 1035 §4.2.2: a two-byte length before each message)."""
-
-    def __init__(self, query: _Query, server: Nameserver) -> None:
-        super().__init__(query, server)
-        self.buffer = bytearray()
-        self.length: int | None = None  # of the reply, once its two-byte prefix is in
-        self.connector: Any = None  # reactor.connectTCP's, until the connection is made
-
-    def start(self) -> None:
-        # reactor.connectTCP, not an endpoint: an endpoint's wrapping factory, protocol and
-        # Deferreds made a dozen objects of cyclic garbage per try.
-        self._arm("TCP timeout")
-        self.connector = self.query.client.reactor.connectTCP(
-            self.server.host, self.server.port, _Once(self),
-            timeout=self.query.client.timeout_seconds)
-
-    def connectionMade(self) -> None:
-        self.connector = None
-        wire = self.query.wire
-        self.transport.write(struct.pack("!H", len(wire)) + wire)
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.done:
-            return
-        self.buffer += data
-        if self.length is None:
-            if len(self.buffer) < 2:
-                return
-            (self.length,) = struct.unpack("!H", self.buffer[:2])
-            if self.length > self.query.max_size:  # refused unread: the caller cannot use it
-                self.buffer = bytearray()  # what one read brought of it (up to 64 KiB) too
-                self._finish()
-                self.query.too_large(self.length)
-                return
-            del self.buffer[:2]
-        if len(self.buffer) < self.length:
-            return
-        with memoryview(self.buffer) as view:  # one copy, not a slice's and then bytes'
-            wire = bytes(view[:self.length])
-        self._finish()  # which lets go of the buffer
-        if not is_reply_to(self.query.wire, wire):
-            self.query.failed(self.server, "mismatched TCP response")
-            return
-        try:
-            response = parse_reply(wire)
-        except MalformedReply:
-            self.query.failed(self.server, "malformed TCP response")
-            return
-        self.query.answered(self.server, response)
-
-    def connectionLost(self, reason=None) -> None:
-        self._fail("TCP connection closed")
-        # The transport and its connector point back at this try (a cycle the collector
-        # would have to find): let go of them, and of whatever was read.
-        self.transport = None
-        self.buffer = bytearray()
-
-    def _close(self) -> None:
-        self.buffer = bytearray()
-        if self.transport is not None:
-            self.transport.loseConnection()
-        elif self.connector is not None:
-            connector, self.connector = self.connector, None
-            connector.stopConnecting()
-
-
-class _Once(protocol.ClientFactory):
-    """A factory that hands out one already-built protocol, once, and tells it when the
-    connection could not be made."""
-
-    noisy = False  # no "Starting factory" log line per try
-
-    def __init__(self, proto: _TcpTry) -> None:
-        self.proto: _TcpTry | None = proto
-
-    def buildProtocol(self, addr) -> protocol.Protocol | None:
-        proto, self.proto = self.proto, None  # the connector keeps this factory
-        return proto
-
-    def clientConnectionLost(self, connector, reason) -> None:
-        # The connector and its transport point at each other: a cycle per try otherwise.
-        connector.transport = None
-
-    def clientConnectionFailed(self, connector, reason) -> None:
-        proto, self.proto = self.proto, None
-        if proto is not None:
-            proto.connector = None
-            proto._fail("TCP connect failed")
