@@ -9,8 +9,10 @@ sender domain, client address and instance, so every cache fills up to its bound
 evicts; with ``--small-caches`` the bounds are small so that a short run reaches them. It
 samples the daemon's VmRSS every N/20 requests, prints the samples and a JSON summary, and
 exits 1 if the resident size grew by more than ``--max-growth`` (default 10 %) between the
-first sample taken after the caches are full and the last one. Bounded: it stops after N
-requests or S seconds, whichever comes first; all traffic stays on 127.0.0.1.
+first sample taken after the caches are full and the last one; the summary also gives the
+daemon's warnings (a garbage collection over 50 ms is one), counted, and the first ten.
+Bounded: it stops after N requests or S seconds, whichever comes first; all traffic stays on
+127.0.0.1.
 """
 
 from __future__ import annotations
@@ -148,6 +150,11 @@ def main(argv=None) -> int:
             daemon.terminate()
             daemon.wait(timeout=10)
             log.close()
+        # The daemon logs at warn level here: anything it said is worth showing (a garbage
+        # collection over 50 ms says so, with its length).
+        with open(log.name, errors="replace") as handle:
+            warnings = [line.rstrip("\n") for line in handle
+                        if line.startswith(("warn", "error")) and "--allow-root" not in line]
     # Compare from the point where every cache is full: the message cache holds one entry per
     # message, so the samples after half the run are past it with the small caches; with the
     # default bounds a run of a million requests passes them (20,000 / 100,000 entries) early.
@@ -156,7 +163,8 @@ def main(argv=None) -> int:
     summary = {**result, "seconds": round(elapsed, 1),
                "requests_per_second": round(result["answered"] / elapsed),
                "rss_start_kib": samples[0][1], "rss_plateau_kib": plateau[1],
-               "rss_end_kib": samples[-1][1], "growth_after_plateau": round(growth, 4)}
+               "rss_end_kib": samples[-1][1], "growth_after_plateau": round(growth, 4),
+               "daemon_warnings": len(warnings), "first_warnings": warnings[:10]}
     print(json.dumps(summary))
     return 0 if growth <= args.max_growth and result["answered"] == result["sent"] else 1
 
