@@ -1,7 +1,8 @@
 """The shared vocabulary: the words checks produce and decisions compare, and the shapes of
 the collaborators that are injected everywhere (the clock, the DNS client, the lookups).
 
-Contract: definitions only, no behaviour, no I/O and no Twisted at run time (``Deferred`` and
+Contract: definitions only (enums, the ``Answer`` value a DNS lookup gives, protocols), no
+behaviour beyond packing an answer for a cache, no I/O and no Twisted at run time (``Deferred`` and
 the DNS types in the collaborators' signatures are imported for the type checker alone). Each
 enum is a ``StrEnum``: a member equals, formats and logs as exactly its value, so log lines,
 replies and headers read byte for byte as the plain strings they replace, and a plain string
@@ -12,16 +13,16 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import dns.rdatatype
     from twisted.internet.defer import Deferred
 
-    from policyd_ipv6.resolver.lookups import Answer
     from policyd_ipv6.resolver.reply import Reply
 
-__all__ = ["DnsStatus", "SpfResult", "DkimResult", "PolicyRule", "REPORTABLE_RULES",
+__all__ = ["DnsStatus", "Answer", "SpfResult", "DkimResult", "PolicyRule", "REPORTABLE_RULES",
            "EndRule", "DelayedCall",
            "Clock", "DnsClient", "Lookups"]
 
@@ -33,6 +34,35 @@ class DnsStatus(enum.StrEnum):
     NXDOMAIN = "nxdomain"  # RFC 8020: the name does not exist
     NODATA = "nodata"  # the name exists without records of that type, or cannot exist
     TEMPFAIL = "tempfail"  # timeout, SERVFAIL, a broken answer: a transient fault
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a DNS lookup gave (``resolver.lookups.Lookups``): ``values`` as plain Python (PTR
+    and CNAME targets as lower-case names, A/AAAA as address text, MX as (preference, name),
+    TXT as a tuple of ``bytes`` strings per record), the TTL it may be kept for."""
+
+    status: DnsStatus
+    values: tuple = ()
+    detail: str = ""
+    ttl: float = 0.0
+    too_large: bool = False  # tempfail: the reply was over the lookup's max_size, not read
+
+    @property
+    def ok(self) -> bool:
+        return self.status == DnsStatus.OK
+
+    def packed(self) -> tuple:
+        """The answer as a plain tuple (how the cache keeps it: see ``cache``)."""
+        return (self.status.value, self.values, self.detail, self.ttl, self.too_large)
+
+    @classmethod
+    def unpacked(cls, packed: tuple) -> Answer:
+        status, values, detail, ttl, too_large = packed
+        return cls(_STATUS[status], values, detail, ttl, too_large)
+
+
+_STATUS = {status.value: status for status in DnsStatus}
 
 
 class SpfResult(enum.StrEnum):

@@ -53,9 +53,8 @@ from twisted.logger import Logger
 from policyd_ipv6.checks.dkim_pool import PoolBusy, WorkerLost
 from policyd_ipv6.checks.dkim_verify import parse_signatures, split_message, verify_all
 from policyd_ipv6.facts import DkimFact, SignatureResult
-from policyd_ipv6.resolver.lookups import Answer
 from policyd_ipv6.text import printable
-from policyd_ipv6.vocabulary import DkimResult, DnsStatus, Lookups
+from policyd_ipv6.vocabulary import Answer, DkimResult, DnsStatus, Lookups
 
 _log = Logger(namespace="policyd-ipv6")
 

@@ -24,8 +24,7 @@ from twisted.internet import defer
 
 from policyd_ipv6.facts import RdnsFact, RdnsOutcome
 from policyd_ipv6.names import IPAddress, client_ip, host_name
-from policyd_ipv6.resolver.lookups import Answer
-from policyd_ipv6.vocabulary import DnsStatus, Lookups
+from policyd_ipv6.vocabulary import Answer, DnsStatus, Lookups
 
 __all__ = ["check_rdns", "rdns_known", "MAX_PTR_NAMES"]
 

@@ -39,8 +39,7 @@ from policyd_ipv6.checks.spf_eval import Limits, Verdict, check_host
 from policyd_ipv6.checks.spf_terms import SpfPermError
 from policyd_ipv6.facts import SpfFact
 from policyd_ipv6.names import IPAddress, domain_key, helo_domain, recipient_domain
-from policyd_ipv6.resolver.lookups import Answer
-from policyd_ipv6.vocabulary import Clock, DnsStatus, Lookups, SpfResult
+from policyd_ipv6.vocabulary import Answer, Clock, DnsStatus, Lookups, SpfResult
 
 __all__ = ["check_spf", "SpfResults", "MAX_QUESTIONS", "Limits", "TXT_REPLY_OVERHEAD"]
 

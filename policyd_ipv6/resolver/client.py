@@ -265,6 +265,8 @@ class _UdpSocket(protocol.DatagramProtocol):
 
 
 class _UdpTry(Try):
+    query: _Query  # the whole query: a truncated reply hands it over to TCP
+
     def __init__(self, query: _Query, server: Nameserver) -> None:
         super().__init__(query, server)
         self.socket: _UdpSocket | None = None

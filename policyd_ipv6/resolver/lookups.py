@@ -25,8 +25,6 @@ too (its socket closed), and nothing is cached from it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import dns.exception
 import dns.message
 import dns.rcode
@@ -41,38 +39,13 @@ from policyd_ipv6.live import Live, Setting
 from policyd_ipv6.resolver.client import ReplyTooLarge, TransientDnsError
 from policyd_ipv6.resolver.reply import Reply, resolve
 from policyd_ipv6.resolver.wire import encode_name
-from policyd_ipv6.vocabulary import Clock, DnsClient, DnsStatus
+from policyd_ipv6.vocabulary import Answer, Clock, DnsClient, DnsStatus
 
 __all__ = ["Answer", "Lookups"]
 
 _log = Logger(namespace="policyd-ipv6")
 
 _NEGATIVE_TTL_FALLBACK = 60.0  # when a negative answer carries no SOA
-
-
-@dataclass(frozen=True)
-class Answer:
-    status: DnsStatus
-    values: tuple = ()
-    detail: str = ""
-    ttl: float = 0.0
-    too_large: bool = False  # tempfail: the reply was over the lookup's max_size, not read
-
-    @property
-    def ok(self) -> bool:
-        return self.status == DnsStatus.OK
-
-    def packed(self) -> tuple:
-        """The answer as a plain tuple (how the cache keeps it: see ``cache``)."""
-        return (self.status.value, self.values, self.detail, self.ttl, self.too_large)
-
-    @classmethod
-    def unpacked(cls, packed: tuple) -> Answer:
-        status, values, detail, ttl, too_large = packed
-        return cls(_STATUS[status], values, detail, ttl, too_large)
-
-
-_STATUS = {status.value: status for status in DnsStatus}
 
 
 def _values(rrset, rrtype: str) -> tuple:

@@ -15,18 +15,30 @@ sockets are ``client``'s.
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from twisted.internet import protocol
 
-from policyd_ipv6.resolver.reply import MalformedReply, parse_reply
+from policyd_ipv6.resolver.reply import MalformedReply, Reply, parse_reply
 from policyd_ipv6.resolver.wire import Nameserver, is_reply_to
 from policyd_ipv6.vocabulary import DelayedCall
 
-if TYPE_CHECKING:
-    from policyd_ipv6.resolver.client import _Query
+__all__ = ["Try", "TcpTry", "Query"]
 
-__all__ = ["Try", "TcpTry"]
+
+class Query(Protocol):
+    """What a try needs of its query (``client``'s): the client's reactor and timeout, the
+    query on the wire, the largest reply the caller can use, and where each ending goes."""
+
+    client: Any  # its reactor and timeout_seconds
+    wire: bytes
+    max_size: int
+
+    def answered(self, server: Nameserver, response: Reply) -> None: ...
+
+    def failed(self, server: Nameserver, why: str) -> None: ...
+
+    def too_large(self, size: int) -> None: ...
 
 
 class Try:
@@ -36,7 +48,7 @@ class Try:
     # zope.interface type, whose methods mypy cannot call (they are declared without self).
     transport: Any
 
-    def __init__(self, query: _Query, server: Nameserver) -> None:
+    def __init__(self, query: Query, server: Nameserver) -> None:
         self.query = query
         self.server = server
         self.timer: DelayedCall | None = None
@@ -71,7 +83,7 @@ class Try:
 class TcpTry(Try, protocol.Protocol):
     """One query over TCP (RFC 1035 §4.2.2: a two-byte length before each message)."""
 
-    def __init__(self, query: _Query, server: Nameserver) -> None:
+    def __init__(self, query: Query, server: Nameserver) -> None:
         super().__init__(query, server)
         self.buffer = bytearray()
         self.length: int | None = None  # of the reply, once its two-byte prefix is in
