@@ -374,7 +374,8 @@ for path in sys.argv[1:]:
         out[path] = "closed" if sock.recv(100) == b"" else "answered"
     except socket.timeout:
         out[path] = "still open after 5 s"
-    except ConnectionResetError:  # closed with unread data: a reset
+    except (ConnectionResetError, BrokenPipeError):
+        # Closed with unread data (a reset), or closed before the request was written.
         out[path] = "closed"
     except OSError as error:
         out[path] = errno.errorcode.get(error.errno, str(error.errno))
