@@ -284,3 +284,26 @@ def test_over_limit_warning_is_logged_at_most_once_a_minute():
         assert len(lines) == 2 and lines[1]["n"] == 100
     finally:
         globalLogPublisher.removeObserver(observer)
+
+
+def test_a_bug_after_the_lookups_closes_without_reply(monkeypatch):
+    """A bug in the decision taken once the lookups answer (not in the first one) fails the
+    answer: the connection is closed without a reply (Postfix retries, then defers) instead
+    of being left waiting for a reply that never comes."""
+    from policyd_ipv6.policy import engine as engine_module
+
+    h = Harness()
+    h.fake.clock, h.fake.delay = h.clock, 0.5  # the lookups answer later
+    real = engine_module.decide
+
+    def buggy(subject, facts, policy, optin, start=0):
+        if facts.rdns is not None or facts.spf is not None:
+            raise RuntimeError("bug")
+        return real(subject, facts, policy, optin, start)
+
+    monkeypatch.setattr(engine_module, "decide", buggy)
+    proto, transport = h.connect()
+    proto.dataReceived(request())
+    assert not transport.disconnecting
+    h.clock.advance(1)
+    assert transport.disconnecting and replies(transport) == []

@@ -132,7 +132,9 @@ class PolicyEngine:
             if isinstance(verdict, Need):
                 if result is None:
                     result = defer.Deferred()
-                message.when(verdict).addCallback(again, again)
+                # A bug in a later step fails the answer (the server closes without a reply:
+                # Postfix retries, then defers) instead of leaving the connection waiting.
+                message.when(verdict).addCallback(again, again).addErrback(result.errback)
                 return None
             if pending:
                 milter.record(subject, verdict, facts)  # read back at end of message
