@@ -190,5 +190,10 @@ def test_stuck_lookups_are_shared_not_repeated(tmp_path, resolver):
             assert reply is not None and reply.startswith("451 4.4.3 ")
             sock.close()
         assert 1.4 < time.monotonic() - start < 3.0
+        # The decision lines are flushed at the end of the reactor turn that wrote the
+        # replies, which may come after the client has read them: wait for them (bounded).
+        end = time.monotonic() + 5
+        while daemon.log().count("decision ") < 20 and time.monotonic() < end:
+            time.sleep(0.02)
         log = daemon.log()
         assert log.count("facts=shared") == 19 and log.count("facts=new") == 1
