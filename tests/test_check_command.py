@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import dnslab
 import pytest
@@ -116,7 +117,12 @@ def test_check_via_asks_the_running_daemon(tmp_path, knot, endpoint):
         replies = [json.loads(line) for line in result.stdout.splitlines()]
         assert [r["reply"][:9] for r in replies] == ["DUNNO", "550 5.2.1"], result.stderr
         assert result.returncode == 5
-        assert "decision client=" in daemon.text()  # the daemon decided, not the command
+        # The daemon decided, not the command (its line is flushed at the end of the turn
+        # that wrote the reply: wait for it, bounded).
+        end = time.monotonic() + 5
+        while "decision client=" not in daemon.text() and time.monotonic() < end:
+            time.sleep(0.02)
+        assert "decision client=" in daemon.text()
     finally:
         daemon.stop()
     gone = cli("check", "--via", via, *options(PASS))
