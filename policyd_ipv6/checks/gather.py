@@ -28,7 +28,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from policyd_ipv6.cache import ExpiringCache
-from policyd_ipv6.checks.rdns import check_rdns, rdns_known
+from policyd_ipv6.checks.rdns import lookup_rdns, rdns_known
 from policyd_ipv6.checks.spf import DEFAULT_LIMITS, Limits, SpfResults, check_spf
 from policyd_ipv6.facts import Facts, RdnsFact, RdnsOutcome, SpfFact
 from policyd_ipv6.live import Live, Setting
@@ -172,8 +172,7 @@ class FactFinder:
         if rdns_fact is not None:
             message.set_rdns(rdns_fact)
         else:
-            rdns = check_rdns(self.lookups, ip, mode,
-                              subject.reverse_client_name, subject.client_name)
+            rdns = lookup_rdns(self.lookups, ip, mode)
             message.work.append(rdns)
             rdns.addCallback(message.set_rdns)
             rdns.addErrback(self._bug, "reverse DNS check", message.set_rdns,

@@ -26,7 +26,7 @@ from policyd_ipv6.facts import RdnsFact, RdnsOutcome
 from policyd_ipv6.names import IPAddress, client_ip, host_name
 from policyd_ipv6.vocabulary import Answer, DnsStatus, Lookups
 
-__all__ = ["check_rdns", "rdns_known", "MAX_PTR_NAMES"]
+__all__ = ["check_rdns", "rdns_known", "lookup_rdns", "MAX_PTR_NAMES"]
 
 # RFC 7208 §4.6.4 bounds the ptr mechanism to 10 names; the same bound serves here.
 MAX_PTR_NAMES = 10
@@ -43,6 +43,12 @@ def check_rdns(lookups: Lookups, ip: IPAddress, mode: str, reverse_client_name: 
     known = rdns_known(lookups, ip, mode, reverse_client_name, client_name)
     if known is not None:
         return defer.succeed(known)
+    return lookup_rdns(lookups, ip, mode)
+
+
+def lookup_rdns(lookups: Lookups, ip: IPAddress, mode: str) -> defer.Deferred[RdnsFact]:
+    """The lookups of ``check_rdns`` once ``rdns_known`` has said None (no second look at
+    Postfix's names or the cache)."""
     return lookups.lookup(ip.reverse_pointer, "PTR").addCallback(_after_ptr, lookups, ip, mode)
 
 
