@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from policyd_ipv6.daemon.config import load_config
 from policyd_ipv6.daemon.metrics import NAMES, Metrics, decision_outcome, dns_outcome, render
 from policyd_ipv6.daemon.wiring import PolicyService
-from policyd_ipv6.resolver.client import TransientDnsError
+from policyd_ipv6.resolver.client import ReplyTooLarge, TransientDnsError
 
 ADDR = "2001:db8::25"
 NOPTR = "2001:db8::26"
@@ -116,7 +116,8 @@ def test_dns_queries_are_counted_by_type_and_outcome(tmp_path):
 
 
 def test_dns_failures_are_told_apart():
-    """A response, SERVFAIL, timeouts and other faults each get their own outcome."""
+    """A response, SERVFAIL, timeouts, oversized replies and other faults each get their own
+    outcome."""
     fake = FakeDnsClient(RECORDS)
     assert dns_outcome(fake.response("example.net", 16)) == "answer"
     assert dns_outcome(fake.response("example.net", 28)) == "nodata"
@@ -124,6 +125,7 @@ def test_dns_failures_are_told_apart():
     assert dns_outcome(Failure(TransientDnsError("SERVFAIL from 192.0.2.53:53"))) == "servfail"
     assert dns_outcome(Failure(TransientDnsError("timeout from 192.0.2.53:53"))) == "timeout"
     assert dns_outcome(Failure(TransientDnsError("port unreachable from x"))) == "error"
+    assert dns_outcome(Failure(ReplyTooLarge(70000, 8192))) == "too_large"
     assert dns_outcome(Failure(defer.CancelledError())) == "error"
 
 

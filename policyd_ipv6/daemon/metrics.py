@@ -18,8 +18,9 @@ The names and labels are a contract (README "Metrics"); ``NAMES`` lists every me
 module exports, for the documentation and the Grafana dashboard's test. The decision's
 ``outcome``: ``defer`` (a 4xx reply), ``reject`` (5xx), ``report`` (DUNNO, with a refusal only
 reported: would=), ``accept`` (DUNNO otherwise). A DNS query's ``outcome``: ``answer``,
-``nxdomain``, ``nodata``, ``servfail``, ``timeout`` or ``error`` (refused, unreachable, a
-broken answer, abandoned at the decision's deadline).
+``nxdomain``, ``nodata``, ``servfail``, ``timeout``, ``too_large`` (a reply over the size the
+query takes, refused unread: an SPF TXT set over the per-evaluation cap) or ``error`` (refused,
+unreachable, a broken answer, abandoned at the decision's deadline).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from twisted.internet import defer
 from twisted.logger import Logger, LogLevel
 
 from policyd_ipv6.daemon.collector import BUCKETS
-from policyd_ipv6.resolver.client import MAX_REPLY_SIZE, TransientDnsError
+from policyd_ipv6.resolver.client import MAX_REPLY_SIZE, ReplyTooLarge, TransientDnsError
 from policyd_ipv6.resolver.reply import Reply
 from policyd_ipv6.vocabulary import Clock
 
@@ -83,6 +84,8 @@ def dns_outcome(result: object) -> str:
             return "nxdomain"
         return "answer" if result.answer else "nodata"
     error = getattr(result, "value", result)
+    if isinstance(error, ReplyTooLarge):
+        return "too_large"
     if isinstance(error, TransientDnsError):
         # The client's reason lists each try: "timeout from ...; SERVFAIL from ...".
         why = str(error)
