@@ -1,10 +1,13 @@
 """Tests of the opt-in table (policyd_ipv6.optin) and its watcher (policyd_ipv6.optin_watch)."""
 
+import errno
 import os
 
 import pytest
 from twisted.internet import task
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
+from policyd_ipv6.optin import watch
 from policyd_ipv6.optin.table import OptinSyntaxError, load_optin, parse_optin
 from policyd_ipv6.optin.watch import OptinWatcher
 
@@ -88,6 +91,101 @@ def test_watcher_refuses_to_start_without_a_good_file(tmp_path):
     bad.write_text("a b\n")
     with pytest.raises(OptinSyntaxError):
         OptinWatcher(str(bad), task.Clock(), 5.0)
+
+
+@pytest.fixture
+def logged():
+    """The daemon's log events while the test runs, as (level, text) pairs."""
+    events: list = []
+    globalLogPublisher.addObserver(events.append)
+    yield lambda: [(e["log_level"], formatEvent(e)) for e in events
+                   if e.get("log_namespace") == "policyd-ipv6"]
+    globalLogPublisher.removeObserver(events.append)
+
+
+def hide(monkeypatch, path, stat_errno=None, readable=True):
+    """From now on the process sees ``path`` as an unprivileged user would: ``os.stat`` fails
+    with ``stat_errno`` (a directory above it is mode 700) or ``os.access`` says it is not
+    readable (the file itself is mode 600). (The tests run as root, which modes do not stop.)"""
+    real_stat, real_access = os.stat, os.access
+
+    def stat(name, *args, **kwargs):
+        if stat_errno is not None and os.fspath(name) == str(path):
+            raise OSError(stat_errno, os.strerror(stat_errno), str(name))
+        return real_stat(name, *args, **kwargs)
+
+    def access(name, mode, *args, **kwargs):
+        if not readable and os.fspath(name) == str(path):
+            return False
+        return real_access(name, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    monkeypatch.setattr(os, "access", access)
+
+
+def test_file_hidden_by_the_privilege_drop_warns_once_and_is_no_change(tmp_path, monkeypatch,
+                                                                        logged):
+    """A file loaded as root that the dropped user cannot stat (a clone in /root) logs one
+    warning naming the file, the user and the remedy at start, and no error at each poll."""
+    path = tmp_path / "optin"
+    path.write_text("contoso.com\n")
+    clock = task.Clock()
+    watcher = OptinWatcher(str(path), clock, 5.0)
+    hide(monkeypatch, path, stat_errno=errno.EACCES)
+    watcher.start()
+    for _ in range(5):
+        clock.advance(5)
+    events = logged()
+    assert [level for level, _text in events] == [LogLevel.warn], events
+    text = events[0][1]
+    user = watch._running_user()
+    assert str(path) in text and f"user {user}" in text
+    assert f"not picked up until restart: make it readable by {user}" in text
+    assert watcher.failures == 0 and watcher().matches("contoso.com")
+
+    monkeypatch.undo()  # the directory made readable, the file edited: picked up
+    path.write_text("fabrikam.com\n")
+    clock.advance(5)
+    assert watcher().matches("fabrikam.com")
+    assert [level for level, _text in logged()][1:] == [LogLevel.info]
+    watcher.stop()
+
+
+def test_unreadable_file_warns_at_start_and_a_later_change_is_an_error(tmp_path, monkeypatch,
+                                                                       logged):
+    """A file the dropped user can stat but not read warns once at start; a genuine change
+    it then cannot read is still an error that keeps the previous table."""
+    path = tmp_path / "optin"
+    path.write_text("contoso.com\n")
+    clock = task.Clock()
+    watcher = OptinWatcher(str(path), clock, 5.0)
+    hide(monkeypatch, path, readable=False)
+    watcher.start()
+    clock.advance(5)
+    assert [level for level, _text in logged()] == [LogLevel.warn]
+
+    def denied(name):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), name)
+
+    monkeypatch.setattr(watch, "load_optin", denied)
+    path.write_text("contoso.com\nfabrikam.com\n")
+    os.utime(path, ns=(1, 10**18))  # make the change visible even within one mtime tick
+    clock.advance(5)
+    events = logged()
+    assert [level for level, _text in events] == [LogLevel.warn, LogLevel.error]
+    assert "not reloaded (file changed)" in events[1][1] and "Permission denied" in events[1][1]
+    assert watcher.failures == 1 and not watcher().matches("fabrikam.com")
+    watcher.stop()
+
+
+def test_readable_file_starts_without_a_warning(tmp_path, logged):
+    """A file the running user can read starts the watcher silently."""
+    path = tmp_path / "optin"
+    path.write_text("contoso.com\n")
+    watcher = OptinWatcher(str(path), task.Clock(), 5.0)
+    watcher.start()
+    assert logged() == []
+    watcher.stop()
 
 
 def test_load_refuses_non_utf8(tmp_path):

@@ -157,3 +157,55 @@ def test_failed_privilege_drop_exits_non_zero_without_answering(readable_config)
     assert "cannot drop privileges to user nobody" in text
     assert not any(replies), replies
     assert "decision client=" not in text and "ready" not in text
+
+
+def test_optin_file_the_user_cannot_see_warns_once_and_keeps_the_table(knot):
+    """An opt-in file in a directory only root can enter (the quick start from a clone in
+    /root) is loaded before the drop; nobody then gets one warning naming the file and the
+    user, no error at each poll, the table keeps deciding, and a change is picked up once the
+    directory is made readable."""
+    needs_root()
+    directory = tempfile.mkdtemp(prefix="policyd-conf-")
+    hidden = tempfile.mkdtemp(prefix="policyd-hidden-", dir="/root" if os.path.isdir("/root")
+                              else None)
+    try:
+        os.chmod(directory, 0o755)
+        os.chmod(hidden, 0o700)
+        optin = os.path.join(hidden, "optin")
+        with open(optin, "w") as handle:
+            handle.write("sender.test\n")
+        port = free_port()
+        config = os.path.join(directory, "p.toml")
+        with open(config, "w") as handle:
+            handle.write(f'listen = ["tcp:{port}:interface=127.0.0.1"]\n'
+                         f'optin_file = "{optin}"\noptin_reload_interval_seconds = 0.1\n'
+                         f'nameservers = ["127.0.0.1:{knot}"]\nuser = "nobody"\n')
+        log_path = config + ".log"
+        with open(log_path, "w") as log:
+            process = subprocess.Popen([sys.executable, "-m", "policyd_ipv6", "serve",
+                                        "--config", config], cwd=ROOT, stdout=log,
+                                       stderr=subprocess.STDOUT)
+        try:
+            wait_for(log_path, process, "ready")
+            time.sleep(1)  # ten polls
+            reply = ask(port)
+            wait_for(log_path, process, "decision client=")
+            with open(log_path) as handle:
+                text = handle.read()
+            os.chmod(hidden, 0o755)
+            with open(optin, "w") as handle:
+                handle.write("other.test\n")
+            loaded = wait_for(log_path, process, "opt-in table loaded (file changed)")
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+        assert reply == b"action=DUNNO\n\n", text
+        warnings = [line for line in text.splitlines() if line.startswith("warn opt-in file")]
+        assert len(warnings) == 1, text
+        assert optin in warnings[0] and "user nobody" in warnings[0], text
+        assert "make it readable by nobody" in warnings[0], text
+        for hidden_word in ("error", "critical", "Traceback", "not reloaded"):
+            assert hidden_word not in loaded
+    finally:
+        shutil.rmtree(directory)
+        shutil.rmtree(hidden)

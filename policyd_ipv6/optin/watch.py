@@ -8,12 +8,18 @@ the previous table in force and logs one error naming the file and line, until i
 again. ``start()`` polls the file's identity (inode, size, mtime) every ``interval_seconds``
 (none for 0); ``reload(why)`` re-reads it unconditionally (SIGHUP). ``loaded_at`` is the
 clock's time of the last load that succeeded, ``failures`` the loads that failed (metrics).
+The table is loaded before the privilege drop and ``start()`` is called after it: if the
+running user cannot see or read the file (a clone in /root, mode 700), ``start()`` logs one
+warning naming the file and the user, and that state is not a change: the poll stays silent
+until the file can be seen again (a genuine change it can then not read is an error as above).
 The read is a small local file read on the reactor thread; no DNS, no network.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import pwd
 
 from twisted.internet import task
 from twisted.logger import Logger
@@ -36,11 +42,13 @@ class OptinWatcher:
         self.failures = 0
         self._last_error: str | None = None
         self._loop: task.LoopingCall | None = None
+        self._warned_unreadable = False
 
     def __call__(self) -> OptinTable:
         return self.table
 
     def start(self) -> None:
+        self._check_access()
         if self.interval_seconds > 0:
             self._loop = task.LoopingCall(self.poll)
             self._loop.clock = self.clock
@@ -56,6 +64,23 @@ class OptinWatcher:
         except OSError as error:
             return ("error", error.errno)
         return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _check_access(self) -> None:
+        """Warn once if the running user cannot see or read the file it loaded as root."""
+        identity = self._stat()
+        if identity[0] == "error" and identity[1] in (errno.EACCES, errno.EPERM):
+            # Hidden by a directory's mode, not changed: the poll must not call it a change.
+            self._identity = identity
+        elif identity[0] == "error" or os.access(self.path, os.R_OK):
+            return  # gone since the load (the poll reports that) or readable
+        if self._warned_unreadable:
+            return
+        self._warned_unreadable = True
+        reason = os.strerror(identity[1] if identity[0] == "error" else errno.EACCES)
+        _log.warn("opt-in file {path} cannot be read by user {user} ({reason}): the table "
+                  "loaded at start-up stays in force ({count} entries), but changes to it are "
+                  "not picked up until restart: make it readable by {user}",
+                  path=self.path, user=_running_user(), reason=reason, count=len(self.table))
 
     def poll(self) -> None:
         identity = self._stat()
@@ -83,3 +108,12 @@ class OptinWatcher:
         _log.info("opt-in table loaded ({why}): {path}, {count} entries", why=why,
                   path=self.path, count=len(table))
         return True
+
+
+def _running_user() -> str:
+    """The name of the user the process runs as now (its uid if it has no name)."""
+    uid = os.geteuid()
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
