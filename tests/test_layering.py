@@ -31,6 +31,7 @@ PURE_MODULES = [
     "policyd_ipv6.milter.flags",
     "policyd_ipv6.milter.events",
     "policyd_ipv6.milter.session",
+    "policyd_ipv6.milter.collect",
     "policyd_ipv6.milter.end_of_message",
     "policyd_ipv6.milter.registry",
     "policyd_ipv6.milter.authres",

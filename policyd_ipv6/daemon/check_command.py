@@ -39,10 +39,10 @@ from policyd_ipv6.daemon.check_via import ViaError, ask
 from policyd_ipv6.daemon.config import ConfigError
 from policyd_ipv6.daemon.wiring import PolicyService, authserv_id
 from policyd_ipv6.milter.codec import ReplyCode
+from policyd_ipv6.milter.collect import DEFAULT_MAX_HEADERS, DEFAULT_MAX_MESSAGE_BYTES
 from policyd_ipv6.milter.end_of_message import decide_end, forged_deletions, needs_check
 from policyd_ipv6.milter.events import Header
 from policyd_ipv6.milter.registry import MessageRecord
-from policyd_ipv6.milter.session import DEFAULT_MAX_HEADERS, DEFAULT_MAX_MESSAGE_BYTES
 from policyd_ipv6.names import domain_key
 from policyd_ipv6.optin.postgresql import PostgresOptin
 from policyd_ipv6.optin.table import OptinEntry, OptinTable

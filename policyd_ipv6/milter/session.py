@@ -24,6 +24,7 @@ Contract, in the spirit of h11 (events out, bytes out, no callbacks, no I/O):
 * Marking: headers for which ``mark_header(name, value)`` holds are listed (name and index)
   in ``Message.marked`` past those bounds too, up to ``max_marked`` (then ``marked`` is
   None): the milter deletes forged Authentication-Results from every message this way.
+  ``milter.collect`` keeps the message within these bounds; this module, the protocol.
 * QUIT and QUIT_NC are also accepted after a final verdict at CONNECT (libmilter MTAs and
   miltertest send them); QUIT_NC starts a new session on the same connection. Sendmail's
   CONNECT address form "IPv6:2001:db8::1" loses its prefix.
@@ -35,7 +36,7 @@ is the transport adapter (an event with ``needs_verdict`` is answered exactly on
 
 import enum
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import NamedTuple
 
 from policyd_ipv6.milter import codec
@@ -52,6 +53,14 @@ from policyd_ipv6.milter.codec import (
     Protocol,
     ReplyCode,
 )
+from policyd_ipv6.milter.collect import (
+    DEFAULT_MAX_HEADERS,
+    DEFAULT_MAX_MARKED,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_RECIPIENTS,
+    Bounds,
+    MessageBuilder,
+)
 from policyd_ipv6.milter.events import (
     Aborted,
     Closed,
@@ -60,11 +69,8 @@ from policyd_ipv6.milter.events import (
     DataStarted,
     EndOfMessage,
     Event,
-    Header,
-    HeaderRef,
     Helo,
     MailFrom,
-    Message,
     Negotiated,
     Recipient,
     UnknownCommand,
@@ -107,12 +113,6 @@ DEFAULT_MACRO_LISTS = {
     MacroStage.ENVRCPT: "i {rcpt_addr}",
     MacroStage.DATA: "i", MacroStage.EOH: "i", MacroStage.EOM: "i",
 }
-DEFAULT_MAX_HEADERS = 1000
-DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # Postfix message_size_limit: 10240000
-DEFAULT_MAX_RECIPIENTS = 1000  # Postfix smtpd_recipient_limit
-# Marked headers kept per message: each costs one SMFIR_CHGHEADER at end of message. More
-# means the list is incomplete (Message.marked None) and the caller refuses temporarily.
-DEFAULT_MAX_MARKED = 10000
 
 
 def _bare(address: str) -> str:
@@ -124,21 +124,6 @@ def _macros(pairs: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
     """Macro names without braces: "{daemon_name}" -> "daemon_name", "j" -> "j"."""
     return {text(name).removeprefix("{").removesuffix("}"): text(value)
             for name, value in pairs}
-
-
-@dataclass(slots=True)
-class _MessageBuilder:
-    sender: str | None = None
-    esmtp_args: tuple[str, ...] = ()
-    recipients: list[str] = field(default_factory=list)
-    recipient_count: int = 0
-    headers: list[Header] = field(default_factory=list)
-    name_counts: dict[bytes, int] = field(default_factory=dict)
-    body: list[bytes] = field(default_factory=list)
-    size: int = 0
-    macros: dict[str, str] = field(default_factory=dict)
-    too_large: bool = False
-    marked: list | None = field(default_factory=list)
 
 
 class Received(NamedTuple):
@@ -171,14 +156,13 @@ class MilterSession:
         codec.encode_optneg(0, Action(0), Protocol(0), macro_lists)  # validates the lists
         self._macro_lists = dict(macro_lists)
         self._reader = codec.PacketReader(max_packet_length)
-        self._max_headers, self._max_message_bytes = max_headers, max_message_bytes
-        self._max_recipients = max_recipients
-        self._mark_header, self._max_marked = mark_header, max_marked
+        self._bounds = Bounds(max_headers, max_message_bytes, max_recipients, max_marked,
+                              mark_header)
         self.state = State.NEGOTIATING
         self.protocol = Protocol(0)  # agreed in OPTNEG
         self.pending: Stage | None = None  # the stage waiting for send_verdict()
         self.connection: Connection | None = None
-        self._message = _MessageBuilder()
+        self._message = MessageBuilder(self._bounds)
         self._stage_macros: dict[bytes, dict[str, str]] = {}
 
     # --- input ---
@@ -217,7 +201,7 @@ class MilterSession:
             return None
         if isinstance(command, codec.SimpleCommand) and command.code in (
                 codec.SMFIC_ABORT, codec.SMFIC_QUIT, codec.SMFIC_QUIT_NC):
-            self._message, self._stage_macros = _MessageBuilder(), {}
+            self._message, self._stage_macros = MessageBuilder(self._bounds), {}
             if command.code == codec.SMFIC_ABORT:
                 events.append(Aborted())
             else:
@@ -252,7 +236,7 @@ class MilterSession:
                         lambda needs: Helo(text(command.name), macros, needs))
         elif isinstance(command, codec.MailCommand):
             # A new MAIL starts a new message even if no ABORT came in between.
-            self._message = message = _MessageBuilder()
+            self._message = message = MessageBuilder(self._bounds)
             macros = self._take_macros(codec.SMFIC_MAIL, message)
             message.sender = sender = text(command.args[0])
             message.esmtp_args = tuple(text(arg) for arg in command.args[1:])
@@ -261,9 +245,7 @@ class MilterSession:
         elif isinstance(command, codec.RcptCommand):
             macros = self._take_macros(codec.SMFIC_RCPT, message)
             recipient, args = text(command.args[0]), tuple(map(text, command.args[1:]))
-            message.recipient_count += 1
-            if len(message.recipients) < self._max_recipients:
-                message.recipients.append(recipient)
+            message.add_recipient(recipient)
             self._stage(Stage.RCPT, events, reply,
                         lambda needs: Recipient(recipient, args, macros, needs))
         elif isinstance(command, codec.SimpleCommand) and command.code == codec.SMFIC_DATA:
@@ -271,20 +253,20 @@ class MilterSession:
             self._stage(Stage.DATA, events, reply, lambda needs: DataStarted(macros, needs))
         elif isinstance(command, codec.HeaderCommand):
             self._take_macros(codec.SMFIC_HEADER, message)
-            self._add_header(message, command.name, command.value)
+            message.add_header(command.name, command.value)
             self._content_reply(codec.SMFIC_HEADER, reply)
         elif isinstance(command, codec.SimpleCommand) and command.code == codec.SMFIC_EOH:
             self._take_macros(codec.SMFIC_EOH, message)
             self._content_reply(codec.SMFIC_EOH, reply)
         elif isinstance(command, codec.BodyCommand):
             self._take_macros(codec.SMFIC_BODY, message)
-            self._add_body(message, command.chunk)
+            message.add_body(command.chunk)
             self._content_reply(codec.SMFIC_BODY, reply)
         elif isinstance(command, codec.EndOfMessageCommand):
             self._take_macros(codec.SMFIC_BODYEOB, message)
-            self._add_body(message, command.chunk)
+            message.add_body(command.chunk)
             self.pending = Stage.EOM
-            events.append(EndOfMessage(connection, self._snapshot(message)))
+            events.append(EndOfMessage(connection, message.snapshot()))
         elif isinstance(command, codec.UnknownCommand):
             self._take_macros(codec.SMFIC_UNKNOWN)
             events.append(UnknownCommand(text(command.command)))
@@ -314,7 +296,7 @@ class MilterSession:
 
     # --- helpers ---
 
-    def _take_macros(self, code: bytes, message: _MessageBuilder | None = None
+    def _take_macros(self, code: bytes, message: MessageBuilder | None = None
                      ) -> dict[str, str]:
         """The macros Postfix sent just before this command; merged into the message."""
         macros = self._stage_macros.pop(code, {})
@@ -334,36 +316,6 @@ class MilterSession:
     def _content_reply(self, code: bytes, reply: bytearray) -> None:
         if not self.protocol & _NO_REPLY_CONTENT[code]:
             reply += codec.encode_response(Disposition.CONTINUE)
-
-    def _add_header(self, message: _MessageBuilder, name: bytes, value: bytes) -> None:
-        key = name.lower()  # Postfix matches header names with strncasecmp()
-        message.name_counts[key] = index = message.name_counts.get(key, 0) + 1
-        if (self._mark_header is not None and message.marked is not None
-                and self._mark_header(name, value)):
-            if len(message.marked) < self._max_marked:
-                message.marked.append(HeaderRef(name, index))
-            else:
-                message.marked = None
-        message.size += len(name) + len(value)
-        if (len(message.headers) >= self._max_headers
-                or message.size > self._max_message_bytes):
-            message.too_large, message.body = True, []  # free the memory now
-        if not message.too_large:
-            message.headers.append(Header(name, value, index))
-
-    def _add_body(self, message: _MessageBuilder, chunk: bytes) -> None:
-        message.size += len(chunk)
-        if message.size > self._max_message_bytes:
-            message.too_large, message.body = True, []
-        if chunk and not message.too_large:
-            message.body.append(chunk)
-
-    @staticmethod
-    def _snapshot(message: _MessageBuilder) -> Message:
-        return Message(message.sender, message.esmtp_args, tuple(message.recipients),
-                       message.recipient_count, tuple(message.headers),
-                       b"".join(message.body), dict(message.macros), message.too_large,
-                       None if message.marked is None else tuple(message.marked))
 
     # --- output ---
 
@@ -389,7 +341,7 @@ class MilterSession:
         data = b"".join(map(codec.encode_response, (*edits, verdict)))
         stage, self.pending = self.pending, None
         if stage is Stage.EOM:
-            self._message, self._stage_macros = _MessageBuilder(), {}
+            self._message, self._stage_macros = MessageBuilder(self._bounds), {}
         elif stage in (Stage.CONNECT, Stage.HELO) and verdict is not Disposition.CONTINUE:
             self.state = State.CLOSED  # Postfix closes the connection (milter8_event)
         return data
