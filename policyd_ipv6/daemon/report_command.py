@@ -45,12 +45,15 @@ def _feed(impact: Impact, stream) -> None:
 
 
 def report(args, stdin=None, stdout=None) -> int:
-    stdin = stdin if stdin is not None else io.TextIOWrapper(
-        sys.stdin.buffer, encoding="utf-8", errors="backslashreplace")
     stdout = stdout if stdout is not None else sys.stdout
     impact = Impact(max(1, args.top))
     for name in args.files or ["-"]:
         if name == "-":
+            # Wrapped only when read: a wrapper closes the buffer under it when collected,
+            # which a caller's replacement of sys.stdin (pytest's) may refuse.
+            if stdin is None:
+                stdin = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8",
+                                         errors="backslashreplace")
             _feed(impact, stdin)
             continue
         try:
