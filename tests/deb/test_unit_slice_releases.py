@@ -9,10 +9,11 @@ TESTING below); the tree (debbuild.copy_source: the tracked and untracked-but-no
 files, no venv, no .git) is copied to /root/src with mode 700, as a clone in root's home
 would be; then `python3 -m pytest -q -m unit -p no:cacheprovider` runs there as root, with no
 init (systemd-nspawn --as-pid2). The test asserts the interpreter and the libraries are the
-release's (VERSIONS), that pytest passed and that it ran a plausible number of tests
-(MIN_PASSED: a slice that quietly collects nothing, or a handful, is a failure); a failure's
-message carries the tail of pytest's output. The overlay is unmounted and its directory
-removed in all cases; the pristine root is never changed.
+release's (VERSIONS), that pytest passed (with CI=true inside: a test missing a tool fails
+instead of skipping) and that it ran a plausible number of tests (MIN_PASSED: a slice that
+quietly collects nothing, or a handful, is a failure); a failure's message carries the tail
+of pytest's output. The overlay is unmounted and its directory removed in all cases; the
+pristine root is never changed.
 
 Root only; run it under the lab lock:
 `flock /tmp/e2e.lock pytest -m deb tests/deb/test_unit_slice_releases.py`.
@@ -62,7 +63,8 @@ print(json.dumps({"python": "%d.%d" % sys.version_info[:2], "twisted": twisted._
 """
 
 # pytest's output and exit status go to files, so a failing run is read back, not raised.
-_PYTEST = """export LANG=C.UTF-8 HOME=/root PYTHONDONTWRITEBYTECODE=1
+# CI=true: a test that would skip for want of a tool (openssl) fails; the root has them all.
+_PYTEST = """export LANG=C.UTF-8 HOME=/root PYTHONDONTWRITEBYTECODE=1 CI=true
 cd %s
 status=0
 timeout 900 python3 -m pytest -q -m unit -p no:cacheprovider > /root/pytest.log 2>&1 \
