@@ -18,6 +18,12 @@ passfile), with Debian's /usr/bin/python3 and its libraries:
   memory, an exec gain by mprotect, a @resources call and a netlink socket are refused in that
   very process: the tests cannot pass because the filter was not there.
 
+Each runs twice, with MemoryDenyWriteExecute= as systemd 254 and later apply it (PR_SET_MDWE:
+the kernel refuses with EACCES; Debian 13) and as earlier ones do (their own seccomp filter,
+EPERM; Debian 12's systemd 252). Why it works: libffi first asks for an anonymous W+X page,
+is refused, and falls back to one memfd mapped twice, writable and executable apart, which
+neither form forbids (memfd_create is in @system-service).
+
 The unit's user (_policyd-ipv6) exists once the package has been installed on this machine
 (purging keeps it); before that `nobody` stands in: W^X and the filter do not depend on which
 unprivileged user runs. The code runs from a copy under /var/spool, as the reproduced
@@ -57,6 +63,9 @@ PYTHON = "/usr/bin/python3"
 CLIENT = "2001:db8::25"  # rule 2 (the opt-in table) applies to IPv6 clients
 NOT_OPTED_IN = "550 5.2.1"
 LAST_GOOD = "optin-domains.last-good"
+# MemoryDenyWriteExecute= as systemd 254 and later apply it (PR_SET_MDWE, Debian 13) and as
+# earlier ones do (a seccomp filter, Debian 12's 252): see unitfilter.filter_argv.
+MDWE = ["prctl", "seccomp"]
 
 
 def _requirements() -> str | None:
@@ -90,10 +99,10 @@ class Lab:
     state: Path
     port: int
 
-    def argv(self, command: list[str]) -> list[str]:
+    def argv(self, command: list[str], mdwe: str) -> list[str]:
         """`command` (run by Debian's python3, on the copied code) in the unit's sandbox."""
         return sandbox_argv(self.unit, ["/usr/bin/env", "PYTHONPATH=%s" % (self.root / "lib"),
-                                        PYTHON, *command], read_write_paths=[self.state])
+                                        PYTHON, *command], [self.state], mdwe)
 
 
 @pytest.fixture(scope="module")
@@ -135,12 +144,13 @@ def lab(request) -> Lab:
 class SandboxedDaemon(PolicyDaemon):
     """`python3 -m policyd_ipv6 serve` in the lab's sandbox (PolicyDaemon's start and stop)."""
 
-    def __init__(self, lab: Lab) -> None:
-        super().__init__(lab.config, lab.root / "serve.log")
-        self.lab = lab
+    def __init__(self, lab: Lab, mdwe: str) -> None:
+        super().__init__(lab.config, lab.root / ("serve-%s.log" % mdwe))
+        self.lab, self.mdwe = lab, mdwe
 
     def argv(self) -> list[str]:
-        return self.lab.argv(["-m", "policyd_ipv6", "serve", "--config", str(self.config_path)])
+        return self.lab.argv(["-m", "policyd_ipv6", "serve", "--config", str(self.config_path)],
+                             self.mdwe)
 
 
 def _reply(lab: Lab, domain: str) -> str:
@@ -163,17 +173,20 @@ def _wait_for(daemon: SandboxedDaemon, text: str, seconds: float) -> None:
         time.sleep(0.05)
 
 
-def test_daemon_in_the_units_sandbox_loads_and_follows_the_database(lab):
+@pytest.mark.parametrize("mdwe", MDWE)
+def test_daemon_in_the_units_sandbox_loads_and_follows_the_database(lab, mdwe):
     """The daemon under the unit's user, seccomp filter and W^X rule loads the opt-in table from
     PostgreSQL, writes its last-good copy, decides from it, and applies an INSERT via NOTIFY."""
-    daemon = SandboxedDaemon(lab)
+    (lab.state / LAST_GOOD).unlink(missing_ok=True)
+    daemon = SandboxedDaemon(lab, mdwe)
     try:
         daemon.start()
         creds = credentials(daemon.process.pid)
         user = pwd.getpwnam(lab.unit.user)
         assert set(creds["Uid"].split()) == {str(user.pw_uid)}, creds
         assert creds["NoNewPrivs"] == "1" and creds["CapEff"] == "0" * 16, creds
-        assert (creds["Seccomp"], creds["Seccomp_filters"]) == ("2", "1"), creds
+        filters = {"prctl": "1", "seccomp": "2"}[mdwe]  # the latter: the W^X filter too
+        assert (creds["Seccomp"], creds["Seccomp_filters"]) == ("2", filters), creds
         # Listening comes after the first load; its log line may still be in the buffer.
         _wait_for(daemon, "opt-in table loaded from PostgreSQL (start-up)", 10)
         assert "1 entries" in daemon.log(), daemon.log_tail()
@@ -269,18 +282,24 @@ optin.stop()
 emit(step="after", probes=probes())
 """
 
-DENIED = {"writable memory": "ok", "writable+executable memory": "EACCES",
-          "mprotect adding exec": "EACCES", "sched_setaffinity (@resources)": "EPERM",
-          "netlink socket": "EAFNOSUPPORT", "PR_GET_MDWE": 1, "ctypes callback": 42}
+DENIED = {"writable memory": "ok", "sched_setaffinity (@resources)": "EPERM",
+          "netlink socket": "EAFNOSUPPORT", "ctypes callback": 42}
+# W^X as the kernel refuses it (PR_SET_MDWE) and as systemd's own seccomp filter does.
+REFUSED_WX = {
+    "prctl": {"PR_GET_MDWE": 1, "writable+executable memory": "EACCES",
+              "mprotect adding exec": "EACCES"},
+    "seccomp": {"PR_GET_MDWE": 0, "writable+executable memory": "EPERM",
+                "mprotect adding exec": "EPERM"}}
 
 
-def test_filter_is_in_force_where_the_optin_code_runs(lab):
+@pytest.mark.parametrize("mdwe", MDWE)
+def test_filter_is_in_force_where_the_optin_code_runs(lab, mdwe):
     """In one process under the unit's sandbox, W+X memory, an exec gain, a @resources call and
     a netlink socket are refused before and after the daemon's opt-in code connects, loads the
     table, follows a NOTIFY and receives a server notice through psycopg's ctypes callback."""
     stderr = lab.root / "program.stderr"
     with open(stderr, "w") as errors:
-        process = subprocess.Popen(lab.argv(["-c", PROGRAM, str(lab.config)]),
+        process = subprocess.Popen(lab.argv(["-c", PROGRAM, str(lab.config)], mdwe),
                                    stdout=subprocess.PIPE, stderr=errors, text=True)
     killer = threading.Timer(90, process.kill)  # the program stops itself after 30 s
     killer.start()
@@ -301,8 +320,9 @@ def test_filter_is_in_force_where_the_optin_code_runs(lab):
             process.wait()
         lab.cluster.execute("DELETE FROM policyd_ipv6_optin WHERE domain = 'new.example'")
     assert code == 0, (steps, stderr.read_text()[-3000:])
-    assert steps["before"] == {"probes": DENIED}, steps
+    denied = {**DENIED, **REFUSED_WX[mdwe]}
+    assert steps["before"] == {"probes": denied}, steps
     assert steps["notice"]["notices"] == ["through the notice receiver"], steps
     assert steps["loaded"] == {"origin": "database", "entries": 1, "example": True}, steps
     assert steps["notified"] == {"origin": "database", "entries": 2}, steps
-    assert steps["after"] == {"probes": DENIED}, steps
+    assert steps["after"] == {"probes": denied}, steps

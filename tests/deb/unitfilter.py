@@ -12,7 +12,10 @@ Contract:
   EAFNOSUPPORT, as systemd) - with SystemCallErrorNumber='s errno for everything else, on the
   native architecture only (SystemCallArchitectures=native), and execs `command`. It needs
   no_new_privs (set by the caller, setpriv) and the Debian package python3-seccomp;
-  `filter_unavailable()` says why it cannot be applied here, or None.
+  `filter_unavailable()` says why it cannot be applied here, or None. With
+  `mdwe="seccomp"` MemoryDenyWriteExecute= is enforced as systemd before 254 (Debian 12's
+  252) does, by a second seccomp filter: EPERM for mmap() asking PROT_WRITE|PROT_EXEC,
+  mprotect() and pkey_mprotect() asking PROT_EXEC, shmat() asking SHM_EXEC.
 """
 
 from __future__ import annotations
@@ -29,7 +32,14 @@ import ctypes, json, os, sys
 import seccomp
 spec = json.loads(sys.argv[1])
 command = sys.argv[3:]
-if spec["mdwe"]:
+if spec["mdwe"] == "seccomp":
+    import errno, mmap
+    w = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
+    wx, x, shm_exec = mmap.PROT_WRITE | mmap.PROT_EXEC, mmap.PROT_EXEC, 0o100000
+    for name, bits in (("mmap", wx), ("mprotect", x), ("pkey_mprotect", x), ("shmat", shm_exec)):
+        w.add_rule(seccomp.ERRNO(errno.EPERM), name, seccomp.Arg(2, seccomp.MASKED_EQ, bits, bits))
+    w.load()
+elif spec["mdwe"]:
     PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 1
     if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0):
         sys.exit("PR_SET_MDWE failed: errno %d" % ctypes.get_errno())
@@ -112,15 +122,18 @@ def filter_unavailable() -> str | None:
     return None
 
 
-def filter_argv(unit, command: list[str]) -> list[str]:
-    """`command` run under the unit's filter (see the module docstring)."""
+def filter_argv(unit, command: list[str], mdwe: str = "prctl") -> list[str]:
+    """`command` run under the unit's filter (see the module docstring); `mdwe`: "prctl"
+    (systemd 254 and later on Linux 6.3 and later) or "seccomp" (earlier systemd)."""
     if unit.one("SystemCallArchitectures", "") != "native":
         raise ValueError("only SystemCallArchitectures=native is reproduced here")
+    if mdwe not in ("prctl", "seccomp"):
+        raise ValueError("mdwe: %r is neither \"prctl\" nor \"seccomp\"" % mdwe)
     spec = {
         "allow": sorted(allowed_syscalls(unit) - {"socket"}),
         "families": address_families(unit),
         "errno": getattr(errno, unit.one("SystemCallErrorNumber", "EPERM")),
         "family_errno": errno.EAFNOSUPPORT,
-        "mdwe": unit.one("MemoryDenyWriteExecute", "no") == "yes",
+        "mdwe": mdwe if unit.one("MemoryDenyWriteExecute", "no") == "yes" else None,
     }
     return ["/usr/bin/python3", "-c", PROGRAM, json.dumps(spec), "--", *command]

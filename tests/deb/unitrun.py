@@ -96,8 +96,9 @@ class Unit:
     umask = property(lambda self: self.one("UMask", "0022"))
 
 
-def sandbox_argv(unit: Unit, command: list[str], read_write_paths=()) -> list[str]:
-    """`command` wrapped as described in the module docstring."""
+def sandbox_argv(unit: Unit, command: list[str], read_write_paths=(),
+                 mdwe: str = "prctl") -> list[str]:
+    """`command` wrapped as described in the module docstring (`mdwe`: see filter_argv)."""
     script = _MOUNTS % {"rw": " ".join(shlex.quote(str(p)) for p in read_write_paths) or "",
                         "umask": shlex.quote(unit.umask)}
     identity = ["setpriv", "--reuid=" + unit.user, "--regid=" + unit.group, "--init-groups",
@@ -105,7 +106,8 @@ def sandbox_argv(unit: Unit, command: list[str], read_write_paths=()) -> list[st
     environment = ["env", "-i", "PATH=" + SERVICE_PATH, "LANG=C.UTF-8",
                    "USER=" + unit.user, "LOGNAME=" + unit.user, "HOME=/nonexistent"]
     return ["unshare", "--mount", "--propagation", "private", "--",
-            "sh", "-c", script, "sandbox", *identity, *environment, *filter_argv(unit, command)]
+            "sh", "-c", script, "sandbox", *identity, *environment,
+            *filter_argv(unit, command, mdwe)]
 
 
 class InstalledDaemon(PolicyDaemon):
