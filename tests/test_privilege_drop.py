@@ -63,6 +63,17 @@ def ask(port: int) -> bytes:
         return data
 
 
+def serve(config: str, cwd: str, program: list[str] | None = None):
+    """``python -m policyd_ipv6 serve --config CONFIG`` (or ``program`` in place of ``-m
+    policyd_ipv6``) started in ``cwd``, its output in CONFIG.log; returns (process, log path)."""
+    log_path = config + ".log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, *(program or ["-m", "policyd_ipv6"]),
+                                    "serve", "--config", config], cwd=cwd, stdout=log,
+                                   stderr=subprocess.STDOUT)
+    return process, log_path
+
+
 def wait_for(log_path: str, process, word: str, timeout: float = 15.0) -> str:
     end = time.monotonic() + timeout
     while True:
@@ -96,11 +107,7 @@ def test_serve_from_a_root_only_clone_checks_spf_as_nobody(readable_config):
             pass
         else:
             shutil.copytree(os.path.dirname(idna.__file__), os.path.join(clone, "idna"))
-        log_path = config + ".log"
-        with open(log_path, "w") as log:
-            process = subprocess.Popen([sys.executable, "-m", "policyd_ipv6", "serve",
-                                        "--config", config], cwd=clone, stdout=log,
-                                       stderr=subprocess.STDOUT)
+        process, log_path = serve(config, clone)
         try:
             wait_for(log_path, process, "ready")
             reply = ask(port)
@@ -134,10 +141,7 @@ def test_failed_privilege_drop_exits_non_zero_without_answering(readable_config)
     answered meanwhile (it never serves as root)."""
     needs_root()
     config, port = readable_config
-    log_path = config + ".log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen([sys.executable, "-c", FAILING_SETUID, "serve", "--config",
-                                    config], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    process, log_path = serve(config, ROOT, ["-c", FAILING_SETUID])
     replies = []
     try:
         end = time.monotonic() + 15
@@ -182,11 +186,7 @@ def test_optin_file_the_user_cannot_see_warns_once_and_keeps_the_table(knot):
             handle.write(f'listen = ["tcp:{port}:interface=127.0.0.1"]\n'
                          f'optin_file = "{optin}"\noptin_reload_interval_seconds = 0.1\n'
                          f'nameservers = ["127.0.0.1:{knot}"]\nuser = "nobody"\n')
-        log_path = config + ".log"
-        with open(log_path, "w") as log:
-            process = subprocess.Popen([sys.executable, "-m", "policyd_ipv6", "serve",
-                                        "--config", config], cwd=ROOT, stdout=log,
-                                       stderr=subprocess.STDOUT)
+        process, log_path = serve(config, ROOT)
         try:
             wait_for(log_path, process, "ready")
             time.sleep(1)  # ten polls
