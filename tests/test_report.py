@@ -185,3 +185,14 @@ def test_report_command_json_and_text(tmp_path):
     assert render_text(result) == out.getvalue()
     assert report(SimpleNamespace(files=[str(tmp_path / "nope")], json=False, top=10),
                   stdout=io.StringIO()) == 1
+
+
+def test_report_of_files_leaves_standard_input_alone(tmp_path, monkeypatch):
+    """report FILE neither reads nor wraps standard input (a wrapper would close it when
+    collected): with files named, a stdin that cannot be wrapped is never touched."""
+    log = tmp_path / "log"
+    log.write_text(engine_log(STORY))
+    monkeypatch.setattr("sys.stdin", SimpleNamespace())  # no .buffer: wrapping it raises
+    out = io.StringIO()
+    assert report(SimpleNamespace(files=[str(log)], json=True, top=10), stdout=out) == 0
+    assert json.loads(out.getvalue())["rules"]["no-rdns"] == 3
