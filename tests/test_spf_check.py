@@ -188,6 +188,29 @@ def test_names_a_record_needs_are_fetched_at_once():
     assert [r.result for r in results] == ["pass"]   # two round trips after the record
 
 
+@pytest.mark.parametrize("ip, family", [
+    (IP, "AAAA"),
+    (ipaddress.ip_address("192.0.2.25"), "A"),
+    (ipaddress.ip_address("::ffff:192.0.2.25"), "A"),  # IPv4 to SPF (RFC 7208 §5)
+    ("2001:db8::25", "AAAA"),  # text is parsed once
+])
+def test_prefetched_addresses_are_of_the_clients_family(ip, family):
+    """The a and MX-exchange names are prefetched with the type the client's family needs,
+    taken from the address object the check is given."""
+    clock = task.Clock()
+    fake = FakeDnsClient({
+        ("example.net", "TXT"): ['"v=spf1 a:host.example mx -all"'],
+        ("example.net", "MX"): ["10 mx.example.net."],
+    }, clock=clock, delay=0.02)
+    check_spf(Lookups(fake, clock), ip, "alice@example.net", "mx.example.net")
+    clock.advance(0.02)  # the record: its names are asked for
+    clock.advance(0.02)  # the MX: its exchange is asked for
+    assert ("host.example", family) in fake.queries
+    assert ("mx.example.net", family) in fake.queries
+    other = "A" if family == "AAAA" else "AAAA"
+    assert not any(rrtype == other for _name, rrtype in fake.queries)
+
+
 def test_macro_names_are_not_prefetched():
     """A name with a macro depends on the evaluation: it is left to pyspf."""
     from policyd_ipv6.checks.spf import _named_lookups

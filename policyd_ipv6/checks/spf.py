@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import time
 import weakref
+from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -71,8 +72,7 @@ def check_spf(lookups: Lookups, ip: IPAddress, sender: str, helo: str,
         if domain is None or domain_key(domain) is None:
             return defer.succeed(SpfFact(SpfResult.NONE, "the sender's domain is not a domain name",
                                          sender))
-    return _Evaluation(lookups, str(ip), sender, helo_name or "unknown", identity,
-                       limits).start()
+    return _Evaluation(lookups, ip, sender, helo_name or "unknown", identity, limits).start()
 
 
 _PREFETCH_TYPES = {"include": "TXT", "redirect": "TXT", "a": None, "mx": "MX", "exists": "A"}
@@ -94,16 +94,20 @@ def _named_lookups(record: str, domain: str, address_type: str):
 
 
 class _Evaluation:
-    def __init__(self, lookups: Lookups, ip: str, sender: str, helo: str, identity: str,
-                 limits: Limits) -> None:
+    def __init__(self, lookups: Lookups, ip: IPAddress | str, sender: str, helo: str,
+                 identity: str, limits: Limits) -> None:
         self.lookups = lookups
-        self.ip = ip
+        # Parsed once (the client_address's own object, as a rule): check_host takes it as it is.
+        address = ip if isinstance(ip, (IPv4Address, IPv6Address)) else ip_address(ip)
+        # ::ffff:192.0.2.1 is IPv4, as check_host treats it
+        v4 = address.version == 4 or address.ipv4_mapped is not None
+        self.address_type = "A" if v4 else "AAAA"
         self.identity = identity
         self.answers: dict[tuple[str, str], Answer] = {}
         self.questions = 0
         self.too_large = ""  # what the last refused TXT reply was, for the log
         self.limits = limits
-        self.steps = check_host(ip, sender, helo, limits, int(time.time()))
+        self.steps = check_host(address, sender, helo, limits, int(time.time()))
         # The lookups this evaluation asked for (its own and prefetched) and still waits on.
         self.asked: dict[tuple[str, str], defer.Deferred[Answer]] = {}
         # Cancelling (the decision's deadline passed) stops the evaluation at its next step.
@@ -207,7 +211,7 @@ class _Evaluation:
         """Ask now for what the evaluation will ask next, so that its lookups overlap instead of
         queuing one round trip after another: the addresses of MX exchanges, and the names a
         record's mechanisms name (macro-free ones only; at most 10, as RFC 7208 §4.6.4)."""
-        address_type = "A" if "." in self.ip else "AAAA"  # ::ffff:192.0.2.1 is IPv4
+        address_type = self.address_type
         wanted: list[tuple[str, str]] = []
         if key[1] == "MX":
             wanted = [(exchange, address_type) for _pref, exchange in answer.values[:10]]
