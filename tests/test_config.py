@@ -82,6 +82,17 @@ def test_bad_values_name_key_and_value(text, names):
         assert name in message
 
 
+@pytest.mark.parametrize("key", ["optin_file", "state_directory"])
+def test_nul_in_a_path_is_a_config_error_shown_escaped(key):
+    """A NUL in a path is refused naming the key, with the NUL shown escaped (open() would
+    raise ValueError, a traceback, instead of OSError)."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(f'{key} = "opt\\u0000in"', "/etc", source="/etc/p.toml")
+    message = str(info.value)
+    assert f'{key} = "opt\\x00in"' in message and "NUL" in message
+    assert "\0" not in message
+
+
 def test_missing_file_is_a_config_error(tmp_path):
     """A configuration file that cannot be read is reported with its path."""
     with pytest.raises(ConfigError, match="cannot read configuration file"):

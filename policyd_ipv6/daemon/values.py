@@ -33,7 +33,13 @@ def bad(key: str, value: Any, why: str) -> ValueError:
 
 
 def show(value: Any) -> str:
-    text = repr(value) if not isinstance(value, str) else '"' + value + '"'
+    if isinstance(value, str):
+        if not value.isprintable():  # a control character is shown, not sent to the terminal
+            value = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode()
+                            for ch in value)
+        text = '"' + value + '"'
+    else:
+        text = repr(value)
     return text if len(text) <= 120 else text[:117] + "..."
 
 
@@ -88,6 +94,8 @@ def authserv_id(key: str, value: Any) -> str:
 def path(key: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise bad(key, value, "must be a file path")
+    if "\0" in value:  # no file name holds one: open() would raise ValueError, not OSError
+        raise bad(key, value, "must be a file path (it contains a NUL character)")
     return value
 
 
