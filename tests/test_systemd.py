@@ -209,6 +209,17 @@ def test_lifecycle_reload_says_reloading_then_ready_even_when_the_reload_fails()
     assert sent[0]["MONOTONIC_USEC"].isdigit()
 
 
+def test_grace_period_follows_a_reloaded_decision_deadline():
+    """The stop's grace period is the decision deadline in force when it begins (a SIGHUP may
+    have raised it) plus one second, not the deadline of start-up."""
+    reactor = SimpleNamespace(addSystemEventTrigger=lambda *a: None)
+    service = SimpleNamespace(config=SimpleNamespace(decision_deadline_seconds=2.0))
+    life = Lifecycle(reactor, service, Notifier("\0unused"), [], None)
+    assert life.grace_seconds == 3.0
+    service.config = SimpleNamespace(decision_deadline_seconds=20.0)  # what a reload does
+    assert life.grace_seconds == 21.0
+
+
 class FakeMilterConnection:
     def __init__(self, waiting=None, in_transaction=False):
         self.waiting, self.in_transaction, self.closed = waiting, in_transaction, False

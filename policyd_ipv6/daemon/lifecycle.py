@@ -6,8 +6,9 @@ all removed from it, so no child inherits them) and raises ``ConfigError`` for s
 activation variables that do not parse. It starts the watchdog pings (``WATCHDOG=1`` from
 the reactor, every half of ``WatchdogSec=``) and registers the graceful stop as a
 "before shutdown" trigger: ``STOPPING=1``, then ``stopping.drain`` of the ports ``ready()``
-was given, bounded by ``grace_seconds`` (the decision deadline plus one second: every policy
-request already received has its answer, 451 at worst, by then).
+was given, bounded by ``grace_seconds`` (the decision deadline in force when the stop begins,
+a reload's included, plus one second: every policy request already received has its answer,
+451 at worst, by then).
 ``inherited`` is the ``(fd, name)`` list for ``PolicyService.listen``. ``ready(ports)`` sends
 ``READY=1`` (call it once the listeners are bound and privileges dropped).
 ``reloading(action)`` wraps the SIGHUP action: ``RELOADING=1`` with ``MONOTONIC_USEC``,
@@ -48,7 +49,6 @@ class Lifecycle:
         self.notifier = notifier
         self.inherited = inherited
         self.ports: list = []
-        self.grace_seconds = service.config.decision_deadline_seconds + 1.0
         self.pings = None
         if watchdog is not None and notifier.enabled:
             self.pings = start_watchdog(reactor, notifier, watchdog)
@@ -64,6 +64,11 @@ class Lifecycle:
         env.pop("WATCHDOG_USEC", None)
         env.pop("WATCHDOG_PID", None)
         return cls(reactor, service, Notifier.from_environment(env), inherited, watchdog)
+
+    @property
+    def grace_seconds(self) -> float:
+        """The decision deadline in force (a reload may have changed it) plus one second."""
+        return self.service.config.decision_deadline_seconds + 1.0
 
     def ready(self, ports) -> None:
         self.ports = list(ports)
