@@ -8,8 +8,8 @@ string. No DNS, no I/O.
   IPv6 address becomes the IPv4 address (Postfix already converts them:
   sane_sockaddr_to_hostaddr.c).
   Results are memoised (a busy sender's address recurs; the objects are immutable).
-- ``recipient_domain``: the domain of an envelope address as the client wrote it (lower-cased,
-  no trailing dot), for the reply text.
+- ``recipient_domain``: the domain of an envelope address (what follows the last "@",
+  lower-cased, no trailing dot), in Postfix's internal form or as the client wrote it.
 - ``domain_key``: the form used to compare domains: A-labels (IDNA 2008, RFC 5891, after the
   UTS #46 non-transitional mapping: ``straße`` is ``xn--strae-oqa``, not ``strasse``), lower
   case, no trailing dot; ``None`` for an address literal or anything that is not a domain
@@ -51,32 +51,20 @@ def client_ip(text: str) -> IPAddress | None:
 def recipient_domain(address: str) -> str | None:
     """The domain part of an envelope address, lower-cased, without a trailing dot.
 
-    The domain follows the "@" after the local part; a quoted local part (RFC 5321
-    Quoted-string) may itself contain "@" and backslash escapes. An address without a domain
-    (RFC 5321 allows a bare "Postmaster") gives None.
+    The domain is what follows the last "@", as Postfix takes it (smtpd_check.c,
+    trivial-rewrite): a domain never contains "@" or '"'. A policy request's ``recipient``
+    and ``sender`` are Postfix's unquoted internal form (smtpd.c extract_addr,
+    tok822_internalize): ``RCPT TO:<"\\"x\\\\"@contoso.com>`` arrives as
+    ``"x\\@contoso.com``, whose domain is contoso.com. The milter's SMFIC_MAIL and
+    SMFIC_RCPT arguments keep the client's quotes (``"a@b"@contoso.com``); the same rule
+    holds there, and a domain part containing '"' means the last "@" was inside a quoted
+    local part with no domain after it (``"a@b"``). No "@", nothing after it (RFC 5321
+    allows a bare "Postmaster"), or a quote in the domain part gives None.
     """
-    address = address.strip().strip("<>")
-    if address.startswith('"'):
-        i, end = 1, -1
-        while i < len(address):
-            if address[i] == "\\":
-                i += 2
-                continue
-            if address[i] == '"':
-                end = i
-                break
-            i += 1
-        if end < 0:
-            return None  # an unterminated quoted string has no domain
-        rest = address[end + 1:]
-        if not rest.startswith("@"):
-            return None
-        domain = rest[1:]
-    else:
-        _, at, domain = address.rpartition("@")
-        if not at:
-            return None
-    domain = domain.rstrip(".").lower()
+    _, at, domain = address.strip().strip("<>").rpartition("@")
+    if not at or '"' in domain:
+        return None
+    domain = domain.strip().rstrip(".").lower()
     return domain or None
 
 

@@ -1,4 +1,4 @@
-"""Tests of untrusted-name normalisation (policyd_ipv6.addresses)."""
+"""Tests of untrusted-name normalisation (policyd_ipv6.names)."""
 
 import pytest
 from hypothesis import given
@@ -24,20 +24,40 @@ def test_client_ip(text, expected):
     assert (str(result) if result is not None else None) == expected
 
 
+# Postfix's internal (unquoted) form, as a policy request's recipient and sender carry it
+# (smtpd.c extract_addr: tok822_internalize); the client's form is in the comment.
 @pytest.mark.parametrize("address, expected", [
     ("bob@Contoso.COM", "contoso.com"),
     ("bob@contoso.com.", "contoso.com"),
-    ('"a@b"@contoso.com', "contoso.com"),   # quoted local part containing @
-    ('"bob@x"', None),                       # quoted local part only: no domain
-    ('"a\\"@b"@contoso.com', "contoso.com"),  # escaped quote inside the quoted string
-    ('"unterminated@x', None),
+    ('"x\\@contoso.com', "contoso.com"),        # <"\"x\\"@contoso.com>
+    ("john smith@Example.NET", "example.net"),  # <"john smith"@example.net>
+    ("a@b@contoso.com", "contoso.com"),         # <"a@b"@contoso.com>
+    ('a"@b@contoso.com', "contoso.com"),        # <"a\"@b"@contoso.com>
+    ('"unterminated@x', "x"),                   # <"\"unterminated"@x>
     ("postmaster", None),
     ("bob@", None),
+    ("bob@.", None),
     ("<bob@x.example>", "x.example"),
     ("bob@[IPv6:2001:db8::1]", "[ipv6:2001:db8::1]"),
 ])
-def test_recipient_domain(address, expected):
-    """The domain follows the last @; none for a bare local part."""
+def test_recipient_domain_internal_form(address, expected):
+    """In Postfix's unquoted internal form the domain is what follows the last @."""
+    assert recipient_domain(address) == expected
+
+
+# The milter's SMFIC_MAIL / SMFIC_RCPT argument: the address as the client wrote it, quotes
+# kept (milter/end_of_message.py reads the sender's domain from it).
+@pytest.mark.parametrize("address, expected", [
+    ('<"a@b"@contoso.com>', "contoso.com"),     # quoted local part containing @
+    ('"a\\"@b"@contoso.com', "contoso.com"),    # escaped quote inside the quoted string
+    ('"\\"x\\\\"@Contoso.COM', "contoso.com"),  # the escaped backslash before the @
+    ('"bob@x"', None),                          # quoted local part only: no domain
+    ('<"a@b">', None),
+    ('"a@b\\"c"', None),
+])
+def test_recipient_domain_raw_quoted_form(address, expected):
+    """In the client's quoted form the domain follows the last @, and an @ inside a quoted
+    local part with nothing after the quotes gives no domain."""
     assert recipient_domain(address) == expected
 
 

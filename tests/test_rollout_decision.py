@@ -147,6 +147,23 @@ def test_entry_mode_overrides_the_global_mode_both_ways():
     assert plain.action == DUNNO
 
 
+# Postfix's internal form of RCPT TO:<"\"x\\"@DOMAIN> (smtpd.c extract_addr): the quotes
+# are gone and the domain is what follows the last "@".
+@pytest.mark.parametrize("config, domain", [
+    ("", "contoso.com"),                             # taken as no domain: 550 5.2.1
+    ('unlisted_domains = "ignore"', "contoso.com"),  # taken as no domain: DUNNO unchecked
+    ('mode = "report"', "enforce.example"),          # taken as no domain: only reported
+])
+def test_internal_form_recipient_reaches_its_domains_entry(config, domain):
+    """A recipient whose unquoted local part starts with a quote and ends in a backslash is
+    judged by its domain's opt-in entry, like any other address at that domain."""
+    s = subject(recipient=f'"x\\@{domain}')
+    assert s.recipient_domain == domain
+    assert walk(policy(config), s) is Need.RDNS
+    result = walk(policy(config), s, MISSING)
+    assert (result.action, result.rule, result.would) == (NO_PTR, "no-rdns", "")
+
+
 def test_entry_rdns_option_chooses_the_reverse_dns_mode():
     """rdns=fcrdns on an entry is the mode the facts are gathered in; others use the key."""
     assert rdns_mode(subject(recipient="a@enforce.example"), OPTIN) == "fcrdns"
