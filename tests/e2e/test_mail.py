@@ -183,3 +183,17 @@ def test_null_sender_whose_helo_has_no_spf_is_refused(lab):
     assert re.fullmatch(rejected("450 4.7.26", bob, NO_AUTH % re.escape(T.OUTSIDE)),
                         result.rcpt_reply(bob)), result.transcript
     assert_nothing_accepted(lab, result)
+
+
+def test_quoted_local_part_is_judged_by_its_domain(lab):
+    r"""RCPT TO:<"\"x\\"@example.com> reaches the daemon in Postfix's unquoted internal form
+    ("x\@example.com): its opted-in domain is used, so a client without PTR gets 450 4.7.25."""
+    tag = uuid.uuid4().hex[:8]
+    quoted = '"\\"x-%s\\\\"@%s' % (tag, T.OPTED_IN)
+    result = lab.send(T.NOPTR, [quoted])
+    assert 'RCPT TO:<"\\"x-%s\\\\"@%s>' % (tag, T.OPTED_IN) in result.transcript
+    assert re.fullmatch(r"450 4\.7\.25 <.*>: Recipient address rejected: "
+                        + NO_PTR % re.escape(T.NOPTR), result.rcpt_reply(quoted)), result.transcript
+    assert_nothing_accepted(lab, result)
+    lines = [d for d in lab.daemons["main"].decisions() if tag in d.get("recipient", "")]
+    assert [(d["rule"], d["reply"][:10]) for d in lines] == [("no-rdns", "450 4.7.25")], lines
