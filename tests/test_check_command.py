@@ -144,6 +144,8 @@ def _bound_tcp(pid: int) -> str:
     ('listen = ["tcp:notaport"]\noptin_file = "optin"\n', 1, 'listen = "tcp:notaport"'),
     ('optin_file = "missing"\n', 1, 'missing": cannot read it'),
     ('log_decisions = "some"\noptin_file = "optin"\n', 1, 'log_decisions = "some"'),
+    ('optin_file = "optin"\nreplies = {no_reverse_dns = "450 4.7.25 [{address:d}] no PTR."}\n',
+     1, "replies.no_reverse_dns = '450 4.7.25 [{address:d}] no PTR.'"),
 ])
 def test_configtest(tmp_path, knot, content, status, words):
     """configtest exits 0 for a configuration serve would start with, else 1 naming the key

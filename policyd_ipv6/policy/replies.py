@@ -7,6 +7,13 @@ code, an RFC 3463 enhanced status code whose class digit equals the code's first
 (Postfix would otherwise rewrite it, smtpd_check.c), printable ASCII, one line, at most 400
 characters so that Postfix's own decoration stays under the 510-byte reply limit. A temporary
 reply must be 4xx: a transient fault never yields a 5xx.
+
+A placeholder is a bare name (``{address}``): a format spec, a conversion, an index or an
+attribute (``{address:d}``, ``{domain!r}``, ``{domain:>3000}``, ``{domain[0]}``) is refused,
+since it could raise at every refusal or stretch the reply past the limit. The 400
+characters bound the reply as rendered with the longest values the daemon fills in
+(``LONGEST``), not only the template: a refusal checked here renders without error and within
+the bound for any request.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import re
 import string
 from dataclasses import dataclass
 
-__all__ = ["Replies", "validate_reply", "PLACEHOLDERS"]
+__all__ = ["Replies", "validate_reply", "PLACEHOLDERS", "CHECKS", "LONGEST"]
 
 # Exchange Online Protection's texts (learn.microsoft.com, "Support for anonymous inbound email
 # messages over IPv6"); 4.4.3 is RFC 3463 "Directory server failure" (a DNS fault).
@@ -39,6 +46,16 @@ PLACEHOLDERS = {
     "auth_failed": ("address",),
     "temporary": ("address", "check"),
 }
+
+# The {check} values the decision (reverse DNS, SPF) and the milter (DKIM) fill in.
+CHECKS = ("reverse DNS", "SPF", "DKIM")
+# The longest text each placeholder can receive. {address}: an IPv6 address is at most 39
+# characters, but the fallback for a client_address that does not parse is
+# text.printable(client_address, 64), up to 64 characters and "...". {domain}: the recipient
+# domain as text.printable(domain, 255) gives it, up to 255 characters and "..." (RFC 1035: a
+# domain name is at most 255 octets).
+LONGEST = {"address": "f" * 64 + "...", "domain": "d" * 255 + "...",
+           "check": max(CHECKS, key=len)}
 
 _REPLY = re.compile(r"^([45])[0-9]{2} ([45])\.[0-9]{1,3}\.[0-9]{1,3} \S")
 MAX_TEMPLATE = 400
@@ -69,13 +86,20 @@ def validate_reply(key: str, template: object, temporary: bool = False) -> str:
         raise bad("must be one line of printable ASCII")
     allowed = PLACEHOLDERS[key.rsplit(".", 1)[-1]]
     try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        fields = [(f, spec, conversion) for _, f, spec, conversion
+                  in string.Formatter().parse(template) if f is not None]
     except ValueError as error:
-        raise bad(f"bad placeholder syntax ({error})") from None
-    for name in fields:
-        if name not in allowed:
+        raise bad(f"bad placeholder syntax ({error}); write a literal brace as {{{{ or }}}}"
+                  ) from None
+    for name, spec, conversion in fields:
+        base = re.split(r"[.\[]", name, maxsplit=1)[0]
+        if base not in allowed:
             raise bad(f"unknown placeholder {{{name}}}; allowed: "
                       + ", ".join("{%s}" % a for a in allowed))
+        if spec or conversion is not None or name != base:
+            raise bad(f"placeholder {{{name}{'!' + conversion if conversion else ''}"
+                      f"{':' + spec if spec else ''}}} must be a bare name such as {{{base}}}"
+                      " (no format spec, conversion, index or attribute)")
     match = _REPLY.match(template)
     if not match:
         raise bad("must start with a 4xx or 5xx code, an enhanced status code such as 4.7.25,"
@@ -85,4 +109,10 @@ def validate_reply(key: str, template: object, temporary: bool = False) -> str:
                   " 5xx with 5.x.x)")
     if temporary and match.group(1) != "4":
         raise bad("a temporary failure must be answered with a 4xx code, never 5xx")
+    rendered = template.format(**{name: LONGEST[name] for name in allowed})
+    if len(rendered) > MAX_TEMPLATE:
+        used = sorted({name for name, _, _ in fields})
+        raise bad(f"renders to {len(rendered)} characters with the longest values ("
+                  + ", ".join(f"{{{name}}} {len(LONGEST[name])}" for name in used)
+                  + f"); at most {MAX_TEMPLATE}")
     return template
