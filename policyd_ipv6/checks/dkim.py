@@ -12,7 +12,7 @@ Contract: ``check_dkim(lookups, message, pool=None)`` returns a Deferred that al
 - ``none``: not signed, or signed only with keys in testing mode (``t=y``: RFC 6376 §3.6.1,
   verifiers "MUST NOT treat messages from Signers in testing mode differently from unsigned
   email");
-- ``fail``: signed, none valid (bad signature, altered body, missing or unusable key,
+- ``fail``: signed, none valid (bad signature, altered body, missing, unusable or too large key,
   malformed or expired signature, or only ``policy`` results).
 
 ``signatures`` holds one ``SignatureResult`` per signature listed, for the
@@ -32,7 +32,10 @@ that is not acceptable or was not verified, with the reason:
 Why keys first: dkimpy is synchronous and would look the key up itself, blocking. The
 signatures are parsed from the header block, each key record (TXT at
 ``selector._domainkey.domain``) is fetched through the daemon's own ``Lookups``, all at once;
-dkimpy then only sees the fetched record. dkimpy reports a DNS timeout as an ordinary failure
+dkimpy then only sees the fetched record, and only if its key is bounded
+(``dkim_verify.key_problem``: an RSA key over 4096 bits, or with a public exponent over 2^32,
+is a permerror without being used); a key reply over ``MAX_KEY_REPLY_BYTES`` is not read (a
+permerror too). dkimpy reports a DNS timeout as an ordinary failure
 (DKIM.verify_sig catches DnsTimeoutError); fetching first keeps "temporary" apart.
 
 Where the CPU work runs: with a ``dkim_pool.DkimPool``, a header block over
@@ -73,6 +76,9 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 # body (all signatures together) a few milliseconds.
 INLINE_HEAD_BYTES = 16 * 1024
 INLINE_WORK_BYTES = 64 * 1024
+# A key record's TXT reply, in bytes on the wire: a 4096-bit RSA key record is under 1 KB of
+# text. A longer reply is not read, and is a permerror (the key cannot be usable).
+MAX_KEY_REPLY_BYTES = 8 * 1024
 _BASE64 = re.compile(rb"[A-Za-z0-9+/]+")
 
 
@@ -183,7 +189,9 @@ def _check(lookups: Lookups, message: bytes, pool) -> Any:
     testing: set[int] = set()
     for (idx, name), answer in zip(names.items(), answers):
         record = _record(answer)
-        if answer.status == DnsStatus.TEMPFAIL:
+        if answer.too_large:  # before TEMPFAIL, which it also is: retrying brings the same
+            _set(results, idx, DkimResult.PERMERROR, f"key record too large ({answer.detail})")
+        elif answer.status == DnsStatus.TEMPFAIL:
             _set(results, idx, DkimResult.TEMPERROR, f"key lookup: {answer.detail}")
         elif not answer.ok or record is None:
             _set(results, idx, DkimResult.PERMERROR, f"no key ({answer.status})")
@@ -213,7 +221,7 @@ def _set(results: dict[int, SignatureResult], idx: int, result: DkimResult,
 
 def _fetch(lookups: Lookups, name: bytes) -> defer.Deferred[Answer]:
     try:
-        return lookups.lookup(name.decode("ascii"), "TXT")
+        return lookups.lookup(name.decode("ascii"), "TXT", max_size=MAX_KEY_REPLY_BYTES)
     except UnicodeDecodeError:
         return defer.succeed(Answer(DnsStatus.NODATA, detail="not a DNS name"))
 

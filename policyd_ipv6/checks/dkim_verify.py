@@ -12,6 +12,8 @@ Contract: pure functions over bytes; no Twisted, no DNS, no I/O except ``main()`
   ``(index, key name, key record)``: ``pass``, ``fail``, ``permerror``, or ``policy`` for a
   signature that verifies but whose ``l=`` covers less than the canonical body (RFC 6376
   §8.2: the unsigned rest could say anything). Never raises: hostile input is a permerror.
+- ``key_problem(record)`` says why a key record's RSA key must not be used (see the bounds
+  below), or None; ``verify_all`` gives such a signature a permerror with that reason.
 - ``main()`` is a verification worker: length-prefixed requests on standard input
   (``encode_request``), one JSON answer each on standard output (``decode_answer``), until
   standard input closes. ``dkim_pool`` runs it in separate processes.
@@ -28,6 +30,13 @@ Bounds, so that one message costs time and memory proportional to its size, what
   dkimpy 1.1.4 to 1.1.8) with line ends made CRLF exactly as dkimpy's ``rfc822_parse`` would,
   instead of dkimpy splitting the whole message into lines (a second and third copy). Peak
   memory of one verification is then about three times the body.
+- The key record is checked before dkimpy sees it (``key_problem``): dkimpy's RSA is Python's
+  ``pow(signature, exponent, modulus)`` with no bound on either, so a key with an 8192-bit
+  exponent costs over a second per signature. An RSA key over ``MAX_KEY_BITS`` (RFC 8301
+  §3.2 asks verifiers to handle 1024 to 4096 bits), or whose public exponent is over 2^32,
+  even or under 3, is a permerror without being used. dkimpy's own parser reads the key (so
+  both see the same numbers), only once ``p=`` is at most ``MAX_KEY_P_BYTES``: it builds
+  integers byte by byte, quadratic in their length (0.3 s for 60 KB).
 - The size caps and the number of signatures are the caller's (``dkim``): it never sends more
   than it allows.
 """
@@ -47,10 +56,20 @@ from dkim.canonicalization import (
     correct_empty_body,
     strip_trailing_lines,
 )
+from dkim.util import parse_tag_value
 
-__all__ = ["become", "split_message", "parse_signatures", "verify_all", "collapse_wsp",
-           "relaxed_body", "install_linear_relaxed",
+__all__ = ["become", "split_message", "parse_signatures", "verify_all", "key_problem",
+           "collapse_wsp", "relaxed_body", "install_linear_relaxed",
            "encode_request", "read_request", "encode_answer", "decode_answer", "main"]
+
+# RFC 8301 §3.2: verifiers MUST handle RSA keys of 1024 to 4096 bits; larger ones cost more
+# CPU per signature than a message may take. A 4096-bit key's p= is 736 bytes of base64; at
+# this bound dkimpy's parse costs at most 2 ms, and a 16384-bit key (e=65537, 2.8 KB) is still
+# refused with its size in bits.
+MAX_KEY_BITS = 4096
+MAX_KEY_P_BYTES = 4 * 1024
+# RFC 8017 §3.1: e is odd and at least 3; real keys use 65537. Over 2^32, pow() is slow.
+MAX_KEY_EXPONENT = 1 << 32
 
 _WSP_RUN = re.compile(rb"[\t ]+")
 _LINE_END = re.compile(rb"\r?\n")
@@ -192,9 +211,42 @@ def _verify_owned(head: bytes, holder: list, jobs) -> dict[int, tuple[str, str]]
     return out
 
 
+def key_problem(record: bytes) -> str | None:
+    """Why the RSA key in ``record`` (a DKIM key record) must not be used, or None: its
+    modulus is over ``MAX_KEY_BITS``, its public exponent over ``MAX_KEY_EXPONENT``, even or
+    under 3, or its ``p=`` is over ``MAX_KEY_P_BYTES``. None also for a record dkimpy refuses
+    by itself before any RSA work (syntax, base64, ASN.1) and for ed25519 keys (32 bytes, a
+    fixed cost). Costs a few milliseconds at most, whatever the record holds."""
+    try:
+        tags = parse_tag_value(record)
+    except Exception:  # dkimpy's evaluate_pk raises on the same parse: no RSA follows
+        return None
+    if tags.get(b"k", b"rsa") == b"rsa" and len(tags.get(b"p", b"")) > MAX_KEY_P_BYTES:
+        return (f"key too large: p= of {len(tags[b'p'])} bytes "
+                f"(RFC 8301: keys up to {MAX_KEY_BITS} bits)")
+    try:
+        # What DKIM.verify itself calls on the record (dkimpy 1.1.4 to 1.1.8): same numbers.
+        key, bits, algorithm = dkim.evaluate_pk(b"", record)[:3]
+    except Exception:  # dkimpy raises the same when verifying: no RSA follows
+        return None
+    if algorithm != b"rsa":
+        return None
+    if bits > MAX_KEY_BITS:
+        return f"key too large: {bits} bits (RFC 8301: up to {MAX_KEY_BITS})"
+    exponent = key["publicExponent"]
+    if exponent > MAX_KEY_EXPONENT:
+        return f"unusable key: public exponent of {exponent.bit_length()} bits (over 2^32)"
+    if exponent < 3 or exponent % 2 == 0:
+        return f"unusable key: public exponent {exponent} (RFC 8017: odd, at least 3)"
+    return None
+
+
 def _verify_one(verifier, notes: _Notes, idx: int, name: bytes, record: bytes, sig,
                 body: bytes) -> tuple[str, str]:
     notes.errors.clear()
+    problem = key_problem(record)
+    if problem is not None:  # never handed to dkimpy: its RSA is unbounded
+        return ("permerror", problem)
     try:
         valid = verifier.verify(idx, dnsfunc=lambda n, timeout=5: record if n == name else None)
     except dkim.ValidationError as error:  # "body hash mismatch" and the like
