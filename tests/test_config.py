@@ -207,3 +207,14 @@ def test_descriptor_budget_is_shared_with_the_milter():
 
     connections, dns = descriptor_budget(1024, 1000, listeners=2)
     assert connections == 384 and 2 * connections + dns < 1024
+
+
+def test_descriptor_budget_reserves_the_metrics_connections():
+    """The metrics listener's bounded connections come out of the policy and milter share,
+    so that all three kinds held at once still leave the DNS sockets their quarter."""
+    from policyd_ipv6.daemon.limits import descriptor_budget
+    from policyd_ipv6.daemon.metrics_http import MAX_CONNECTIONS
+
+    connections, dns = descriptor_budget(512, 1000, listeners=2, reserved=MAX_CONNECTIONS)
+    assert connections == (384 - MAX_CONNECTIONS) // 2
+    assert 2 * connections + MAX_CONNECTIONS + dns < 512

@@ -27,14 +27,15 @@ def raise_open_files_limit() -> tuple[int, int]:
 
 
 def descriptor_budget(open_files: int, max_connections: int,
-                      listeners: int = 1) -> tuple[int, int]:
+                      listeners: int = 1, reserved: int = 0) -> tuple[int, int]:
     """Split the open-files limit: (connections per kind of listener, DNS queries in flight).
 
     A quarter of the descriptors (at least 64) stays for DNS sockets, log files and listeners,
     so that accept() never meets EMFILE, which Twisted answers by dropping clients silently.
-    The rest is shared by the ``listeners`` kinds of connection (policy, and the milter's when
-    it is on: one SMTP session can hold one of each).
+    ``reserved`` descriptors go to connections bounded elsewhere (the metrics listener's); the
+    rest is shared by the ``listeners`` kinds of connection (policy, and the milter's when it
+    is on: one SMTP session can hold one of each).
     """
     reserve = max(64, open_files // 4)
-    connections = max(1, min(max_connections, (open_files - reserve) // listeners))
+    connections = max(1, min(max_connections, (open_files - reserve - reserved) // listeners))
     return connections, max(8, reserve - 32)

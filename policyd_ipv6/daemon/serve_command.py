@@ -61,11 +61,13 @@ def serve(config: Config, log_level: str = "info", allow_root: bool = False) -> 
     start_logging(stream, log_level, reactor)
     collector = Collector(reactor)
     metrics = None
+    metrics_connections = 0  # the metrics listener's connections, reserved in the budget
     if config.metrics_listen:
         # Imported only here: prometheus_client and twisted.web are for the metrics alone.
         from policyd_ipv6.daemon.metrics import Metrics
-        from policyd_ipv6.daemon.metrics_http import listen_metrics
+        from policyd_ipv6.daemon.metrics_http import MAX_CONNECTIONS, listen_metrics
 
+        metrics_connections = MAX_CONNECTIONS
         metrics = Metrics(reactor)
         metrics.attach(service)
         metrics.collector = collector
@@ -73,7 +75,8 @@ def serve(config: Config, log_level: str = "info", allow_root: bool = False) -> 
     soft, _hard = raise_open_files_limit()
     milter = service.milter_factory
     connections, dns_inflight = descriptor_budget(soft, config.max_connections,
-                                                  2 if milter is not None else 1)
+                                                  2 if milter is not None else 1,
+                                                  metrics_connections)
     service.factory.max_connections = connections
     if milter is not None:
         milter.max_connections = connections
