@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import re
+import select
 import socket
 import subprocess
+import time
 import urllib.error
 import urllib.request
 
 import pytest
 from lab.daemonproc import ROOT, ServeProcess, request
 from lab.knot import free_port
+
+from policyd_ipv6.daemon.metrics_http import MAX_CONNECTIONS
 
 pytestmark = pytest.mark.process
 
@@ -73,3 +78,54 @@ def test_a_metrics_endpoint_that_cannot_be_bound_stops_the_daemon(tmp_path):
                               timeout=30)
     assert done.returncode == 1, done.stdout + done.stderr
     assert f'metrics_listen = "tcp:{port}:interface=127.0.0.1": cannot listen' in done.stderr
+
+
+def closed_by_the_daemon(sockets: list[socket.socket], expected: int) -> int:
+    """How many of ``sockets`` the daemon has closed, once ``expected`` are (or after 10 s)."""
+    end = time.monotonic() + 10
+    while True:
+        readable, _, _ = select.select(sockets, [], [], 0.2)  # EOF or reset: closed
+        if len(readable) >= expected or time.monotonic() > end:
+            return len(readable)
+
+
+def test_metrics_connections_are_bounded_and_bodies_refused_unread(tmp_path):
+    """With 120 metrics connections attempted under a 128 open-files limit, MAX_CONNECTIONS
+    stay open and the rest are closed at once, the policy listener still answers; a POST
+    announcing 300 MB is answered 413 without a temporary file; GET is still served."""
+    port = free_port()
+    settings = {"metrics_listen": [f"tcp:{port}:interface=127.0.0.1"],
+                "nameservers": [f"127.0.0.1:{free_port()}"]}
+    with ServeProcess(tmp_path, settings, optin="example.com\n",
+                      rlimit_nofile=(128, 128)) as daemon:
+        before = daemon.open_fds()
+        held: list[socket.socket] = []
+        try:
+            for _ in range(120):
+                try:
+                    sock = socket.create_connection(("127.0.0.1", port), timeout=2)
+                    sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # never finished
+                except OSError:  # the daemon no longer accepts: the test fails below
+                    break
+                held.append(sock)
+            closed = closed_by_the_daemon(held, len(held) - MAX_CONNECTIONS)
+            assert (len(held), closed) == (120, 120 - MAX_CONNECTIONS)
+            assert daemon.open_fds() <= before + MAX_CONNECTIONS
+            assert daemon.ask(request(client_address="192.0.2.10")) == "DUNNO"
+        finally:
+            for sock in held:
+                sock.close()
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"POST /metrics HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Length: 314572800\r\n\r\n")
+            try:
+                sock.sendall(b"x" * (1 << 20))
+            except OSError:  # closed after the refusal, before all of it was sent
+                pass
+            answer = sock.recv(4096)
+            spooled = [os.readlink(f"/proc/{daemon.pid}/fd/{fd}")
+                       for fd in os.listdir(f"/proc/{daemon.pid}/fd")]
+        assert answer.startswith(b"HTTP/1.1 413 "), answer
+        assert not [path for path in spooled if "(deleted)" in path]  # a temporary file's mark
+        assert get(port, "/metrics")[0] == 200
+        assert daemon.problems() == []
