@@ -426,6 +426,60 @@ def test_too_large_body_is_dropped():
     assert message.too_large and message.body == b"" and len(message.headers) == 1
 
 
+def test_a_body_not_wanted_is_counted_but_not_kept_and_wants_body_is_asked_once():
+    """wants_body() false at the first body byte: no body byte is kept, body_size counts
+    them all, the headers are still collected; it is asked once per message."""
+    asked = []
+    session = connected_session(verdict_stages=(), wants_body=lambda: asked.append(1) or False)
+    events, _ = session.receive(pkt(b"M", b"<a@b>\0") + pkt(b"L", b"S\0 x\0") + pkt(b"N")
+                                + pkt(b"B", b"a" * 60) + pkt(b"B", b"b" * 60) + pkt(b"E", b"c"))
+    message = events[-1].message
+    assert (message.body, message.body_size, len(message.headers)) == (b"", 121, 1)
+    assert session._message.body == [] and asked == [1] and not message.too_large
+
+
+def test_a_body_over_max_body_kept_keeps_one_byte_more_than_the_bound():
+    """Past max_body_kept only the first max_body_kept + 1 bytes are kept (showing that the
+    body is longer), body_size is the whole; a body within the bound is kept whole."""
+    session = connected_session(verdict_stages=(), max_body_kept=100, wants_body=lambda: True)
+    events, _ = session.receive(pkt(b"M", b"<a@b>\0") + pkt(b"B", b"a" * 60)
+                                + pkt(b"B", b"b" * 60) + pkt(b"B", b"c" * 60) + pkt(b"E"))
+    message = events[-1].message
+    assert message.body == b"a" * 60 + b"b" * 41 and message.body_size == 180
+    assert session._message.body == [message.body]  # one copy held, not chunks and a join
+    session.send_verdict(Verdict.CONTINUE)
+    events, _ = session.receive(pkt(b"M", b"<a@b>\0") + pkt(b"B", b"a" * 100) + pkt(b"E"))
+    assert events[-1].message.body == b"a" * 100 and not events[-1].message.too_large
+
+
+@pytest.mark.parametrize("flood", [
+    [macro(b"M", **{f"m{n}": "v" for n in range(501)})],  # too many in one packet
+    [macro(b"M", big="v" * 70000)],  # too long in one packet
+    [macro(b"M", a="v" * 40000), pkt(b"M", b"<a@b>\0"),  # the message's merged macros
+     macro(b"R", b="v" * 40000), pkt(b"R", b"<r@c>\0")],
+    [macro(b"H", a="v" * 40000), pkt(b"H", b"x\0"),  # the connection's merged macros
+     macro(b"H", b="v" * 40000), pkt(b"H", b"y\0")],
+])
+def test_macros_over_the_bound_are_a_protocol_error(flood):
+    """More than 500 macros or 64 KiB of them in a packet, a connection or a message is a
+    protocol error (the adapter closes without a reply): macros never grow memory unbounded."""
+    session = connected_session(verdict_stages=())
+    with pytest.raises(MilterProtocolError, match="macros"):
+        for packet in flood:
+            session.receive(packet)
+    assert session.state is State.ERROR
+
+
+def test_macros_as_postfix_sends_them_are_kept():
+    """Postfix's own macros, each stage's packet, merge into the message as before."""
+    session = connected_session(verdict_stages=())
+    events, _ = session.receive(macro(b"M", i="", mail_addr="a@b", auth_type="")
+                                + pkt(b"M", b"<a@b>\0") + macro(b"R", rcpt_addr="r@c")
+                                + pkt(b"R", b"<r@c>\0") + macro(b"E", i="4ABC") + pkt(b"E"))
+    assert events[-1].message.macros == {"i": "4ABC", "mail_addr": "a@b", "auth_type": "",
+                                         "rcpt_addr": "r@c"}
+
+
 def test_recipients_beyond_the_bound_are_counted_not_stored():
     """Only max_recipients recipients are stored; recipient_count counts them all."""
     session = connected_session(verdict_stages=(), max_recipients=2)

@@ -9,6 +9,10 @@ Bounds (``Bounds``): recipients stored (``max_recipients``; every one is counted
 ``recipient_count``), headers kept (``max_headers``) and header plus body bytes
 (``max_message_bytes``). Past the header or byte bound collection stops, the body is dropped
 at once and ``too_large`` is set, so that a message is never judged on an incomplete copy.
+Body bytes are always counted (``body_size``), but only kept when needed: ``wants_body()`` is
+asked once, at the message's first body byte, and a false answer keeps none of it; a body
+longer than ``max_body_kept`` keeps only its first ``max_body_kept + 1`` bytes (enough to
+show it is longer: the DKIM check verifies no body over that size).
 Marking: headers for which ``mark_header(name, value)`` holds are listed in ``marked`` (name
 and index among the headers of that name, counted case-insensitively as Postfix does) past
 those bounds too, up to ``max_marked``; one more makes ``marked`` None (the list would be
@@ -21,7 +25,8 @@ from dataclasses import dataclass, field
 from policyd_ipv6.milter.events import Header, HeaderRef, Message
 
 __all__ = ["Bounds", "MessageBuilder", "DEFAULT_MAX_HEADERS", "DEFAULT_MAX_MESSAGE_BYTES",
-           "DEFAULT_MAX_RECIPIENTS", "DEFAULT_MAX_MARKED"]
+           "DEFAULT_MAX_RECIPIENTS", "DEFAULT_MAX_MARKED", "DEFAULT_MAX_MACROS",
+           "DEFAULT_MAX_MACRO_BYTES"]
 
 DEFAULT_MAX_HEADERS = 1000
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # Postfix message_size_limit: 10240000
@@ -29,6 +34,10 @@ DEFAULT_MAX_RECIPIENTS = 1000  # Postfix smtpd_recipient_limit
 # Marked headers kept per message: each costs one SMFIR_CHGHEADER at end of message. More
 # means the list is incomplete (Message.marked None) and the caller refuses temporarily.
 DEFAULT_MAX_MARKED = 10000
+# Macros kept per connection and per message (milter.session): Postfix sends a few dozen
+# short ones (the SETSYMLIST lists and main.cf's milter_*_macros), a few KiB at most.
+DEFAULT_MAX_MACROS = 500
+DEFAULT_MAX_MACRO_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +49,8 @@ class Bounds:
     max_recipients: int = DEFAULT_MAX_RECIPIENTS
     max_marked: int = DEFAULT_MAX_MARKED
     mark_header: Callable[[bytes, bytes], bool] | None = None
+    wants_body: Callable[[], bool] | None = None  # None: every body is kept
+    max_body_kept: int | None = None  # None: no bound but max_message_bytes
 
 
 @dataclass(slots=True)
@@ -54,6 +65,9 @@ class MessageBuilder:
     headers: list[Header] = field(default_factory=list)
     name_counts: dict[bytes, int] = field(default_factory=dict)
     body: list[bytes] = field(default_factory=list)
+    body_kept: int = 0  # bytes in body
+    body_size: int = 0  # body bytes received
+    keep_body: bool | None = None  # decided at the first body byte
     size: int = 0
     macros: dict[str, str] = field(default_factory=dict)
     too_large: bool = False
@@ -81,15 +95,31 @@ class MessageBuilder:
             self.headers.append(Header(name, value, index))
 
     def add_body(self, chunk: bytes) -> None:
+        bounds = self.bounds
         self.size += len(chunk)
-        if self.size > self.bounds.max_message_bytes:
+        self.body_size += len(chunk)
+        if self.size > bounds.max_message_bytes:
             self.too_large, self.body = True, []
-        if chunk and not self.too_large:
-            self.body.append(chunk)
+        if not chunk or self.too_large:
+            return
+        if self.keep_body is None:
+            self.keep_body = bounds.wants_body is None or bounds.wants_body()
+        if not self.keep_body:
+            return
+        if bounds.max_body_kept is not None:
+            room = bounds.max_body_kept + 1 - self.body_kept
+            if room <= 0:
+                return
+            chunk = chunk[:room]
+        self.body.append(chunk)
+        self.body_kept += len(chunk)
 
     def snapshot(self) -> Message:
-        """The message as received so far, immutable (the body joined into one bytes)."""
+        """The message as received so far, immutable (the body joined into one bytes,
+        which the builder then holds instead of its chunks: one copy, not two)."""
+        body = b"".join(self.body)
+        self.body = [body] if body else []
         return Message(self.sender, self.esmtp_args, tuple(self.recipients),
-                       self.recipient_count, tuple(self.headers), b"".join(self.body),
+                       self.recipient_count, tuple(self.headers), body,
                        dict(self.macros), self.too_large,
-                       None if self.marked is None else tuple(self.marked))
+                       None if self.marked is None else tuple(self.marked), self.body_size)

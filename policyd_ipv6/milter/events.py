@@ -101,7 +101,9 @@ class HeaderRef(NamedTuple):
 class Message:
     """One transaction (MAIL FROM to end of message) as collected. When ``too_large``
     is true, collection stopped at a bound: ``headers`` is incomplete and ``body``
-    empty, so the message must not be judged by its content."""
+    empty, so the message must not be judged by its content. ``body`` is also empty when
+    the session was told the body is not needed, and cut to its first ``max_body_kept + 1``
+    bytes when longer (``milter.collect``); ``body_size`` counts every body byte received."""
 
     sender: str | None  # as given to MAIL FROM, e.g. "<a@example.org>" or "<>"
     esmtp_args: tuple[str, ...]
@@ -114,6 +116,7 @@ class Message:
     # Every header the session's mark_header matched, in message order, even past the
     # bounds; None when more matched than the session keeps (the list is incomplete).
     marked: tuple[HeaderRef, ...] | None = ()
+    body_size: int = 0
 
     def raw(self) -> bytes:
         """Headers, empty line and body: the RFC 5322 message for DKIM verification."""

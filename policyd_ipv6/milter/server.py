@@ -14,10 +14,20 @@ other stages are negotiated no-reply, SMFIP_NR_*, see ``milter.session``):
 - MAIL FROM: for a registered session, a message is opened for the policy to record on,
   unless the client is SASL-authenticated ({auth_authen}: the policy says DUNNO for it).
   The sender is compared in Postfix's internal form (``MailFrom.address``).
+- Body: kept only when end of message will read it, that is when the message's record is
+  concerned (``end_of_message.needs_check``) at its first body byte. Every policy answer
+  Postfix waits for came before: RCPT precedes DATA, and the content reaches the milter
+  only once queued. A record not concerned then is closed (``end_message``), so that an
+  answer Postfix no longer waits for cannot make it need the body it did not keep. A body
+  over ``dkim.MAX_BODY_BYTES`` keeps only the bytes showing it is too large to verify.
 - End of message: what ``end_of_message`` decides, after ``check_dkim`` when the message is
   concerned; incoming Authentication-Results claiming ``authserv_id`` (marked by the
   session as they arrive, ``authres.forged_authres``) are deleted from every message.
   Large messages are verified by ``dkim_pool``'s worker processes (``check_dkim``).
+- authserv_id reloads: our header carries the id in force at end of message; a header is
+  marked when it claims that id at its arrival or the id the connection started with (both
+  are deleted). A reload between a message's headers and its end leaves headers unchecked
+  against the new id: the forged list is then incomplete, TEMPFAIL (``forged-incomplete``).
 - ABORT (RSET) closes the open message; QUIT or a lost connection removes the session.
 
 Failure contract: a protocol error (bytes Postfix would not send) is logged and the connection
@@ -44,11 +54,11 @@ from collections import Counter
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
-from policyd_ipv6.checks.dkim import check_dkim
+from policyd_ipv6.checks.dkim import MAX_BODY_BYTES, check_dkim
 from policyd_ipv6.connection import OverLimitWarning, PeerCheck, TimedConnection
 from policyd_ipv6.facts import DkimFact
 from policyd_ipv6.live import Live, Setting
-from policyd_ipv6.milter.authres import forged_authres
+from policyd_ipv6.milter import authres
 from policyd_ipv6.milter.codec import Disposition, MilterProtocolError, ReplyCode
 from policyd_ipv6.milter.end_of_message import EndDecision, decide_end, needs_check
 from policyd_ipv6.milter.events import Aborted, Closed, Connected, EndOfMessage, MailFrom
@@ -70,7 +80,10 @@ PROGRESS_INTERVAL_SECONDS = 10.0
 class MilterProtocol(TimedConnection, protocol.Protocol):
     def __init__(self, factory: MilterFactory) -> None:
         self.factory = factory
-        self.session = MilterSession(mark_header=forged_authres(factory.authserv_id))
+        self.first_id = factory.authserv_id  # the authserv_id when the connection came
+        self.marked_ids: set[str] = set()  # the ids this message's headers were checked for
+        self.session = MilterSession(mark_header=self._forged, wants_body=self._wants_body,
+                                     max_body_kept=MAX_BODY_BYTES)
         self.state = None  # sessions.SessionState once registered
         self.client = "-"
         self.closed = False
@@ -117,6 +130,7 @@ class MilterProtocol(TimedConnection, protocol.Protocol):
                 self._answer(Disposition.CONTINUE)
         elif isinstance(event, MailFrom):
             self.in_transaction = True
+            self.marked_ids = set()
             if self.state is not None and event.macros.get("auth_authen"):
                 self.state.skip_message()
             elif self.state is not None:
@@ -140,6 +154,24 @@ class MilterProtocol(TimedConnection, protocol.Protocol):
         elif event.needs_verdict:  # a stage we did not ask for: never blocks Postfix
             self._answer(Disposition.CONTINUE)
 
+    def _forged(self, name: bytes, value: bytes) -> bool:
+        """The session's mark_header: an Authentication-Results claiming our authserv-id."""
+        if not authres.is_authres(name):
+            return False
+        now = self.factory.authserv_id
+        self.marked_ids.add(now)
+        return authres.claims(value, now) or (now != self.first_id
+                                              and authres.claims(value, self.first_id))
+
+    def _wants_body(self) -> bool:
+        """At the first body byte: whether end of message will read the body (docstring)."""
+        record = self.state.current if self.state is not None else None
+        if record is not None and record.open and record.concerned:
+            return True
+        if self.state is not None:
+            self.state.end_message()
+        return False
+
     def _connect(self, connection, sessions) -> None:
         # Never ACCEPT here: Postfix would drop the milter for the session, and forged
         # Authentication-Results must go from IPv4 and trusted clients' mail too.
@@ -155,6 +187,14 @@ class MilterProtocol(TimedConnection, protocol.Protocol):
         record = self.state.take_message() if self.state is not None else None
         message = event.message
         start = self.factory.clock.seconds()
+        # Our header's id and the forgeries deleted: both of the id in force now.
+        authserv_id, marked_ids, self.marked_ids = self.factory.authserv_id, self.marked_ids, set()
+        forged = message.marked_deletions()
+        if marked_ids - {authserv_id} and authserv_id != self.first_id:
+            _log.warn("milter: authserv_id changed to {id} while a message from {client} "
+                      "arrived; its headers were not all checked for it: answered TEMPFAIL",
+                      id=authserv_id, client=self.client)
+            forged = None
         token = self.waiting = object()
         d: defer.Deferred[DkimFact] | defer.Deferred[None]
         if needs_check(record, message.too_large) == "dkim":
@@ -169,7 +209,7 @@ class MilterProtocol(TimedConnection, protocol.Protocol):
             d = defer.succeed(None)
         d.addCallback(lambda dkim: (decide_end(
             record, message.too_large, dkim, self.factory.engine.policy.replies,
-            self.factory.authserv_id, message.marked_deletions()), dkim))
+            authserv_id, forged), dkim))
         d.addCallback(self._send_end, token, message, start)
         d.addErrback(self._end_failed, token, record)
 
@@ -225,7 +265,7 @@ class MilterProtocol(TimedConnection, protocol.Protocol):
                       'size={size} dkim={dkim} rule={rule}{would} reply="{reply}" ms={ms:.1f}',
                       client=self.client, sender=printable(message.sender or "", 200),
                       queue_id=printable(message.macros.get("i", ""), 20) or "-",
-                      size=len(message.body), dkim=dkim.describe() if dkim else "-",
+                      size=message.body_size, dkim=dkim.describe() if dkim else "-",
                       rule=decision.rule, would=would, reply=printable(response, 300),
                       ms=(self.factory.clock.seconds() - start) * 1000)
         if decision.rule.startswith("too-large"):

@@ -21,6 +21,14 @@ Contract, in the spirit of h11 (events out, bytes out, no callbacks, no I/O):
   plus body bytes (``max_message_bytes``), stored recipients (``max_recipients``). Over
   the header or byte bound a message is still handled to the end, with collection stopped,
   the body dropped and ``Message.too_large`` true: never judged on an incomplete copy.
+  Macros: at most ``max_macros`` names and ``max_macro_bytes`` characters (names and
+  values) in one MACRO packet, in the connection's (CONNECT and HELO) and in a message's
+  (MAIL to end of message) merged macros; more is a MilterProtocolError (Postfix sends a few
+  dozen short ones).
+* Body: ``wants_body()`` is asked at each message's first body byte (the caller knows by
+  then whether end of message will read the body); when false, the body is counted but not
+  kept (``Message.body`` empty). A body over ``max_body_kept`` keeps only its first
+  ``max_body_kept + 1`` bytes; ``Message.body_size`` is always the whole size.
 * Marking: headers for which ``mark_header(name, value)`` holds are listed (name and index)
   in ``Message.marked`` past those bounds too, up to ``max_marked`` (then ``marked`` is
   None): the milter deletes forged Authentication-Results from every message this way.
@@ -55,6 +63,8 @@ from policyd_ipv6.milter.codec import (
 )
 from policyd_ipv6.milter.collect import (
     DEFAULT_MAX_HEADERS,
+    DEFAULT_MAX_MACRO_BYTES,
+    DEFAULT_MAX_MACROS,
     DEFAULT_MAX_MARKED,
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MAX_RECIPIENTS,
@@ -126,6 +136,16 @@ def _macros(pairs: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
             for name, value in pairs}
 
 
+def _bounded(macros: dict[str, str], max_macros: int, max_bytes: int, what: str
+             ) -> dict[str, str]:
+    """``macros`` itself, or MilterProtocolError when over the bounds (module docstring)."""
+    size = sum(len(name) + len(value) for name, value in macros.items())
+    if len(macros) > max_macros or size > max_bytes:
+        raise MilterProtocolError(f"{what}: {len(macros)} macros of {size} characters, over"
+                                  f" the bound of {max_macros} and {max_bytes}")
+    return macros
+
+
 class Received(NamedTuple):
     events: list[Event]
     reply: bytes
@@ -149,7 +169,11 @@ class MilterSession:
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  max_recipients: int = DEFAULT_MAX_RECIPIENTS,
                  mark_header: Callable[[bytes, bytes], bool] | None = None,
-                 max_marked: int = DEFAULT_MAX_MARKED) -> None:
+                 max_marked: int = DEFAULT_MAX_MARKED,
+                 wants_body: Callable[[], bool] | None = None,
+                 max_body_kept: int | None = None,
+                 max_macros: int = DEFAULT_MAX_MACROS,
+                 max_macro_bytes: int = DEFAULT_MAX_MACRO_BYTES) -> None:
         self._verdict_stages = frozenset(verdict_stages) | {Stage.EOM}
         if not all(isinstance(stage, Stage) for stage in self._verdict_stages):
             raise MilterUsageError(f"verdict_stages must be Stage members: {verdict_stages!r}")
@@ -157,7 +181,8 @@ class MilterSession:
         self._macro_lists = dict(macro_lists)
         self._reader = codec.PacketReader(max_packet_length)
         self._bounds = Bounds(max_headers, max_message_bytes, max_recipients, max_marked,
-                              mark_header)
+                              mark_header, wants_body, max_body_kept)
+        self._max_macros, self._max_macro_bytes = max_macros, max_macro_bytes
         self.state = State.NEGOTIATING
         self.protocol = Protocol(0)  # agreed in OPTNEG
         self.pending: Stage | None = None  # the stage waiting for send_verdict()
@@ -197,7 +222,8 @@ class MilterSession:
         if self.state is State.NEGOTIATING:
             raise MilterProtocolError("command before OPTNEG")
         if isinstance(command, codec.MacroCommand):
-            self._stage_macros[command.stage] = _macros(command.pairs)
+            self._stage_macros[command.stage] = self._bounded(_macros(command.pairs),
+                                                              "MACRO packet")
             return None
         if isinstance(command, codec.SimpleCommand) and command.code in (
                 codec.SMFIC_ABORT, codec.SMFIC_QUIT, codec.SMFIC_QUIT_NC):
@@ -230,8 +256,8 @@ class MilterSession:
         assert connection is not None  # set at CONNECT, and the state is CONNECTED
         if isinstance(command, codec.HeloCommand):
             macros = self._take_macros(codec.SMFIC_HELO)
-            self.connection = replace(connection, helo=text(command.name),
-                                      macros={**connection.macros, **macros})
+            self.connection = replace(connection, helo=text(command.name), macros=self._bounded(
+                {**connection.macros, **macros}, "connection macros"))
             self._stage(Stage.HELO, events, reply,
                         lambda needs: Helo(text(command.name), macros, needs))
         elif isinstance(command, codec.MailCommand):
@@ -300,9 +326,13 @@ class MilterSession:
                      ) -> dict[str, str]:
         """The macros Postfix sent just before this command; merged into the message."""
         macros = self._stage_macros.pop(code, {})
-        if message is not None:
+        if message is not None and macros:
             message.macros.update(macros)
+            self._bounded(message.macros, "message macros")
         return macros
+
+    def _bounded(self, macros: dict[str, str], what: str) -> dict[str, str]:
+        return _bounded(macros, self._max_macros, self._max_macro_bytes, what)
 
     def _stage(self, stage: Stage, events: list[Event], reply: bytearray,
                make_event: Callable[[bool], Event]) -> None:
