@@ -6,15 +6,18 @@ from types import SimpleNamespace
 import pytest
 from lab.daemonproc import request
 from twisted.internet import defer, task
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.testing import StringTransport
 
 from policyd_ipv6.daemon.lifecycle import Lifecycle
 from policyd_ipv6.daemon.stopping import FIRST_REQUEST_SECONDS, drain
 from policyd_ipv6.daemon.systemd import (
     Notifier,
+    endpoint_address,
     listen_fds,
     notify_address,
     notify_message,
+    served_addresses,
     start_watchdog,
     watchdog_seconds,
 )
@@ -99,6 +102,66 @@ def test_listen_fds_malformed_variables_are_an_error(env):
     """Variables that do not parse are an error, not a daemon silently binding elsewhere."""
     with pytest.raises(ValueError):
         listen_fds(env, 77)
+
+
+@pytest.mark.parametrize("description, address", [
+    ("tcp:10045", "tcp:0.0.0.0:10045"),  # Twisted's default interface for tcp: INADDR_ANY
+    ("tcp6:10045", "tcp::::10045"),  # and for tcp6: ::
+    ("tcp:10045:interface=127.0.0.1:backlog=5", "tcp:127.0.0.1:10045"),
+    (r"tcp6:10045:interface=\:\:1", "tcp:::1:10045"),  # an escaped colon is the address's
+    (r"tcp:10045:interface=\:\:1", "tcp:::1:10045"),  # tcp with an IPv6 interface
+    (r"tcp6:10045:interface=0\:0\:0\:0\:0\:0\:0\:1", "tcp:::1:10045"),  # canonical form
+    ("unix:/run/policyd-ipv6/policy:mode=660", "unix:/run/policyd-ipv6/policy"),
+    ("tcp:10045:interface=localhost", ""),  # a host name is never taken for an address
+    ("tcp:port", ""), ("carrier-pigeon:1", ""), ("", "")])
+def test_endpoint_address_reads_the_string_by_twisted_rules(description, address):
+    """A configured endpoint's address comes from Twisted's own parse (escapes, defaults)."""
+    assert endpoint_address(description) == address
+
+
+class AdoptedSocket:
+    """What served_addresses reads of an adopted socket: IPV6_V6ONLY."""
+
+    def __init__(self, v6only: int) -> None:
+        self.v6only = v6only
+
+    def getsockopt(self, level, option):
+        return self.v6only
+
+
+class AdoptedPort(SimpleNamespace):
+    def getHost(self):
+        return self.host
+
+
+def _adopted(host: str, port: int = 10045, v6only: int = 0) -> AdoptedPort:
+    if host.startswith("/"):
+        return AdoptedPort(host=UNIXAddress(host), socket=None)
+    address = (IPv6Address if ":" in host else IPv4Address)("TCP", host, port)
+    return AdoptedPort(host=address, socket=AdoptedSocket(v6only))
+
+
+@pytest.mark.parametrize("description, host, v6only, served", [
+    # ListenStream=10045 is [::] dual-stack: tcp:10045 (0.0.0.0) could not be bound beside it.
+    ("tcp:10045", "::", 0, True),
+    ("tcp:10045", "::", 1, False),  # IPV6_V6ONLY: 0.0.0.0:10045 is free, and bound
+    ("tcp:10045", "0.0.0.0", 0, True),
+    ("tcp6:10045", "::", 0, True),
+    ("tcp6:10045", "::", 1, True),
+    ("tcp6:10045", "0.0.0.0", 0, False),  # an IPv4 socket never serves ::
+    (r"tcp6:10045:interface=\:\:1", "::1", 0, True),
+    ("tcp:10045:interface=127.0.0.1", "127.0.0.1", 0, True),
+    ("tcp:10045:interface=127.0.0.1", "::", 0, False),  # a specific address: no wildcard
+    ("tcp:10046", "::", 0, False),  # another port
+    ("unix:/run/p/policy:mode=660", "/run/p/policy", 0, True),
+    ("unix:/run/p/other", "/run/p/policy", 0, False),
+    ("tcp:10045", "/run/p/policy", 0, False)])
+def test_a_configured_endpoint_is_served_by_an_adopted_socket_at_its_address(
+        description, host, v6only, served):
+    """A configured endpoint is skipped exactly when an adopted socket serves its address: the
+    same one, or 0.0.0.0:PORT under a dual-stack [::]:PORT."""
+    assert (endpoint_address(description) in served_addresses(_adopted(host, 10045, v6only))) \
+        is served
 
 
 class SlowEngine:

@@ -4,8 +4,10 @@ LISTEN_FDNAMES (a subprocess started with pass_fds)."""
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -16,6 +18,7 @@ import time
 import pytest
 from lab.daemonproc import ROOT, ServeProcess, ask, request
 from lab.knot import free_port
+from lab.netns import Namespace, netns_unavailable
 
 pytestmark = pytest.mark.process
 
@@ -275,3 +278,87 @@ def test_a_milter_socket_turns_the_milter_on_without_milter_listen(tmp_path):
             client.sendall(b"\x00\x00\x00\x0dO\x00\x00\x00\x06\x00\x00\x01\xff\x00\x1f\xff\xff")
             client.settimeout(10)
             assert client.recv(4)  # the milter's negotiation reply
+
+
+CLONE_NEWNET = 0x40000000  # sched.h
+
+
+def _in_namespace(name: str, body):
+    """``body()``'s result, run in a thread that entered the network namespace ``name``: the
+    sockets it makes and the processes it starts live there, not on the host's interfaces."""
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+            try:
+                if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns")
+            finally:
+                os.close(fd)
+            outcome.append((True, body()))
+        except BaseException as error:  # handed to the test's thread
+            outcome.append((False, error))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(120)
+    assert outcome, "the test in the namespace did not end within 120 s"
+    [(ok, value)] = outcome
+    if not ok:
+        raise value
+    return value
+
+
+@pytest.mark.skipif(netns_unavailable() is not None, reason=str(netns_unavailable()))
+def test_a_passed_dual_stack_socket_serves_the_configured_tcp_port(tmp_path):
+    """ListenStream=PORT (a dual-stack [::] socket) passed with listen = ["tcp:PORT"] in the
+    file: the daemon serves the passed socket instead of binding 0.0.0.0:PORT beside it (which
+    fails, EADDRINUSE), and answers over IPv4 and IPv6. In a network namespace of the test's
+    own, as the socket listens on every address."""
+    port = 10045
+
+    def body():
+        policy = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        policy.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        policy.bind(("::", port))
+        policy.listen(128)
+        with policy, Activated(tmp_path, {"listen": [f"tcp:{port}"]},
+                               sockets=[(policy, "policy")]):
+            v4 = _ask_port(port, request(client_address="192.0.2.1"))
+            with socket.create_connection(("::1", port), timeout=10) as sock:
+                v6 = ask(sock, request(client_address="192.0.2.1"), 10)
+        return v4, v6
+
+    namespace = Namespace(f"p6d-sockact-{os.getpid()}").create()
+    try:
+        assert _in_namespace(namespace.name, body) == ("DUNNO", "DUNNO")
+    finally:
+        namespace.delete()
+
+
+def test_a_passed_ipv6_loopback_socket_serves_the_escaped_tcp6_endpoint(tmp_path):
+    """A socket at [::1]:PORT passed with listen = ["tcp6:PORT:interface=\\:\\:1"] (colons
+    escaped, as Twisted reads them): the daemon starts, serving the passed socket."""
+    policy = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    policy.bind(("::1", 0))
+    policy.listen(128)
+    port = policy.getsockname()[1]
+    with policy, Activated(tmp_path, {"listen": [f"tcp6:{port}:interface=\\:\\:1"]},
+                           sockets=[(policy, "policy")]):
+        with socket.create_connection(("::1", port), timeout=10) as sock:
+            assert ask(sock, request(client_address="192.0.2.1"), 10) == "DUNNO"
+
+
+def test_a_passed_unix_socket_checks_its_peers_with_tcp_in_the_file(tmp_path):
+    """listen names TCP alone and systemd passes a Unix policy socket: a peer not in
+    milter_peer_users (here root, the test) is closed without a reply there, while the TCP
+    port, which carries no credentials, answers."""
+    path = str(tmp_path / "policy")
+    policy = _listening_unix(path)
+    with policy, Activated(tmp_path, {"milter_peer_users": ["nobody"]},
+                           sockets=[(policy, "policy")]) as daemon:
+        assert os.geteuid() != pwd.getpwnam("nobody").pw_uid
+        assert _ask_unix(path, request(client_address="192.0.2.1")) is None
+        assert daemon.ask(request(client_address="192.0.2.1")) == "DUNNO"
+        daemon.wait_for("not one of milter_peer_users")

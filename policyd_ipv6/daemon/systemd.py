@@ -28,13 +28,26 @@ Contract:
   connections keep queueing in the kernel's backlog while the service restarts.
 - ``adopt_inherited(reactor, fds, factory, milter_factory)`` adopts every ``(fd, name)``:
   ``policy`` for policy requests, ``milter`` for the milter; another name, a milter socket
-  without a milter, or an fd that is not a listening stream socket raises ``ConfigError``
-  naming the fd (the ports already adopted are closed first).
+  given no milter factory (the service turns the milter on for one: ``serve`` builds it so),
+  or an fd that is not a listening stream socket raises ``ConfigError`` naming the fd (the
+  ports already adopted are closed first).
+- ``endpoint_address(description)`` (pure) is where a configured server endpoint string
+  listens, read by Twisted's own rules (``serverFromString``: backslash escapes, the default
+  interface 0.0.0.0 of ``tcp:PORT`` and :: of ``tcp6:PORT``), as ``"tcp:HOST:PORT"`` (HOST an
+  IP address in its canonical form) or ``"unix:ABSOLUTE-PATH"``; "" for anything else (a
+  host name as interface, ssl:, a string that does not parse). ``served_addresses(port)`` is
+  the set of such addresses an adopted port serves: its own, and for a dual-stack socket on
+  the IPv6 wildcard ([::] with IPV6_V6ONLY off, Linux's default, as ``ListenStream=PORT``
+  makes it) also ``tcp:0.0.0.0:PORT``, which a second listener could not bind. A configured
+  endpoint whose address is in that set is served already; nothing else matches (a specific
+  address under an adopted wildcard, or a configured :: beside an adopted 0.0.0.0, is bound
+  and fails with EADDRINUSE, naming the endpoint).
 """
 
 from __future__ import annotations
 
 import fcntl
+import ipaddress
 import os
 import re
 import socket
@@ -43,13 +56,19 @@ from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
 from twisted.internet import task, tcp, unix
+from twisted.internet.endpoints import (
+    TCP4ServerEndpoint,
+    TCP6ServerEndpoint,
+    UNIXServerEndpoint,
+    serverFromString,
+)
 from twisted.logger import Logger
 
 from policyd_ipv6.daemon.config import ConfigError
 
 __all__ = ["notify_message", "notify_address", "Notifier", "watchdog_seconds",
            "start_watchdog", "listen_fds", "take_listen_fds", "adopt", "adopt_inherited",
-           "LISTEN_FDS_START"]
+           "endpoint_address", "served_addresses", "LISTEN_FDS_START"]
 
 _log = Logger(namespace="policyd-ipv6")
 
@@ -281,25 +300,67 @@ def describe(port) -> str:
 
 
 def endpoint_address(description: str) -> str:
-    """A server endpoint string's address in ``describe``'s form ("unix:PATH",
-    "tcp:HOST:PORT"), so a configured endpoint can be matched with an adopted socket; "" for
-    a form it does not know (never equal to an adopted socket's)."""
-    kind, _, rest = description.partition(":")
-    words = rest.split(":")
-    options = dict(word.split("=", 1) for word in words[1:] if "=" in word)
-    if kind == "unix" and words[0]:
-        return "unix:" + os.path.abspath(words[0])
-    if kind in ("tcp", "tcp6") and words[0].isdigit():
-        host = options.get("interface", "0.0.0.0" if kind == "tcp" else "::")
-        return f"tcp:{host}:{words[0]}"
+    """Where the server endpoint string ``description`` listens, in ``served_addresses``'
+    form ("tcp:HOST:PORT", "unix:PATH"); "" for a form it does not match (see the module
+    docstring)."""
+    try:
+        # The parse alone (no reactor is used before listen()): Twisted's escapes and its
+        # default interfaces, exactly as the daemon's own listen() will read the string.
+        endpoint = serverFromString(None, description)
+    except Exception:
+        return ""  # listen() reports it, naming the key
+    if isinstance(endpoint, UNIXServerEndpoint):
+        path = getattr(endpoint, "_address", "")
+        return "unix:" + os.path.abspath(path) if isinstance(path, str) and path else ""
+    if isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint)):
+        # tcp:PORT has the interface "" (INADDR_ANY); tcp6:PORT has "::".
+        return _tcp_address(getattr(endpoint, "_interface", None) or "0.0.0.0",
+                            getattr(endpoint, "_port", None))
     return ""
+
+
+def _tcp_address(host, port) -> str:
+    if not isinstance(host, str) or not isinstance(port, int):
+        return ""
+    try:
+        return f"tcp:{ipaddress.ip_address(host)}:{port}"
+    except ValueError:
+        return ""  # a host name: never taken for an adopted socket's address
+
+
+def served_addresses(port) -> frozenset[str]:
+    """The addresses an adopted ``port`` serves, in ``endpoint_address``'s form (see the
+    module docstring)."""
+    address = port.getHost()
+    name = getattr(address, "name", None)
+    if name is not None:
+        path = name.decode("utf-8", "replace") if isinstance(name, bytes) else name
+        return frozenset({"unix:" + path})
+    own = _tcp_address(address.host, address.port)
+    served = {own}
+    if own == _tcp_address("::", address.port) and not _v6only(port):
+        # A dual-stack [::] socket accepts IPv4 too: 0.0.0.0:PORT is taken (bind(2) gives
+        # EADDRINUSE), and what a configured tcp:PORT would serve is served already.
+        served.add(f"tcp:0.0.0.0:{address.port}")
+    return frozenset(served - {""})
+
+
+def _v6only(port) -> bool:
+    sock = getattr(port, "socket", None)
+    if sock is None:
+        return True  # unknown: no IPv4 claimed
+    try:
+        return bool(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
+    except OSError:
+        return True
 
 
 def adopt_inherited(reactor, inherited: Sequence[tuple[int, str]], factory,
                     milter_factory) -> list:
     """Serve the sockets systemd passed: ``policy`` ones for policy requests, ``milter`` ones
-    for the milter; any other name, or a milter socket without ``milter_listen``, stops the
-    daemon with a ConfigError (a socket nobody serves would hold Postfix's connections)."""
+    for the milter; any other name, or a milter socket while ``milter_factory`` is None,
+    stops the daemon with a ConfigError (a socket nobody serves would hold Postfix's
+    connections)."""
     ports: list = []
     for fd, name in inherited:
         target = {"policy": factory, "milter": milter_factory}.get(name)
@@ -308,8 +369,10 @@ def adopt_inherited(reactor, inherited: Sequence[tuple[int, str]], factory,
                 raise ValueError("the daemon serves FileDescriptorName=policy or "
                                  "FileDescriptorName=milter only")
             if target is None:
-                raise ValueError("milter_listen is empty, so the milter is off (set it, or "
-                                 "stop passing this socket: systemctl mask --now "
+                # Not from serve, which turns the milter on for a socket named milter
+                # whatever milter_listen says: a caller that built the service without it.
+                raise ValueError("the milter is off in this service, so nothing would serve "
+                                 "this socket (stop passing it: systemctl mask --now "
                                  "policyd-ipv6-milter.socket)")
             port = adopt(reactor, fd, target)
         except ValueError as error:

@@ -8,7 +8,9 @@ table is loaded (at once for a file; from PostgreSQL or its last-good copy for
 ``optin_postgresql``, failing with ``ConfigError`` when neither answers): listen only after it.
 With ``keep_state=False`` (``check``) the last-good copy is read but never written.
 ``listen()`` binds every ``listen`` endpoint, then every ``milter_listen`` endpoint (a Deferred
-failing with ``ConfigError`` naming the key and the endpoint). With ``milter_listen`` set, the
+failing with ``ConfigError`` naming the key and the endpoint), except one at the address of a
+socket systemd passed (``systemd.served_addresses``); a passed Unix socket gets the
+``milter_peer_users`` check as a configured one (``peer_uids``). With ``milter_listen`` set, the
 policy engine and the milter share one ``sessions.Sessions`` registry (the milter tells the
 policy side which SMTP sessions it is on); without it the engine has none and SPF alone
 decides. The configuration in force is one object, ``service.live.now`` (a ``live.InForce``:
@@ -45,7 +47,7 @@ from policyd_ipv6.daemon.config import (
     load_config,
     parse_nameserver,
 )
-from policyd_ipv6.daemon.systemd import adopt_inherited, describe, endpoint_address
+from policyd_ipv6.daemon.systemd import adopt_inherited, endpoint_address, served_addresses
 from policyd_ipv6.live import InForce, Live
 from policyd_ipv6.milter.registry import Sessions
 from policyd_ipv6.optin.postgresql import DatabaseSettings, PostgresOptin, StartError
@@ -205,13 +207,28 @@ class PolicyService:
         """Bind every endpoint of ``listen`` and ``milter_listen``; fails with ConfigError
         naming the key and the endpoint that failed (and unbinds the others). ``inherited``
         are the sockets systemd passed (``systemd.take_listen_fds``): those named ``policy``
-        replace ``listen``, those named ``milter`` replace ``milter_listen``."""
+        serve policy requests, those named ``milter`` the milter, beside the endpoints at other
+        addresses."""
         ports: list = adopt_inherited(self.reactor, inherited, self.factory,
                                       self.milter_factory)
+        adopted = {address for port in ports for address in served_addresses(port)}
+        # A Unix socket systemd passed checks its peers like a configured one, whatever listen
+        # and milter_listen name: resolved now, before the reactor reads a connection.
+        if self.factory.peer_check.uids is None and any(a.startswith("unix:") for a in adopted):
+            try:
+                uids = peer_uids(self.config, unix_sockets=True)
+            except ConfigError:
+                for bound in ports:
+                    bound.stopListening()
+                raise
+            for served in (self.factory, self.milter_factory):
+                if served is not None:
+                    served.peer_check.uids = uids
         # The configured endpoints are bound too, except one at an address systemd already
         # passed: an upgrade that adds the packaged socket units keeps serving the endpoints
         # an older configuration names (a Postfix still pointed at them keeps working).
-        adopted = {describe(port) for port in ports}
+        # Matched by address (systemd.served_addresses): "tcp:PORT" is served already by a
+        # dual-stack [::]:PORT socket (ListenStream=PORT), which it could not bind beside.
         wanted: list[tuple[str, str, Any, str]] = []
         wanted += [("listen", d, self.factory, "policy requests") for d in self.config.listen
                    if endpoint_address(d) not in adopted]
@@ -277,13 +294,15 @@ def policy_of(config: Config) -> Policy:
     return Policy(**{key: getattr(config, key) for key in POLICY_KEYS})
 
 
-def peer_uids(config: Config) -> frozenset[int] | None:
+def peer_uids(config: Config, unix_sockets: bool = False) -> frozenset[int] | None:
     """The uids of ``milter_peer_users``, who alone may connect to a Unix listener (policy or
-    milter); None when no listener is a Unix socket (TCP carries no credentials). Resolved
-    once, at start-up (the key needs a restart): a user that does not exist stops the daemon,
-    rather than silently leaving a socket open to nobody or to everybody."""
-    if not any(endpoint.startswith("unix:")
-               for endpoint in (*config.listen, *config.milter_listen)):
+    milter); None when no listener is a Unix socket, neither a configured one nor one systemd
+    passed (``unix_sockets``): TCP carries no credentials, and a TCP-only daemon does not need
+    the users to exist. Resolved once, at start-up (the key needs a restart): a user that does
+    not exist stops the daemon, rather than silently leaving a socket open to nobody or to
+    everybody."""
+    if not unix_sockets and not any(endpoint.startswith("unix:")
+                                    for endpoint in (*config.listen, *config.milter_listen)):
         return None
     uids = set()
     for name in config.milter_peer_users:
