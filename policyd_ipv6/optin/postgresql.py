@@ -8,7 +8,10 @@ table, from the database, or from the last-good copy (``optin-domains.last-good`
 within ``connect_timeout_seconds``; with neither it fails with ``StartError`` naming the key.
 The daemon listens only after it fired. Afterwards ``table`` is the last table that loaded:
 the database going away leaves it in force while a reconnection is tried, 1 s after the
-failure, doubling up to 30 s. ``origin`` says where the table in force came from ("database",
+failure, doubling up to 30 s. ``connect_timeout_seconds`` bounds the wait for the query's
+rows, not the parse that follows. A table whose text is over ``table.MAX_OPTIN_BYTES`` (the
+bound of an opt-in file, which its last-good copy is) is refused like a failed try: the table
+in force stays, and the copy is never one the next start could not read. ``origin`` says where the table in force came from ("database",
 "last-good copy"), ``skipped_rows`` how many rows the last load left out (each is logged with a
 warning naming it, when the set changes), ``loaded_at`` the reactor's time of the last load from
 the database and ``failures`` the tries that failed (the metrics read them).
@@ -37,7 +40,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from policyd_ipv6.optin.rows import Loaded, redact, secrets, table_from_rows
-from policyd_ipv6.optin.table import OptinSyntaxError, OptinTable, load_optin
+from policyd_ipv6.optin.table import MAX_OPTIN_BYTES, OptinSyntaxError, OptinTable, load_optin
 
 __all__ = ["PostgresOptin", "DatabaseSettings", "StartError", "LAST_GOOD", "MAX_BACKOFF_SECONDS"]
 
@@ -49,6 +52,10 @@ MAX_BACKOFF_SECONDS = 30.0
 
 class StartError(Exception):
     """Neither the database nor a last-good copy gave a table; the message names the key."""
+
+
+class TableTooLarge(Exception):
+    """The query's table is over the bound of an opt-in file (its last-good copy is one)."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,7 @@ class PostgresOptin:
         self._skipped: tuple[str, ...] = ()
         self._text = ""
         self._last_problem: str | None = None
+        self._verb = "does not answer"  # or "gives no usable table" (failed(refused=True))
         self._ready: defer.Deferred | None = None
         self._timer = None
         self._worker = _Worker(settings, driver, self)
@@ -107,6 +115,13 @@ class PostgresOptin:
         return True
 
     # Called on the reactor thread (callFromThread) by the worker.
+    def answered(self) -> None:
+        """The query returned: the database answers, so the start-up timeout is over (turning
+        the rows into a table may take longer; it is bounded by MAX_OPTIN_BYTES)."""
+        if self._ready is not None and self._timer is not None and self._timer.active():
+            self._timer.cancel()
+            self._timer = None
+
     def loaded(self, loaded: Loaded, why: str, copy_problem: str | None) -> None:
         first = self.origin != "database"
         changed = first or loaded.text != self._text
@@ -129,13 +144,15 @@ class PostgresOptin:
                       path=self.copy_path, problem=copy_problem)
         self._fire(None)
 
-    def failed(self, problem: str, retry_seconds: float) -> None:
+    def failed(self, problem: str, retry_seconds: float, refused: bool = False) -> None:
+        """A try failed: the database did not answer, or (``refused``) its table was refused."""
         self.failures += 1
+        self._verb = "gives no usable table" if refused else "does not answer"
         if problem != self._last_problem:
-            _log.warn("opt-in table: PostgreSQL {where} does not answer ({problem}); the table "
+            _log.warn("opt-in table: PostgreSQL {where} {verb} ({problem}); the table "
                       "in force stays ({count} entries, from {origin}); next try in {retry} s",
-                      where=self.where, problem=problem, count=len(self.table),
-                      origin=self.origin, retry=retry_seconds)
+                      where=self.where, verb=self._verb, problem=problem,
+                      count=len(self.table), origin=self.origin, retry=retry_seconds)
         self._last_problem = problem
         # At start-up a database that refuses is as good as silent: serve the copy at once
         # (an unusable one waits for the timeout, which names the problem).
@@ -156,13 +173,13 @@ class PostgresOptin:
         except (OSError, OptinSyntaxError) as error:
             why = error.strerror if isinstance(error, OSError) else str(error)
             return StartError(
-                f"optin_postgresql = {self.where}: the database does not answer ({problem}) "
+                f"optin_postgresql = {self.where}: the database {self._verb} ({problem}) "
                 f"and there is no usable last-good copy {self.copy_path} ({why}); "
                 "state_directory keeps one after each load from the database")
         self.table, self.origin, self._text = table, "last-good copy", ""
-        _log.warn("opt-in table: PostgreSQL {where} does not answer ({problem}); serving the "
+        _log.warn("opt-in table: PostgreSQL {where} {verb} ({problem}); serving the "
                   "last-good copy {path} ({count} entries) until it does", where=self.where,
-                  problem=problem, path=self.copy_path, count=len(table))
+                  verb=self._verb, problem=problem, path=self.copy_path, count=len(table))
         return None
 
     def _fire(self, error: StartError | None) -> None:
@@ -231,7 +248,8 @@ class _Worker:
             except Exception as error:  # the driver's errors, a bad row shape, anything
                 if self._stopping.is_set():
                     break
-                self._call(self.owner.failed, self._scrub(error), backoff)
+                self._call(self.owner.failed, self._scrub(error), backoff,
+                           isinstance(error, TableTooLarge))
                 self._sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
                 why = "reconnected"
@@ -261,7 +279,14 @@ class _Worker:
         while not self._stopping.is_set():
             self._why = None
             rows = connection.execute(self.settings.query).fetchall()
+            self._call(self.owner.answered)
             loaded = table_from_rows(rows, "optin_query")
+            size = len(loaded.text.encode("utf-8"))
+            if size > MAX_OPTIN_BYTES:
+                # Its last-good copy could not be read back at the next start without the
+                # database: refused here, like an opt-in file of that size.
+                raise TableTooLarge(f"optin_query gives a table of {size} bytes, over the "
+                                    f"{MAX_OPTIN_BYTES} bytes an opt-in table may have")
             problem = self._keep_copy(loaded.text)
             self._call(self.owner.loaded, loaded, why, problem)
             why = self._wait(connection)
