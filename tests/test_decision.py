@@ -135,6 +135,18 @@ def test_non_ascii_domain_in_reply_is_shown_as_a_labels():
     assert result.action.isascii()
 
 
+@pytest.mark.parametrize("domain", ["é" * 300, "\u4e2d" * 300, '"' * 300, "d" * 300,
+                                    "\\" * 300 + ".example"])
+def test_a_hostile_domain_keeps_the_refusal_within_400_characters(domain):
+    """A recipient domain whose escaped form is longer than the domain (non-ASCII that has no
+    A-labels, quotes, backslashes) is cut after escaping: the reply stays within the 400
+    characters every template was checked for, ending in "...", ASCII only."""
+    result = verdict(subject(recipient="bob@" + domain))
+    assert result.rule == "not-opted-in"
+    assert len(result.action) <= 400 and result.action.isascii()
+    assert "...]" in result.action
+
+
 def test_custom_reply_texts_are_used():
     """Replies from the configuration replace the defaults, with placeholders filled in."""
     policy = Policy(replies=Replies(not_opted_in="450 4.2.1 [{domain}] not over IPv6, use IPv4"))

@@ -42,7 +42,7 @@ from typing import Protocol
 from policyd_ipv6.facts import Facts, RdnsFact, RdnsOutcome, SpfFact
 from policyd_ipv6.names import IPAddress, client_ip, domain_key, recipient_domain
 from policyd_ipv6.optin.table import OptinEntry, OptinTable, parse_optin
-from policyd_ipv6.policy.replies import Replies
+from policyd_ipv6.policy.replies import LONGEST, Replies
 from policyd_ipv6.text import printable
 from policyd_ipv6.vocabulary import REPORTABLE_RULES, PolicyRule, SpfResult
 
@@ -204,16 +204,26 @@ def _dunno(s: Subject, f: Facts, p: Policy) -> str:
     return DUNNO
 
 
+def _fit(text: str, longest: str) -> str:
+    """``text`` cut to the length of ``LONGEST``'s value (escapes can make a clipped value up
+    to ten times longer), so every reply stays within what validate_reply checked."""
+    return text if len(text) <= len(longest) else text[:len(longest) - 3] + "..."
+
+
 def _address(s: Subject) -> str:
-    return str(s.ip) if s.ip is not None else printable(s.client_address, 64)
+    if s.ip is not None:
+        return str(s.ip)
+    return _fit(printable(s.client_address, 64), LONGEST["address"])
 
 
 def _reply_domain(domain: str) -> str:
     # "as the client wrote it, lower-cased"; a non-ASCII domain is shown as its A-labels so the
     # reply stays ASCII (Postfix treats malformed UTF-8 in a reply as a failed request).
     if domain.isascii() and domain.isprintable():
-        return printable(domain, 255)
-    return domain_key(domain) or printable(domain, 255)
+        shown = printable(domain, 255)
+    else:
+        shown = domain_key(domain) or printable(domain, 255)
+    return _fit(shown, LONGEST["domain"])
 
 
 def _not_opted_in(s: Subject, f: Facts, p: Policy) -> str:
