@@ -11,10 +11,11 @@ the database going away leaves it in force while a reconnection is tried, 1 s af
 failure, doubling up to 30 s. ``connect_timeout_seconds`` bounds the wait for the query's
 rows, not the parse that follows. A table whose text is over ``table.MAX_OPTIN_BYTES`` (the
 bound of an opt-in file, which its last-good copy is) is refused like a failed try: the table
-in force stays, and the copy is never one the next start could not read. ``origin`` says where the table in force came from ("database",
-"last-good copy"), ``skipped_rows`` how many rows the last load left out (each is logged with a
-warning naming it, when the set changes), ``loaded_at`` the reactor's time of the last load from
-the database and ``failures`` the tries that failed (the metrics read them).
+in force stays, and the copy is never one the next start could not read. ``origin`` says
+where the table in force came from ("database", "last-good copy"), ``skipped_rows`` how many
+rows the last load left out (each is logged with a warning naming it, when the set changes),
+``loaded_at`` the reactor's time of the last load from the database and ``failures`` the
+tries that failed (the metrics read them).
 
 Why a dedicated thread, not the reactor: libpq's connect resolves host names and reads the
 passfile with blocking calls, psycopg's non-blocking API is asyncio's, not Twisted's, and a
