@@ -14,9 +14,9 @@ DKIM-signed (dkimpy, key published in Knot) is delivered with our Authentication
 unsigned one and one whose body was altered after signing get EOP's 450 4.7.26 text verbatim
 after DATA; a forged Authentication-Results with our authserv-id is gone from the delivered
 copy. Failing closed (issue "Fail closed"): on a listener whose map names a milter socket
-nobody serves, IPv6 mail gets a temporary refusal and IPv4 mail flows; a pause in DATA longer
-than the idle timeout still gets the milter's own verdict; the daemon killed between RCPT and
-the end of the message gives 4xx and nothing is delivered.
+nobody serves, IPv6 and IPv4 mail get a temporary refusal (a forgery is never delivered); a
+pause in DATA longer than the idle timeout still gets the milter's own verdict; the daemon
+killed between RCPT and the end of the message gives 4xx and nothing is delivered.
 """
 
 from __future__ import annotations
@@ -291,16 +291,19 @@ def test_milter_down_ipv6_mail_is_refused_temporarily(milter_lab):
     assert DEAD_MILTER_SOCKET in lab.postfix.log()
 
 
-def test_milter_down_ipv4_mail_still_flows(milter_lab):
-    """The map's IPv4 line has default_action=accept: with the milter unreachable, IPv4 mail
-    is delivered (without our header) and Postfix logs why."""
+def test_milter_down_ipv4_mail_is_deferred_not_delivered_with_a_forgery(milter_lab):
+    """The map's IPv4 line has default_action=tempfail too: with the milter unreachable, IPv4
+    mail carrying a forged Authentication-Results claiming our authserv-id gets 451 4.7.1
+    (the sender retries) instead of being delivered with the forgery in it."""
     lab = milter_lab
     bob, subject = fresh()
-    result = lab.send(T.IPV4, message(T.SENDER, bob, subject), subject, bob,
+    forged = ("Authentication-Results: %s; dkim=pass header.d=bank.example\r\n"
+              % AUTHSERV).encode()
+    result = lab.send(T.IPV4, message(T.SENDER, bob, subject, extra=forged), subject, bob,
                       port=SMTP_PORT_NO_MILTER)
-    assert result.accepted, result.transcript
-    (copy,) = lab.postfix.wait_for_message(subject)
-    assert copy.get_all("Authentication-Results") is None
+    assert not result.accepted, result.transcript
+    assert re.search(r" 4\d\d 4\.7\.1 ", result.transcript), result.transcript
+    assert lab.postfix.messages_with_subject(subject) == []
 
 
 PAUSE_SCRIPT = r"""
