@@ -5,6 +5,7 @@ import os
 import pytest
 
 from policyd_ipv6.checks import spf as spf_check
+from policyd_ipv6.milter import collect as milter_collect
 from policyd_ipv6.daemon.config import KEYS
 from policyd_ipv6.optin import table as optin
 from policyd_ipv6.policy import codec as policy_codec
@@ -26,6 +27,7 @@ def mentions(text: str, number: int) -> bool:
     ("request size", policy_codec.MAX_REQUEST_BYTES),
     ("requests ahead", policy_server.MAX_QUEUED),
     ("SPF DNS questions", spf_check.MAX_QUESTIONS),
+    ("milter macros", milter_collect.DEFAULT_MAX_MACROS),
 ])
 def test_protocol_limits_are_documented(doc, name, value):
     """Each hard limit of the code appears, with its value, in the README and the man page."""
@@ -50,3 +52,10 @@ def test_optin_size_limit_is_documented():
     assert optin.MAX_OPTIN_BYTES == 16 * 1024 * 1024
     for path in DOCS.values():
         assert "16 MiB" in open(path).read()
+
+
+def test_milter_macro_bytes_are_documented():
+    """The milter's macro bound in bytes (64 KiB) is stated."""
+    assert milter_collect.DEFAULT_MAX_MACRO_BYTES == 64 * 1024
+    for path in DOCS.values():
+        assert "64 KiB" in open(path).read()
