@@ -5,8 +5,9 @@ Contract: ``TimedConnection`` is a mixin for a Twisted ``Protocol`` whose factor
 is running; when it fires, ``self.timer`` is None and the subclass's ``_timed_out()`` runs
 (it decides: close, or re-arm while the daemon itself is still working). ``_stop_timer()``
 cancels it (on connection loss). ``_peer()`` is the remote address, printable and bounded,
-for log lines. ``OverLimitWarning`` logs "max_connections reached" at most once a minute, with
-the count since the last line: a flood of connections must not become a flood of log lines.
+for log lines. ``OverLimitWarning`` logs "max_connections reached" (or its ``headline``: a
+listener with a fixed bound says so) at most once a minute, with the count since the last
+line: a flood of connections must not become a flood of log lines.
 ``write_now(transport, data)`` is ``transport.write(data)`` that sends at once when nothing
 else is queued on the connection (what a reply to one request always finds): Twisted's
 write would register for writability, wait a reactor turn and unregister, two system calls
@@ -91,11 +92,14 @@ class TimedConnection:
 
 
 class OverLimitWarning:
-    """One warning a minute about connections turned away or evicted at ``max_connections``."""
+    """One warning a minute about connections turned away or evicted at ``max_connections``
+    (or, with its own ``headline``, at a listener's fixed bound)."""
 
-    def __init__(self, clock: Clock, listener: str) -> None:
+    def __init__(self, clock: Clock, listener: str,
+                 headline: str = "{listener} max_connections={limit} reached") -> None:
         self.clock = clock
-        self.listener = listener  # "policy" or "milter"
+        self.listener = listener  # "policy", "milter" or "metrics"
+        self.headline = headline  # a log format: {listener} and {limit} filled in
         self.count = 0
         self.refused = 0
         self.warned_at: float | None = None
@@ -106,9 +110,8 @@ class OverLimitWarning:
         now = self.clock.seconds()
         if self.warned_at is not None and now - self.warned_at < WARN_INTERVAL_SECONDS:
             return
-        _log.warn("{listener} max_connections={limit} reached: {n} time(s) since the last "
-                  "warning; {what}", listener=self.listener, limit=limit, n=self.count,
-                  what=what)
+        _log.warn(self.headline + ": {n} time(s) since the last warning; {what}",
+                  listener=self.listener, limit=limit, n=self.count, what=what)
         self.count = 0
         self.warned_at = now
 

@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 
 from policyd_ipv6.daemon.config import load_config
 from policyd_ipv6.daemon.metrics import NAMES, Metrics, decision_outcome, dns_outcome, render
+from policyd_ipv6.daemon.metrics_http import MAX_CONNECTIONS, metrics_factory
 from policyd_ipv6.daemon.wiring import PolicyService
 from policyd_ipv6.resolver.client import ReplyTooLarge, TransientDnsError
 
@@ -154,6 +155,19 @@ def test_connections_and_refusals_are_counted(tmp_path):
     late.makeConnection(StringTransport())
     assert d.value("connections_refused_total", listener="policy") == 1
     assert d.value("connections_refused_total", listener="milter") == 0
+
+
+def test_the_metrics_listeners_refusals_are_counted(tmp_path):
+    """A connection the metrics listener closes past its fixed bound is counted under
+    listener="metrics" (0 before it)."""
+    d = Daemon(tmp_path)
+    listener = metrics_factory(d.metrics, d.clock)
+    assert d.value("connections_refused_total", listener="metrics") == 0
+    for _ in range(MAX_CONNECTIONS):
+        listener.buildProtocol(None).makeConnection(StringTransport())
+    assert listener.buildProtocol(None) is None
+    assert d.value("connections_refused_total", listener="metrics") == 1
+    assert d.value("connections_refused_total", listener="policy") == 0
 
 
 def test_optin_table_loads_and_failures(tmp_path):

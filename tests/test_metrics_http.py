@@ -13,6 +13,7 @@ import pytest
 from twisted.internet import task
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from policyd_ipv6.daemon.metrics import Metrics
@@ -126,6 +127,22 @@ def test_past_the_bound_a_newcomer_is_closed_until_a_connection_goes_away(factor
     assert protocol is not None
     protocol.dataReceived(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
     assert transport.value().startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_refused_newcomer_is_logged_as_the_fixed_bound_it_is(factory):
+    """The warning for a connection past MAX_CONNECTIONS names the listener's fixed bound,
+    not max_connections (a setting that does not change it)."""
+    events: list = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        held = [connect(factory) for _ in range(MAX_CONNECTIONS)]
+        assert connect(factory) == (None, None)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert all(protocol is not None for protocol, _transport in held)
+    (warning,) = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn]
+    assert warning == (f"metrics listener: {MAX_CONNECTIONS} connections at once reached (a "
+                       "fixed bound): 1 time(s) since the last warning; the newcomer was closed")
 
 
 def test_a_connection_trickling_its_request_is_aborted_at_the_deadline(factory):

@@ -6,10 +6,11 @@ one) with the library's process metrics. ``Metrics.attach(service)`` hooks a run
 (``CountingEngine``, ``CountingDnsClient``: the answer passes through unchanged, the count
 is taken on the way), and a collector reads, at each scrape, the counts the parts keep
 themselves (caches' ``hits``/``misses`` and sizes, connections, refusals, milter verdicts and
-DKIM signatures, the opt-in table, and the pauses ``daemon.collector`` timed once
-``Metrics.collector`` is set). ``Metrics.observe_log`` is a ``twisted.logger`` observer
-counting internal errors: events of the daemon's namespace that carry a traceback at level
-error or above. ``Metrics.snapshot()`` collects every metric (on the reactor thread: it
+DKIM signatures, the opt-in table, the pauses ``daemon.collector`` timed once
+``Metrics.collector`` is set, and the metrics listener's own refusals once ``Metrics.listener``
+is: ``metrics_http.metrics_factory`` sets it). ``Metrics.observe_log`` is a ``twisted.logger``
+observer counting internal errors: events of the daemon's namespace that carry a traceback at
+level error or above. ``Metrics.snapshot()`` collects every metric (on the reactor thread: it
 reads live objects); ``render(snapshot)`` turns it into the Prometheus text format (pure: the
 HTTP side, ``metrics_http``, runs it in a thread). Nothing here can fail a decision: a
 counting error is logged and the answer goes on.
@@ -195,6 +196,7 @@ class Metrics:
             registry=r)
         self.service: Any = None
         self.collector: Any = None  # a running daemon.collector.Collector: its pauses
+        self.listener: Any = None  # the metrics listener's factory (metrics_http): its refusals
         self._optin_seen: Any = None
         self._optin_failures_before = 0  # failures of opt-in watchers a reload replaced
         r.register(self)
@@ -248,12 +250,14 @@ class Metrics:
                                   labels=["listener"])
         refused = CounterMetricFamily(
             _P + "connections_refused", "Connections the daemon closed at once or to make "
-            "room (max_connections), or refused (milter_peer_users), by listener.",
-            labels=["listener"])
+            "room (max_connections; the metrics listener's own fixed bound), or refused "
+            "(milter_peer_users), by listener.", labels=["listener"])
         for name, factory in listeners.items():
             open_.add_metric([name], factory.connections if factory is not None else 0)
             refused.add_metric([name], factory.over_limit.refused + factory.peer_check.refused
                                if factory is not None else 0)
+        refused.add_metric(["metrics"], self.listener.over_limit.refused
+                           if self.listener is not None else 0)
         yield open_
         yield refused
         messages = CounterMetricFamily(

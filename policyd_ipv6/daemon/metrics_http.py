@@ -11,11 +11,13 @@ new ones, or failing with ``ConfigError`` naming the key and the endpoint, every
 ``bound`` and the new ones closed. Requests are not logged (Prometheus asks every few seconds).
 What a client can hold is bounded, outside the policy listeners' budget: at most
 ``MAX_CONNECTIONS`` connections over all the endpoints (``MetricsFactory``: a newcomer beyond
-them is closed at once, unread, with a warning at most once a minute); a connection serves one
-request (``Connection: close``) and is aborted ``CONNECTION_SECONDS`` after it was accepted,
-whatever it is doing (a client trickling its headers included); a request announcing a body
-(``Content-Length`` above 0, or any ``Transfer-Encoding``) is answered 413 and closed before a
-byte of the body is read (``MetricsRequest``: Twisted would spool it to a temporary file).
+them is closed at once, unread, with a warning at most once a minute, and counted in
+``connections_refused_total{listener="metrics"}``: ``metrics_factory`` sets ``Metrics.listener``
+to the factory it builds); a connection serves one request (``Connection: close``) and is
+aborted ``CONNECTION_SECONDS`` after it was accepted, whatever it is doing (a client trickling
+its headers included); a request announcing a body (``Content-Length`` above 0, or any
+``Transfer-Encoding``) is answered 413 and closed before a byte of the body is read
+(``MetricsRequest``: Twisted would spool it to a temporary file).
 """
 
 from __future__ import annotations
@@ -159,12 +161,14 @@ class MetricsFactory(policies.WrappingFactory):
     def __init__(self, site: MetricsSite, clock) -> None:
         super().__init__(site)
         self.clock = clock
-        self.over_limit = OverLimitWarning(clock, "metrics")
+        # Not max_connections: a bound of its own, which the setting does not change.
+        self.over_limit = OverLimitWarning(
+            clock, "metrics", "{listener} listener: {limit} connections at once reached "
+            "(a fixed bound)")
 
     def buildProtocol(self, addr):
         if len(self.protocols) >= MAX_CONNECTIONS:
-            self.over_limit.note(MAX_CONNECTIONS, "the newcomer was closed (a fixed bound of "
-                                 "the metrics listener)")
+            self.over_limit.note(MAX_CONNECTIONS, "the newcomer was closed")
             return None
         return super().buildProtocol(addr)
 
@@ -173,7 +177,9 @@ def metrics_factory(metrics: Metrics, reactor) -> MetricsFactory:
     """What each metrics endpoint listens with; no idle timeout: ``CONNECTION_SECONDS`` bounds
     a connection's whole life."""
     site = MetricsSite(MetricsResource(metrics, reactor), timeout=None, reactor=reactor)
-    return MetricsFactory(site, reactor)
+    factory = MetricsFactory(site, reactor)
+    metrics.listener = factory  # its refusals, counted with the policy and milter ones
+    return factory
 
 
 @defer.inlineCallbacks
