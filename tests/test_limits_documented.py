@@ -5,8 +5,8 @@ import os
 import pytest
 
 from policyd_ipv6.checks import spf as spf_check
-from policyd_ipv6.milter import collect as milter_collect
 from policyd_ipv6.daemon.config import KEYS
+from policyd_ipv6.milter import collect as milter_collect
 from policyd_ipv6.optin import table as optin
 from policyd_ipv6.policy import codec as policy_codec
 from policyd_ipv6.policy import server as policy_server
