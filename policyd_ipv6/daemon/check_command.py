@@ -300,8 +300,10 @@ def _explain(parts, config, outcome, dkim, end, record) -> tuple[str, str, list[
     elif record is not None:
         lines.append("end of message: not reached (refused at RCPT)")
     if record is not None and not config.milter_listen:
+        # check runs outside systemd: it cannot see whether serve would get a milter socket.
         lines.append("note: milter_listen is empty in this configuration: the daemon itself "
-                     "would decide on SPF alone, at RCPT")
+                     "would decide on SPF alone, at RCPT, unless systemd passes it "
+                     "policyd-ipv6-milter.socket (a socket named milter turns the milter on)")
     return action, would, lines
 
 
