@@ -222,6 +222,9 @@ def test_other_certificates_and_plaintext_are_not_exempt():
     ("a@out.sub.example", SpfFact("pass"), "pass", DUNNO),
     ("a@sub.example", SpfFact("pass"), "no-rdns", NO_PTR),  # .sub.example: subdomains only
     ("a@example.net", SpfFact("pass"), "no-rdns", NO_PTR),
+    # Postfix's internal (unquoted) form of MAIL FROM:<"\"a\\"@partner.example>
+    ('"a\\@partner.example', SpfFact("pass"), "pass", DUNNO),
+    ('"a\\@partner.example', SpfFact("fail"), "no-rdns-unauthenticated", NO_PTR),
 ])
 def test_rdns_exempt_sender_domains_need_spf_to_pass(sender, spf, rule, action):
     """A listed sender without PTR goes on only when SPF passes; entries match like opt-in

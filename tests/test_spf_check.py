@@ -35,6 +35,14 @@ def test_results_for_records(record, expected):
     assert fact.identity == "alice@example.net"
 
 
+def test_sender_in_postfixs_internal_form_is_checked_at_its_domain():
+    """A sender Postfix passes unquoted (MAIL FROM:<"\\"a\\\\"@example.net> arrives as
+    "a\\@example.net) is checked against example.net's record, not taken as domainless."""
+    fact, _ = run(FakeDnsClient({("example.net", "TXT"): ['"v=spf1 ip6:2001:db8::/64 -all"']}),
+                  sender='"a\\@example.net')
+    assert fact.result == "pass" and fact.identity == '"a\\@example.net'
+
+
 def test_no_record_is_none():
     """A domain without an SPF record gives none."""
     fact, _ = run(FakeDnsClient({("example.net", "A"): ["192.0.2.1"]}))
