@@ -1,7 +1,9 @@
 """Tests of untrusted-name normalisation (policyd_ipv6.names)."""
 
+import ipaddress
+
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from policyd_ipv6.names import client_ip, domain_key, helo_domain, recipient_domain
@@ -22,6 +24,36 @@ def test_client_ip(text, expected):
     """client_address parses to an address (IPv4-mapped becomes IPv4) or None."""
     result = client_ip(text)
     assert (str(result) if result is not None else None) == expected
+
+
+def _ipaddress_parse(text):
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0].strip())
+    except ValueError:
+        return None
+    mapped = getattr(address, "ipv4_mapped", None)
+    return mapped if mapped is not None else address
+
+
+_ADDRESS_TEXT = st.one_of(
+    st.text(alphabet="0123456789abcdefABCDEF:.% x\x00", max_size=45),
+    st.ip_addresses().map(str),
+    st.ip_addresses(v=6).map(lambda a: a.exploded.upper()),
+    st.tuples(st.lists(st.integers(0, 300), min_size=3, max_size=5),
+              st.booleans()).map(lambda t: ("::ffff:" if t[1] else "")
+                                 + ".".join(map(str, t[0]))),
+)
+
+
+@given(_ADDRESS_TEXT)
+@example("01.2.3.4")
+@example("::1.02.3.4")
+@example("1.2.3.4\x00x")
+@example("1:2:3:4:5:6:1.2.3.4")
+def test_client_ip_agrees_with_ipaddress(text):
+    """client_ip's fast path (the C parser, inet_pton) gives what ipaddress's own parse of the
+    text gives, for any text: the same address, or None."""
+    assert client_ip(text) == _ipaddress_parse(text)
 
 
 # Postfix's internal (unquoted) form, as a policy request's recipient and sender carry it
