@@ -20,6 +20,7 @@ from twisted.logger import globalLogPublisher
 from policyd_ipv6.checks.gather import FactFinder
 from policyd_ipv6.daemon.logs import _LineObserver
 from policyd_ipv6.daemon.report_command import report
+from policyd_ipv6.milter.registry import MessageRecord
 from policyd_ipv6.optin.table import parse_optin
 from policyd_ipv6.policy.decision import Policy
 from policyd_ipv6.policy.engine import PolicyEngine
@@ -44,12 +45,14 @@ def request(client, sender, recipient, queue_id=""):
 
 
 def engine_log(requests, policy=None, optin="contoso.com\nfabrikam.com\n",
-               log_decisions="all", journal=False) -> str:
-    """The log text the engine writes while it decides ``requests`` in order."""
+               log_decisions="all", journal=False, milter=None) -> str:
+    """The log text the engine writes while it decides ``requests`` in order (``milter``: the
+    message record the built-in milter holds for every request's connection)."""
     clock = task.Clock()
     finder = FactFinder(Lookups(FakeDnsClient(RECORDS), clock), clock, "ptr", 15.0)
     table = parse_optin(optin)
-    engine = PolicyEngine(policy or Policy(), lambda: table, finder, clock)
+    sessions = SimpleNamespace(message_for=lambda attributes: milter) if milter else None
+    engine = PolicyEngine(policy or Policy(), lambda: table, finder, clock, sessions)
     engine.log_decisions = log_decisions
     stream = io.StringIO()
     observer = _LineObserver(stream, "info", None, journal)
@@ -147,6 +150,23 @@ def test_milter_lines_complete_the_messages_of_their_decisions():
     result = summary(text)
     assert result["rules"] == {"spf-failed": 1, "unsigned": 1}
     assert result["deferred"][0]["recipient"] == "bob@contoso.com"
+
+
+def test_no_rdns_dkim_pending_waits_for_the_milter_verdict():
+    """A PTR-exempt sender's DUNNO at RCPT (no-rdns-dkim-pending) is not a delivery: the
+    milter's refusal that follows counts for its recipient, and the pair is never reached."""
+    exempt = Policy(rdns_exempt_sender_domains=("fail.example",))
+    text = engine_log([request(NO_PTR, "x@fail.example", "bob@contoso.com")], exempt)
+    text += engine_log([request(NO_PTR, "x@fail.example", "bob@contoso.com")], exempt,
+                       milter=MessageRecord("x@fail.example"))
+    text += (f'info milter client={NO_PTR} sender="<x@fail.example>" queue_id=4Y size=10 '
+             'dkim=none rule=no-rdns-unauthenticated reply="450 4.7.25 no" ms=1.0\n')
+    result = summary(text)
+    assert result["rules"] == {"no-rdns-unauthenticated": 2, "no-rdns-dkim-pending": 1}
+    assert result["deferred"] == [{"sender": "x@fail.example", "recipient": "bob@contoso.com",
+                                   "deferrals": 2, "rules": {"no-rdns-unauthenticated": 2},
+                                   "reached": False, "via": None}]
+    assert result["refusals_by_recipient_domain"] == {"contoso.com": {"refused": 2, "would": 0}}
 
 
 @pytest.mark.parametrize("reply, would, expected", [

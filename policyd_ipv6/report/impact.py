@@ -11,10 +11,11 @@ after DATA), how often, and whether the same sender later reached that recipient
 ``via`` "retry" or "ipv4"). ``render_text(result)`` formats it as text tables.
 
 A milter line names no recipient: its recipients are those of the decisions the same client
-and sender got at RCPT for the last message (Postfix's ``instance``) before it (rules ``pass``
-and ``spf-failed-dkim-pending``, or a refusal only reported: those let the message on to end
-of message). A decision of ``spf-failed-dkim-pending`` is not
-yet a delivery: the milter line that follows says whether the message got in. Pure: no I/O.
+and sender got at RCPT for the last message (Postfix's ``instance``) before it (rules ``pass``,
+``spf-failed-dkim-pending`` and ``no-rdns-dkim-pending``, or a refusal only reported: those
+let the message on to end of message). A decision of ``spf-failed-dkim-pending`` or
+``no-rdns-dkim-pending`` is not yet a delivery: the milter line that follows says whether the
+message got in. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from __future__ import annotations
 import ipaddress
 from collections import Counter, defaultdict
 
+from policyd_ipv6.milter.registry import DKIM_PENDING_RULE, PASS_RULE, RDNS_PENDING_RULE
 from policyd_ipv6.report.lines import OUTCOMES, Entry, sender_key
 
 __all__ = ["Impact", "render_text"]
 
-_TO_MILTER = ("pass", "spf-failed-dkim-pending")  # decisions the milter's verdict completes
-_PROVISIONAL = "spf-failed-dkim-pending"
+# DUNNO at RCPT that only the milter's verdict makes a delivery (or a refusal).
+_PROVISIONAL = (DKIM_PENDING_RULE, RDNS_PENDING_RULE)
+_TO_MILTER = (PASS_RULE, *_PROVISIONAL)  # decisions the milter's verdict completes
 MAX_OPEN = 100_000  # messages awaiting their milter line: bounded, oldest forgotten first
 
 
@@ -95,7 +98,7 @@ class Impact:
                 seen["deferrals"] += 1
                 seen["rules"][rule] += 1
             elif (result in ("accept", "report") and key in self.deferred
-                  and not (entry.kind == "decision" and rule == _PROVISIONAL)):
+                  and not (entry.kind == "decision" and rule in _PROVISIONAL)):
                 seen = self.deferred[key]
                 if not seen["reached"]:
                     seen["reached"] = True
