@@ -43,7 +43,7 @@ from policyd_ipv6.milter.collect import DEFAULT_MAX_HEADERS, DEFAULT_MAX_MESSAGE
 from policyd_ipv6.milter.end_of_message import decide_end, forged_deletions, needs_check
 from policyd_ipv6.milter.events import Header
 from policyd_ipv6.milter.registry import MessageRecord
-from policyd_ipv6.names import domain_key
+from policyd_ipv6.names import domain_key, recipient_domain
 from policyd_ipv6.optin.postgresql import PostgresOptin
 from policyd_ipv6.optin.table import OptinEntry, OptinTable
 from policyd_ipv6.policy.codec import PolicyDecoder, PolicyProtocolError
@@ -184,8 +184,8 @@ def assume_opted_in(table: OptinTable, requests: list[dict[str, str]]) -> OptinT
     """``table`` with each request's recipient domain added (if not already matched)."""
     exact = dict(table.exact)
     for request in requests:
-        domain = request.get("recipient", "").rpartition("@")[2]
-        key = domain_key(domain) if domain else None
+        # The domain as the engine takes it (Subject.recipient_domain): "<bob@x>", blanks.
+        key = domain_key(recipient_domain(request.get("recipient", "")) or "")
         if key is not None and not table.matches(key):
             exact[key] = OptinEntry()
     return dataclasses.replace(table, exact=exact)

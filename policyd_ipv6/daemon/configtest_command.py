@@ -2,9 +2,11 @@
 
 Contract: ``configtest(config)`` takes a ``Config`` that loaded (the file's syntax, every key
 and value already checked by ``load_config``) and goes on with what ``serve`` checks before it
-binds: every endpoint string of ``listen``, ``milter_listen`` and ``metrics_listen`` parses,
-the users of ``milter_peer_users`` exist (when a listener is a Unix socket), and the opt-in
-source loads (the file, or PostgreSQL or its last-good copy, never written). It sends no DNS
+binds: ``user`` names an account this process could become (``plan_privileges``, as for
+``serve`` started by the same user, root allowed: ``--allow-root`` is ``serve``'s to give),
+every endpoint string of ``listen``, ``milter_listen`` and ``metrics_listen`` parses, the
+users of ``milter_peer_users`` exist (when a listener is a Unix socket), and the opt-in source
+loads (the file, or PostgreSQL or its last-good copy, never written). It sends no DNS
 query and binds nothing. It prints ``policyd-ipv6: configuration OK: FILE (N opt-in
 entries)`` and returns 0, or raises ``ConfigError`` naming the key and value (the command
 line prints it and exits 1). The unit's ``ExecReload=`` runs it before signalling, so
@@ -19,6 +21,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python.failure import Failure
 
 from policyd_ipv6.daemon.config import Config, ConfigError
+from policyd_ipv6.daemon.privileges import plan_privileges
 from policyd_ipv6.daemon.wiring import PolicyService
 
 __all__ = ["configtest"]
@@ -39,6 +42,9 @@ def configtest(config: Config) -> int:
 
     # Twisted types it with zope interfaces, whose methods mypy cannot call (no self).
     reactor: Any = global_reactor
+    # serve's first check: a user that does not exist (or that this process cannot become,
+    # as when ExecReload= runs it as the unit's User=) would refuse the next start.
+    plan_privileges(config.user, allow_root=True)
     _endpoints(config, reactor)
     parts = PolicyService(config, reactor, keep_state=False)  # reads the opt-in file
     done: list[Any] = []

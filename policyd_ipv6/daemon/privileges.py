@@ -47,9 +47,10 @@ def plan_privileges(user: str, allow_root: bool = False, euid: int | None = None
             raise ConfigError(f'user = "{user}": that is root; name an unprivileged user')
         return entry.pw_uid, entry.pw_gid, entry.pw_name
     if euid == 0 and not allow_root:
-        raise ConfigError('user = "": refusing to run as root; set user = "policyd-ipv6" (or '
-                          "another unprivileged account) to drop privileges after binding, or "
-                          "start the daemon as that user (in a disposable test lab: --allow-root)")
+        raise ConfigError('user = "": refusing to run as root; set user = "_policyd-ipv6" (the '
+                          "Debian package's account) or another unprivileged account to drop "
+                          "privileges after binding, or start the daemon as that user (in a "
+                          "disposable test lab: --allow-root)")
     return None
 
 
