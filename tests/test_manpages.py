@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -162,3 +163,25 @@ def test_keys_that_need_a_restart_say_so():
     others = [k for k, text in documented.items()
               if "needs a restart" in text and k not in RESTART_KEYS]
     assert others == [], "documented as needing a restart, but SIGHUP applies them: %s" % others
+
+
+def test_sighup_sends_the_reader_to_the_keys_marked_restart():
+    """policyd-ipv6(8)'s SIGHUP entry names the restart-only keys by policyd-ipv6.toml(5)'s
+    mark, and each key it names there as an example is one of config.RESTART_KEYS."""
+    from policyd_ipv6.daemon.config import KEYS, RESTART_KEYS
+
+    def text(line: str) -> str:  # a font macro's arguments, as man(1) joins them
+        macro, _, rest = line.partition(" ")
+        if macro in (".B", ".I"):
+            return " ".join(shlex.split(rest))
+        if macro in (".BR", ".RB", ".IR", ".RI", ".BI", ".IB"):
+            return "".join(shlex.split(rest))
+        return line
+
+    body = entries(sections(PAGE_8.read_text())["SIGNALS"])["SIGHUP"]
+    sighup = plain(" ".join(text(line) for line in body))
+    [sentence] = [s for s in sighup.split(". ") if "restart" in s]
+    assert 'policyd-ipv6.toml(5) marks "Changing it needs a restart"' in sentence, sentence
+    names = {key.name for key in KEYS}
+    named = [word for word in re.findall(r"[a-z_]+", sentence) if word in names]
+    assert named and set(named) <= set(RESTART_KEYS), sentence
