@@ -2,9 +2,11 @@
 policy side, as Postfix drives them: policy requests and milter packets of the same SMTP
 sessions, a fake transport and clock, the DNS fake, keys made by openssl, dkimpy signatures."""
 
+import io
 import ipaddress
 import struct
 
+import dns.name
 import pytest
 from dkimkeys import DkimKey, message, require_openssl, sign
 from fakes import FakeDnsClient
@@ -12,9 +14,11 @@ from lab.zones import txt_rdata
 from test_milter_session import cstr, macro, optneg, pkt
 from twisted.internet import defer, task
 from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
 
 from policyd_ipv6.checks.dkim import INLINE_WORK_BYTES
 from policyd_ipv6.checks.gather import FactFinder
+from policyd_ipv6.daemon.logs import _LineObserver
 from policyd_ipv6.milter import end_of_message
 from policyd_ipv6.milter import server as milter_server
 from policyd_ipv6.milter.registry import Sessions
@@ -24,6 +28,7 @@ from policyd_ipv6.policy.decision import Policy
 from policyd_ipv6.policy.engine import PolicyEngine
 from policyd_ipv6.policy.replies import Replies
 from policyd_ipv6.policy.server import PolicyFactory
+from policyd_ipv6.report.lines import parse_line
 from policyd_ipv6.resolver.lookups import Lookups
 
 ADDR = "2001:db8:1::10"
@@ -315,6 +320,31 @@ def test_a_quoted_local_part_is_rescued_by_dkim(key):
     reply, eom, _ = session(h, 4020, quoted, raw=raw, policy_sender="john smith@fail.test")
     assert reply == "DUNNO"
     assert [c for c, _ in eom] == [b"i", b"c"] and b"dkim=pass" in eom[0][1]
+
+
+def test_a_hostile_selector_stays_inside_the_dkim_field_of_the_log_line(key):
+    """A passing signature whose s= holds spaces, "=" and ")" (the sender's own zone publishes
+    the key there) is logged inside a quoted dkim= field: the line parses back to the
+    message's own rule and outcome, not to the rule= and reply= the selector spells."""
+    h = Harness(key)
+    selector = "x) rule=dkim-failed reply=450 y"
+    # The DNS fake keys records by presentation form (a space is \032).
+    h.fake.add(dns.name.from_text(f"{selector}._domainkey.fail.test").to_text(True), "TXT",
+               txt_rdata(key.record()))
+    stream = io.StringIO()
+    observer = _LineObserver(stream, "info", None, False)
+    globalLogPublisher.addObserver(observer)
+    try:
+        reply, eom, _ = session(h, 4021, raw=sign(message("alice@fail.test"), key, "fail.test",
+                                                  selector))
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert reply == "DUNNO" and [c for c, _ in eom] == [b"i", b"c"]
+    [line] = [x for x in stream.getvalue().splitlines() if x.startswith("info milter ")]
+    assert f' dkim="pass(d=fail.test s={selector})" rule=dkim-pass ' in line
+    entry = parse_line(line)
+    assert entry is not None and (entry.rule, entry.outcome) == ("dkim-pass", "accept")
+    assert entry.get("dkim") == f"pass(d=fail.test s={selector})"
 
 
 def test_quit_after_connect_and_quit_nc_then_a_new_session(key):

@@ -152,6 +152,28 @@ def test_milter_lines_complete_the_messages_of_their_decisions():
     assert result["deferred"][0]["recipient"] == "bob@contoso.com"
 
 
+MILTER_HEAD = 'info milter client=2001:db8::25 sender="<x@fail.example>" queue_id=4Y size=10 '
+
+
+@pytest.mark.parametrize("selector", [
+    "lab", "x y", "x rule=dkim-failed reply=450", "x) rule=dkim-failed reply=450 (",
+    r'a\"b) rule=dkim-failed reply=\"450\" c',  # a selector with quotes, as printable escapes it
+])
+@pytest.mark.parametrize("quoted", [True, False])
+def test_milter_dkim_field_old_and_quoted_forms_read_alike(selector, quoted):
+    """A milter line's dkim=pass(d=... s=...) reads as one field, quoted as the daemon writes it
+    now or unquoted as it wrote it before: a selector spelling rule= and reply= forges neither."""
+    dkim = f"pass(d=fail.example s={selector})"
+    for tail, would in (('rule=dkim-pass reply="CONTINUE" ms=1.0', ""),
+                        ('rule=dkim-failed would="450 4.7.26 no" reply="CONTINUE" ms=1.0',
+                         "450 4.7.26 no")):
+        entry = parse_line(MILTER_HEAD + (f'dkim="{dkim}" ' if quoted else f"dkim={dkim} ")
+                           + tail)
+        assert entry is not None and entry.get("dkim") == dkim
+        assert (entry.rule, entry.get("would"), entry.get("reply")) == (
+            tail[5:tail.index(" ")], would, "CONTINUE")
+
+
 def test_no_rdns_dkim_pending_waits_for_the_milter_verdict():
     """A PTR-exempt sender's DUNNO at RCPT (no-rdns-dkim-pending) is not a delivery: the
     milter's refusal that follows counts for its recipient, and the pair is never reached."""

@@ -261,11 +261,14 @@ class MilterProtocol(TimedConnection, protocol.Protocol):
         refused = bool(decision.would) or response[:1] in ("4", "5", "T", "R")  # TEMPFAIL, REJECT
         if (which == "all" or (which == "ipv6" and ":" in self.client)
                 or (which == "refusals" and refused)):
+            # dkim= quoted: a signature's d= and s= are the sender's text, spaces and "="
+            # included, and must not read as fields of their own (report.lines).
             _log.info('milter client={client} sender="{sender}" queue_id={queue_id} '
-                      'size={size} dkim={dkim} rule={rule}{would} reply="{reply}" ms={ms:.1f}',
+                      'size={size} dkim="{dkim}" rule={rule}{would} reply="{reply}" ms={ms:.1f}',
                       client=self.client, sender=printable(message.sender or "", 200),
                       queue_id=printable(message.macros.get("i", ""), 20) or "-",
-                      size=message.body_size, dkim=dkim.describe() if dkim else "-",
+                      size=message.body_size,
+                      dkim=printable(dkim.describe(), 250) if dkim else "-",
                       rule=decision.rule, would=would, reply=printable(response, 300),
                       ms=(self.factory.clock.seconds() - start) * 1000)
         if decision.rule.startswith("too-large"):

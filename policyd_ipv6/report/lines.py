@@ -6,9 +6,11 @@ reply="..."``), else None; it never raises on any string. A line may carry, in f
 journalctl ``short-iso`` (or ``short-iso-precise``) prefix ``TIME HOST NAME[PID]: ``, an
 sd-daemon priority ``<N>``, and the level word (``info``) the daemon writes; what ``-o cat``
 prints and what the daemon writes to standard output are both accepted. Values stay as the
-daemon escaped them (``text.printable``), quotes removed. ``outcome(reply, would)`` names an
-outcome as the metrics do: ``accept``, ``defer`` (4xx or TEMPFAIL), ``reject`` (5xx or
-REJECT) or ``report`` (accepted, a refusal only reported). Pure: no I/O, no Twisted.
+daemon escaped them (``text.printable``), quotes removed; the milter line's ``dkim=`` of
+earlier versions, unquoted ``pass(d=... s=...)`` with the sender's spaces and "=" in it, is
+read as one value too. ``outcome(reply, would)`` names an outcome as the metrics do:
+``accept``, ``defer`` (4xx or TEMPFAIL), ``reject`` (5xx or REJECT) or ``report`` (accepted,
+a refusal only reported). Pure: no I/O, no Twisted.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ _PRIORITY = re.compile(r"<[0-7]>")
 _LEVELS = ("debug ", "info ", "warn ", "error ", "critical ")
 # key=value or key="value with \" and \\ escaped" (text.printable escapes both).
 _FIELD = re.compile(r'([a-z_]+)=("(?:[^"\\]|\\.)*"|[^\s"]\S*|)')
+# A milter line before dkim= was quoted: dkim=pass(d=... s=...), d= and s= escaped but with
+# their spaces and "=". The value ends at the first ")" followed by the daemon's own rule=
+# and a quoted would= or reply=: escaped text cannot hold that, each of its " follows a \.
+_OLD_DKIM = re.compile(r'pass\((?:[^"\\]|\\.)*?\)(?= rule=[a-z0-9-]+ (?:would|reply)=")')
 MAX_LINE = 8192  # a decision line is under 2 KB; anything longer is not one of ours
 
 
@@ -93,14 +99,18 @@ def parse_line(text: str) -> Entry | None:
         return None
     fields: dict[str, str] = {}
     position = 0
-    for found in _FIELD.finditer(rest):
+    while (found := _FIELD.search(rest, position)) is not None:
         if rest[position:found.start()].strip():
             return None  # text between fields: not a line the daemon wrote
-        value = found.group(2)
+        value, position = found.group(2), found.end()
         if value.startswith('"'):
             value = value[1:-1]
+        elif (kind == "milter" and found.group(1) == "dkim" and value.startswith("pass(")
+              and "dkim" not in fields):  # the first one only: one scan to its end at most
+            old = _OLD_DKIM.match(rest, found.start(2))
+            if old:
+                value, position = old.group(), old.end()
         fields.setdefault(found.group(1), value)
-        position = found.end()
     if rest[position:].strip() or "rule" not in fields or "reply" not in fields:
         return None
     if not fields["rule"] or "client" not in fields:
