@@ -36,12 +36,25 @@ def test_configtest_refuses_a_user_that_does_not_exist(tmp_path):
     assert str(refused.value) == f'user = "{NO_SUCH_USER}": no such user'
 
 
-def test_configtest_accepts_the_user_it_runs_as(tmp_path):
-    """A user that exists and is the one running configtest passes the user check."""
-    me = pwd.getpwuid(os.geteuid()).pw_name
+def test_configtest_accepts_a_user_it_could_serve_as(tmp_path):
+    """A user that exists and that this process could serve as (itself; root: an unprivileged
+    account) passes the user check."""
+    me = "nobody" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
     with pytest.raises(ConfigError) as refused:  # the missing opt-in file, checked next
         configtest(config_with_user(tmp_path, me))
     assert str(refused.value).startswith("optin_file = "), refused.value
+
+
+@pytest.mark.parametrize("euid", [0, 1000])
+def test_root_as_user_is_refused_whoever_starts_the_daemon(euid):
+    """user = "root" is refused even when root itself starts the daemon (it would otherwise
+    serve as root without --allow-root), and for anyone else."""
+    from policyd_ipv6.daemon.privileges import plan_privileges
+
+    with pytest.raises(ConfigError, match='user = "root": that is root'):
+        plan_privileges("root", allow_root=False, euid=euid)
+    with pytest.raises(ConfigError, match='user = "root": that is root'):
+        plan_privileges("root", allow_root=True, euid=euid)
 
 
 @pytest.mark.parametrize("recipient", [

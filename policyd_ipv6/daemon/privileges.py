@@ -3,8 +3,9 @@
 Contract: ``plan_privileges(user, allow_root)`` is called before anything is bound. It returns
 ``None`` when nothing is to be done (not root, running as ``user`` or ``user`` empty), or the
 ``(uid, gid, name)`` to drop to, and raises ``ConfigError`` naming the ``user`` key when root
-was given no user to become (unless ``allow_root``), when the user does not exist, or when a
-non-root process is asked to become someone else. ``drop_privileges(plan)`` then switches
+was given no user to become (unless ``allow_root``), when the user does not exist or is root
+(uid 0, whoever starts the daemon), or when a non-root process is asked to become someone
+else. ``drop_privileges(plan)`` then switches
 groups, gid and uid for good (after the listeners are bound, so a port below 1024 or a socket
 in a root-owned directory can still be used) and raises ``OSError`` if any step fails.
 
@@ -38,13 +39,13 @@ def plan_privileges(user: str, allow_root: bool = False, euid: int | None = None
             entry = pwd.getpwnam(user)
         except KeyError:
             raise ConfigError(f'user = "{user}": no such user') from None
+        if entry.pw_uid == 0:  # first: root started with user = "root" must not serve as root
+            raise ConfigError(f'user = "{user}": that is root; name an unprivileged user')
         if entry.pw_uid == euid:
             return None
         if euid != 0:
             raise ConfigError(f'user = "{user}": only root can switch to another user '
                               f"(running as uid {euid})")
-        if entry.pw_uid == 0:
-            raise ConfigError(f'user = "{user}": that is root; name an unprivileged user')
         return entry.pw_uid, entry.pw_gid, entry.pw_name
     if euid == 0 and not allow_root:
         raise ConfigError('user = "": refusing to run as root; set user = "_policyd-ipv6" (the '
