@@ -9,7 +9,7 @@ from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.testing import StringTransport
 
-from policyd_ipv6.daemon.lifecycle import Lifecycle
+from policyd_ipv6.daemon.lifecycle import START_MARGIN_SECONDS, Lifecycle
 from policyd_ipv6.daemon.stopping import FIRST_REQUEST_SECONDS, drain
 from policyd_ipv6.daemon.systemd import (
     Notifier,
@@ -52,7 +52,18 @@ def test_without_notify_socket_every_message_is_a_no_op():
     notifier = Notifier.from_environment(env)
     assert not notifier.enabled
     assert not notifier.ready() and not notifier.reloading() and not notifier.stopping()
-    assert not notifier.watchdog()
+    assert not notifier.watchdog() and not notifier.extend_timeout(120.0, "waiting")
+
+
+def test_extend_timeout_is_the_extension_in_whole_microseconds_rounded_up():
+    """EXTEND_TIMEOUT_USEC carries the seconds as microseconds, never fewer, then STATUS."""
+    sent = []
+    notifier = Notifier("\0unused")
+    notifier.send = lambda fields: sent.append(notify_message(fields)) or True
+    assert notifier.extend_timeout(120.0000001, "waiting for the table")
+    assert notifier.extend_timeout(1.5)
+    assert sent == [b"EXTEND_TIMEOUT_USEC=120000001\nSTATUS=waiting for the table\n",
+                    b"EXTEND_TIMEOUT_USEC=1500000\n"]
 
 
 def test_the_notify_socket_is_taken_out_of_the_environment():
@@ -270,6 +281,20 @@ def test_lifecycle_reload_says_reloading_then_ready_even_when_the_reload_fails()
         life.reloading(broken)()
     assert [list(m) for m in sent] == [["RELOADING", "MONOTONIC_USEC"], ["READY"]]
     assert sent[0]["MONOTONIC_USEC"].isdigit()
+
+
+def test_a_start_up_wait_extends_the_start_timeout_past_it_with_a_margin():
+    """Before a start-up wait of up to 120 s, systemd is told the start may last 120 s plus
+    START_MARGIN_SECONDS more, with a one-line STATUS even from a multi-line text."""
+    sent = []
+    notifier = Notifier("\0unused")
+    notifier.send = lambda fields: sent.append(dict(fields)) or True
+    reactor = SimpleNamespace(addSystemEventTrigger=lambda *a: None)
+    service = SimpleNamespace(config=SimpleNamespace(decision_deadline_seconds=1.0))
+    Lifecycle(reactor, service, notifier, [], None).waiting(120.0, "waiting for\nPostgreSQL")
+    assert sent == [{"EXTEND_TIMEOUT_USEC": str(int((120 + START_MARGIN_SECONDS) * 1e6)),
+                     "STATUS": "waiting for PostgreSQL"}]
+    assert START_MARGIN_SECONDS >= 10
 
 
 def test_grace_period_follows_a_reloaded_decision_deadline():

@@ -122,6 +122,7 @@ def test_ready_once_listening_then_watchdog_reloading_and_stopping(tmp_path):
             got = _messages(notify, _has("READY"))
             ready = next(m for m in got if "READY" in m)
             assert ready["READY"] == "1" and "STATUS" in ready
+            assert not any("EXTEND_TIMEOUT_USEC" in m for m in got)  # an opt-in file: no wait
             # Ready means listening: the first request is answered.
             assert daemon.ask(request(client_address="192.0.2.1")) == "DUNNO"
             pings = _messages(notify, lambda g: sum("WATCHDOG" in m for m in g) >= 3, 5)
@@ -135,6 +136,36 @@ def test_ready_once_listening_then_watchdog_reloading_and_stopping(tmp_path):
             daemon.process.send_signal(signal.SIGTERM)
             _messages(notify, _has("STOPPING"))
             assert daemon.process.wait(15) == 0
+        finally:
+            daemon.stop()
+
+
+def test_a_silent_database_extends_the_start_timeout_before_ready(tmp_path):
+    """With optin_postgresql and a database that accepts TCP and never answers, the daemon
+    sends EXTEND_TIMEOUT_USEC longer than optin_connect_timeout_seconds before it waits, so
+    systemd's start timeout cannot end the start; READY=1 follows on the last-good copy."""
+    pytest.importorskip("psycopg")
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "optin-domains.last-good").write_text("example.com\n")
+    name = f"p6d-notify-extend-{os.getpid()}"
+    with _listening_tcp() as silent, _notify_socket(name) as notify:  # never accepts
+        settings = {"optin_file": None, "state_directory": str(state),
+                    "optin_postgresql": f"host=127.0.0.1 port={silent.getsockname()[1]} "
+                                        "dbname=mail user=policyd",
+                    "optin_connect_timeout_seconds": 2.0}
+        daemon = Activated(tmp_path, settings, wait_ready=False,
+                           env={"NOTIFY_SOCKET": "@" + name})
+        daemon.start()
+        try:
+            got = _messages(notify, _has("READY"), 30)
+            kinds = [next(iter(m)) for m in got if "EXTEND_TIMEOUT_USEC" in m or "READY" in m]
+            assert kinds == ["EXTEND_TIMEOUT_USEC", "READY"], got
+            extend = next(m for m in got if "EXTEND_TIMEOUT_USEC" in m)
+            assert int(extend["EXTEND_TIMEOUT_USEC"]) > 2_000_000
+            assert "PostgreSQL" in extend["STATUS"]
+            assert "serving the last-good copy" in daemon.log(), daemon.log()
+            assert daemon.ask(request(client_address="192.0.2.1")) == "DUNNO"
         finally:
             daemon.stop()
 

@@ -11,6 +11,10 @@ a reload's included, plus one second: every policy request already received has 
 451 at worst, by then).
 ``inherited`` is the ``(fd, name)`` list for ``PolicyService.listen``. ``ready(ports)`` sends
 ``READY=1`` (call it once the listeners are bound and privileges dropped).
+``waiting(seconds, status)``, called before a start-up wait bounded by ``seconds`` (the first
+opt-in table from PostgreSQL), sends ``EXTEND_TIMEOUT_USEC`` for ``seconds`` plus
+``START_MARGIN_SECONDS``, so systemd's start timeout (``DefaultTimeoutStartSec=``, 90 s) does
+not kill a start that would have gone on with the last-good copy.
 ``reloading(action)`` wraps the SIGHUP action: ``RELOADING=1`` with ``MONOTONIC_USEC``,
 the action, then ``READY=1`` (even when the action failed: the old configuration serves on).
 Not under systemd, each of these only does the daemon's own part (the drain, the action).
@@ -30,7 +34,11 @@ from policyd_ipv6.daemon.systemd import (
     watchdog_seconds,
 )
 
-__all__ = ["Lifecycle", "inherited_sockets"]
+__all__ = ["Lifecycle", "inherited_sockets", "START_MARGIN_SECONDS"]
+
+# What may follow a start-up wait before READY=1: the table parsed (up to MAX_OPTIN_BYTES),
+# the listeners bound, the DKIM workers spawned, privileges dropped.
+START_MARGIN_SECONDS = 30.0
 
 
 def inherited_sockets() -> list[tuple[int, str]]:
@@ -73,6 +81,12 @@ class Lifecycle:
     def ready(self, ports) -> None:
         self.ports = list(ports)
         self.notifier.ready("serving on %d listener(s)" % len(self.ports))
+
+    def waiting(self, seconds: float, status: str) -> None:
+        """A start-up wait of up to ``seconds`` begins: systemd is told the start may last
+        that long and ``START_MARGIN_SECONDS`` more."""
+        # One line: a connection string may hold a newline, which sd_notify cannot carry.
+        self.notifier.extend_timeout(seconds + START_MARGIN_SECONDS, " ".join(status.split()))
 
     def reloading(self, action: Callable[[], object]) -> Callable[[], None]:
         def reload() -> None:

@@ -10,8 +10,9 @@ closed and ``serve`` returns 1 without having answered a request.
 SIGHUP re-reads the configuration and the opt-in table. With ``metrics_listen``, the service
 is counted (``metrics.Metrics``) and the metrics listeners are bound after the others, before
 the drop. With ``optin_postgresql`` the listeners
-are bound only once the first table is loaded (``PolicyService.ready()``), and the database
-connection is closed at shutdown.
+are bound only once the first table is loaded (``PolicyService.ready()``), systemd being told
+first that the start may last ``optin_connect_timeout_seconds`` more (``Lifecycle.waiting``),
+and the database connection is closed at shutdown.
 """
 
 from __future__ import annotations
@@ -137,9 +138,17 @@ def serve(config: Config, log_level: str = "info", allow_root: bool = False) -> 
         failure.append(f.value if f.check(ConfigError) else ConfigError(str(f.value)))
         reactor.stop()
 
+    def first_table():
+        if isinstance(service.optin, PostgresOptin):
+            # Up to optin_connect_timeout_seconds (300 at most) before the last-good copy is
+            # served: longer than systemd's default start timeout, which would kill the start.
+            lifecycle.waiting(config.optin_connect_timeout_seconds,
+                              "waiting for the opt-in table from " + service.optin.describe())
+        return service.ready()
+
     reactor.addSystemEventTrigger("before", "shutdown", service.optin.stop)
     reactor.callWhenRunning(
-        lambda: service.ready().addCallback(lambda _table: service.listen(lifecycle.inherited))
+        lambda: first_table().addCallback(lambda _table: service.listen(lifecycle.inherited))
         .addCallback(metrics_too).addCallbacks(started, not_started))
     reactor.run()
     if failure:

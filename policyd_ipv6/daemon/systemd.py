@@ -12,7 +12,10 @@ Contract:
   child inherits it) and ``send()`` writes one datagram to it, never blocking and never
   raising (a failure is logged once; the daemon serves on without systemd's bookkeeping).
   ``ready()``, ``reloading()``, ``stopping()`` and ``watchdog()`` are the messages the daemon
-  sends. Without ``NOTIFY_SOCKET`` every call does nothing and returns False.
+  sends; ``extend_timeout(seconds, status)`` is ``EXTEND_TIMEOUT_USEC`` (systemd 236 and
+  later): the start in progress may take ``seconds`` more from now, whatever
+  ``TimeoutStartSec=`` says (an extension never shortens it). Without ``NOTIFY_SOCKET`` every
+  call does nothing and returns False.
 - ``watchdog_seconds(environ, pid)`` (pure) is ``$WATCHDOG_USEC`` in seconds when the
   watchdog is meant for this process (``$WATCHDOG_PID`` absent or ``pid``), else None;
   ``start_watchdog(clock, notifier, seconds)`` sends ``WATCHDOG=1`` from the reactor every
@@ -48,6 +51,7 @@ from __future__ import annotations
 
 import fcntl
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -151,6 +155,13 @@ class Notifier:
     def reloading(self, usec: int | None = None) -> bool:
         return self.send({"RELOADING": "1",
                           "MONOTONIC_USEC": str(monotonic_usec() if usec is None else usec)})
+
+    def extend_timeout(self, seconds: float, status: str = "") -> bool:
+        # sd_notify(3): the service must send READY=1 (or another extension) within this many
+        # microseconds from now, once past TimeoutStartSec=.
+        usec = max(1, math.ceil(seconds * 1_000_000))
+        return self.send({"EXTEND_TIMEOUT_USEC": str(usec),
+                          **({"STATUS": status} if status else {})})
 
     def stopping(self) -> bool:
         return self.send({"STOPPING": "1"})
