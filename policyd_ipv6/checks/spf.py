@@ -3,6 +3,8 @@
 Contract: ``check_spf(lookups, ip, sender, helo, limits)`` returns a Deferred that always fires
 with an ``SpfFact``; it never fails. The identity is the MAIL FROM; for the null sender it is
 ``postmaster@<HELO>`` (RFC 7208 §2.4), and a HELO that is not a domain name gives ``none``.
+Both domains are evaluated in their ``names.domain_key`` form (A-labels, lower case, no
+trailing dot: RFC 7208 §4.3), which the macros see too; the fact keeps the sender as written.
 
 How: ``spf_eval.check_host`` is a generator that yields each DNS question and resumes with
 its answer; this driver answers from the evaluation's own answers or the lookups' cache at
@@ -69,9 +71,15 @@ def check_spf(lookups: Lookups, ip: IPAddress, sender: str, helo: str,
     else:
         identity = sender
         domain = recipient_domain(sender)
-        if domain is None or domain_key(domain) is None:
+        key = None if domain is None else domain_key(domain)
+        if key is None:
             return defer.succeed(SpfFact(SpfResult.NONE, "the sender's domain is not a domain name",
                                          sender))
+        # Evaluated at the domain's A-labels without the trailing dot, as its own macros
+        # (%{s} %{o} %{d}) see it: RFC 7208 §4.3 (an IDN MUST be encoded as A-labels; a
+        # trailing dot is a fully qualified name). Postfix passes a SMTPUTF8 sender's U-labels
+        # and the dot unchanged; the fact names the sender as the client wrote it.
+        sender = sender.rpartition("@")[0] + "@" + key
     return _Evaluation(lookups, ip, sender, helo_name or "unknown", identity, limits).start()
 
 
@@ -80,11 +88,13 @@ _PREFETCH_TYPES = {"include": "TXT", "redirect": "TXT", "a": None, "mx": "MX", "
 
 def _named_lookups(record: str, domain: str, address_type: str):
     """(name, type) of the lookups an SPF record's terms will need, macro-free ones only."""
-    for term in record.split()[1:]:
-        term = term.lstrip("+-~?")
+    terms = [term.lstrip("+-~?") for term in record.split()[1:]]
+    # A redirect beside "all" is never followed (RFC 7208 §6.1): nothing to fetch for it.
+    follows_redirect = not any(term.lower() == "all" for term in terms)
+    for term in terms:
         name, sep, target = term.replace("=", ":", 1).partition(":")
         name = name.split("/", 1)[0].lower()
-        if name not in _PREFETCH_TYPES:
+        if name not in _PREFETCH_TYPES or (name == "redirect" and not follows_redirect):
             continue
         target = (target.split("/", 1)[0] if sep else "") or (domain if name in ("a", "mx")
                                                              else "")

@@ -13,9 +13,12 @@ in full, with its limits made exact and configurable: at most ``limits.dns_terms
 terms that query DNS (RFC 7208 §4.6.4: include, a, mx, ptr, exists, redirect), at most
 ``limits.void_lookups`` (2) answers that are empty or NXDOMAIN, at most 10 MX names per mx
 (more is permerror) and 10 PTR names (the rest ignored); past ``limits.txt_bytes`` of TXT
-data in one evaluation, permerror (a record worth evaluating needs no 64 KB answer). The
-explanation (``exp=``, RFC 7208 §6.2) is fetched only for a fail or softfail of the record at
-the top (or its redirect), and an explanation that cannot be had leaves the default text.
+data in one evaluation, permerror (a record worth evaluating needs no 64 KB answer). Where
+pyspf departs from RFC 7208, the RFC holds: ``redirect=`` counts as a DNS term only when it is
+followed (§4.6.4, §6.1), a DNS error in ``ptr``'s PTR lookup is no match and one in a name's
+address lookup skips that name (§5.5), and ``%{p}`` is "unknown" after a DNS error (§7.3).
+The explanation (``exp=``, §6.2) is fetched only for a fail of the record at the top (or its
+redirect), and an explanation that cannot be had leaves the default text.
 """
 
 from __future__ import annotations
@@ -176,11 +179,20 @@ class _Evaluation:
         return found
 
     def validated_ptrs(self) -> Steps:
-        names = yield from self.dns(self.reverse_name, "PTR")
+        """The client's validated names (RFC 7208 §5.5). A DNS error in the PTR lookup leaves
+        none (ptr does not match, %{p} is "unknown": §7.3); one in a name's address lookup
+        skips that name."""
+        try:
+            names = yield from self.dns(self.reverse_name, "PTR")
+        except SpfTempError:
+            return []
         valid = []
         for name in names[:self.limits.ptr_names]:
-            if cidr_match(self.client, (yield from self.addresses(name)),
-                          128 if self.v6 else 32):
+            try:
+                addresses = yield from self.addresses(name)
+            except SpfTempError:
+                continue
+            if cidr_match(self.client, addresses, 128 if self.v6 else 32):
                 valid.append(name)
         return valid
 
@@ -243,7 +255,6 @@ class _Evaluation:
                 target = yield from self.domain_spec(value, domain)
                 explanation = (target, domain) if target else None
             elif name == "redirect":
-                self.count_term()
                 redirect = yield from self.domain_spec(value, domain)
                 if not redirect:
                     raise SpfPermError("redirect has empty domain:", value)
@@ -253,6 +264,9 @@ class _Evaluation:
             if (yield from self.matches(mechanism, depth)):
                 return mechanism.qualifier, explanation
         if redirect:
+            # Counted when followed, as a mechanism is when evaluated (RFC 7208 §4.6.4): a
+            # redirect after a match, or beside "all" (§6.1: then ignored), costs nothing.
+            self.count_term()
             target_record = yield from self.spf_record(redirect)
             if not target_record:
                 raise SpfPermError("redirect domain has no SPF record", redirect)
@@ -322,7 +336,7 @@ def check_host(ip: str | IPAddress, sender: str, helo: str, limits: Limits | Non
         return Verdict("temperror", f"SPF Temporary Error: {error}", state.macros)
     except SpfPermError as error:
         return Verdict("permerror", f"SPF Permanent Error: {error}", state.macros)
-    if explanation is not None and result in ("fail", "softfail"):
+    if explanation is not None and result == "fail":  # RFC 7208 §6.2: for a fail only
         text = yield from state.explain(*explanation)
         if text is not None:
             return Verdict(result, text, state.macros, explained=True)
