@@ -7,6 +7,7 @@ A process id that cannot be the daemon, or a process that is gone, is an error n
 """
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -72,3 +73,37 @@ def test_reload_with_a_bad_configuration_is_refused_and_the_daemon_not_signalled
     finally:
         daemon.stop()
     assert "SIGHUP" not in text
+
+
+@pytest.mark.process
+def test_reload_signals_at_once_whatever_the_database_does(tmp_path):
+    """reload --config with optin_postgresql leaves the database alone: one that never answers
+    (and no last-good copy) does not hold the check for optin_connect_timeout_seconds, past the
+    start timeout systemd applies to ExecReload=; the daemon is signalled at once."""
+    pytest.importorskip("psycopg")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # accepts nothing, answers nothing
+        config = tmp_path / "p.toml"
+        config.write_text('listen = ["tcp:0:interface=127.0.0.1"]\n'
+                          f'optin_postgresql = "host=127.0.0.1 port={silent.getsockname()[1]} '
+                          'dbname=mail user=policyd"\noptin_connect_timeout_seconds = 120\n'
+                          f'state_directory = "{tmp_path}"\nnameservers = ["127.0.0.1:9"]\n')
+        target = subprocess.Popen(
+            [sys.executable, "-c", "import signal, sys, time\n"
+             "signal.signal(signal.SIGHUP, lambda *a: sys.exit(7))\n"
+             "print('waiting', flush=True)\ntime.sleep(60)\n"],
+            stdout=subprocess.PIPE, text=True)
+        try:
+            assert target.stdout.readline() == "waiting\n"  # its SIGHUP handler is in place
+            result = subprocess.run([sys.executable, "-m", "policyd_ipv6", "reload", "--config",
+                                     str(config), "--pid", str(target.pid)], cwd="/",
+                                    capture_output=True, text=True, timeout=30,
+                                    env={**os.environ, "PYTHONPATH": ROOT})
+            assert result.returncode == 0, result.stderr
+            assert "configuration OK" in result.stdout and "not read" in result.stdout
+            assert target.wait(10) == 7
+        finally:
+            target.kill()
+            target.wait()
+            target.stdout.close()

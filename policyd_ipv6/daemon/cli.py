@@ -26,9 +26,10 @@ own exit too) is returned, not raised.
   (``report_command``).
 - ``reload [--config F] --pid PID`` sends SIGHUP to the running daemon PID (the unit's
   ``ExecReload=``, so that ``systemctl reload`` needs no ``kill`` binary: minbase + systemd has
-  none). With ``--config`` it first checks F as ``configtest`` does and exits 1 with the error,
-  not signalling, when F would not load; it exits 1 naming the PID when there is no such
-  process or it may not be signalled.
+  none). With ``--config`` it first checks F as ``configtest`` does (PostgreSQL left alone:
+  ``configtest(config, database=False)``) and exits 1 with the error, not signalling, when F
+  would not load; it exits 1 naming the PID when there is no such process or it may not be
+  signalled.
 """
 
 from __future__ import annotations
@@ -187,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             from policyd_ipv6.daemon.configtest_command import configtest
 
             try:
-                configtest(load_config(args.config))
+                # Not waiting on PostgreSQL: systemd's start timeout bounds ExecReload= too.
+                configtest(load_config(args.config), database=False)
             except ConfigError as error:
                 # Run by systemd (ExecReload=), standard error is the journal: mark the line
                 # as an error (sd-daemon prefix) so that journalctl -p err shows it.

@@ -10,7 +10,12 @@ loads (the file, or PostgreSQL or its last-good copy, never written). It sends n
 query and binds nothing. It prints ``policyd-ipv6: configuration OK: FILE (N opt-in
 entries)`` and returns 0, or raises ``ConfigError`` naming the key and value (the command
 line prints it and exits 1). The unit's ``ExecReload=`` runs it before signalling, so
-``systemctl reload`` refuses a bad edit instead of the daemon logging it later.
+``systemctl reload`` refuses a bad edit instead of the daemon logging it later; it runs it with
+``database=False``: PostgreSQL is not asked (nor its last-good copy read), since a reload keeps
+the daemon's connection and its table in force whatever the database does, and a silent one
+would hold the reload up to ``optin_connect_timeout_seconds`` (300 s at most), past the unit's
+start timeout, which systemd also applies to ``ExecReload=`` (it would kill the check and fail
+the reload unsignalled).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from twisted.python.failure import Failure
 from policyd_ipv6.daemon.config import Config, ConfigError
 from policyd_ipv6.daemon.privileges import plan_privileges
 from policyd_ipv6.daemon.wiring import PolicyService
+from policyd_ipv6.optin.postgresql import PostgresOptin
 
 __all__ = ["configtest"]
 
@@ -37,7 +43,7 @@ def _endpoints(config: Config, reactor) -> None:
                     f'{key} = "{description}": not a valid endpoint ({error})') from None
 
 
-def configtest(config: Config) -> int:
+def configtest(config: Config, database: bool = True) -> int:
     from twisted.internet import reactor as global_reactor
 
     # Twisted types it with zope interfaces, whose methods mypy cannot call (no self).
@@ -47,6 +53,11 @@ def configtest(config: Config) -> int:
     plan_privileges(config.user, allow_root=True)
     _endpoints(config, reactor)
     parts = PolicyService(config, reactor, keep_state=False)  # reads the opt-in file
+    if not database and isinstance(parts.optin, PostgresOptin):
+        parts.optin.stop()  # never started: no connection was made
+        print(f"policyd-ipv6: configuration OK: {config.source} (opt-in table from "
+              f"{parts.optin.describe()}: not read)")
+        return 0
     done: list[Any] = []
 
     def run() -> None:
