@@ -6,8 +6,10 @@ same release, holding only what the package declares, is booted with systemd-nsp
 (../shared/LAB.md) and the package installed there: the unit starts, reloads (no /bin/kill on
 such a system), restarts, stops, is sandboxed (systemd-analyze security, a denied write), the
 autopkgtest scripts pass, purge leaves only the system user; an upgrade from the previous
-version keeps the administrator's opt-in table edit without a prompt; and the autopkgtest tool
-itself (null virt server inside the container) passes debian/tests against the built package.
+version keeps the administrator's opt-in table edit without a prompt, and one of its unedited
+configuration warns a Postfix still wired to its TCP port; upgrades leave the milter socket
+active with no failed job; and the autopkgtest tool itself (null virt server inside the
+container) passes debian/tests against the built package.
 
 The tests of one release run in file order against one booted container (module fixture).
 Run them under the lab lock: `flock /tmp/e2e.lock pytest -m deb tests/deb/test_systemd.py`
@@ -32,6 +34,8 @@ pytestmark = pytest.mark.deb
 RELEASES = ("trixie", "bookworm")
 SYSTEMD = {"trixie": 257, "bookworm": 252}
 UNIT = "policyd-ipv6.service"
+MILTER_SOCKET = "policyd-ipv6-milter.socket"
+STATE = "/var/lib/policyd-ipv6"
 ETC = "/etc/policyd-ipv6"
 TABLE = ETC + "/optin-domains"
 CONFIG = ETC + "/policyd-ipv6.toml"
@@ -60,8 +64,17 @@ class Lab:
             self.sh("sleep 0.2")
         raise AssertionError("%r not logged %d times:\n%s" % (text, count, self.journal()))
 
-    def active(self) -> str:
-        return self.sh("systemctl is-active " + UNIT, check=False).stdout.strip()
+    def active(self, unit: str = UNIT) -> str:
+        return self.sh("systemctl is-active " + unit, check=False).stdout.strip()
+
+    def settled(self, unit: str = UNIT) -> str:
+        """The unit's state once it is no longer activating (bounded: a unit restarting after
+        a failure stays "activating")."""
+        for _ in range(50):
+            if self.active(unit) != "activating":
+                break
+            self.sh("sleep 0.2")
+        return self.active(unit)
 
 
 @pytest.fixture(scope="module", params=RELEASES)
@@ -179,11 +192,16 @@ def test_stop_leaves_the_unit_inactive(lab):
 
 
 def test_purge_removes_everything_but_the_user(lab):
-    """apt-get purge removes the unit, the program and /etc/policyd-ipv6; the user stays."""
+    """apt-get purge removes the unit, the program, /etc/policyd-ipv6 and the unit's state
+    directory with an opt-in table's last-good copy and a temporary file of its write in it;
+    the user stays."""
+    # systemd made the StateDirectory= at start; the copies are what optin_postgresql writes.
+    lab.sh(f"test -d {STATE} && echo customer.example > {STATE}/optin-domains.last-good "
+           f"&& echo customer.exa > {STATE}/.optin-domains.a1b2c3")
     lab.sh("apt-get purge -y policyd-ipv6", timeout=300)
     left = lab.sh("ls -d /etc/policyd-ipv6 /usr/bin/policyd-ipv6 /usr/share/policyd-ipv6 "
-                  "/lib/systemd/system/%s /usr/lib/systemd/system/%s 2>/dev/null; true"
-                  % (UNIT, UNIT)).stdout.split()
+                  "/lib/systemd/system/%s /usr/lib/systemd/system/%s %s 2>/dev/null; true"
+                  % (UNIT, UNIT, STATE)).stdout.split()
     assert left == []
     assert lab.sh("systemctl cat " + UNIT, check=False).returncode != 0
     assert lab.sh("getent passwd _policyd-ipv6", check=False).returncode == 0
@@ -201,20 +219,58 @@ def test_upgrade_keeps_the_optin_table_edit_without_a_prompt(lab):
                      "-o Dpkg::Options::=--force-confold /root/debs/new/%s < /dev/null"
                      % lab.build.deb.name, timeout=300)
     assert "optin-domains" not in upgrade.stdout + upgrade.stderr, upgrade.stdout
+    assert failed_jobs(upgrade) == [], upgrade.stderr
+    # The kept configuration still listens on 127.0.0.1:10045 (and no main.cf names it).
+    assert "WARNING" not in upgrade.stderr, upgrade.stderr
     assert "edited.example" in lab.sh("cat " + TABLE).stdout
     assert "# edited by the administrator" in lab.sh("cat " + CONFIG).stdout
     conffiles = lab.sh("dpkg-query -W -f '${Conffiles}' policyd-ipv6").stdout
     live = [line.split()[0] for line in conffiles.strip().splitlines()
             if not line.strip().endswith("obsolete")]
     assert live == [CONFIG], conffiles
-    for _ in range(50):  # bounded: a unit restarting after a failure stays "activating"
-        if lab.active() != "activating":
-            break
-        lab.sh("sleep 0.2")
-    assert lab.active() == "active", lab.journal()[-4000:]
+    assert lab.settled() == "active", lab.journal()[-4000:]
+    assert lab.active(MILTER_SOCKET) == "active"
     before = lab.journal().count(RELOADED)
     lab.sh("systemctl reload " + UNIT)
     lab.wait_journal(RELOADED, before + 1)
+
+
+def failed_jobs(result) -> list[str]:
+    """The lines of systemctl's "Job for UNIT failed" in apt's output."""
+    return re.findall(r"^.*Job for \S+ failed.*$", result.stdout + result.stderr, re.M)
+
+
+def test_upgrade_of_the_unedited_configuration_warns_a_postfix_wired_to_tcp(lab):
+    """From the previous version with its configuration unedited and Postfix wired as its
+    README.Debian said (inet:127.0.0.1:10045), the upgrade replaces the configuration without
+    a prompt, warns with the new wiring, and leaves the unit and the milter socket active; a
+    later reinstall restarts them with no failed job and no warning."""
+    lab.sh("dpkg --purge policyd-ipv6", timeout=300)
+    had_main_cf = lab.sh("test -e /etc/postfix/main.cf", check=False).returncode == 0
+    lab.sh("test -e /etc/postfix/main.cf && cp /etc/postfix/main.cf /root/main.cf.saved; "
+           "printf 'smtpd_recipient_restrictions = reject_unauth_destination,\n"
+           "    check_policy_service { inet:127.0.0.1:10045, timeout=30s }\n' "
+           ">> /etc/postfix/main.cf")
+    try:
+        lab.sh("apt-get install -y --no-install-recommends /root/debs/old/%s"
+               % lab.build.previous_deb.name, timeout=300)
+        upgrade = lab.sh("apt-get install -y --no-install-recommends /root/debs/new/%s "
+                         "< /dev/null" % lab.build.deb.name, timeout=300)
+        assert "WARNING" in upgrade.stderr, upgrade.stdout + upgrade.stderr
+        assert "check_policy_service { unix:policyd-ipv6/policy, timeout=30s }" \
+            in upgrade.stderr
+        assert "10045" not in lab.sh("grep -v '^#' %s" % CONFIG).stdout
+        assert failed_jobs(upgrade) == [], upgrade.stderr
+        assert lab.settled() == "active", lab.journal()[-4000:]
+        assert lab.active(MILTER_SOCKET) == "active"
+        again = lab.sh("apt-get install -y --reinstall --no-install-recommends "
+                       "/root/debs/new/%s < /dev/null" % lab.build.deb.name, timeout=300)
+        assert failed_jobs(again) == [] and "WARNING" not in again.stderr, again.stderr
+        assert lab.settled() == "active", lab.journal()[-4000:]
+        assert lab.active(MILTER_SOCKET) == "active"
+    finally:
+        lab.sh("mv /root/main.cf.saved /etc/postfix/main.cf" if had_main_cf
+               else "rm -f /etc/postfix/main.cf")
 
 
 def test_autopkgtest_tool_passes_against_the_built_package(lab):
