@@ -292,3 +292,37 @@ def test_explanation_is_fetched_and_expanded():
     fact, _ = run(fake)
     assert fact.result == "fail"
     assert fact.explanation == "alice may not send from 2001:db8::25"
+
+
+def txt_strings(record):
+    """A TXT record as the fake takes it: quoted strings of at most 250 characters."""
+    return " ".join(f'"{record[i:i + 250]}"' for i in range(0, len(record), 250))
+
+
+LONG_SENDER = "a." * 490 + "a@example.net"  # 993 characters, 491 labels
+
+
+@pytest.mark.parametrize("record, sender, expected", [
+    ("v=spf1 a:x." + "a" * 32_000 + "_ -all", "alice@example.net", "permerror"),
+    ("v=spf1 exists:" + "%{s}" * 8000 + ".x.example -all", LONG_SENDER, "fail"),
+    ("v=spf1 exists:" + "%{" * 16_000 + " -all", "alice@example.net", "permerror"),
+])
+def test_records_built_for_quadratic_time_are_judged_at_the_txt_cap(record, sender, expected):
+    """A 32 KB record of one long label, of 8,000 macros expanding to 8 MB of labels, or of
+    16,000 unclosed macros is judged (each took seconds to hours of reactor CPU)."""
+    assert len(record) < 32_768
+    fact, _ = run(FakeDnsClient({("example.net", "TXT"): [txt_strings(record)]}), sender=sender)
+    assert fact.result == expected
+
+
+@pytest.mark.parametrize("term, expected", [
+    ("exists:%{d" + "9" * 5000 + "}.x.example", "fail"),
+    ("ip6:2001:db8::/" + "1" * 5000, "permerror"),
+    ("a//" + "1" * 5000, "permerror"),
+])
+def test_numbers_past_ints_digit_limit_are_no_internal_error(term, expected):
+    """A count or CIDR length of 5,000 digits gives the result any number past the limit
+    gives, not temperror from a ValueError (logged as an internal error, never cached)."""
+    record = f"v=spf1 {term} -all"
+    fact, _ = run(FakeDnsClient({("example.net", "TXT"): [txt_strings(record)]}))
+    assert fact.result == expected

@@ -9,7 +9,10 @@ explanation from the letter values given (the caller fetches ``p`` first, when
 
 The grammar follows pyspf 2.0.14 in strict mode, term for term, so that results and
 explanations stay exactly those the RFC 7208 and RFC 4408 test suites expect (pyspf passes
-them all): the regular expressions below are pyspf's.
+them all): the regular expressions below are pyspf's, except where pyspf's take quadratic
+time on a hostile record. Records come from the sender's DNS and are read on the reactor, so
+every function here takes time linear in its input (``expand``: in its text, and in the
+value of each distinct macro in it).
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from urllib.parse import quote
 
 __all__ = ["SpfError", "SpfPermError", "SpfTempError", "Mechanism", "parse_term", "modifier",
@@ -40,16 +45,22 @@ class SpfTempError(SpfError):
 
 
 _MODIFIER = re.compile(r"^([a-z][a-z0-9_\-.]*)=", re.IGNORECASE)
-_MACRO = re.compile(r"%(%|_|-|(\{[^}]*\}))")
 _BAD_MACRO = re.compile(r"(?<!%)%[^{%_-]|%$")
 _TRANSFORMERS = re.compile(r"([0-9]*)(r?)([^0-9a-zA-Z]*)")
 _DUAL_CIDR = re.compile(r"//(0|[1-9]\d*)$")
 _CIDR = re.compile(r"/(0|[1-9]\d*)$")
 _IP4_OCTET = r"(?:\d|[1-9]\d|1\d\d|2[0-4]\d|25[0-5])"
 _IP4 = re.compile(r"\.".join([_IP4_OCTET] * 4) + "$")
-# RFC 7208 §7.1 domain-end: "." toplabel ["."], or a macro at the very end.
-_TOPLABEL = re.compile(r"\.(?:[0-9a-z]*[a-z][0-9a-z]*|[0-9a-z]+-[0-9a-z-]*[0-9a-z])\.?$|"
-                       r"%(?:%|_|-|\{[^}]*\})", re.IGNORECASE)
+# RFC 7208 §7.1 toplabel: pyspf's [0-9a-z]*[a-z][0-9a-z]* | [0-9a-z]+-[0-9a-z-]*[0-9a-z],
+# its first half written so that it cannot backtrack quadratically on a long label (the same
+# labels: letters and digits, at least one letter).
+_TOPLABEL = re.compile(r"[0-9]*[a-z][0-9a-z]*|[0-9a-z]+-[0-9a-z-]*[0-9a-z]", re.IGNORECASE)
+# A CIDR length has at most 3 digits (RFC 7208 §5.6); a longer one is over any limit.
+_OVER_ANY_LENGTH = 1000
+# RFC 7208 §7.3: an expanded domain-spec keeps its right-hand labels within 253 octets.
+_NAME_OCTETS = 253
+# expand() drops the labels already bound to go once it holds this much (see there).
+_TRIM_AT = 4096
 _QUALIFIERS = {"+": "pass", "-": "fail", "?": "neutral", "~": "softfail"}
 MECHANISMS = ("a", "mx", "ptr", "exists", "include", "ip4", "ip6", "all")
 _COMMON_MISTAKES = ("prt", "ip", "ipv4", "ipv6", "all.")
@@ -80,11 +91,17 @@ def _parse_cidrs(term: str) -> tuple[str, int | None, int | None]:
     cidr6 = cidr4 = None
     match = _DUAL_CIDR.search(term)
     if match:
-        term, cidr6 = term[:match.start()], int(match.group(1))
+        term, cidr6 = term[:match.start()], _cidr_length(match.group(1))
     match = _CIDR.search(term)
     if match:
-        term, cidr4 = term[:match.start()], int(match.group(1))
+        term, cidr4 = term[:match.start()], _cidr_length(match.group(1))
     return term, cidr4, cidr6
+
+
+def _cidr_length(digits: str) -> int:
+    """The length written, or one over any limit for more than 3 digits (without leading
+    zeros: at least 1000), which ``int()`` would refuse past 4,300 digits (ValueError)."""
+    return int(digits) if len(digits) <= 3 else _OVER_ANY_LENGTH
 
 
 def parse_term(term: str, domain: str, v6: bool) -> Mechanism:
@@ -156,36 +173,72 @@ def parse_term(term: str, domain: str, v6: bool) -> Mechanism:
 
 
 def check_domain_spec(spec: str) -> None:
-    """RFC 7208 §7.1: a domain-spec ends in a top label or a macro; SpfPermError if not."""
-    if _TOPLABEL.split(spec)[-1]:
+    """RFC 7208 §7.1: a domain-spec ends in "." toplabel ["."] or in a macro; SpfPermError if
+    not. pyspf searches the whole spec with one expression, which backtracks quadratically on
+    a long label (12 KB: 2 s of CPU); the last label alone is matched here, the same specs
+    pass (and the empty one, which the caller refuses as empty)."""
+    name = spec[:-1] if spec.endswith(".") else spec
+    _, dot, label = name.rpartition(".")
+    if not spec or (dot and _TOPLABEL.fullmatch(label)):
+        return
+    ends = [end for _, end in _macros(spec)]
+    if not ends or ends[-1] != len(spec):
         raise SpfPermError("Invalid domain found (use FQDN)", spec)
+
+
+def _macros(text: str) -> Iterator[tuple[int, int]]:
+    r"""(start, end) of each macro in ``text``, left to right, as pyspf's
+    ``%(%|_|-|(\{[^}]*\}))`` finds them, but in one pass: the expression looks for a "}"
+    again from every "%{" that has none after it (16,000 of them: 0.5 s)."""
+    closed = True  # whether a "}" may follow: false once a search for one failed
+    start = text.find("%")
+    while start >= 0:
+        follower = text[start + 1:start + 2]
+        end = -1
+        if follower in ("%", "_", "-"):
+            end = start + 2
+        elif follower == "{" and closed:
+            close = text.find("}", start + 2)
+            closed = close >= 0
+            if closed:
+                end = close + 1
+        if end < 0:
+            start = text.find("%", start + 1)
+        else:
+            yield start, end
+            start = text.find("%", end)
 
 
 def needs_p(text: str) -> bool:
     """Whether expanding ``text`` needs the validated client name (the p macro)."""
-    return any(m.group(0)[2:3].lower() == "p" for m in _MACRO.finditer(text))
+    return any(text[start + 1:start + 3].lower() == "{p" for start, _ in _macros(text))
 
 
 def _transform(value: str, spec: str, joiner: str | None) -> str:
-    """RFC 7208 §7.3 transformers and delimiters, as pyspf applies them."""
+    """RFC 7208 §7.3 transformers and delimiters, as pyspf applies them: the value split into
+    parts and the delimiters between them, reversed with "r", the last DIGITS parts kept."""
     if not spec:
         return value
     digits, reverse, delimiters = _TRANSFORMERS.match(spec).groups()  # type: ignore[union-attr]
-    delimiters = delimiters or "."
-    parts: list[str] = []
-    element = ""
-    for char in value:
-        if char in delimiters:
-            parts += [element, joiner or char]
-            element = ""
-        else:
-            element += char
-    parts.append(element)
+    # [part, delimiter, part, ..., part], as pyspf's loop over the characters builds it
+    parts = _splitter(delimiters or ".")(value)
+    if joiner:
+        parts[1::2] = [joiner] * (len(parts) // 2)
     if reverse:
         parts.reverse()
     if digits:
-        parts = parts[-int(digits) * 2 + 1:]
+        count = digits.lstrip("0")
+        # A count with more digits than the number of parts takes them all, as any count
+        # over it does (RFC 7208 §7.3); int() would refuse one over 4,300 digits.
+        if len(count) <= len(str(len(parts))):
+            parts = parts[-int(count or "0") * 2 + 1:]
     return "".join(parts)
+
+
+@lru_cache(maxsize=64)
+def _splitter(delimiters: str) -> Callable[[str], list[str]]:
+    """A split on any of ``delimiters`` that keeps them, in C (the whole value at once)."""
+    return re.compile(f"([{re.escape(delimiters)}])").split
 
 
 def expand(text: str, values: dict[str, str], in_exp: bool = False) -> str:
@@ -194,16 +247,19 @@ def expand(text: str, values: dict[str, str], in_exp: bool = False) -> str:
     if "%" in text and _BAD_MACRO.search(text):
         raise SpfPermError("invalid-macro-char ", text)
     out: list[str] = []
+    size, trim_at = 0, _TRIM_AT
     end = 0
-    for match in _MACRO.finditer(text):
-        out.append(text[end:match.start()])
-        macro = match.group(0)
-        if macro == "%%":
-            out.append("%")
+    seen: dict[str, str] = {}  # a macro written again expands the same
+    for start, stop in _macros(text):
+        macro = text[start:stop]
+        if macro in seen:
+            piece = seen[macro]
+        elif macro == "%%":
+            piece = "%"
         elif macro == "%_":
-            out.append(" ")
+            piece = " "
         elif macro == "%-":
-            out.append("%20")
+            piece = "%20"
         else:
             letter = macro[2].lower()
             if letter in "crt" and not in_exp:
@@ -211,19 +267,39 @@ def expand(text: str, values: dict[str, str], in_exp: bool = False) -> str:
             value = values.get(letter) if len(letter) == 1 and letter.isalpha() else None
             if value is None:
                 raise SpfPermError("Unknown Macro Encountered", macro)
-            if value:
-                expanded = _transform(value, macro[3:-1], _JOINERS.get(letter))
-                out.append(quote(expanded, "~") if letter != macro[2] else expanded)
-        end = match.end()
+            piece = _transform(value, macro[3:-1], _JOINERS.get(letter)) if value else ""
+            if letter != macro[2]:
+                piece = quote(piece, "~")
+            seen[macro] = piece
+        out += (text[end:start], piece)
+        size += start - end + len(piece)
+        end = stop
+        if size > trim_at and not in_exp:
+            # Only right-hand labels are kept (_cut_at): those already bound to go are dropped
+            # now, so that a record of many macros does not build a name of megabytes. The
+            # cut may not take the last character: the final dot is removed before it.
+            kept = "".join(out)
+            kept = kept[_cut_at(kept[:-1]) + 1:]
+            out, size = [kept], len(kept)
+            trim_at = max(_TRIM_AT, 2 * size)  # a long label left: joined again as it doubles
     out.append(text[end:])
     result = "".join(out)
     if not in_exp:
         if result.endswith("."):
             result = result[:-1]
-        # RFC 7208 §7.3: left-hand labels go until the name fits in 253 octets.
-        while len(result) > 253 and "." in result:
-            result = result[result.index(".") + 1:]
+        result = result[_cut_at(result) + 1:]
     return result
+
+
+def _cut_at(name: str) -> int:
+    """Where RFC 7208 §7.3 cuts ``name``: the index of the dot ending the left-hand labels it
+    drops, -1 for none. Dropping one label at a time while the name is over 253 octets and
+    has a dot (copying the name each time: quadratic) ends at the first dot with at most 253
+    octets after it, or else at the last dot."""
+    if len(name) <= _NAME_OCTETS:
+        return -1
+    cut = name.find(".", len(name) - _NAME_OCTETS - 1)
+    return cut if cut >= 0 else name.rfind(".")
 
 
 def cidr_match(client: ipaddress.IPv4Address | ipaddress.IPv6Address, addresses: list[str],
