@@ -29,16 +29,14 @@ from collections.abc import Generator
 from dataclasses import dataclass, replace
 from typing import Any
 
+from policyd_ipv6.checks.spf_macros import check_domain_spec, expand, needs_p
 from policyd_ipv6.checks.spf_terms import (
     Mechanism,
     SpfError,
     SpfPermError,
     SpfTempError,
-    check_domain_spec,
     cidr_match,
-    expand,
     modifier,
-    needs_p,
     parse_term,
     split_sender,
 )
