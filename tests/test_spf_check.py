@@ -43,6 +43,22 @@ def test_sender_in_postfixs_internal_form_is_checked_at_its_domain():
     assert fact.result == "pass" and fact.identity == '"a\\@example.net'
 
 
+def test_a_long_explanation_is_cut_before_the_fact_keeps_it():
+    """An exp= text that expands long (here 2,000 characters; macros can make megabytes) is
+    kept to MAX_EXPLANATION characters: SPF facts are cached, and a bound in entries alone
+    would not bound their memory."""
+    from policyd_ipv6.checks.spf import MAX_EXPLANATION
+
+    long_text = " ".join(f'"{"x" * 199}"' for _ in range(10))  # 10 strings, joined: 1,990
+    fact, _ = run(FakeDnsClient({
+        ("example.net", "TXT"): ['"v=spf1 -all exp=why.example.net"'],
+        ("why.example.net", "TXT"): [long_text],
+    }))
+    assert fact.result == "fail"
+    assert len(fact.explanation) == MAX_EXPLANATION and fact.explanation.endswith("...")
+    assert fact.explanation.startswith("x" * 100)
+
+
 def test_no_record_is_none():
     """A domain without an SPF record gives none."""
     fact, _ = run(FakeDnsClient({("example.net", "A"): ["192.0.2.1"]}))

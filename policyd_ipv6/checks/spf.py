@@ -19,7 +19,9 @@ the evaluation asks for them one by one; so are the addresses of MX exchanges.
 Memory: a TXT reply longer than ``limits.txt_bytes`` plus ``TXT_REPLY_OVERHEAD`` could only
 push the evaluation past its TXT cap, so it is refused on its length, before it is read, and
 the evaluation goes on exactly as if its text had been counted: ``permerror`` ("TXT records
-over ... bytes", logged), or the default explanation for ``exp=``. A reply that large with
+over ... bytes", logged), or the default explanation for ``exp=``. The fact keeps at most
+``MAX_EXPLANATION`` characters of the explanation (an ``exp=`` text with macros can expand to
+megabytes, and the SPF results are cached: a bound in entries alone would bound nothing). A reply that large with
 less text than the cap would need more than 4 KiB of record overhead (thousands of tiny
 records, or stuffed sections): no record worth evaluating looks like that. When the
 evaluation ends (or is cancelled), the lookups it started and no longer needs are cancelled.
@@ -51,6 +53,9 @@ _log = Logger(namespace="policyd-ipv6")
 # More DNS questions than RFC 7208's limits allow (10 terms of at most 11 lookups each, the
 # record, a redirect, %{p} and exp=): past this, the evaluator has a bug; permerror.
 MAX_QUESTIONS = 150
+# What an SPF fact keeps of its explanation (exp= text, or an error naming a record's term):
+# enough for an SMTP reply line or a log line.
+MAX_EXPLANATION = 512
 # What a DNS message adds to the TXT text it carries (header, question, each record's name,
 # type, class, TTL and length, a length byte per string, EDNS), with room to spare: a TXT
 # set of ``txt_bytes`` of text fits in ``txt_bytes`` + this.
@@ -200,7 +205,10 @@ class _Evaluation:
             _log.warn("SPF for {identity}: {why}{size}", identity=self.identity,
                       why=verdict.explanation, size=self.too_large)
         if not self.result.called:
-            self.result.callback(SpfFact(SpfResult(verdict.result), verdict.explanation,
+            explanation = verdict.explanation
+            if len(explanation) > MAX_EXPLANATION:
+                explanation = explanation[:MAX_EXPLANATION - 3] + "..."
+            self.result.callback(SpfFact(SpfResult(verdict.result), explanation,
                                          self.identity, len(self.answers), ttl, verdict.macros))
 
     def _arrived(self, answer: Answer, key: tuple[str, str]) -> None:
