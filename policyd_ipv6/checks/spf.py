@@ -19,12 +19,13 @@ the evaluation asks for them one by one; so are the addresses of MX exchanges.
 Memory: a TXT reply longer than ``limits.txt_bytes`` plus ``TXT_REPLY_OVERHEAD`` could only
 push the evaluation past its TXT cap, so it is refused on its length, before it is read, and
 the evaluation goes on exactly as if its text had been counted: ``permerror`` ("TXT records
-over ... bytes", logged), or the default explanation for ``exp=``. The fact keeps at most
-``MAX_EXPLANATION`` characters of the explanation (an ``exp=`` text with macros can expand to
-megabytes, and the SPF results are cached: a bound in entries alone would bound nothing). A reply that large with
+over ... bytes", logged), or the default explanation for ``exp=``. A reply that large with
 less text than the cap would need more than 4 KiB of record overhead (thousands of tiny
 records, or stuffed sections): no record worth evaluating looks like that. When the
 evaluation ends (or is cancelled), the lookups it started and no longer needs are cancelled.
+The fact keeps at most ``MAX_EXPLANATION`` characters of the explanation: an ``exp=`` text
+with macros can expand to megabytes, and the SPF results are cached (a bound in entries
+alone would bound nothing).
 
 An exception inside the evaluator (a bug, not a DNS fault) gives ``temperror``, logged with its
 traceback: hostile input never escapes as anything else.
