@@ -236,8 +236,10 @@ def test_upgrade_keeps_the_optin_table_edit_without_a_prompt(lab):
 
 
 def failed_jobs(result) -> list[str]:
-    """The lines of systemctl's "Job for UNIT failed" in apt's output."""
-    return re.findall(r"^.*Job for \S+ failed.*$", result.stdout + result.stderr, re.M)
+    """The lines of apt's output saying a start or restart the postinst asked for failed:
+    systemctl's "Job for UNIT failed", deb-systemd-invoke's "Could not execute systemctl"."""
+    return re.findall(r"^.*(?:Job for \S+ failed|Could not execute systemctl).*$",
+                      result.stdout + result.stderr, re.M)
 
 
 def test_upgrade_of_the_unedited_configuration_warns_a_postfix_wired_to_tcp(lab):
