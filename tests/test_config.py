@@ -70,6 +70,15 @@ not_opted_in = "450 4.2.1 [{domain}] try IPv4"
     ('[replies]\nno_reverse_dns = "no code"', ["replies.no_reverse_dns", "4xx or 5xx"]),
     ('[replies]\nnot_opted_in = "550 5.2.1 {nope}"', ["replies.not_opted_in", "{nope}"]),
     ('[replies]\nbogus = "550 5.2.1 x"', ["replies.bogus", "unknown reply"]),
+    # A reply that would raise or overrun at every refusal (see test_replies.py)
+    ('[replies]\nno_reverse_dns = "450 4.7.25 sending IPv6 address [{address:d}] has no PTR."',
+     ["replies.no_reverse_dns", "{address:d}"]),
+    ('[replies]\nnot_opted_in = "550 5.2.1 [{domain:{address}}] does not accept IPv6."',
+     ["replies.not_opted_in", "{domain:{address}}"]),
+    ('[replies]\nnot_opted_in = "550 5.2.1 [{domain:>3000}] does not accept IPv6."',
+     ["replies.not_opted_in", "{domain:>3000}"]),
+    ('[replies]\nnot_opted_in = "550 5.2.1 [{domain}] [{domain}] does not accept IPv6."',
+     ["replies.not_opted_in", "renders to"]),
     ("rdns = ", ["not valid TOML"]),
 ])
 def test_bad_values_name_key_and_value(text, names):

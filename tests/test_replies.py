@@ -11,7 +11,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from policyd_ipv6.daemon.config import ConfigError, parse_config
+from policyd_ipv6.daemon.config import parse_config
 from policyd_ipv6.facts import Facts, RdnsFact, RdnsOutcome
 from policyd_ipv6.optin.table import parse_optin
 from policyd_ipv6.policy.decision import Policy, Subject, Verdict, decide
@@ -140,27 +140,6 @@ def test_man_page_example_reply_loads():
     table = example[example.index("[replies]"):example.index(".RE")].replace("\\-", "-")
     assert tomllib.loads(table)["replies"]  # the block is TOML once roff escapes are undone
     parse_config(table, "/etc")
-
-
-@pytest.mark.parametrize("text, words", [
-    ('[replies]\nno_reverse_dns = "450 4.7.25 sending IPv6 address [{address:d}] has no PTR."',
-     ["replies.no_reverse_dns", "{address:d}"]),
-    ('[replies]\nnot_opted_in = "550 5.2.1 [{domain:{address}}] does not accept IPv6."',
-     ["replies.not_opted_in", "{domain:{address}}"]),
-    ('[replies]\nnot_opted_in = "550 5.2.1 [{domain:>3000}] does not accept IPv6."',
-     ["replies.not_opted_in", "{domain:>3000}"]),
-    ('[replies]\nnot_opted_in = "550 5.2.1 [{domain}] [{domain}] does not accept IPv6."',
-     ["replies.not_opted_in", "renders to"]),
-])
-def test_config_with_a_template_that_cannot_render_is_refused(text, words):
-    """Loading the configuration (as configtest, serve and reload do) refuses a reply that
-    would raise or overrun at every refusal, naming the file, the key and the value."""
-    with pytest.raises(ConfigError) as info:
-        parse_config(text, "/etc", source="/etc/p.toml")
-    message = str(info.value)
-    assert message.startswith("/etc/p.toml")
-    for word in words:
-        assert word in message
 
 
 def test_every_check_value_rendered_is_one_validation_tries():
