@@ -14,7 +14,17 @@ write would register for writability, wait a reactor turn and unregister, two sy
 and a turn per reply; a partial send leaves the rest to ``transport.write``, an error leaves
 all of it (Twisted then finds the error and closes), and a transport without Twisted's
 file-descriptor internals (a TLS or test transport) just gets ``write``.
-Both it and ``PeerCheck`` keep ``refused``, the connections closed since start-up (metrics).
+``ReplyWriter(clock)`` holds the replies written during one reactor turn and sends them
+back to back at its end (``clock.callLater(0, ...)`` runs right after the turn's events), each
+through ``write_now``: under load one turn answers many connections, and the decisions then
+run one after another, not each after the kernel's work of sending the last reply, which
+evicts their code and data from the CPU's caches (bench/README, "Replies at the end of the
+turn").
+A reply waits at most for the other events of its turn; ``release(transport)`` sends a
+connection's held replies at once (before it is closed); a transport without Twisted's
+socket internals gets ``write`` at once.
+``OverLimitWarning`` and ``PeerCheck`` keep ``refused``, the connections closed since
+start-up (metrics).
 ``PeerCheck(clock, listener, uids)`` admits a Unix-socket peer only when its uid, read with
 SO_PEERCRED, is one of ``uids`` (None: every peer); peers on other sockets are admitted (TCP
 carries no credentials). No I/O of its own beyond that socket option.
@@ -32,7 +42,7 @@ from policyd_ipv6.text import printable
 from policyd_ipv6.vocabulary import Clock, DelayedCall
 
 __all__ = ["TimedConnection", "OverLimitWarning", "PeerCheck", "peer_uid",
-           "WARN_INTERVAL_SECONDS", "write_now"]
+           "WARN_INTERVAL_SECONDS", "write_now", "ReplyWriter"]
 
 _log = Logger(namespace="policyd-ipv6")
 WARN_INTERVAL_SECONDS = 60.0
@@ -56,6 +66,35 @@ def write_now(transport: Any, data: bytes) -> None:
         transport.write(data)
     elif sent < len(data):
         transport.write(data[sent:])
+
+
+class ReplyWriter:
+    """See the module docstring."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.held: list[tuple[Any, bytes]] = []
+
+    def write(self, transport: Any, data: bytes) -> None:
+        if not hasattr(transport, "writeSomeData"):  # not a Twisted socket: nothing to gain
+            transport.write(data)
+            return
+        if not self.held:
+            self.clock.callLater(0, self.flush)
+        self.held.append((transport, data))
+
+    def flush(self) -> None:
+        held, self.held = self.held, []
+        for transport, data in held:
+            write_now(transport, data)
+
+    def release(self, transport: Any) -> None:
+        """Send ``transport``'s held replies now, in order (it is about to be closed)."""
+        if any(t is transport for t, _ in self.held):
+            mine = [data for t, data in self.held if t is transport]
+            self.held = [(t, data) for t, data in self.held if t is not transport]
+            for data in mine:
+                write_now(transport, data)
 
 
 class TimedConnection:

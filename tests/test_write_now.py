@@ -1,13 +1,15 @@
 """Tests of connection.write_now: a reply sent at once when nothing is queued, and Twisted's
 own write path whenever something is (queued data, a partial send, an error, a transport that
-is not a Twisted socket)."""
+is not a Twisted socket); and of ReplyWriter, which holds a turn's replies until its end."""
 
 from types import SimpleNamespace
 
 from twisted.internet import main
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from policyd_ipv6.connection import write_now
+from policyd_ipv6.connection import ReplyWriter, write_now
+from policyd_ipv6.policy.server import PolicyFactory
 
 
 class Socketish:
@@ -71,3 +73,58 @@ def test_other_transports_just_write():
     odd.write = odd.written.append
     write_now(odd, b"x")
     assert odd.written == [b"x"]
+
+
+def test_replies_are_held_until_the_end_of_the_turn_then_sent_in_order():
+    """ReplyWriter sends nothing during the turn, then every held reply, in the order
+    written, through one direct send each, when the turn's callLater(0) runs."""
+    clock = Clock()
+    writer = ReplyWriter(clock)
+    a, b = Socketish(), Socketish()
+    writer.write(a, b"1")
+    writer.write(b, b"2")
+    writer.write(a, b"3")
+    assert a.sent == b.sent == [] and len(clock.getDelayedCalls()) == 1
+    clock.advance(0)
+    assert a.sent == [b"1", b"3"] and b.sent == [b"2"] and writer.held == []
+    writer.write(b, b"4")  # the next turn schedules its own flush
+    clock.advance(0)
+    assert b.sent == [b"2", b"4"]
+
+
+def test_release_sends_one_connections_held_replies_at_once():
+    """release(transport) sends that connection's held replies now, before a close, and
+    leaves the others' for the end of the turn."""
+    clock = Clock()
+    writer = ReplyWriter(clock)
+    a, b = Socketish(), Socketish()
+    writer.write(a, b"1")
+    writer.write(b, b"2")
+    writer.release(a)
+    assert a.sent == [b"1"] and b.sent == []
+    clock.advance(0)
+    assert a.sent == [b"1"] and b.sent == [b"2"]
+
+
+def test_writer_hands_other_transports_their_reply_at_once():
+    """A transport that is not a Twisted socket (tests, TLS) gets write at once, with no
+    delayed call."""
+    clock = Clock()
+    writer = ReplyWriter(clock)
+    t = StringTransport()
+    writer.write(t, b"action=DUNNO\n\n")
+    assert t.value() == b"action=DUNNO\n\n" and clock.getDelayedCalls() == []
+
+
+def test_closing_a_policy_connection_sends_its_held_reply_first():
+    """A policy connection closed in the turn that answered it (a drain, an eviction)
+    still sends that reply before Twisted's close."""
+    clock = Clock()
+    factory = PolicyFactory(engine=None, clock=clock)
+    proto = factory.buildProtocol(None)
+    t = Socketish()
+    t.loseConnection = lambda: t.written.append(b"<closed>")
+    proto.transport = t
+    factory.writer.write(t, b"action=DUNNO\n\n")
+    proto._close()
+    assert t.sent == [b"action=DUNNO\n\n"] and t.written == [b"<closed>"]

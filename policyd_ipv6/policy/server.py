@@ -2,7 +2,8 @@
 
 Contract: ``PolicyFactory(engine, clock, max_connections, idle_timeout_seconds)`` builds one
 ``PolicyProtocol`` per connection. Requests on a connection are answered strictly in order
-(one request, one reply; the connection stays open for more). Postfix's failure contract
+(one request, one reply; the connection stays open for more). Replies leave at the end of
+the reactor turn that decided them (``connection.ReplyWriter``). Postfix's failure contract
 (SMTPD_POLICY_README: "in case of trouble the policy server must not send a reply; instead
 the server must log a warning and disconnect") applies to a malformed request, a connection
 idle for ``idle_timeout_seconds``, a request that has not arrived whole that long after its
@@ -25,7 +26,7 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from policyd_ipv6.connection import OverLimitWarning, PeerCheck, TimedConnection, write_now
+from policyd_ipv6.connection import OverLimitWarning, PeerCheck, ReplyWriter, TimedConnection
 from policyd_ipv6.live import Live, Setting
 from policyd_ipv6.policy.codec import PolicyDecoder, PolicyProtocolError, encode_reply
 
@@ -101,7 +102,7 @@ class PolicyProtocol(TimedConnection, protocol.Protocol):
         self.busy = False
         if self.closed:
             return
-        write_now(self.transport, encode_reply(outcome.verdict.action))
+        self.factory.writer.write(self.transport, encode_reply(outcome.verdict.action))
         self.answered += 1
         self._arm_timer()
         self.factory.touch(self)
@@ -127,6 +128,7 @@ class PolicyProtocol(TimedConnection, protocol.Protocol):
     def _close(self) -> None:
         self.closed = True
         self.queue.clear()
+        self.factory.writer.release(self.transport)  # its last replies before the close
         self.transport.loseConnection()
 
     def connectionLost(self, reason=None) -> None:
@@ -152,6 +154,7 @@ class PolicyFactory(protocol.Factory):
         self.open: OrderedDict[PolicyProtocol, None] = OrderedDict()
         self.over_limit = OverLimitWarning(clock, "policy")
         self.peer_check = PeerCheck(clock, "policy", peer_uids)
+        self.writer = ReplyWriter(clock)  # replies leave at the end of the reactor turn
 
     @property
     def connections(self) -> int:
