@@ -47,7 +47,10 @@ class MessageFacts:
     def __init__(self, clock: Clock, deadline_seconds: float) -> None:
         self.facts = Facts()
         self.started = clock.seconds()
-        self._waiting: dict[Need, list[defer.Deferred[Facts]]] = {Need.RDNS: [], Need.SPF: []}
+        # Who waits for each fact (``when``). Two lists, not a dict keyed by Need: an Enum's
+        # hash is a Python call, and this runs for every message.
+        self._waiting_rdns: list[defer.Deferred[Facts]] = []
+        self._waiting_spf: list[defer.Deferred[Facts]] = []
         self._clock, self._deadline_seconds = clock, deadline_seconds
         # Armed by start_deadline() once the checks are under way.
         self._timer: DelayedCall | None = None
@@ -58,7 +61,8 @@ class MessageFacts:
     @classmethod
     def known(cls, clock: Clock, facts: Facts) -> MessageFacts:
         """A message whose facts are all known already (kept from an earlier recipient)."""
-        message = cls(clock, 0.0)
+        # Only what ``when`` and ``facts`` read: this runs for nearly every warm recipient.
+        message = cls.__new__(cls)
         message.facts = facts
         return message
 
@@ -67,7 +71,7 @@ class MessageFacts:
         if self._known(need):
             return defer.succeed(self.facts)
         d: defer.Deferred[Facts] = defer.Deferred()
-        self._waiting[need].append(d)
+        (self._waiting_rdns if need is Need.RDNS else self._waiting_spf).append(d)
         return d
 
     def _known(self, need: Need) -> bool:
@@ -91,7 +95,10 @@ class MessageFacts:
             complete, self.on_complete = self.on_complete, None
             if complete is not None:
                 complete(self.facts)
-        waiting, self._waiting[need] = self._waiting[need], []
+        if need is Need.RDNS:
+            waiting, self._waiting_rdns = self._waiting_rdns, []
+        else:
+            waiting, self._waiting_spf = self._waiting_spf, []
         for d in waiting:
             d.callback(self.facts)
 
@@ -155,10 +162,6 @@ class FactFinder:
         facts = self.messages.get(key)
         if facts is not None:
             return MessageFacts.known(self.clock, facts), True
-        message = MessageFacts(self.clock, self.deadline_seconds)
-        if subject.instance and len(self.pending) < self.max_pending:
-            self.pending[key] = message
-            message.on_complete = functools.partial(self._complete, key)
         ip = subject.ip
         assert ip is not None  # the decision asks for facts only about an address
         # Known at once (Postfix's names, cached answers, a reusable SPF result): set without
@@ -169,6 +172,17 @@ class FactFinder:
         except Exception:
             _log.failure("internal error in the reverse DNS check")
             rdns_fact = RdnsFact(RdnsOutcome.TEMPFAIL, detail="internal error")
+        inputs = (ip, subject.sender, subject.helo_name)
+        known = self.spf_results.get(*inputs)
+        if rdns_fact is not None and known is not None:  # the warm path: nothing to wait for
+            facts = Facts(rdns_fact, known)
+            if subject.instance:
+                self.messages.put(key, facts, self.message_ttl_seconds)
+            return MessageFacts.known(self.clock, facts), False
+        message = MessageFacts(self.clock, self.deadline_seconds)
+        if subject.instance and len(self.pending) < self.max_pending:
+            self.pending[key] = message
+            message.on_complete = functools.partial(self._complete, key)
         if rdns_fact is not None:
             message.set_rdns(rdns_fact)
         else:
@@ -177,8 +191,6 @@ class FactFinder:
             rdns.addCallback(message.set_rdns)
             rdns.addErrback(self._bug, "reverse DNS check", message.set_rdns,
                             RdnsFact(RdnsOutcome.TEMPFAIL, detail="internal error"))
-        inputs = (ip, subject.sender, subject.helo_name)
-        known = self.spf_results.get(*inputs)
         if known is not None:
             message.set_spf(known)
         else:
