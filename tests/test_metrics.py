@@ -12,6 +12,7 @@ import ipaddress
 import pytest
 from fakes import FakeDnsClient
 from twisted.internet import defer, task
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
@@ -168,6 +169,21 @@ def test_the_metrics_listeners_refusals_are_counted(tmp_path):
     assert listener.buildProtocol(None) is None
     assert d.value("connections_refused_total", listener="metrics") == 1
     assert d.value("connections_refused_total", listener="policy") == 0
+
+
+def test_the_metrics_listeners_open_connections_are_counted(tmp_path):
+    """The connections gauge counts the metrics listener's open connections under
+    listener="metrics" (0 before its factory exists), one fewer once one is closed."""
+    d = Daemon(tmp_path)
+    assert d.value("connections", listener="metrics") == 0
+    listener = metrics_factory(d.metrics, d.clock)
+    held = [listener.buildProtocol(None) for _ in range(3)]
+    for protocol in held:
+        protocol.makeConnection(StringTransport())
+    assert d.value("connections", listener="metrics") == 3
+    held[0].connectionLost(Failure(ConnectionDone()))
+    assert d.value("connections", listener="metrics") == 2
+    assert d.value("connections", listener="policy") == 1
 
 
 def test_optin_table_loads_and_failures(tmp_path):

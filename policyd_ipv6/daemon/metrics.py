@@ -7,13 +7,13 @@ one) with the library's process metrics. ``Metrics.attach(service)`` hooks a run
 is taken on the way), and a collector reads, at each scrape, the counts the parts keep
 themselves (caches' ``hits``/``misses`` and sizes, connections, refusals, milter verdicts and
 DKIM signatures, the opt-in table, the pauses ``daemon.collector`` timed once
-``Metrics.collector`` is set, and the metrics listener's own refusals once ``Metrics.listener``
-is: ``metrics_http.metrics_factory`` sets it). ``Metrics.observe_log`` is a ``twisted.logger``
-observer counting internal errors: events of the daemon's namespace that carry a traceback at
-level error or above. ``Metrics.snapshot()`` collects every metric (on the reactor thread: it
-reads live objects); ``render(snapshot)`` turns it into the Prometheus text format (pure: the
-HTTP side, ``metrics_http``, runs it in a thread). Nothing here can fail a decision: a
-counting error is logged and the answer goes on.
+``Metrics.collector`` is set, and the metrics listener's own open connections and refusals once
+``Metrics.listener`` is: ``metrics_http.metrics_factory`` sets it). ``Metrics.observe_log``
+is a ``twisted.logger`` observer counting internal errors: events of the daemon's namespace
+that carry a traceback at level error or above. ``Metrics.snapshot()`` collects every metric
+(on the reactor thread: it reads live objects); ``render(snapshot)`` turns it into the
+Prometheus text format (pure: the HTTP side, ``metrics_http``, runs it in a thread). Nothing
+here can fail a decision: a counting error is logged and the answer goes on.
 
 The names and labels are a contract (README "Metrics"); ``NAMES`` lists every metric this
 module exports, for the documentation and the Grafana dashboard's test. The decision's
@@ -256,8 +256,10 @@ class Metrics:
             open_.add_metric([name], factory.connections if factory is not None else 0)
             refused.add_metric([name], factory.over_limit.refused + factory.peer_check.refused
                                if factory is not None else 0)
-        refused.add_metric(["metrics"], self.listener.over_limit.refused
-                           if self.listener is not None else 0)
+        listener = self.listener  # the metrics listener's factory: protocols are those open
+        open_.add_metric(["metrics"], len(listener.protocols) if listener is not None else 0)
+        refused.add_metric(["metrics"], listener.over_limit.refused
+                           if listener is not None else 0)
         yield open_
         yield refused
         messages = CounterMetricFamily(

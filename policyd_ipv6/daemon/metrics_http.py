@@ -12,8 +12,9 @@ new ones, or failing with ``ConfigError`` naming the key and the endpoint, every
 What a client can hold is bounded, outside the policy listeners' budget: at most
 ``MAX_CONNECTIONS`` connections over all the endpoints (``MetricsFactory``: a newcomer beyond
 them is closed at once, unread, with a warning at most once a minute, and counted in
-``connections_refused_total{listener="metrics"}``: ``metrics_factory`` sets ``Metrics.listener``
-to the factory it builds); a connection serves one request (``Connection: close``) and is
+``connections_refused_total{listener="metrics"}``, its open ones in
+``connections{listener="metrics"}``: ``metrics_factory`` sets ``Metrics.listener`` to the
+factory it builds); a connection serves one request (``Connection: close``) and is
 aborted ``CONNECTION_SECONDS`` after it was accepted, whatever it is doing (a client trickling
 its headers included); a request announcing a body (``Content-Length`` above 0, or any
 ``Transfer-Encoding``) is answered 413 and closed before a byte of the body is read
