@@ -37,10 +37,10 @@ RECORDS = {
 }
 
 
-def request(client, sender, recipient, queue_id=""):
+def request(client, sender, recipient, queue_id="", instance="1.2.3"):
     return {"request": "smtpd_access_policy", "protocol_state": "RCPT", "protocol_name": "ESMTP",
             "client_address": client, "helo_name": "mx.example.net", "sender": sender,
-            "recipient": recipient, "instance": "1.2.3", "queue_id": queue_id,
+            "recipient": recipient, "instance": instance, "queue_id": queue_id,
             "encryption_protocol": "TLSv1.3" if queue_id else ""}
 
 
@@ -189,6 +189,64 @@ def test_no_rdns_dkim_pending_waits_for_the_milter_verdict():
                                    "deferrals": 2, "rules": {"no-rdns-unauthenticated": 2},
                                    "reached": False, "via": None}]
     assert result["refusals_by_recipient_domain"] == {"contoso.com": {"refused": 2, "would": 0}}
+
+
+def milter_line(queue_id, reply, client=GOOD, sender="x@fail.example"):
+    return (f'info milter client={client} sender="<{sender}>" queue_id={queue_id} size=10 '
+            f'dkim=none rule=unsigned reply="{reply}" ms=1.0\n')
+
+
+def test_interleaved_messages_of_one_client_and_sender_pair_by_queue_id():
+    """Two messages of the same client and sender whose decisions interleave get each its own
+    milter verdict: the one whose decisions carried the milter line's queue_id."""
+    first, second = ("bob@contoso.com", "carol@contoso.com"), ("dan@fabrikam.com",
+                                                                "erin@fabrikam.com")
+    sender = "x@fail.example"
+    text = engine_log([  # Postfix sends the queue id from the second recipient on
+        request(GOOD, sender, first[0], instance="a.1"),
+        request(GOOD, sender, second[0], instance="b.1"),
+        request(GOOD, sender, first[1], "4QA", instance="a.1"),
+        request(GOOD, sender, second[1], "4QB", instance="b.1"),
+    ], Policy(mode="report"))
+    text += milter_line("4QA", "451 4.7.26 no") + milter_line("4QB", "CONTINUE")
+    result = summary(text)
+    assert result["rules"] == {"spf-failed": 4, "unsigned": 2}
+    assert result["refusals_by_recipient_domain"] == {"contoso.com": {"refused": 2, "would": 2},
+                                                      "fabrikam.com": {"refused": 0, "would": 2}}
+    assert {d["recipient"] for d in result["deferred"]} == set(first)
+
+
+def test_a_milter_line_without_a_known_queue_id_pairs_with_its_client_and_senders_message():
+    """A milter line whose queue_id no decision carried (or with none: older logs, "-") pairs
+    with the last open message of its client and sender whose queue id is not another one."""
+    sender = "x@fail.example"
+    text = engine_log([
+        request(GOOD, sender, "bob@contoso.com", instance="a.1"),  # one recipient: no queue id
+        request(GOOD, sender, "dan@fabrikam.com", instance="b.1"),
+        request(GOOD, sender, "erin@fabrikam.com", "4QB", instance="b.1"),
+    ], Policy(mode="report"))
+    text += milter_line("4QA", "451 4.7.26 no") + milter_line("-", "451 4.7.26 no")
+    result = summary(text)
+    assert [d["recipient"] for d in result["deferred"]] == [
+        "bob@contoso.com", "dan@fabrikam.com", "erin@fabrikam.com"]
+    assert "(unknown)" not in result["refusals_by_recipient_domain"]
+    text += milter_line("4QC", "451 4.7.26 no")  # nothing of its client and sender is open
+    assert summary(text)["refusals_by_recipient_domain"]["(unknown)"] == {"refused": 1,
+                                                                         "would": 0}
+
+
+@pytest.mark.parametrize("bound", ["MAX_OPEN", "MAX_OPEN_PER_SENDER"])
+def test_open_messages_are_bounded_oldest_forgotten_first(bound, monkeypatch):
+    """Past the bound on open messages (in all, or of one client and sender) the oldest is
+    forgotten, its queue id with it: its milter line counts for no recipient, the others' do."""
+    monkeypatch.setattr(f"policyd_ipv6.report.impact.{bound}", 2)
+    sender = "x@fail.example"
+    text = engine_log([request(GOOD, sender, f"r{n}@contoso.com", f"4Q{n}", instance=f"m.{n}")
+                       for n in range(3)], Policy(mode="report"))
+    text += "".join(milter_line(f"4Q{n}", "451 4.7.26 no") for n in range(3))
+    result = summary(text)
+    assert [d["recipient"] for d in result["deferred"]] == ["r1@contoso.com", "r2@contoso.com"]
+    assert result["refusals_by_recipient_domain"]["(unknown)"] == {"refused": 1, "would": 0}
 
 
 @pytest.mark.parametrize("reply, would, expected", [

@@ -10,12 +10,15 @@ would-be refusals, and ``deferred``: for each sender and recipient deferred (4xx
 after DATA), how often, and whether the same sender later reached that recipient (``reached``,
 ``via`` "retry" or "ipv4"). ``render_text(result)`` formats it as text tables.
 
-A milter line names no recipient: its recipients are those of the decisions the same client
-and sender got at RCPT for the last message (Postfix's ``instance``) before it (rules ``pass``,
-``spf-failed-dkim-pending`` and ``no-rdns-dkim-pending``, or a refusal only reported: those
-let the message on to end of message). A decision of ``spf-failed-dkim-pending`` or
-``no-rdns-dkim-pending`` is not yet a delivery: the milter line that follows says whether the
-message got in. Pure: no I/O.
+A milter line names no recipient: its recipients are those of the decisions its message got at
+RCPT (rules ``pass``, ``spf-failed-dkim-pending`` and ``no-rdns-dkim-pending``, or a refusal only
+reported: those let the message on to end of message). A message is Postfix's ``instance`` for
+one client and sender; its queue id is the ``queue_id`` any of its decisions carries (Postfix
+sends one from the first accepted recipient on). The milter line's message is the one with its
+``queue_id``; when the line has none, or no decision carried it, the last message of the same
+client and sender before it, among those whose queue id is not known to differ. A decision of
+``spf-failed-dkim-pending`` or ``no-rdns-dkim-pending`` is not yet a delivery: the milter line
+that follows says whether the message got in. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ __all__ = ["Impact", "render_text"]
 _PROVISIONAL = (DKIM_PENDING_RULE, RDNS_PENDING_RULE)
 _TO_MILTER = (PASS_RULE, *_PROVISIONAL)  # decisions the milter's verdict completes
 MAX_OPEN = 100_000  # messages awaiting their milter line: bounded, oldest forgotten first
+MAX_OPEN_PER_SENDER = 64  # of one client and sender (concurrent ones), oldest forgotten first
 
 
 def _domain(address: str) -> str:
@@ -54,6 +58,17 @@ def _is_ipv4(client: str) -> bool:
         return False
 
 
+class _Message:
+    """A message awaiting its milter line: its queue id once a decision named it, and the
+    recipients the milter's verdict completes."""
+
+    __slots__ = ("queue_id", "recipients")
+
+    def __init__(self) -> None:
+        self.queue_id = ""
+        self.recipients: list[str] = []
+
+
 class Impact:
     def __init__(self, limit: int = 10) -> None:
         self.limit = limit
@@ -66,8 +81,10 @@ class Impact:
         self.senders: Counter[str] = Counter()
         self.prefixes: Counter[str] = Counter()
         self.ptr_less: Counter[str] = Counter()
-        # (client, sender) -> (instance, recipients) of the message the milter has yet to judge
-        self.open: dict[tuple[str, str], tuple[str, list[str]]] = {}
+        # (client, sender, instance) -> the message the milter has yet to judge, oldest first
+        self.open: dict[tuple[str, str, str], _Message] = {}
+        self.queued: dict[str, tuple[str, str, str]] = {}  # queue id -> its open message
+        self.latest: dict[tuple[str, str], list[str]] = {}  # (client, sender) -> instances
         # (sender, recipient) -> {"deferrals", "rules", "reached", "via"}
         self.deferred: dict[tuple[str, str], dict] = {}
 
@@ -83,10 +100,14 @@ class Impact:
         client, sender = entry.get("client"), sender_key(entry.get("sender"))
         if entry.kind == "decision":
             recipients = [entry.get("recipient").lower()]
+            message = (client, sender, entry.get("instance"))
             if result in ("accept", "report") and (rule in _TO_MILTER or entry.get("would")):
-                self._hold((client, sender), entry.get("instance"), recipients[0])
+                self._hold(message, recipients[0])
+            if entry.get("queue_id") and message in self.open:
+                self._queue(message, entry.get("queue_id"))
         else:
-            recipients = self.open.pop((client, sender), ("", []))[1]
+            queue_id = entry.get("queue_id")  # "-": Postfix sent none
+            recipients = self._judged(client, sender, "" if queue_id == "-" else queue_id)
         refused = result in ("defer", "reject")
         if refused or entry.get("would"):
             self._hurt(entry, recipients, refused, sender)
@@ -104,13 +125,47 @@ class Impact:
                     seen["reached"] = True
                     seen["via"] = "ipv4" if _is_ipv4(client) else "retry"
 
-    def _hold(self, key: tuple[str, str], instance: str, recipient: str) -> None:
-        if key not in self.open and len(self.open) >= MAX_OPEN:
-            del self.open[next(iter(self.open))]
-        held = self.open.get(key)
-        if held is None or held[0] != instance:  # Postfix's instance: one per message
-            held = self.open[key] = (instance, [])
-        held[1].append(recipient)
+    def _hold(self, key: tuple[str, str, str], recipient: str) -> None:
+        message = self.open.get(key)
+        if message is None:
+            if len(self.open) >= MAX_OPEN:
+                self._forget(next(iter(self.open)))
+            instances = self.latest.setdefault(key[:2], [])
+            if len(instances) >= MAX_OPEN_PER_SENDER:
+                self._forget((*key[:2], instances[0]))
+            message = self.open[key] = _Message()
+            instances.append(key[2])
+        message.recipients.append(recipient)
+
+    def _queue(self, key: tuple[str, str, str], queue_id: str) -> None:
+        message = self.open[key]
+        if message.queue_id != queue_id:
+            if self.queued.get(message.queue_id) == key:
+                del self.queued[message.queue_id]
+            message.queue_id = queue_id
+            self.queued[queue_id] = key
+
+    def _forget(self, key: tuple[str, str, str]) -> list[str]:
+        """Close the open message ``key``: its recipients."""
+        message = self.open.pop(key)
+        if self.queued.get(message.queue_id) == key:
+            del self.queued[message.queue_id]
+        instances = self.latest[key[:2]]
+        instances.remove(key[2])
+        if not instances:
+            del self.latest[key[:2]]
+        return message.recipients
+
+    def _judged(self, client: str, sender: str, queue_id: str) -> list[str]:
+        """The recipients of the message a milter line judged (module docstring), now closed."""
+        key = self.queued.get(queue_id) if queue_id else None
+        if key is None:
+            for instance in reversed(self.latest.get((client, sender), ())):
+                message = self.open[(client, sender, instance)]
+                if not (queue_id and message.queue_id):  # both known, not equal: another one
+                    key = (client, sender, instance)
+                    break
+        return self._forget(key) if key is not None else []
 
     def _hurt(self, entry: Entry, recipients: list[str], refused: bool, sender: str) -> None:
         column = "refused" if refused else "would"
