@@ -26,10 +26,17 @@ class RdnsOutcome(enum.Enum):
     TEMPFAIL = "tempfail"  # timeout, SERVFAIL, deadline: a transient fault
 
 
-# An Enum member's .value is a property lookup; the log line reads this once per decision.
-_OUTCOME_TEXT = {outcome: outcome.value for outcome in RdnsOutcome}
 _OUTCOME = {outcome.value: outcome for outcome in RdnsOutcome}
 _SPF_RESULT = {result.value: result for result in SpfResult}
+
+
+def _filled(cls: Any, **fields: Any) -> Any:
+    """An instance of the frozen dataclass ``cls`` with every field given, without its
+    generated ``__init__`` (one ``object.__setattr__`` per field): the caches hand out a fact
+    for nearly every warm decision."""
+    made = object.__new__(cls)
+    made.__dict__.update(fields)
+    return made
 
 
 @dataclass(frozen=True)
@@ -41,7 +48,8 @@ class RdnsFact:
 
     def describe(self) -> str:
         name = self.confirmed or (self.names[0] if self.names else "")
-        text = _OUTCOME_TEXT[self.outcome]
+        # ``_value_``: an Enum member's ``.value`` is a property, and hashing it a Python call.
+        text = self.outcome._value_
         return f"{text}({name})" if name else text
 
     def packed(self) -> tuple:
@@ -51,7 +59,8 @@ class RdnsFact:
     @classmethod
     def unpacked(cls, packed: tuple) -> RdnsFact:
         outcome, names, confirmed, detail = packed
-        return cls(_OUTCOME[outcome], names, confirmed, detail)
+        return _filled(cls, outcome=_OUTCOME[outcome], names=names, confirmed=confirmed,
+                       detail=detail)
 
 
 @dataclass(frozen=True)
@@ -75,7 +84,14 @@ class SpfFact:
     @classmethod
     def unpacked(cls, packed: tuple) -> SpfFact:
         result, explanation, identity, lookups, ttl, macros = packed
-        return cls(_SPF_RESULT[result], explanation, identity, lookups, ttl, macros)
+        return _filled(cls, result=_SPF_RESULT[result], explanation=explanation,
+                       identity=identity, lookups=lookups, ttl=ttl, macros=macros)
+
+    def for_identity(self, identity: str) -> SpfFact:
+        """The same fact about another identity of the same domain (``SpfResults``)."""
+        return _filled(SpfFact, result=self.result, explanation=self.explanation,
+                       identity=identity, lookups=self.lookups, ttl=self.ttl,
+                       macros=self.macros)
 
 
 @dataclass(frozen=True)
@@ -96,8 +112,9 @@ class Facts:
     @classmethod
     def unpacked(cls, packed: tuple) -> Facts:
         rdns, spf, dkim_pending = packed
-        return cls(None if rdns is None else RdnsFact.unpacked(rdns),
-                   None if spf is None else SpfFact.unpacked(spf), dkim_pending)
+        return _filled(cls, rdns=None if rdns is None else RdnsFact.unpacked(rdns),
+                       spf=None if spf is None else SpfFact.unpacked(spf),
+                       dkim_pending=dkim_pending)
 
 
 @dataclass(frozen=True)

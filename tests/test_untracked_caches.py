@@ -2,6 +2,7 @@
 pack/unpack): DNS answers, SPF results and a message's facts come back equal to what was put
 in, and a full cache adds no tracked object for a collection to walk."""
 
+import dataclasses
 import gc
 import ipaddress
 
@@ -23,8 +24,9 @@ SPF = SpfFact(SpfResult.PASS, "", "a@example.net", 3, 300.0, True)
 
 
 def test_values_round_trip_through_their_packed_form():
-    """Answer, RdnsFact, SpfFact and Facts unpack to values equal to the ones packed, the
-    members of their enumerations included."""
+    """Answer, RdnsFact, SpfFact and Facts unpack to values equal to the ones packed (equal
+    hash and repr too), the members of their enumerations included; an SPF fact moved to
+    another identity differs from the original in that field alone."""
     answers = [Answer(DnsStatus.OK, ((b"v=spf1", b" -all"),), ttl=60.0),
                Answer(DnsStatus.OK, ((10, "mx.example"),)),
                Answer(DnsStatus.TEMPFAIL, detail="timeout", too_large=True)]
@@ -32,8 +34,10 @@ def test_values_round_trip_through_their_packed_form():
         assert Answer.unpacked(answer.packed()) == answer
     for facts in (Facts(), Facts(RDNS), Facts(None, SPF, True), Facts(RDNS, SPF)):
         back = Facts.unpacked(facts.packed())
-        assert back == facts
+        assert back == facts and hash(back) == hash(facts) and repr(back) == repr(facts)
         assert back.spf is None or back.spf.result is SpfResult.PASS
+    assert SPF.for_identity("b@example.net") == dataclasses.replace(SPF,
+                                                                    identity="b@example.net")
 
 
 def test_pack_and_unpack_go_together():

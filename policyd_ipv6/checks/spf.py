@@ -280,9 +280,7 @@ class SpfResults:
         identity = sender or "postmaster@" + (helo_domain(helo) or helo[:100])
         if fact.identity == identity:
             return fact
-        # Positional, not dataclasses.replace: this runs for nearly every warm decision.
-        return SpfFact(fact.result, fact.explanation, identity, fact.lookups, fact.ttl,
-                       fact.macros)
+        return fact.for_identity(identity)  # runs for nearly every warm decision
 
     def put(self, ip: IPAddress, sender: str, helo: str, fact: SpfFact) -> None:
         general, exact = self._keys(ip, sender, helo)
