@@ -104,14 +104,26 @@ class TimedConnection:
     transport: Any
     timer: DelayedCall | None = None
 
+    due = 0.0  # when the timer is to fire: moved on at every arm, read when it goes off
+
     def _arm_timer(self) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.reset(self.factory.idle_timeout_seconds)
-        else:
-            self.timer = self.factory.clock.callLater(self.factory.idle_timeout_seconds,
-                                                      self._fire)
+        # Lazy: an arm only moves ``due`` on (it runs twice per request); the delayed call is
+        # moved only when the timeout got shorter (a reload), and when it goes off early,
+        # ``_fire`` sets it again for what is left.
+        clock, seconds = self.factory.clock, self.factory.idle_timeout_seconds
+        self.due = due = clock.seconds() + seconds
+        timer = self.timer
+        if timer is None:
+            self.timer = clock.callLater(seconds, self._fire)
+        elif timer.getTime() > due:
+            timer.reset(seconds)
 
     def _fire(self) -> None:
+        clock = self.factory.clock
+        left = self.due - clock.seconds()
+        if left > 0:
+            self.timer = clock.callLater(left, self._fire)
+            return
         self.timer = None
         self._timed_out()
 
@@ -119,7 +131,7 @@ class TimedConnection:
         raise NotImplementedError
 
     def _stop_timer(self) -> None:
-        if self.timer is not None and self.timer.active():
+        if self.timer is not None:
             self.timer.cancel()
         self.timer = None
 

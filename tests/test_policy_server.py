@@ -151,6 +151,27 @@ def test_idle_and_half_sent_connections_are_closed():
     assert transport.disconnecting and replies(transport) == []
 
 
+def test_idle_timer_runs_from_the_last_activity_and_follows_a_shorter_timeout():
+    """The idle timeout counts from the last reply, however many requests came before (each
+    only moves the deadline: one delayed call per connection); a timeout shortened by a
+    reload takes effect at the next request."""
+    h = Harness(idle=60.0)
+    proto, transport = h.connect()
+    for _ in range(5):
+        h.clock.advance(50)
+        proto.dataReceived(request())
+    assert len(h.clock.getDelayedCalls()) == 1 and not transport.disconnecting
+    h.clock.advance(59)
+    assert not transport.disconnecting
+    h.clock.advance(2)
+    assert transport.disconnecting and len(replies(transport)) == 5
+    proto, transport = h.connect()
+    h.factory.idle_timeout_seconds = 10.0
+    proto.dataReceived(request())
+    h.clock.advance(11)
+    assert transport.disconnecting
+
+
 def test_slow_answer_is_not_an_idle_connection():
     """While our own lookups run, the idle timer does not close the connection."""
     h = Harness(FakeDnsClient(RECORDS, silent={PTR}), deadline=90.0, idle=60.0)
