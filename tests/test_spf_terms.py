@@ -1,6 +1,7 @@
 """Properties of the SPF term helpers that the RFC test suites do not pin down on their own."""
 
 import ipaddress
+import re
 from unittest import mock
 from urllib.parse import quote
 
@@ -120,7 +121,7 @@ def test_macros_are_found_where_pyspfs_expression_finds_them(text):
 
 
 @given(st.text(st.sampled_from("ab1.-+,/_=^]\\%{ "), max_size=30),
-       st.sampled_from(["", "0", "1", "2", "3", "007", "12"]), st.sampled_from(["", "r"]),
+       st.sampled_from(["", "01", "1", "2", "3", "007", "12"]), st.sampled_from(["", "r"]),
        st.text(st.sampled_from(".-+,/_=^]\\%{ "), max_size=3), st.sampled_from(["", "x2"]),
        st.sampled_from([None, "."]))
 def test_transformers_give_pyspfs_expansion(value, digits, reverse, delimiters, tail, joiner):
@@ -138,16 +139,23 @@ def one_label_at_a_time(name):
     return name
 
 
+def label_cut(name):
+    """A name still over 253 octets after the cut (one label, never looked up) as ``expand``
+    gives it: its last 254 octets."""
+    return name[-254:]
+
+
 @given(st.lists(st.integers(0, 300), max_size=12).map(lambda ls: ".".join("a" * n for n in ls)))
 def test_a_long_name_keeps_the_labels_a_label_by_label_cut_keeps(name):
     """The cut found in one pass keeps what dropping one left-hand label at a time keeps,
-    trailing dot, empty labels and a last label over 253 octets included."""
-    assert expand(name, {}) == one_label_at_a_time(name)
+    trailing dot, empty labels and a last label over 253 octets (its last 254) included."""
+    assert expand(name, {}) == label_cut(one_label_at_a_time(name))
 
 
 def expanded_then_cut(text, values):
     """A domain-spec expanded as pyspf's expand does, every macro from the left (expand_one,
-    quote), then cut one left-hand label at a time."""
+    quote), then cut one left-hand label at a time; but a count of 0 is a permerror (RFC 7208
+    §7.1), and a last label over 253 octets is given as its last 254."""
     if spf.RE_INVALID_MACRO.search(text):
         raise SpfPermError("invalid-macro-char ", text)
     out, end = [], 0
@@ -163,11 +171,14 @@ def expanded_then_cut(text, values):
             raise SpfPermError("c,r,t macros allowed in exp= text only", macro)
         if letter not in values:
             raise SpfPermError("Unknown Macro Encountered", macro)
+        digits = re.match("[0-9]*", macro[3:-1]).group()
+        if digits and int(digits) == 0:
+            raise SpfPermError("a macro's DIGIT must be nonzero", macro)
         value = values[letter]
         piece = spf.expand_one(value, macro[3:-1], spf.JOINERS.get(letter)) if value else ""
         out.append(quote(piece, "~") if letter != macro[2] else piece)
     out.append(text[end:])
-    return one_label_at_a_time("".join(out))
+    return label_cut(one_label_at_a_time("".join(out)))
 
 
 # Macros with every kind of transformer (a count of 0, of 1, reversed, other delimiters, upper
@@ -193,7 +204,7 @@ def test_a_domain_spec_built_from_the_right_is_the_one_expanded_in_full(text, s,
         permerror_or_none(expanded_then_cut, text, values)
 
 
-@given(long_values, st.sampled_from(["", "0", "1", "2", "00", "12", "99999999999"]),
+@given(long_values, st.sampled_from(["", "01", "1", "2", "001", "12", "99999999999"]),
        st.sampled_from(["", "r"]), st.text(st.sampled_from(".-+_"), max_size=2),
        st.sampled_from([None, "."]), st.integers(1, 400))
 @settings(max_examples=1000)
@@ -252,9 +263,9 @@ def record_of(macro, size=32_000):
     (record_of(lambda n: f"%{{l{n or ''}r}}"), {"l": LONG_LOCAL}),
     # the same macro 8,000 times over 1 MB of labels
     ("%{d}" * 8000 + ".x.example", {"d": "a." * 126 + "a"}),
-    # distinct macros that leave nothing of the value: a count of 0 without a delimiter in it,
-    # a count of 1 with one at the end
-    (record_of(lambda n: f"%{{l0-{n}}}"), {"l": "a" * 2000}),
+    # distinct macros that leave nothing of the value: a count of 1 with a delimiter at the end
+    # the parts are taken from
+    (record_of(lambda n: f"%{{l1-{n}}}"), {"l": "a" * 2000 + "-"}),
     (record_of(lambda n: f"%{{l1r-{n}}}"), {"l": "-" + "a" * 2000}),
 ])
 def test_a_32_kb_domain_spec_expands_a_few_macros(text, values):

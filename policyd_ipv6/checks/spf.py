@@ -23,9 +23,9 @@ over ... bytes", logged), or the default explanation for ``exp=``. A reply that 
 less text than the cap would need more than 4 KiB of record overhead (thousands of tiny
 records, or stuffed sections): no record worth evaluating looks like that. When the
 evaluation ends (or is cancelled), the lookups it started and no longer needs are cancelled.
-The fact keeps at most ``MAX_EXPLANATION`` characters of the explanation: an ``exp=`` text
-with macros can expand to megabytes, and the SPF results are cached (a bound in entries
-alone would bound nothing).
+The fact keeps at most ``MAX_EXPLANATION`` characters of the explanation (``spf_eval``
+expands ``exp=`` text no further): an ``exp=`` text with macros can expand to megabytes, and
+the SPF results are cached (a bound in entries alone would bound nothing).
 
 An exception inside the evaluator (a bug, not a DNS fault) gives ``temperror``, logged with its
 traceback: hostile input never escapes as anything else.
@@ -41,7 +41,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from policyd_ipv6.cache import ExpiringCache
-from policyd_ipv6.checks.spf_eval import Limits, Verdict, check_host
+from policyd_ipv6.checks.spf_eval import MAX_EXPLANATION, Limits, Verdict, check_host
 from policyd_ipv6.checks.spf_terms import SpfPermError
 from policyd_ipv6.facts import SpfFact
 from policyd_ipv6.names import IPAddress, domain_key, helo_domain, recipient_domain
@@ -54,9 +54,6 @@ _log = Logger(namespace="policyd-ipv6")
 # More DNS questions than RFC 7208's limits allow (10 terms of at most 11 lookups each, the
 # record, a redirect, %{p} and exp=): past this, the evaluator has a bug; permerror.
 MAX_QUESTIONS = 150
-# What an SPF fact keeps of its explanation (exp= text, or an error naming a record's term):
-# enough for an SMTP reply line or a log line.
-MAX_EXPLANATION = 512
 # What a DNS message adds to the TXT text it carries (header, question, each record's name,
 # type, class, TTL and length, a length byte per string, EDNS), with room to spare: a TXT
 # set of ``txt_bytes`` of text fits in ``txt_bytes`` + this.

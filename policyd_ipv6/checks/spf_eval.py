@@ -18,7 +18,9 @@ pyspf departs from RFC 7208, the RFC holds: ``redirect=`` counts as a DNS term o
 followed (§4.6.4, §6.1), a DNS error in ``ptr``'s PTR lookup is no match and one in a name's
 address lookup skips that name (§5.5), and ``%{p}`` is "unknown" after a DNS error (§7.3).
 The explanation (``exp=``, §6.2) is fetched only for a fail of the record at the top (or its
-redirect), and an explanation that cannot be had leaves the default text.
+redirect), and an explanation that cannot be had leaves the default text. Its expansion stops
+past ``MAX_EXPLANATION`` characters (one more is kept, to tell that it is longer): what an SPF
+fact keeps of it, and a macro can make megabytes of it.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from policyd_ipv6.checks.spf_terms import (
 )
 from policyd_ipv6.vocabulary import DnsStatus
 
-__all__ = ["Limits", "Verdict", "check_host", "DEFAULT_EXPLANATIONS"]
+__all__ = ["Limits", "Verdict", "check_host", "DEFAULT_EXPLANATIONS", "MAX_EXPLANATION"]
 
 Question = tuple[str, str]
 Steps = Generator[Question, Any, Any]
@@ -56,6 +58,9 @@ DEFAULT_EXPLANATIONS = {  # pyspf's texts, which the daemon has always shown
     "neutral": "access neither permitted nor denied",
     "none": "",
 }
+# What an SPF fact keeps of its explanation (exp= text, or an error naming a record's term):
+# enough for an SMTP reply line or a log line.
+MAX_EXPLANATION = 512
 _SPF_RECORD = re.compile(rb"^v=spf1$|^v=spf1 ", re.IGNORECASE)
 _MAX_RECURSION = 20  # never reached within the term limit; a guard all the same
 _ADDRESS_TYPES = (ipaddress.IPv4Address, ipaddress.IPv6Address)
@@ -194,9 +199,10 @@ class _Evaluation:
                 valid.append(name)
         return valid
 
-    def expand(self, text: str, domain: str, in_exp: bool = False) -> Steps:
+    def expand(self, text: str, domain: str, in_exp: bool = False,
+               limit: int | None = None) -> Steps:
         if "%" not in text:  # no macro (most domain-specs): no letter values needed
-            return expand(text, _NO_VALUES, in_exp)
+            return expand(text, _NO_VALUES, in_exp, limit)
         if self.p is None and needs_p(text):
             valid = yield from self.validated_ptrs()
             suffix = "." + domain
@@ -206,7 +212,7 @@ class _Evaluation:
         values = dict(self.values, d=domain)
         if self.p is not None:
             values["p"] = self.p
-        return expand(text, values, in_exp)
+        return expand(text, values, in_exp, limit)
 
     def domain_spec(self, spec: str, domain: str) -> Steps:
         check_domain_spec(spec)
@@ -306,7 +312,7 @@ class _Evaluation:
                 return None
             text = _ascii(texts[0])
             self.macros = self.macros or "%{" in text
-            return (yield from self.expand(text, domain, in_exp=True))
+            return (yield from self.expand(text, domain, True, MAX_EXPLANATION + 1))
         except SpfError:
             return None
 

@@ -1,19 +1,25 @@
 """SPF macro-strings (RFC 7208 §7): the domain-spec's syntax, and macro expansion.
 
 Contract: pure functions on text, no DNS and no Twisted. ``check_domain_spec(spec)`` raises
-``SpfPermError`` unless a domain-spec ends as §7.1 requires. ``expand(text, values, in_exp)``
-expands the macros of a domain-spec or an explanation from the letter values given (the caller
-fetches ``p`` first, when ``needs_p(text)``), and raises ``SpfPermError`` for a malformed
-macro.
+``SpfPermError`` unless a domain-spec ends as §7.1 requires. ``expand(text, values, in_exp,
+limit)`` expands the macros of a domain-spec or an explanation from the letter values given
+(the caller fetches ``p`` first, when ``needs_p(text)``), and raises ``SpfPermError`` for a
+malformed macro (anywhere in the text, also past what is built), a count of 0 among them
+(§7.1: "If a DIGIT is specified, the value MUST be nonzero"; pyspf 2.0.14 takes ``%{d0}`` for
+all labels but the first, with the dot before them). An explanation is built only as far as
+its first ``limit`` characters; a domain-spec's name still over 253 octets after §7.3's cut
+(one label, longer than any DNS name has: it is never looked up) is given as its last 254.
 
 The grammar follows pyspf 2.0.14 in strict mode (see ``spf_terms``): the regular expressions
 below are pyspf's, except where pyspf's take quadratic time on a hostile record. Records come
 from the sender's DNS and are read on the reactor, so every function here takes time linear
-in its input (``expand`` of an explanation: in its text, and in the value of each distinct
-macro in it). A domain-spec's expansion, of which §7.3's cut keeps 253 octets (or a longer
-last label), is built from the right and stops there: the macros left of the cut are checked,
-never expanded, and each one expanded is for at most 255 characters of its value (a 32 KB
-record of distinct reversed macros over a 2 KB sender took 0.4 s; now a few milliseconds).
+in its input. An explanation is built from the left and stops at ``limit`` characters (the
+fact keeps 512): a 32 KB text of ``%{s}`` over a 2 KB sender built 8 MB and threw most of it
+away. A domain-spec's expansion, of which §7.3's cut keeps 253 octets (or, given as its last
+254, a longer last label), is built from the right and stops there: the macros left of the
+cut are checked, never expanded, and each one expanded is for at most 255 characters of its
+value (a 32 KB record of distinct reversed macros over a 2 KB sender took 0.4 s, one of a
+long label without a dot 34 ms; now a few milliseconds).
 """
 
 from __future__ import annotations
@@ -82,37 +88,40 @@ def needs_p(text: str) -> bool:
 
 
 def _transformers(spec: str) -> tuple[int | None, bool, str]:
-    """(how many right-hand parts to keep, None for all; reversed; delimiters) of a macro's
-    transformers (RFC 7208 §7.3). A count of 0 keeps all parts but the first, as pyspf does;
-    one of 10 digits or more is over the parts of any value (int() refuses 4,300 digits)."""
+    """(how many right-hand parts to keep, None for all; reversed; delimiters) of a checked
+    macro's transformers (RFC 7208 §7.3; a count is never 0: ``expand`` refuses it). A count of
+    10 digits or more is over the parts of any value (int() refuses 4,300 digits)."""
     digits, reverse, delimiters = _TRANSFORMERS.match(spec).groups()  # type: ignore[union-attr]
     count = digits.lstrip("0")
-    return (int(count or "0") if digits and len(count) < 10 else None, reverse == "r",
+    return (int(count) if count and len(count) < 10 else None, reverse == "r",
             delimiters or ".")
+
+
+def _zero_count(spec: str) -> bool:
+    """Whether a macro's transformers have a count of 0, which RFC 7208 §7.1 forbids ("If a
+    DIGIT is specified, the value MUST be nonzero"). pyspf 2.0.14 differs: it takes %{d0} for
+    all labels but the first, with the dot before them; the RFC holds here."""
+    digits = _TRANSFORMERS.match(spec)[1]  # type: ignore[index]
+    return bool(digits) and not digits.lstrip("0")
 
 
 def _transform(value: str, spec: str, joiner: str | None, keep: int | None = None) -> str:
     """RFC 7208 §7.3 transformers and delimiters, as pyspf applies them: the value split into
     parts and the delimiters between them, reversed with "r", the last DIGITS parts kept.
     With ``keep``, only the last ``keep`` characters of that, in time bounded by ``keep`` (and
-    a search in C through one part, or through the value for a count of 0)."""
+    a search in C through one part)."""
     if not spec:
         return value if keep is None else value[-keep:]
     count, reverse, delimiters = _transformers(spec)
     pattern = _delimiter(delimiters)
     if keep is not None and keep < len(value):
-        if not reverse:
-            # The last characters hold the parts the count keeps, or the last of them; but a
-            # count of 0 keeps all the tail if a delimiter lies left of it.
-            tail = value[-keep:]
-            if count == 0 and pattern.search(value, 0, len(value) - keep):
-                return "".join(_joined(pattern.split(tail), joiner))
-            return _transform(tail, spec, joiner)
+        if not reverse:  # the last characters hold the parts the count keeps, or the last
+            return _transform(value[-keep:], spec, joiner)
         # Reversed, the last characters are the first parts': taken until there are enough.
         taken: list[str] = []
         size = 0
-        for index, (element, last) in enumerate(_elements(value, pattern, joiner)):
-            if count is not None and (index >= 2 * count - 1 if count else last):
+        for index, element in enumerate(_elements(value, pattern, joiner)):
+            if count is not None and index >= 2 * count - 1:
                 break
             taken.append(element)
             size += len(element)
@@ -134,16 +143,14 @@ def _joined(parts: list[str], joiner: str | None) -> list[str]:
     return parts
 
 
-def _elements(value: str, pattern: re.Pattern[str], joiner: str | None,
-              ) -> Iterator[tuple[str, bool]]:
-    """The parts of ``value`` and the delimiters between them, from the left, one at a time,
-    each with whether it is the last part."""
+def _elements(value: str, pattern: re.Pattern[str], joiner: str | None) -> Iterator[str]:
+    """The parts of ``value`` and the delimiters between them, from the left, one at a time."""
     position = 0
     for match in pattern.finditer(value):
-        yield value[position:match.start()], False
-        yield joiner or match.group(), False
+        yield value[position:match.start()]
+        yield joiner or match.group()
         position = match.end()
-    yield value[position:], True
+    yield value[position:]
 
 
 @lru_cache(maxsize=64)
@@ -152,27 +159,21 @@ def _delimiter(delimiters: str) -> re.Pattern[str]:
     return re.compile(f"([{re.escape(delimiters)}])")
 
 
-@lru_cache(maxsize=16)
-def _characters(value: str) -> frozenset[str]:
-    """The characters in ``value`` (the macro values of one evaluation, asked again and again)."""
-    return frozenset(value)
-
-
 def _empty(value: str, spec: str) -> bool:
-    """Whether a macro's transformers leave nothing of ``value`` (not empty): a count of 0
-    without a delimiter in it, or of 1 with one at the end the parts are taken from."""
+    """Whether a macro's transformers leave nothing of ``value`` (not empty): a count of 1
+    with a delimiter at the end the parts are taken from."""
     if not spec:
         return False
     count, reverse, delimiters = _transformers(spec)
-    if count == 0:
-        return _characters(value).isdisjoint(delimiters)
     return count == 1 and (value[0] if reverse else value[-1]) in delimiters
 
 
-def expand(text: str, values: dict[str, str], in_exp: bool = False) -> str:
+def expand(text: str, values: dict[str, str], in_exp: bool = False,
+           limit: int | None = None) -> str:
     """Expand the macros of ``text`` (RFC 7208 §7.3). ``values`` maps each macro letter to its
-    value; ``in_exp`` allows c, r and t and keeps a trailing dot (explanation text). A
-    domain-spec (not ``in_exp``) keeps its right-hand labels within 253 octets."""
+    value; ``in_exp`` allows c, r and t and keeps a trailing dot (explanation text), of which
+    ``limit`` keeps the first characters. A domain-spec (not ``in_exp``) keeps its right-hand
+    labels within 253 octets (see the module docstring for a longer last label)."""
     if "%" in text and _BAD_MACRO.search(text):
         raise SpfPermError("invalid-macro-char ", text)
     macros = list(_macros(text))
@@ -184,20 +185,33 @@ def expand(text: str, values: dict[str, str], in_exp: bool = False) -> str:
             raise SpfPermError("c,r,t macros allowed in exp= text only", text[start:stop])
         if not (letter.isalpha() and values.get(letter) is not None):
             raise SpfPermError("Unknown Macro Encountered", text[start:stop])
+        if text[start + 3] == "0" and _zero_count(text[start + 3:stop - 1]):
+            raise SpfPermError("a macro's DIGIT must be nonzero", text[start:stop])
     if not in_exp:
         return _expand_name(text, macros, values)
+    return _expand_text(text, macros, values, limit)
+
+
+def _expand_text(text: str, macros: list[tuple[int, int]], values: dict[str, str],
+                 limit: int | None) -> str:
+    """The explanation ``text`` expanded, built from the left and only until it holds
+    ``limit`` characters: the macros after them are never expanded."""
     out: list[str] = []
-    end = 0
+    size = end = 0
     seen: dict[str, str] = {}  # a macro written again expands the same
     for start, stop in macros:
+        if limit is not None and size >= limit:
+            break
         macro = text[start:stop]
         piece = seen.get(macro)
         if piece is None:
             piece = seen[macro] = _piece(macro, values, None)
         out += (text[end:start], piece)
+        size += start - end + len(piece)
         end = stop
-    out.append(text[end:])
-    return "".join(out)
+    else:
+        out.append(text[end:])
+    return "".join(out) if limit is None else "".join(out)[:limit]
 
 
 def _piece(macro: str, values: dict[str, str], keep: int | None) -> str:
@@ -217,22 +231,21 @@ def _piece(macro: str, values: dict[str, str], keep: int | None) -> str:
 
 def _expand_name(text: str, macros: list[tuple[int, int]], values: dict[str, str]) -> str:
     """The domain-spec ``text`` expanded and cut (see ``_cut_at``), built from the right and
-    only as far as the cut can keep: once over 253 octets with a dot, the name's cut is that
-    of what is built. A record of thousands of macros over a long sender costs a few."""
+    only as far as the cut can keep: once over 253 octets, the name's cut is that of what is
+    built. A record of thousands of macros over a long sender costs a few."""
     built: list[str] = []  # right to left
     size = 0
-    final_dot = dotted = False  # the final dot (dropped), a dot before it
+    final_dot = False  # the final dot (dropped)
 
     def add(piece: str) -> bool:
-        nonlocal size, final_dot, dotted
+        nonlocal size, final_dot
         if not piece:
             return False
         if not built:
             final_dot = piece.endswith(".")
         built.append(piece)
         size += len(piece)
-        dotted = dotted or "." in (piece[:-1] if final_dot and len(built) == 1 else piece)
-        return dotted and size - final_dot > _NAME_OCTETS
+        return size - final_dot > _NAME_OCTETS
 
     end = len(text)
     seen: dict[str, str] = {}  # a macro expanded in full: written again, expands the same
@@ -243,14 +256,12 @@ def _expand_name(text: str, macros: list[tuple[int, int]], values: dict[str, str
         macro = text[start:stop]
         piece = seen.get(macro)
         if piece is None:
-            # Enough characters to pass 253 octets (a final dot dropped), or all of them once
-            # past that without a dot: the cut keeps all of the last label (RFC 7208 §7.3).
-            keep = _NAME_OCTETS + 2 - size if size <= _NAME_OCTETS + 1 else None
+            # Enough characters to pass 253 octets (a final dot dropped): then the cut keeps
+            # what is built, or without a dot in it, a last label longer than any name's.
+            keep = _NAME_OCTETS + 2 - size
             piece = _piece(macro, values, keep)
-            if keep is None or len(piece) < keep:
+            if len(piece) < keep:
                 seen[macro] = piece
-            elif not dotted and "." not in piece[:-1 if not built else None]:
-                piece = seen[macro] = _piece(macro, values, None)
         if add(piece):
             break
     else:
@@ -258,7 +269,10 @@ def _expand_name(text: str, macros: list[tuple[int, int]], values: dict[str, str
     name = "".join(reversed(built))
     if name.endswith("."):
         name = name[:-1]
-    return name[_cut_at(name) + 1:]
+    name = name[_cut_at(name) + 1:]
+    # Still over 253 octets: one label (RFC 7208 §4.3: no DNS name, never looked up), of
+    # which what is built holds the last 254 octets or more.
+    return name if len(name) <= _NAME_OCTETS else name[-_NAME_OCTETS - 1:]
 
 
 def _cut_at(name: str) -> int:
