@@ -198,3 +198,39 @@ def test_from_request_sets_every_field_as_the_constructor_does():
     assert set(vars(built)) == {f.name for f in dataclasses.fields(Subject)}
     with pytest.raises(dataclasses.FrozenInstanceError):
         built.sender = "x"  # type: ignore[misc]
+
+
+def test_a_policys_walk_leaves_out_only_rules_that_cannot_apply():
+    """Each policy walks only the rules whose option is on (decision.walk); for every policy
+    in a grid of options on and off, and every request and facts below, the verdict (or Need)
+    is the one the walk over every rule gives, and with every option off the walk is shorter."""
+    import itertools
+
+    from policyd_ipv6.policy.decision import _STEPS, FACT_RULES, walk
+    from policyd_ipv6.vocabulary import PolicyRule
+
+    options = {
+        "trusted_networks": ((), (ipaddress.ip_network("2001:db8::/64"),)),
+        "exempt_client_certificates": ((), ("abcd",)),
+        "unlisted_domains": ("refuse", "report", "ignore"),
+        "exempt_recipients": ((), ("postmaster",)),
+        "rdns_exempt_sender_domains": ((), ("example.net",)),
+        "report_only_rules": (frozenset(), frozenset({PolicyRule.NOT_OPTED_IN}),
+                              frozenset({PolicyRule.NO_RDNS})),
+    }
+    subjects = [subject(), subject(recipient="postmaster@contoso.com"),
+                subject(recipient="x@fabrikam.com"), subject(ccert_fingerprint="AB:CD"),
+                subject(client_address="192.0.2.1"), subject(sender="")]
+    facts = [Facts(), Facts(MISSING), Facts(PASS), Facts(RDNS_TEMP),
+             Facts(MISSING, SpfFact("pass")), Facts(MISSING, SpfFact("fail"), True),
+             Facts(PASS, SpfFact("fail")), Facts(PASS, SpfFact("temperror")),
+             Facts(UNCONFIRMED, SpfFact("softfail"))]
+    for values in itertools.product(*options.values()):
+        policy = Policy(**dict(zip(options, values)))
+        every_rule = Policy(**dict(zip(options, values)))
+        object.__setattr__(every_rule, "_walks", {0: _STEPS, FACT_RULES: _STEPS[FACT_RULES:]})
+        for s, f in itertools.product(subjects, facts):
+            for start in (0, policy.resume_at):
+                assert decide(s, f, policy, OPTIN, start) == decide(
+                    s, f, every_rule, OPTIN, start), (values, s, f, start)
+    assert len(walk(Policy(exempt_recipients=()))) < len(RULES)

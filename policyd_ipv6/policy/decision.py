@@ -1,7 +1,8 @@
 """The decision: which reply a policy request gets, as one ordered table of pure rules.
 
 Contract: ``decide(subject, facts, policy, optin)`` is a pure function. It walks ``RULES`` in
-order; the first rule that applies gives the ``Verdict`` (an ``action=`` value and the rule's
+order (leaving out, once per configuration, the rules whose option is off under ``policy``:
+``Rule.relevant``, ``walk``); the first rule that applies gives the ``Verdict`` (an ``action=`` value and the rule's
 name for the log), unless its refusal is only reported (below). A rule that needs a fact
 that has not been gathered yet (``facts.rdns`` or ``facts.spf`` is None) stops the walk and
 ``decide`` returns that ``Need`` instead, so the caller
@@ -126,6 +127,8 @@ class Policy:
     rdns_exempt_sender_domains: tuple[str, ...] = ()
     _nets: dict[int, tuple[tuple[int, int], ...]] = field(init=False, repr=False, compare=False)
     _senders: OptinTable = field(init=False, repr=False, compare=False)
+    # The walks this policy takes, from the first rule and from FACT_RULES (``walk``).
+    _walks: dict[int, tuple] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # (network, netmask) as integers per IP version: one AND and compare per network.
@@ -135,12 +138,13 @@ class Policy:
         object.__setattr__(self, "_nets", {v: tuple(pairs) for v, pairs in nets.items()})
         object.__setattr__(self, "_senders",
                            parse_optin("\n".join(self.rdns_exempt_sender_domains)))
+        object.__setattr__(self, "_walks", {0: walk(self, 0), FACT_RULES: walk(self, FACT_RULES)})
+        object.__setattr__(self, "resume_at",
+                           0 if PolicyRule.NOT_OPTED_IN in self.report_only_rules else FACT_RULES)
 
-    @property
-    def resume_at(self) -> int:
-        """Where a walk may resume after a Need: FACT_RULES, unless a refusal before it can
-        be only reported (its note must be taken again)."""
-        return 0 if PolicyRule.NOT_OPTED_IN in self.report_only_rules else FACT_RULES
+    # Where a walk may resume after a Need: FACT_RULES, unless a refusal before it can be only
+    # reported (its note must be taken again). Set by __post_init__.
+    resume_at: int = field(init=False, repr=False, compare=False)
 
     def pinned(self, s: Subject) -> bool:
         """Whether the client presented a certificate in exempt_client_certificates."""
@@ -198,6 +202,9 @@ class Rule:
     applies: Callable[[Subject, Facts, Policy, OptinEntry | None], bool]
     reply: Callable[[Subject, Facts, Policy], str]
     kind: PolicyRule | None = None
+    # False for a policy under which ``applies`` is false for every request and facts (the
+    # option it reads is off): ``walk`` leaves the rule out of that policy's walks.
+    relevant: Callable[[Policy], bool] = lambda p: True
 
 
 def _dunno(s: Subject, f: Facts, p: Policy) -> str:
@@ -272,20 +279,24 @@ RULES: tuple[Rule, ...] = (
     _R(_K.NOT_AN_ADDRESS, (), lambda s, f, p, e: s.ip is None, _dunno),
     _R(_K.IPV4, (), lambda s, f, p, e: _ip(s).version == 4, _dunno),
     _R(_K.AUTHENTICATED, (), lambda s, f, p, e: s.sasl_username != "", _dunno),
-    _R(_K.TRUSTED_NETWORK, (), lambda s, f, p, e: p.trusts(_ip(s)), _dunno),
+    _R(_K.TRUSTED_NETWORK, (), lambda s, f, p, e: p.trusts(_ip(s)), _dunno,
+       relevant=lambda p: bool(p.trusted_networks)),
     # RFC 5321 §4.5.1: a bare "Postmaster" (no domain) must be accepted. Other recipients
     # without a domain cannot be in the opt-in table: the opt-in rule refuses them.
     _R(_K.POSTMASTER, (), lambda s, f, p, e: s.recipient_domain is None
        and s.recipient.strip().strip("<>").lower() == "postmaster", _dunno),
     # A pinned client certificate is a connector partner, not anonymous mail (EOP's meaning):
     # exempt at any recipient domain, so before the opt-in rule.
-    _R(_K.TLS_CONNECTOR, (), lambda s, f, p, e: p.pinned(s), _dunno),
+    _R(_K.TLS_CONNECTOR, (), lambda s, f, p, e: p.pinned(s), _dunno,
+       relevant=lambda p: bool(p.exempt_client_certificates)),
     _R(_K.NOT_OPTED_IN, (), lambda s, f, p, e: e is None
-       and p.unlisted_domains in ("refuse", "report"), _not_opted_in, _K.NOT_OPTED_IN),
+       and p.unlisted_domains in ("refuse", "report"), _not_opted_in, _K.NOT_OPTED_IN,
+       relevant=lambda p: p.unlisted_domains in ("refuse", "report")),
     _R(_K.UNLISTED_IGNORED, (), lambda s, f, p, e: e is None
-       and p.unlisted_domains == "ignore", _dunno),
+       and p.unlisted_domains == "ignore", _dunno,
+       relevant=lambda p: p.unlisted_domains == "ignore"),
     _R(_K.EXEMPT_RECIPIENT, (), lambda s, f, p, e: s.local_part() in p.exempt_recipients,
-       _dunno),
+       _dunno, relevant=lambda p: bool(p.exempt_recipients)),
     _R(_K.RDNS_TEMPORARY, (Need.RDNS,),
        lambda s, f, p, e: _rdns(f).outcome is RdnsOutcome.TEMPFAIL, _rdns_temporary,
        _K.RDNS_TEMPORARY),
@@ -300,10 +311,12 @@ RULES: tuple[Rule, ...] = (
     # with the milter on the connection, one whose domain's DKIM signature verifies there.
     _R(_K.NO_RDNS_DKIM_PENDING, (Need.RDNS, Need.SPF),
        lambda s, f, p, e: _rdns(f).outcome in _NO_PTR and p.rdns_exempt(s)
-       and _spf(f).result != SpfResult.PASS and f.dkim_pending, _dunno),
+       and _spf(f).result != SpfResult.PASS and f.dkim_pending, _dunno,
+       relevant=lambda p: bool(p.rdns_exempt_sender_domains)),
     _R(_K.NO_RDNS_UNAUTHENTICATED, (Need.RDNS, Need.SPF),
        lambda s, f, p, e: _rdns(f).outcome in _NO_PTR and p.rdns_exempt(s)
-       and _spf(f).result != SpfResult.PASS, _no_rdns, _K.NO_RDNS),
+       and _spf(f).result != SpfResult.PASS, _no_rdns, _K.NO_RDNS,
+       relevant=lambda p: bool(p.rdns_exempt_sender_domains)),
     # Issue: SPF or DKIM. When the built-in milter is in this connection's path it verifies
     # DKIM at end of message and gives 4.7.26 itself if that fails too.
     _R(_K.SPF_FAILED_DKIM_PENDING, (Need.SPF,),
@@ -325,6 +338,13 @@ _STEPS = tuple((tuple((_FACT_OF[n], n) for n in rule.needs), rule.applies, rule.
 FACT_RULES = next(i for i, rule in enumerate(RULES) if rule.needs)
 
 
+def walk(policy: Policy, start: int = 0) -> tuple:
+    """The steps of RULES[start:] that can apply under ``policy`` (``Rule.relevant``): a rule
+    whose option is off is never asked, computed once per configuration."""
+    return tuple(step for rule, step in zip(RULES[start:], _STEPS[start:])
+                 if rule.relevant(policy))
+
+
 def rdns_mode(subject: Subject, optin: Optin) -> str | None:
     """The recipient's opt-in entry's rdns= option, or None (the configured rdns)."""
     entry = optin.entry(subject.recipient_domain)
@@ -343,7 +363,8 @@ def decide(subject: Subject, facts: Facts, policy: Policy, optin: Optin,
     report = (entry.mode if entry is not None and entry.mode else policy.mode) == "report"
     reported = _EVERY_KIND if report else policy.report_only_rules
     would = ""
-    for needs, applies, reply, kind, name in (_STEPS[start:] if start else _STEPS):
+    steps = policy._walks.get(start)
+    for needs, applies, reply, kind, name in (walk(policy, start) if steps is None else steps):
         for attribute, need in needs:
             if getattr(facts, attribute) is None:
                 return need
