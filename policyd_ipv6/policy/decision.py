@@ -2,8 +2,9 @@
 
 Contract: ``decide(subject, facts, policy, optin)`` is a pure function. It walks ``RULES`` in
 order (leaving out, once per configuration, the rules whose option is off under ``policy``:
-``Rule.relevant``, ``walk``); the first rule that applies gives the ``Verdict`` (an ``action=`` value and the rule's
-name for the log), unless its refusal is only reported (below). A rule that needs a fact
+``Rule.relevant``, ``walk``); the first rule that applies gives the ``Verdict`` (an
+``action=`` value and the rule's name for the log), unless its refusal is only reported
+(below). A rule that needs a fact
 that has not been gathered yet (``facts.rdns`` or ``facts.spf`` is None) stops the walk and
 ``decide`` returns that ``Need`` instead, so the caller
 looks up only what the decision really needs, and can decide as soon as the first fact that
