@@ -10,7 +10,7 @@ import enum
 from dataclasses import dataclass, replace
 from typing import Any
 
-from policyd_ipv6.vocabulary import DkimResult, SpfResult
+from policyd_ipv6.vocabulary import DkimResult, SpfResult, filled
 
 __all__ = ["RdnsOutcome", "RdnsFact", "SpfFact", "Facts", "SPF_RESULTS", "DkimFact",
            "SignatureResult"]
@@ -28,15 +28,6 @@ class RdnsOutcome(enum.Enum):
 
 _OUTCOME = {outcome.value: outcome for outcome in RdnsOutcome}
 _SPF_RESULT = {result.value: result for result in SpfResult}
-
-
-def _filled(cls: Any, **fields: Any) -> Any:
-    """An instance of the frozen dataclass ``cls`` with every field given, without its
-    generated ``__init__`` (one ``object.__setattr__`` per field): the caches hand out a fact
-    for nearly every warm decision."""
-    made = object.__new__(cls)
-    made.__dict__.update(fields)
-    return made
 
 
 @dataclass(frozen=True)
@@ -59,7 +50,7 @@ class RdnsFact:
     @classmethod
     def unpacked(cls, packed: tuple) -> RdnsFact:
         outcome, names, confirmed, detail = packed
-        return _filled(cls, outcome=_OUTCOME[outcome], names=names, confirmed=confirmed,
+        return filled(cls, outcome=_OUTCOME[outcome], names=names, confirmed=confirmed,
                        detail=detail)
 
 
@@ -84,12 +75,12 @@ class SpfFact:
     @classmethod
     def unpacked(cls, packed: tuple) -> SpfFact:
         result, explanation, identity, lookups, ttl, macros = packed
-        return _filled(cls, result=_SPF_RESULT[result], explanation=explanation,
+        return filled(cls, result=_SPF_RESULT[result], explanation=explanation,
                        identity=identity, lookups=lookups, ttl=ttl, macros=macros)
 
     def for_identity(self, identity: str) -> SpfFact:
         """The same fact about another identity of the same domain (``SpfResults``)."""
-        return _filled(SpfFact, result=self.result, explanation=self.explanation,
+        return filled(SpfFact, result=self.result, explanation=self.explanation,
                        identity=identity, lookups=self.lookups, ttl=self.ttl,
                        macros=self.macros)
 
@@ -112,7 +103,7 @@ class Facts:
     @classmethod
     def unpacked(cls, packed: tuple) -> Facts:
         rdns, spf, dkim_pending = packed
-        return _filled(cls, rdns=None if rdns is None else RdnsFact.unpacked(rdns),
+        return filled(cls, rdns=None if rdns is None else RdnsFact.unpacked(rdns),
                        spf=None if spf is None else SpfFact.unpacked(spf),
                        dkim_pending=dkim_pending)
 

@@ -2,7 +2,8 @@
 the collaborators that are injected everywhere (the clock, the DNS client, the lookups).
 
 Contract: definitions only (enums, the ``Answer`` value a DNS lookup gives, protocols), no
-behaviour beyond packing an answer for a cache, no I/O and no Twisted at run time (``Deferred`` and
+behaviour beyond packing an answer for a cache (``filled`` builds a frozen value from its
+fields, as unpacking one does), no I/O and no Twisted at run time (``Deferred`` and
 the DNS types in the collaborators' signatures are imported for the type checker alone). Each
 enum is a ``StrEnum``: a member equals, formats and logs as exactly its value, so log lines,
 replies and headers read byte for byte as the plain strings they replace, and a plain string
@@ -22,8 +23,8 @@ if TYPE_CHECKING:
 
     from policyd_ipv6.resolver.reply import Reply
 
-__all__ = ["DnsStatus", "Answer", "SpfResult", "DkimResult", "PolicyRule", "REPORTABLE_RULES",
-           "EndRule", "DelayedCall",
+__all__ = ["DnsStatus", "Answer", "filled", "SpfResult", "DkimResult", "PolicyRule",
+           "REPORTABLE_RULES", "EndRule", "DelayedCall",
            "Clock", "DnsClient", "Lookups"]
 
 
@@ -59,7 +60,17 @@ class Answer:
     @classmethod
     def unpacked(cls, packed: tuple) -> Answer:
         status, values, detail, ttl, too_large = packed
-        return cls(_STATUS[status], values, detail, ttl, too_large)
+        return filled(cls, status=_STATUS[status], values=values, detail=detail, ttl=ttl,
+                      too_large=too_large)
+
+
+def filled(cls: Any, **fields: Any) -> Any:
+    """An instance of the frozen dataclass ``cls`` with every field given, without its
+    generated ``__init__`` (one ``object.__setattr__`` per field): the caches hand out an
+    answer or a fact for nearly every warm decision."""
+    made = object.__new__(cls)
+    made.__dict__.update(fields)
+    return made
 
 
 _STATUS = {status.value: status for status in DnsStatus}
