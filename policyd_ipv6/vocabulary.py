@@ -66,8 +66,8 @@ class Answer:
 
 def filled(cls: Any, **fields: Any) -> Any:
     """An instance of the frozen dataclass ``cls`` with every field given, without its
-    generated ``__init__`` (one ``object.__setattr__`` per field): the caches hand out an
-    answer or a fact for nearly every warm decision."""
+    generated ``__init__`` (one ``object.__setattr__`` per field): every request builds a
+    ``Subject``, and the caches hand out an answer or a fact for nearly every warm decision."""
     made = object.__new__(cls)
     made.__dict__.update(fields)
     return made

@@ -46,7 +46,7 @@ from policyd_ipv6.names import IPAddress, client_ip, domain_key, recipient_domai
 from policyd_ipv6.optin.table import OptinEntry, OptinTable, parse_optin
 from policyd_ipv6.policy.replies import LONGEST, Replies
 from policyd_ipv6.text import printable
-from policyd_ipv6.vocabulary import REPORTABLE_RULES, PolicyRule, SpfResult
+from policyd_ipv6.vocabulary import REPORTABLE_RULES, PolicyRule, SpfResult, filled
 
 __all__ = ["Subject", "Policy", "Verdict", "Need", "decide", "RULES", "FACT_RULES", "DUNNO",
            "rdns_mode"]
@@ -83,10 +83,10 @@ class Subject:
         get = attrs.get
         recipient = get("recipient", "")
         client_address = get("client_address", "")
-        # Every field, set once through the instance dict: the generated __init__ of a frozen
-        # dataclass costs a call of object.__setattr__ per field, on every request.
-        subject = object.__new__(cls)
-        subject.__dict__.update(
+        # Every field, set once through the instance dict (``filled``): the generated __init__
+        # of a frozen dataclass costs a call of object.__setattr__ per field, on every request.
+        subject: Subject = filled(
+            cls,
             protocol_state=get("protocol_state", "").upper(),
             client_address=client_address,
             ip=client_ip(client_address),
