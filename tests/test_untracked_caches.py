@@ -98,3 +98,22 @@ def test_a_message_is_shared_while_under_way_and_from_the_cache_once_known():
     third, shared = finder.for_message(subject())
     assert shared and third.facts == first.facts and len(fake.queries) == asked
     assert finder.messages.hits == 2
+
+
+def test_a_message_answered_from_the_caches_keeps_its_facts_for_its_other_recipients():
+    """A message whose facts all come from the caches at its first recipient (no lookup)
+    keeps them: its later recipients get the same facts, shared, even after the DNS and SPF
+    caches changed in between (one message, one evaluation)."""
+    clock = task.Clock()
+    fake = FakeDnsClient({(PTR, "PTR"): ["mx.example.net."],
+                          ("example.net", "TXT"): ['"v=spf1 ip6:2001:db8::/64 -all"']})
+    finder = FactFinder(Lookups(fake, clock), clock, "ptr", 5.0)
+    finder.for_message(subject("warm-up"))  # fills the DNS and SPF-result caches
+    asked = len(fake.queries)
+    first, shared = finder.for_message(subject("m2"))
+    assert not shared and finder.pending == {} and len(fake.queries) == asked
+    assert first.facts.rdns.outcome is RdnsOutcome.PASS and first.facts.spf.result == "pass"
+    finder.lookups.cache.put((PTR, "PTR"), Answer(DnsStatus.NXDOMAIN, ttl=60.0), 60.0)
+    finder.spf_results.cache._data.clear()
+    second, shared = finder.for_message(subject("m2"))
+    assert shared and second.facts == first.facts and len(fake.queries) == asked
