@@ -62,6 +62,35 @@ def test_cidr_match_text_no_address_reads_is_permerror(junk):
         cidr_match(ipaddress.ip_address("2001:db8::1"), [junk], 64)
 
 
+# Text near IPv6 addresses: their pieces, joined with colons, dots and junk.
+_IP6_PIECES = ["::", ":", "1", "0", "ffff", "FFFF", "00000", "12345", "abcd", "g", " ", "%eth0",
+               "1.2.3.4", "01.2.3.4", "256.1.1.1", "1.2.3", "1.2.3.4.5", ".", "1:2:3:4:5:6:7:8",
+               "::1.2.3.4", "\u0661", "\x00"]
+ip6_texts = st.lists(st.sampled_from(_IP6_PIECES), max_size=10).map("".join)
+
+
+def ipaddress_takes(text):
+    """What the ip6: term took when it was read with ipaddress (scope ids refused)."""
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return "%" not in text and bool(text)
+
+
+@settings(max_examples=3000)
+@given(st.one_of(ip6_texts, v6.map(str), v6.map(lambda a: a.exploded),
+                 st.text(max_size=12).filter(lambda t: "/" not in t)))
+def test_ip6_term_takes_what_ipaddress_takes(text):
+    """ip6: reads its address with inet_pton, which takes exactly the texts ipaddress did."""
+    try:
+        parse_term(f"ip6:{text}", "example.net", True)
+        taken = True
+    except SpfPermError:
+        taken = False
+    assert taken == ipaddress_takes(text), text
+
+
 def evaluate(ip, record):
     """(verdict, questions asked) of one evaluation; only the sender's TXT exists."""
     steps = check_host(ip, "a@example.net", "mx.example.net")
