@@ -20,6 +20,24 @@ from twisted.internet import defer
 from policyd_ipv6.resolver.client import MAX_REPLY_SIZE, ReplyTooLarge, TransientDnsError
 
 
+class _FakeQuery:
+    """``FakeDnsClient.ask``'s query: delivers once what ``query``'s Deferred gives."""
+
+    def __init__(self, d: defer.Deferred, deliver) -> None:
+        self.d = d
+        self.deliver = deliver
+        d.addCallbacks(self._end, lambda failure: self._end(failure.value))
+
+    def _end(self, result) -> None:
+        deliver, self.deliver = self.deliver, None
+        if deliver is not None:
+            deliver(result)
+
+    def cancel(self) -> None:
+        self.deliver = None
+        self.d.cancel()
+
+
 class FakeDnsClient:
     def __init__(self, records: dict[tuple[str, str], list[str]] | None = None,
                  broken: set[str] = frozenset(), silent: set[str] = frozenset(),
@@ -68,6 +86,13 @@ class FakeDnsClient:
         # Through wire format and back, as the real client receives it (this also builds the
         # message's rrset index, which resolve_chaining relies on).
         return dns.message.from_wire(response.to_wire())
+
+    def ask(self, wire_name: bytes, rdtype: int, deliver,
+            max_size: int = MAX_REPLY_SIZE) -> _FakeQuery:
+        """Same contract as DnsClient.ask (the lookups' way in), over ``query``: the name in its
+        wire form; ``deliver`` gets the response or the exception; ``cancel()`` stops it."""
+        name = dns.name.from_wire(wire_name, 0)[0].to_text()
+        return _FakeQuery(self.query(name, rdtype, max_size), deliver)
 
     def query(self, qname: str, rdtype: int, max_size: int = MAX_REPLY_SIZE) -> defer.Deferred:
         """Same signature as DnsClient.query: the name as absolute text, the type as a number;

@@ -24,7 +24,7 @@ from policyd_ipv6.resolver.client import (
     DnsClient,
     TransientDnsError,
 )
-from policyd_ipv6.resolver.wire import Nameserver
+from policyd_ipv6.resolver.wire import Nameserver, encode_name
 
 SERVER = Nameserver("127.0.0.1", 53)
 OTHER = Nameserver("::1", 5353)
@@ -345,3 +345,56 @@ def test_ids_are_drawn_at_random():
         client.query(f"q{i}.example", dns.rdatatype.AAAA)
     ids = [int.from_bytes(wire[:2], "big") for wire in reactor.ports[0].sent]
     assert len(set(ids)) == len(ids) and max(ids) - min(ids) > 4096
+
+
+def test_ask_delivers_once_without_a_deferred():
+    """``ask`` (the lookups' way in) calls its deliver once with the reply, then never again;
+    a second copy of the reply, or a late timer, says nothing more."""
+    reactor, client = make(attempts=2)
+    seen: list = []
+    query = client.ask(encode_name("a.example"), dns.rdatatype.AAAA, seen.append)
+    [port] = reactor.ports
+    port.protocol.datagramReceived(reply_to(port.sent[0]), None)
+    assert [call.func for call in reactor.getDelayedCalls()] == [port.protocol.retire]
+    port.protocol.datagramReceived(reply_to(port.sent[0]), None)
+    reactor.advance(10)  # past the try's timeout (2 s): it was stopped
+    assert answered_name(seen) == "a.example."
+    assert query.deliver is None and len(port.sent) == 1
+
+
+def test_ask_delivers_the_error_when_every_try_failed():
+    """Every try timed out: deliver gets the TransientDnsError itself (no Failure)."""
+    reactor, client = make(attempts=2, timeout=1.0)
+    seen: list = []
+    client.ask(encode_name("a.example"), dns.rdatatype.AAAA, seen.append)
+    reactor.advance(1.0)
+    assert not seen
+    reactor.advance(1.0)
+    [error] = seen
+    assert isinstance(error, TransientDnsError) and "timeout" in str(error)
+
+
+def test_ask_can_deliver_before_it_returns():
+    """No socket at all: the query fails inside ``ask``, before the caller holds it."""
+    reactor, client = make(attempts=2)
+    reactor.fail_listen = True
+    seen: list = []
+    query = client.ask(encode_name("a.example"), dns.rdatatype.AAAA, seen.append)
+    assert isinstance(seen[0], TransientDnsError) and len(seen) == 1
+    query.cancel()  # too late to matter: nothing more is delivered
+    assert len(seen) == 1
+
+
+def test_a_cancelled_ask_delivers_nothing_and_lets_its_try_go():
+    """cancel(): the try leaves its socket, its timer is stopped, a late reply is dropped and
+    deliver is never called (the lookups withdraw this way)."""
+    reactor, client = make()
+    seen: list = []
+    query = client.ask(encode_name("a.example"), dns.rdatatype.AAAA, seen.append)
+    [port] = reactor.ports
+    query.cancel()
+    assert not port.protocol.tries and query.deliver is None
+    assert [call.func for call in reactor.getDelayedCalls()] == [port.protocol.retire]
+    port.protocol.datagramReceived(reply_to(port.sent[0]), None)
+    reactor.advance(10)
+    assert seen == []

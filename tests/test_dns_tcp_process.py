@@ -44,9 +44,12 @@ def tcp_query(server: Nameserver, max_size: int) -> defer.Deferred:
 
     client = DnsClient(reactor, [server], 5.0)
     wire = encode_query(0x1234, encode_name("big.example"), dns.rdatatype.TXT)
-    query = client_module._Query(client, wire, [], max_size)
+    result: defer.Deferred = defer.Deferred()
+    query = client_module._Query(client, wire, [], max_size, lambda reply_or_error: (
+        result.errback(reply_or_error) if isinstance(reply_or_error, Exception)
+        else result.callback(reply_or_error)))
     TcpTry(query, server).start()
-    return query.result
+    return result
 
 
 def outcome(d: defer.Deferred):

@@ -117,6 +117,19 @@ def test_dns_queries_are_counted_by_type_and_outcome(tmp_path):
     assert d.value("dns_query_duration_seconds_count", type="PTR") == 2
 
 
+def test_a_query_abandoned_at_the_deadline_counts_once_as_error(tmp_path):
+    """A PTR query nobody answers is cancelled when the decision's deadline passes: it counts
+    once, as "error", and the decision is a temporary refusal."""
+    d = Daemon(tmp_path)
+    d.fake.silent.add(ipaddress.ip_address(NOPTR).reverse_pointer)
+    assert d.ask(address=NOPTR) == ""  # waiting for the PTR
+    d.clock.advance(60)
+    assert d.transport.value().startswith(b"action=451 ")
+    assert d.value("dns_queries_total", type="PTR", outcome="error") == 1
+    d.clock.advance(60)
+    assert d.value("dns_queries_total", type="PTR", outcome="error") == 1
+
+
 def test_dns_failures_are_told_apart():
     """A response, SERVFAIL, timeouts, oversized replies and other faults each get their own
     outcome."""

@@ -142,6 +142,13 @@ class CountingDnsClient:
              else self.client.query(name, rdtype, max_size))
         return d.addBoth(self._count, dns.rdatatype.to_text(rdtype), start)
 
+    def ask(self, wire_name: bytes, rdtype, deliver, max_size: int = MAX_REPLY_SIZE):
+        """``DnsClient.ask``, counted when the query ends, or is cancelled (as "error", like
+        ``query``'s cancelled Deferred)."""
+        counted = _CountedQuery(self, dns.rdatatype.to_text(rdtype), deliver)
+        counted.query = self.client.ask(wire_name, rdtype, counted.delivered, max_size)
+        return counted
+
     def _count(self, result, rrtype: str, start: float):
         try:
             self.metrics.dns_queries.labels(type=rrtype, outcome=dns_outcome(result)).inc()
@@ -153,6 +160,29 @@ class CountingDnsClient:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.client, name)
+
+
+class _CountedQuery:
+    """A query of ``CountingDnsClient.ask``: counted once, when it ends or is cancelled."""
+
+    def __init__(self, client: CountingDnsClient, rrtype: str, deliver) -> None:
+        self.client = client
+        self.rrtype = rrtype
+        self.start = client.clock.seconds()
+        self.deliver = deliver  # None once counted
+        self.query: Any = None  # the client's, to cancel
+
+    def delivered(self, result) -> None:
+        deliver, self.deliver = self.deliver, None
+        if deliver is not None:
+            self.client._count(result, self.rrtype, self.start)
+            deliver(result)
+
+    def cancel(self) -> None:
+        if self.deliver is not None:
+            self.deliver = None
+            self.client._count(defer.CancelledError(), self.rrtype, self.start)
+        self.query.cancel()
 
 
 class _Snapshot:

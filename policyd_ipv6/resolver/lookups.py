@@ -25,6 +25,8 @@ too (its socket closed), and nothing is cached from it.
 
 from __future__ import annotations
 
+from typing import Any
+
 import dns.exception
 import dns.message
 import dns.rcode
@@ -36,7 +38,7 @@ from twisted.python.failure import Failure
 
 from policyd_ipv6.cache import ExpiringCache
 from policyd_ipv6.live import Live, Setting
-from policyd_ipv6.resolver.client import ReplyTooLarge, TransientDnsError
+from policyd_ipv6.resolver.client import MAX_REPLY_SIZE, ReplyTooLarge, TransientDnsError
 from policyd_ipv6.resolver.reply import Reply, resolve
 from policyd_ipv6.resolver.wire import encode_name
 from policyd_ipv6.vocabulary import Answer, Clock, DnsClient, DnsStatus
@@ -119,7 +121,8 @@ def answer_size(key: tuple[str, str], answer: Answer) -> int:
 
 
 class Lookups:
-    """See the module docstring. ``client`` is a ``DnsClient`` (or a fake with ``query``)."""
+    """See the module docstring. ``client`` is a ``DnsClient``, asked through its ``ask`` (no
+    Deferred per query), or anything with ``query`` alone (a test's fake)."""
 
     max_ttl_seconds = Setting("dns_max_ttl_seconds")  # reloadable (``live``)
     live: Live | None = None
@@ -151,8 +154,8 @@ class Lookups:
         if flight is not None:
             return flight.join()
         try:
-            encode_name(key[0])
-            qtype = dns.rdatatype.from_text(rrtype)
+            wire_name = encode_name(key[0])
+            qtype = _QTYPES.get(rrtype) or dns.rdatatype.from_text(rrtype)
         except (dns.exception.DNSException, ValueError) as error:
             return defer.succeed(Answer(DnsStatus.NODATA,
                                         detail=f"not a DNS name ({error})"[:200]))
@@ -161,13 +164,19 @@ class Lookups:
                                         detail="too many DNS queries in flight"))
         flight = self._inflight[flight_key] = _Flight(self, flight_key)
         mine = flight.join()
-        if max_size is None:
-            d = self.client.query(key[0], qtype)
-        else:
-            d = self.client.query(key[0], qtype, max_size=max_size)
+        ask = getattr(self.client, "ask", None)
+        if ask is not None:  # resolver.client's: the answer comes back without a Deferred
+            query = ask(wire_name, qtype, flight.delivered,
+                        MAX_REPLY_SIZE if max_size is None else max_size)
+            if self._inflight.get(flight_key) is flight:  # not answered at once
+                flight.query = query
+            return mine
+        # A client with ``query`` alone (a test's fake)
+        rdtype = dns.rdatatype.RdataType.make(qtype)
+        d = (self.client.query(key[0], rdtype) if max_size is None
+             else self.client.query(key[0], rdtype, max_size=max_size))
         flight.query = d
-        d.addCallbacks(lambda r: interpret(r, rrtype, self.max_ttl_seconds), _failed)
-        d.addBoth(self._deliver, flight)
+        d.addBoth(flight.delivered)
         return mine
 
     def _deliver(self, answer: object, flight: _Flight) -> None:
@@ -193,6 +202,11 @@ class Lookups:
                 waiter.callback(answer)
 
 
+# The types the checks ask for, without dnspython's text-to-type lookup per query.
+_QTYPES = {name: int(dns.rdatatype.from_text(name))
+           for name in ("A", "AAAA", "PTR", "TXT", "MX", "CNAME")}
+
+
 def _failed(failure: Failure) -> Answer | Failure:
     """A query's failure as an Answer: transient DNS faults are tempfail; bugs stay failures."""
     if failure.check(ReplyTooLarge):
@@ -209,12 +223,34 @@ class _Flight:
         self.lookups = lookups
         self.key = key
         self.waiters: list[defer.Deferred[Answer]] = []
-        self.query: defer.Deferred | None = None
+        # The client's query (to cancel it), or a fake client's Deferred; None once answered.
+        self.query: Any = None
 
     def join(self) -> defer.Deferred[Answer]:
         waiter: defer.Deferred[Answer] = defer.Deferred(self._withdraw)
         self.waiters.append(waiter)
         return waiter
+
+    def delivered(self, result: object) -> None:
+        """The client's end of the query (a response, or the error it failed with; a fake
+        client's Failure) as an Answer for the waiters."""
+        self.query = None
+        try:
+            if isinstance(result, Reply):
+                result = interpret_reply(result, self.lookups.max_ttl_seconds)
+            elif isinstance(result, Failure):
+                result = _failed(result)
+            elif isinstance(result, ReplyTooLarge):
+                result = Answer(DnsStatus.TEMPFAIL, detail=str(result), too_large=True)
+            elif isinstance(result, TransientDnsError):
+                result = Answer(DnsStatus.TEMPFAIL, detail=str(result))
+            elif isinstance(result, BaseException):
+                result = Failure(result)
+            if isinstance(result, dns.message.Message):  # a fake client's
+                result = interpret(result, self.key[1], self.lookups.max_ttl_seconds)
+        except Exception:
+            result = Failure()
+        self.lookups._deliver(result, self)
 
     def _withdraw(self, waiter: defer.Deferred[Answer]) -> None:
         """A waiter was cancelled; the last one out cancels the query (and frees its socket)."""
@@ -225,4 +261,5 @@ class _Flight:
         del self.lookups._inflight[self.key]
         self.waiters = []  # nobody is told any more (and no cycle through their cancellers)
         if self.query is not None:
-            self.query.cancel()
+            query, self.query = self.query, None
+            query.cancel()
