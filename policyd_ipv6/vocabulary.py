@@ -181,10 +181,19 @@ class DnsClient(Protocol):
               max_size: int = 65_535) -> Deferred[Reply]: ...
 
 
+class Waiter(Protocol):
+    """A caller waiting on a lookup (``Lookups.ask``): ``cancel()`` withdraws it."""
+
+    def cancel(self) -> None: ...
+
+
 class Lookups(Protocol):
     """The typed, cached lookups the checks use (``resolver.lookups.Lookups``, or a fake)."""
 
     def lookup(self, name: str, rrtype: str,
                max_size: int | None = None) -> Deferred[Answer]: ...
+
+    def ask(self, name: str, rrtype: str, deliver: Callable[[Answer], object],
+            max_size: int | None = None) -> Answer | Waiter: ...
 
     def cached(self, name: str, rrtype: str) -> Answer | None: ...

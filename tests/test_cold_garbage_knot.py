@@ -83,9 +83,9 @@ def test_cold_decisions_leave_no_cyclic_garbage():
             # evaluation or message holds one (another test's leftovers may make garbage of
             # their own while the reactor turns).
             found = cyclic_garbage(instances_of(
-                lookups_module._Flight, client_module._Query, client_module._UdpTry,
-                client_module._UdpSocket, TcpTry, spf_module._Evaluation, MessageFacts,
-                PolicyEngine, Lookups, DnsClient))
+                lookups_module._Flight, lookups_module._Waiter, client_module._Query,
+                client_module._UdpTry, client_module._UdpSocket, TcpTry,
+                spf_module._Evaluation, MessageFacts, PolicyEngine, Lookups, DnsClient))
         finally:
             gc.enable()
     assert [o.verdict.action for o in outcomes] == ["DUNNO"] * 40

@@ -117,3 +117,33 @@ def test_rdns_known_waits_for_a_forward_answer_not_cached():
     lookups.lookup(PTR, "PTR")
     assert rdns_known(lookups, IP, "ptr").outcome is RdnsOutcome.PASS
     assert rdns_known(lookups, IP, "fcrdns") is None
+
+
+def test_cancelling_the_check_withdraws_its_forward_lookups():
+    """At the decision's deadline the check is cancelled: the forward lookups still under way
+    are withdrawn (their queries cancelled), and no fact comes after."""
+    fake = FakeDnsClient({(PTR, "PTR"): ["a.example.net.", "b.example.net."]},
+                         silent={"a.example.net", "b.example.net"})
+    lookups = Lookups(fake, task.Clock())
+    out: list = []
+    d = check_rdns(lookups, IP, "fcrdns").addBoth(out.append)
+    assert sorted(key[0] for key in lookups._inflight) == ["a.example.net", "b.example.net"]
+    d.cancel()
+    assert lookups._inflight == {} and len(out) == 1 and "Cancelled" in repr(out[0])
+
+
+def test_a_forward_answer_settles_the_check_while_the_other_name_waits():
+    """The first name that resolves back passes at once; the other lookup goes on (its answer
+    is cached for later messages) without a second fact."""
+    clock = task.Clock()
+    fake = FakeDnsClient({(PTR, "PTR"): ["slow.example.net.", "mx.example.net."],
+                          ("mx.example.net", "AAAA"): ["2001:db8::25"]},
+                         silent={"slow.example.net"}, clock=clock, delay=1.0)
+    lookups = Lookups(fake, clock)
+    out: list = []
+    check_rdns(lookups, IP, "fcrdns").addCallback(out.append)
+    clock.advance(1.0)  # the PTR: both forward lookups are asked
+    assert out == [] and len(lookups._inflight) == 2
+    clock.advance(1.0)
+    assert [(f.outcome, f.confirmed) for f in out] == [(RdnsOutcome.PASS, "mx.example.net")]
+    assert [key[0] for key in lookups._inflight] == ["slow.example.net"]

@@ -20,11 +20,14 @@ lookups; "unknown" is checked with our own lookups, which tell the two failures 
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 from twisted.internet import defer
 
 from policyd_ipv6.facts import RdnsFact, RdnsOutcome
 from policyd_ipv6.names import IPAddress, client_ip, host_name
-from policyd_ipv6.vocabulary import Answer, DnsStatus, Lookups
+from policyd_ipv6.vocabulary import Answer, DnsStatus, Lookups, Waiter
 
 __all__ = ["check_rdns", "rdns_known", "lookup_rdns", "MAX_PTR_NAMES"]
 
@@ -48,8 +51,13 @@ def check_rdns(lookups: Lookups, ip: IPAddress, mode: str, reverse_client_name: 
 
 def lookup_rdns(lookups: Lookups, ip: IPAddress, mode: str) -> defer.Deferred[RdnsFact]:
     """The lookups of ``check_rdns`` once ``rdns_known`` has said None (no second look at
-    Postfix's names or the cache)."""
-    return lookups.lookup(ip.reverse_pointer, "PTR").addCallback(_after_ptr, lookups, ip, mode)
+    Postfix's names or the cache). Cancelling the Deferred withdraws its lookups."""
+    check: _Lookups | None = None
+    result: defer.Deferred[RdnsFact] = defer.Deferred(
+        lambda _d: None if check is None else check.cancel())
+    check = _Lookups(lookups, ip, mode, result.callback)
+    check.start()
+    return result
 
 
 def rdns_known(lookups: Lookups, ip: IPAddress, mode: str, reverse_client_name: str = "unknown",
@@ -94,12 +102,6 @@ def _ptr_fact(answer: Answer, mode: str) -> RdnsFact | tuple[str, ...]:
     return names
 
 
-def _after_ptr(answer: Answer, lookups: Lookups, ip: IPAddress,
-               mode: str) -> RdnsFact | defer.Deferred[RdnsFact]:
-    first = _ptr_fact(answer, mode)
-    return first if isinstance(first, RdnsFact) else _confirm(lookups, ip, first)
-
-
 def _unconfirmed(names: tuple[str, ...], outcomes: dict[str, str]) -> RdnsFact:
     """No name resolved back: TEMPFAIL if a forward lookup failed temporarily."""
     details = ", ".join(f"{n}: {s}" for n, s in outcomes.items())
@@ -108,27 +110,67 @@ def _unconfirmed(names: tuple[str, ...], outcomes: dict[str, str]) -> RdnsFact:
     return RdnsFact(outcome, names, None, f"forward lookups: {details}")
 
 
-def _confirm(lookups: Lookups, ip: IPAddress,
-             names: tuple[str, ...]) -> defer.Deferred[RdnsFact]:
-    """Forward-confirm: the first name whose addresses include ``ip`` wins."""
-    rrtype = "AAAA" if ip.version == 6 else "A"
-    result: defer.Deferred[RdnsFact] = defer.Deferred()
-    outcomes: dict[str, str] = {}
+class _Lookups:
+    """The PTR lookup, then (fcrdns) the forward lookups of its names, all at once: the first
+    name whose addresses include ``ip`` wins. ``deliver`` is called once with the fact, unless
+    ``cancel()`` came first (which withdraws the lookups still under way). Callbacks, not
+    Deferreds: this runs for every cold message."""
 
-    def one_done(answer: Answer, name: str) -> None:
-        if result.called:
-            return
-        if answer.ok and any(_same(ip, value) for value in answer.values):
-            result.callback(RdnsFact(RdnsOutcome.PASS, names, name,
-                                     f"{name} resolves back ({rrtype})"))
-            return
-        outcomes[name] = answer.status if answer.ok is False else "other address"
-        if len(outcomes) == len(names):
-            result.callback(_unconfirmed(names, outcomes))
+    def __init__(self, lookups: Lookups, ip: IPAddress, mode: str,
+                 deliver: Callable[[RdnsFact], object]) -> None:
+        self.lookups = lookups
+        self.ip = ip
+        self.mode = mode
+        self.deliver: Callable[[RdnsFact], object] | None = deliver
+        self.waiting: list[Waiter] = []
+        self.names: tuple[str, ...] = ()
+        self.outcomes: dict[str, str] = {}
 
-    for name in names:
-        lookups.lookup(name, rrtype).addCallback(one_done, name)
-    return result
+    def start(self) -> None:
+        got = self.lookups.ask(self.ip.reverse_pointer, "PTR", self._ptr)
+        if isinstance(got, Answer):
+            self._ptr(got)
+        else:
+            self.waiting.append(got)
+
+    def _ptr(self, answer: Answer) -> None:
+        first = _ptr_fact(answer, self.mode)
+        if isinstance(first, RdnsFact):
+            self._end(first)
+            return
+        self.names = first
+        rrtype = "AAAA" if self.ip.version == 6 else "A"
+        for name in first:
+            if self.deliver is None:  # settled by an answer known at once
+                return
+            got = self.lookups.ask(name, rrtype, functools.partial(self._forward, name))
+            if isinstance(got, Answer):
+                self._forward(name, got)
+            else:
+                self.waiting.append(got)
+
+    def _forward(self, name: str, answer: Answer) -> None:
+        if self.deliver is None:
+            return  # settled already (the other lookups go on: their answers are cached)
+        if answer.ok and any(_same(self.ip, value) for value in answer.values):
+            rrtype = "AAAA" if self.ip.version == 6 else "A"
+            self._end(RdnsFact(RdnsOutcome.PASS, self.names, name,
+                               f"{name} resolves back ({rrtype})"))
+            return
+        self.outcomes[name] = answer.status if answer.ok is False else "other address"
+        if len(self.outcomes) == len(self.names):
+            self._end(_unconfirmed(self.names, self.outcomes))
+
+    def _end(self, fact: RdnsFact) -> None:
+        deliver, self.deliver = self.deliver, None
+        if deliver is not None:
+            deliver(fact)
+
+    def cancel(self) -> None:
+        self.deliver = None
+        waiting, self.waiting = self.waiting, []
+        for waiter in waiting:
+            waiter.cancel()
 
 
 def _same(ip: IPAddress, text: str) -> bool:

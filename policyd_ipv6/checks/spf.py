@@ -33,6 +33,7 @@ traceback: hostile input never escapes as anything else.
 
 from __future__ import annotations
 
+import functools
 import time
 import weakref
 from ipaddress import IPv4Address, IPv6Address, ip_address
@@ -45,7 +46,7 @@ from policyd_ipv6.checks.spf_eval import MAX_EXPLANATION, Limits, Verdict, check
 from policyd_ipv6.checks.spf_terms import SpfPermError
 from policyd_ipv6.facts import SpfFact
 from policyd_ipv6.names import IPAddress, domain_key, helo_domain, recipient_domain
-from policyd_ipv6.vocabulary import Answer, Clock, DnsStatus, Lookups, SpfResult
+from policyd_ipv6.vocabulary import Answer, Clock, DnsStatus, Lookups, SpfResult, Waiter
 
 __all__ = ["check_spf", "SpfResults", "MAX_QUESTIONS", "Limits", "TXT_REPLY_OVERHEAD"]
 
@@ -121,8 +122,10 @@ class _Evaluation:
         self.too_large = ""  # what the last refused TXT reply was, for the log
         self.limits = limits
         self.steps = check_host(address, sender, helo, limits, int(time.time()))
-        # The lookups this evaluation asked for (its own and prefetched) and still waits on.
-        self.asked: dict[tuple[str, str], defer.Deferred[Answer]] = {}
+        # The lookups this evaluation asked for (its own and prefetched) and still waits on,
+        # and the one the evaluator is stopped on (None while it runs or once it ended).
+        self.asked: dict[tuple[str, str], Waiter] = {}
+        self.waiting: tuple[str, str] | None = None
         # Cancelling (the decision's deadline passed) stops the evaluation at its next step.
         # Reached weakly: a canceller naming this evaluation would make a reference cycle
         # (left to the garbage collector after every evaluation); while it runs, the lookups
@@ -135,32 +138,33 @@ class _Evaluation:
         self._resume(None)
         return self.result
 
-    def _ask(self, key: tuple[str, str]) -> defer.Deferred[Answer]:
-        """Look ``key`` up (or join the lookup of it under way), a TXT reply bounded by what
-        the cap can use (module docstring)."""
-        d = self.asked.get(key)
-        if d is not None:
-            return d
-        if key[1] == "TXT":
-            d = self.lookups.lookup(*key, max_size=self.limits.txt_bytes + TXT_REPLY_OVERHEAD)
-        else:
-            d = self.lookups.lookup(*key)
-        if not d.called:
-            self.asked[key] = d
-            d.addBoth(self._answered, key)
-        return d
+    def _ask(self, key: tuple[str, str]) -> Answer | None:
+        """Look ``key`` up unless it is asked already (a TXT reply bounded by what the cap can
+        use: module docstring); its Answer if known at once, else None: it comes to ``_got``."""
+        if key in self.asked:
+            return None
+        got = self.lookups.ask(*key, functools.partial(self._got, key),
+                               self.limits.txt_bytes + TXT_REPLY_OVERHEAD
+                               if key[1] == "TXT" else None)
+        if isinstance(got, Answer):
+            return got
+        self.asked[key] = got
+        return None
 
-    def _answered(self, result: object, key: tuple[str, str]) -> object:
+    def _got(self, key: tuple[str, str], answer: Answer) -> None:
+        """An answer asked for came; the evaluator goes on if it waits for this one (a
+        prefetched answer is in the lookups' cache for when it asks)."""
         self.asked.pop(key, None)
-        return result
+        if key == self.waiting:
+            self.waiting = None
+            self._arrived(answer, key)
 
     def _cancel_asked(self) -> None:
         """Withdraw from the lookups still under way: nobody here needs them any more."""
         asked, self.asked = self.asked, {}
-        for d in asked.values():
-            if not d.called:
-                d.addErrback(lambda _failure: None)  # the CancelledError, expected
-                d.cancel()
+        self.waiting = None
+        for waiter in asked.values():
+            waiter.cancel()
 
     def _resume(self, answer: Answer | None, error: Exception | None = None) -> None:
         """Run the evaluator until it needs an answer nobody has yet, or ends."""
@@ -189,7 +193,11 @@ class _Evaluation:
                 return
             answer = self.answers.get(key) or self.lookups.cached(*key)
             if answer is None:
-                self._ask(key).addCallback(self._arrived, key)
+                answer = self._ask(key)  # or join the prefetch of it under way
+                if answer is None:
+                    self.waiting = key
+                    return
+                self._arrived(answer, key)  # known at once, not cached (a name DNS cannot carry)
                 return
             self.answers[key] = answer
 

@@ -25,6 +25,7 @@ too (its socket closed), and nothing is cached from it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import dns.exception
@@ -145,39 +146,61 @@ class Lookups:
 
     def lookup(self, name: str, rrtype: str,
                max_size: int | None = None) -> defer.Deferred[Answer]:
+        """``ask``'s Deferred form: cancelling the Deferred withdraws this caller."""
+        waiter: _Waiter | None = None
+        d: defer.Deferred[Answer] = defer.Deferred(
+            lambda _d: None if waiter is None else waiter.cancel())
+        got = self.ask(name, rrtype, d.callback, max_size)
+        if isinstance(got, Answer):
+            return defer.succeed(got)
+        waiter = got
+        return d
+
+    def ask(self, name: str, rrtype: str, deliver: Callable[[Answer], object],
+            max_size: int | None = None) -> Answer | _Waiter:
+        """The Answer at once when it is known (cached; a name DNS cannot carry; too many
+        queries in flight; a query that failed at once): ``deliver`` is then never called.
+        Otherwise a waiter: ``deliver(answer)`` is called once when the answer comes, unless
+        the waiter's ``cancel()`` came first. What ``lookup`` does, without a Deferred."""
         key = (name.lower().rstrip("."), rrtype)
         answer = self.cache.get(key)
         if answer is not None:
-            return defer.succeed(answer)
+            return answer
         flight_key = (*key, max_size)
         flight = self._inflight.get(flight_key)
-        if flight is not None:
-            return flight.join()
+        if flight is None:
+            started = self._start(key, flight_key, max_size)
+            if isinstance(started, Answer):
+                return started
+            flight = started
+        waiter = _Waiter(flight, deliver)
+        flight.waiters.append(waiter)
+        return waiter
+
+    def _start(self, key: tuple[str, str], flight_key: tuple[str, str, int | None],
+               max_size: int | None) -> Answer | _Flight:
+        """Send the query of a new flight; its Answer if it ended at once."""
         try:
             wire_name = encode_name(key[0])
-            qtype = _QTYPES.get(rrtype) or dns.rdatatype.from_text(rrtype)
+            qtype = _QTYPES.get(key[1]) or dns.rdatatype.from_text(key[1])
         except (dns.exception.DNSException, ValueError) as error:
-            return defer.succeed(Answer(DnsStatus.NODATA,
-                                        detail=f"not a DNS name ({error})"[:200]))
+            return Answer(DnsStatus.NODATA, detail=f"not a DNS name ({error})"[:200])
         if len(self._inflight) >= self.max_inflight:
-            return defer.succeed(Answer(DnsStatus.TEMPFAIL,
-                                        detail="too many DNS queries in flight"))
+            return Answer(DnsStatus.TEMPFAIL, detail="too many DNS queries in flight")
         flight = self._inflight[flight_key] = _Flight(self, flight_key)
-        mine = flight.join()
         ask = getattr(self.client, "ask", None)
         if ask is not None:  # resolver.client's: the answer comes back without a Deferred
             query = ask(wire_name, qtype, flight.delivered,
                         MAX_REPLY_SIZE if max_size is None else max_size)
-            if self._inflight.get(flight_key) is flight:  # not answered at once
-                flight.query = query
-            return mine
-        # A client with ``query`` alone (a test's fake)
-        rdtype = dns.rdatatype.RdataType.make(qtype)
-        d = (self.client.query(key[0], rdtype) if max_size is None
-             else self.client.query(key[0], rdtype, max_size=max_size))
-        flight.query = d
-        d.addBoth(flight.delivered)
-        return mine
+        else:  # a client with ``query`` alone (a test's fake)
+            rdtype = dns.rdatatype.RdataType.make(qtype)
+            query = (self.client.query(key[0], rdtype) if max_size is None
+                     else self.client.query(key[0], rdtype, max_size=max_size))
+            query.addBoth(flight.delivered)
+        if flight.answer is not None:  # it failed (or was answered) before we got here
+            return flight.answer
+        flight.query = query
+        return flight
 
     def _deliver(self, answer: object, flight: _Flight) -> None:
         if self._inflight.get(flight.key) is not flight:
@@ -194,12 +217,17 @@ class Lookups:
             answer = Answer(DnsStatus.TEMPFAIL, detail=f"internal error: {answer!r}"[:200])
         if answer.status != DnsStatus.TEMPFAIL:
             self.cache.put(key, answer, answer.ttl, answer_size(key, answer))
-        # Taken off the flight: each waiter's canceller refers to the flight, a cycle the
-        # collector would have to find after every lookup.
+        flight.answer = answer
         waiters, flight.waiters = flight.waiters, []
         for waiter in waiters:
-            if not waiter.called:  # a waiter may have been cancelled (its deadline passed)
-                waiter.callback(answer)
+            deliver, waiter.deliver = waiter.deliver, None
+            if deliver is None:
+                continue  # withdrew (its deadline passed)
+            try:
+                deliver(answer)
+            except Exception:  # one waiter's bug must not keep the answer from the others
+                _log.failure("internal error taking the DNS answer for {name} {rrtype}",
+                             name=key[0], rrtype=key[1])
 
 
 # The types the checks ask for, without dnspython's text-to-type lookup per query.
@@ -222,14 +250,10 @@ class _Flight:
     def __init__(self, lookups: Lookups, key: tuple[str, str, int | None]) -> None:
         self.lookups = lookups
         self.key = key
-        self.waiters: list[defer.Deferred[Answer]] = []
+        self.waiters: list[_Waiter] = []
         # The client's query (to cancel it), or a fake client's Deferred; None once answered.
         self.query: Any = None
-
-    def join(self) -> defer.Deferred[Answer]:
-        waiter: defer.Deferred[Answer] = defer.Deferred(self._withdraw)
-        self.waiters.append(waiter)
-        return waiter
+        self.answer: Answer | None = None  # once answered
 
     def delivered(self, result: object) -> None:
         """The client's end of the query (a response, or the error it failed with; a fake
@@ -252,14 +276,30 @@ class _Flight:
             result = Failure()
         self.lookups._deliver(result, self)
 
-    def _withdraw(self, waiter: defer.Deferred[Answer]) -> None:
+    def withdraw(self) -> None:
         """A waiter was cancelled; the last one out cancels the query (and frees its socket)."""
         if self.lookups._inflight.get(self.key) is not self:
             return  # already answered
-        if any(not w.called and w is not waiter for w in self.waiters):
+        if any(waiter.deliver is not None for waiter in self.waiters):
             return
         del self.lookups._inflight[self.key]
-        self.waiters = []  # nobody is told any more (and no cycle through their cancellers)
+        self.waiters = []
         if self.query is not None:
             query, self.query = self.query, None
             query.cancel()
+
+
+class _Waiter:
+    """One caller of ``Lookups.ask`` waiting on a flight."""
+
+    __slots__ = ("flight", "deliver")
+
+    def __init__(self, flight: _Flight, deliver: Callable[[Answer], object]) -> None:
+        self.flight = flight
+        self.deliver: Callable[[Answer], object] | None = deliver  # None: delivered, or cancelled
+
+    def cancel(self) -> None:
+        """Withdraw: ``deliver`` is not called; the last waiter out cancels the query."""
+        if self.deliver is not None:
+            self.deliver = None
+            self.flight.withdraw()
