@@ -234,3 +234,36 @@ def test_a_policys_walk_leaves_out_only_rules_that_cannot_apply():
                 assert decide(s, f, policy, OPTIN, start) == decide(
                     s, f, every_rule, OPTIN, start), (values, s, f, start)
     assert len(walk(Policy(exempt_recipients=()))) < len(RULES)
+
+
+def test_a_resumed_walk_stops_at_the_first_need_while_that_fact_is_unknown():
+    """The engine waits for the fact of the first walk's Need without walking again while that
+    fact is unknown: for every policy of a grid, request and facts in which it is unknown,
+    the walk resumed at ``resume_at`` gives that same Need."""
+    import itertools
+
+    from policyd_ipv6.vocabulary import PolicyRule
+
+    options = {
+        "unlisted_domains": ("refuse", "report", "ignore"),
+        "exempt_recipients": ((), ("postmaster",)),
+        "rdns_exempt_sender_domains": ((), ("example.net",)),
+        "report_only_rules": (frozenset(), frozenset({PolicyRule.NO_RDNS}),
+                              frozenset({PolicyRule.RDNS_TEMPORARY, PolicyRule.SPF_FAILED})),
+    }
+    subjects = [subject(), subject(recipient="postmaster@contoso.com"),
+                subject(recipient="x@fabrikam.com"), subject(sender="")]
+    facts = [Facts(), Facts(MISSING), Facts(PASS), Facts(RDNS_TEMP), Facts(None, SpfFact("pass")),
+             Facts(None, SpfFact("fail"), True), Facts(None, SpfFact("temperror"))]
+    waited = 0
+    for values in itertools.product(*options.values()):
+        policy = Policy(**dict(zip(options, values)))
+        for s in subjects:
+            first = decide(s, Facts(), policy, OPTIN)
+            if not isinstance(first, Need):
+                continue
+            for f in facts:
+                if (f.rdns if first is Need.RDNS else f.spf) is None:
+                    waited += 1
+                    assert decide(s, f, policy, OPTIN, policy.resume_at) is first, (values, s, f)
+    assert waited > 100

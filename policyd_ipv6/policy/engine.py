@@ -169,6 +169,13 @@ class PolicyEngine:
                 result.callback(outcome)
             return outcome
 
+        known = message.facts.rdns if first is Need.RDNS else message.facts.spf
+        if known is None:
+            # Still unknown, so a walk from resume_at would stop at the same fact (the rules
+            # before it need none): wait for it without walking again.
+            result = defer.Deferred()
+            message.when(first).addCallback(step, step).addErrback(result.errback)
+            return result
         outcome = step(None, step)  # every fact needed already known: no Deferred at all
         if outcome is not None:
             return outcome
