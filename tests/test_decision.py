@@ -203,7 +203,8 @@ def test_from_request_sets_every_field_as_the_constructor_does():
 def test_a_policys_walk_leaves_out_only_rules_that_cannot_apply():
     """Each policy walks only the rules whose option is on (decision.walk); for every policy
     in a grid of options on and off, and every request and facts below, the verdict (or Need)
-    is the one the walk over every rule gives, and with every option off the walk is shorter."""
+    is the one the walk over every rule gives (and the same with the opt-in entry passed in),
+    and with every option off the walk is shorter."""
     import itertools
 
     from policyd_ipv6.policy.decision import _STEPS, FACT_RULES, walk
@@ -231,8 +232,11 @@ def test_a_policys_walk_leaves_out_only_rules_that_cannot_apply():
         object.__setattr__(every_rule, "_walks", {0: _STEPS, FACT_RULES: _STEPS[FACT_RULES:]})
         for s, f in itertools.product(subjects, facts):
             for start in (0, policy.resume_at):
-                assert decide(s, f, policy, OPTIN, start) == decide(
-                    s, f, every_rule, OPTIN, start), (values, s, f, start)
+                verdict = decide(s, f, policy, OPTIN, start)
+                assert verdict == decide(s, f, every_rule, OPTIN, start), (values, s, f, start)
+                # the engine's call: the opt-in entry looked up once, passed in
+                entry = OPTIN.entry(s.recipient_domain)
+                assert decide(s, f, policy, OPTIN, start, entry) == verdict
     assert len(walk(Policy(exempt_recipients=()))) < len(RULES)
 
 

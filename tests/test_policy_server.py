@@ -317,10 +317,10 @@ def test_a_bug_after_the_lookups_closes_without_reply(monkeypatch):
     h.fake.clock, h.fake.delay = h.clock, 0.5  # the lookups answer later
     real = engine_module.decide
 
-    def buggy(subject, facts, policy, optin, start=0):
+    def buggy(subject, facts, *rest):
         if facts.rdns is not None or facts.spf is not None:
             raise RuntimeError("bug")
-        return real(subject, facts, policy, optin, start)
+        return real(subject, facts, *rest)
 
     monkeypatch.setattr(engine_module, "decide", buggy)
     proto, transport = h.connect()

@@ -39,7 +39,7 @@ import enum
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from policyd_ipv6.facts import Facts, RdnsFact, RdnsOutcome, SpfFact
 from policyd_ipv6.names import IPAddress, client_ip, domain_key, recipient_domain
@@ -49,7 +49,7 @@ from policyd_ipv6.text import printable
 from policyd_ipv6.vocabulary import REPORTABLE_RULES, PolicyRule, SpfResult, filled
 
 __all__ = ["Subject", "Policy", "Verdict", "Need", "decide", "RULES", "FACT_RULES", "DUNNO",
-           "rdns_mode"]
+           "rdns_mode", "entry_rdns"]
 
 DUNNO = "DUNNO"
 _EVERY_KIND = frozenset(REPORTABLE_RULES)
@@ -348,19 +348,29 @@ def walk(policy: Policy, start: int = 0) -> tuple:
 
 def rdns_mode(subject: Subject, optin: Optin) -> str | None:
     """The recipient's opt-in entry's rdns= option, or None (the configured rdns)."""
-    entry = optin.entry(subject.recipient_domain)
+    return entry_rdns(optin.entry(subject.recipient_domain))
+
+
+def entry_rdns(entry: Any) -> str | None:
+    """An opt-in entry's rdns= option (``rdns_mode`` for an entry already looked up)."""
     return entry.rdns if entry is not None else None
 
 
+_LOOK_UP = object()  # decide's ``entry`` default: look it up in ``optin``
+
+
 def decide(subject: Subject, facts: Facts, policy: Policy, optin: Optin,
-           start: int = 0) -> Verdict | Need:
+           start: int = 0, entry: Any = _LOOK_UP) -> Verdict | Need:
     """Return the verdict of the walk (module docstring), or the first fact still needed.
 
     ``optin`` is anything with ``entry(domain)`` (an ``OptinTable``). ``start`` skips the
     first rules; ``policy.resume_at`` is valid for a request whose walk from 0 returned a
-    ``Need``, since the rules before it do not depend on facts.
+    ``Need``, since the rules before it do not depend on facts. ``entry``, when given, is
+    ``optin.entry(subject.recipient_domain)`` already looked up (the engine walks a request's
+    table up to twice and reads its rdns= option besides).
     """
-    entry = optin.entry(subject.recipient_domain)
+    if entry is _LOOK_UP:
+        entry = optin.entry(subject.recipient_domain)
     report = (entry.mode if entry is not None and entry.mode else policy.mode) == "report"
     reported = _EVERY_KIND if report else policy.report_only_rules
     would = ""

@@ -36,7 +36,7 @@ from twisted.logger import Logger, LogLevel
 
 from policyd_ipv6.facts import Facts
 from policyd_ipv6.live import Live, Setting
-from policyd_ipv6.policy.decision import Need, Policy, Subject, Verdict, decide, rdns_mode
+from policyd_ipv6.policy.decision import Need, Policy, Subject, Verdict, decide, entry_rdns
 from policyd_ipv6.text import printable
 from policyd_ipv6.vocabulary import Clock, PolicyRule
 
@@ -134,12 +134,13 @@ class PolicyEngine:
         subject = Subject.from_request(attributes)
         optin = self.optin()
         policy = self.policy
-        first = decide(subject, _NO_FACTS, policy, optin)
+        entry = optin.entry(subject.recipient_domain)  # looked up once for the walks
+        first = decide(subject, _NO_FACTS, policy, optin, 0, entry)
         if isinstance(first, Verdict):
             return self._done(first, subject, _NO_FACTS, "none", start)
         if first is not Need.RDNS and first is not Need.SPF:  # pragma: no cover
             raise AssertionError(first)
-        message, shared = self.finder.for_message(subject, rdns_mode(subject, optin))
+        message, shared = self.finder.for_message(subject, entry_rdns(entry))
         source = "shared" if shared else "new"
         milter = self._milter_message(attributes)
         result: defer.Deferred[Outcome] | None = None
@@ -154,7 +155,7 @@ class PolicyEngine:
             facts = message.facts
             if facts.dkim_pending != pending:
                 facts = Facts(facts.rdns, facts.spf, pending)
-            verdict = decide(subject, facts, policy, optin, policy.resume_at)
+            verdict = decide(subject, facts, policy, optin, policy.resume_at, entry)
             if isinstance(verdict, Need):
                 if result is None:
                     result = defer.Deferred()
