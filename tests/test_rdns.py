@@ -147,3 +147,24 @@ def test_a_forward_answer_settles_the_check_while_the_other_name_waits():
     clock.advance(1.0)
     assert [(f.outcome, f.confirmed) for f in out] == [(RdnsOutcome.PASS, "mx.example.net")]
     assert [key[0] for key in lookups._inflight] == ["slow.example.net"]
+
+
+def test_a_bug_after_the_ptr_answer_is_a_temporary_failure_at_once(monkeypatch):
+    """A bug in reading the answers ends the check at once as TEMPFAIL (a 4xx for the mail,
+    never a pass), logged with its traceback, instead of waiting for the deadline."""
+    from twisted.logger import globalLogPublisher
+
+    from policyd_ipv6.checks import rdns as rdns_module
+
+    def broken(answer, mode):
+        raise ZeroDivisionError("bug")
+
+    monkeypatch.setattr(rdns_module, "_ptr_fact", broken)
+    events: list = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        fact = run(FakeDnsClient({(PTR, "PTR"): ["mx.example.net."]}), "fcrdns")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert (fact.outcome, fact.detail) == (RdnsOutcome.TEMPFAIL, "internal error")
+    assert [e["log_failure"].type for e in events if "log_failure" in e] == [ZeroDivisionError]

@@ -24,12 +24,15 @@ import functools
 from collections.abc import Callable
 
 from twisted.internet import defer
+from twisted.logger import Logger
 
 from policyd_ipv6.facts import RdnsFact, RdnsOutcome
 from policyd_ipv6.names import IPAddress, client_ip, host_name
 from policyd_ipv6.vocabulary import Answer, DnsStatus, Lookups, Waiter
 
 __all__ = ["check_rdns", "rdns_known", "lookup_rdns", "MAX_PTR_NAMES"]
+
+_log = Logger(namespace="policyd-ipv6")
 
 # RFC 7208 §4.6.4 bounds the ptr mechanism to 10 names; the same bound serves here.
 MAX_PTR_NAMES = 10
@@ -134,6 +137,12 @@ class _Lookups:
             self.waiting.append(got)
 
     def _ptr(self, answer: Answer) -> None:
+        try:
+            self._after_ptr(answer)
+        except Exception:  # a bug: the check ends at once as a temporary failure, logged
+            self._bug()
+
+    def _after_ptr(self, answer: Answer) -> None:
         first = _ptr_fact(answer, self.mode)
         if isinstance(first, RdnsFact):
             self._end(first)
@@ -152,6 +161,12 @@ class _Lookups:
     def _forward(self, name: str, answer: Answer) -> None:
         if self.deliver is None:
             return  # settled already (the other lookups go on: their answers are cached)
+        try:
+            self._confirm(name, answer)
+        except Exception:
+            self._bug()
+
+    def _confirm(self, name: str, answer: Answer) -> None:
         if answer.ok and any(_same(self.ip, value) for value in answer.values):
             rrtype = "AAAA" if self.ip.version == 6 else "A"
             self._end(RdnsFact(RdnsOutcome.PASS, self.names, name,
@@ -160,6 +175,10 @@ class _Lookups:
         self.outcomes[name] = answer.status if answer.ok is False else "other address"
         if len(self.outcomes) == len(self.names):
             self._end(_unconfirmed(self.names, self.outcomes))
+
+    def _bug(self) -> None:
+        _log.failure("internal error in the reverse DNS check")
+        self._end(RdnsFact(RdnsOutcome.TEMPFAIL, detail="internal error"))
 
     def _end(self, fact: RdnsFact) -> None:
         deliver, self.deliver = self.deliver, None
