@@ -92,18 +92,37 @@ def test_replies_are_held_until_the_end_of_the_turn_then_sent_in_order():
     assert b.sent == [b"2", b"4"]
 
 
-def test_release_sends_one_connections_held_replies_at_once():
-    """release(transport) sends that connection's held replies now, before a close, and
-    leaves the others' for the end of the turn."""
+def test_release_sends_the_held_replies_at_once():
+    """release(transport) sends that connection's held replies now, before a close, with the
+    others' (in the order written); the end of the turn then has nothing left to send."""
     clock = Clock()
     writer = ReplyWriter(clock)
     a, b = Socketish(), Socketish()
     writer.write(a, b"1")
     writer.write(b, b"2")
+    writer.write(a, b"3")
     writer.release(a)
-    assert a.sent == [b"1"] and b.sent == []
+    assert a.sent == [b"1", b"3"] and b.sent == [b"2"] and writer.held == []
+    writer.release(b)  # already sent: nothing twice
     clock.advance(0)
-    assert a.sent == [b"1"] and b.sent == [b"2"]
+    assert a.sent == [b"1", b"3"] and b.sent == [b"2"]
+
+
+def test_a_drain_of_many_connections_sends_each_reply_once_in_linear_time():
+    """Closing thousands of connections answered in one turn: each reply goes out once, and
+    the held list is walked once, not once per connection."""
+    clock = Clock()
+    writer = ReplyWriter(clock)
+    transports = [Socketish() for _ in range(5000)]
+    for n, t in enumerate(transports):
+        writer.write(t, b"%d" % n)
+    walked = []
+    real_flush = writer.flush
+    writer.flush = lambda: (walked.append(len(writer.held)), real_flush())[1]
+    for t in transports:
+        writer.release(t)
+    assert walked == [5000]
+    assert [t.sent for t in transports] == [[b"%d" % n] for n in range(5000)]
 
 
 def test_writer_hands_other_transports_their_reply_at_once():
