@@ -18,10 +18,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    import dns.rdatatype
     from twisted.internet.defer import Deferred
 
-    from policyd_ipv6.resolver.reply import Reply
 
 __all__ = ["DnsStatus", "Answer", "filled", "SpfResult", "DkimResult", "PolicyRule",
            "REPORTABLE_RULES", "EndRule", "DelayedCall",
@@ -173,12 +171,13 @@ class Clock(Protocol):
 
 
 class DnsClient(Protocol):
-    """Sends one DNS query (``resolver.client.DnsClient``, or a test's fake); the Deferred
-    fires with the response (a fake may give a ``dns.message.Message``, which
-    ``lookups.interpret`` reads too), or fails on a transient fault."""
+    """Sends one DNS query (``resolver.client.DnsClient``, or a test's fake) and calls
+    ``deliver`` once with the response (a fake may give a ``dns.message.Message``, which
+    ``lookups.interpret`` reads too) or with the exception of a transient fault, unless the
+    query it returns was cancelled first."""
 
-    def query(self, qname: str, rdtype: dns.rdatatype.RdataType,
-              max_size: int = 65_535) -> Deferred[Reply]: ...
+    def ask(self, wire_name: bytes, rdtype: int, deliver: Callable[[Any], object],
+            max_size: int = 65_535) -> Any: ...
 
 
 class Waiter(Protocol):

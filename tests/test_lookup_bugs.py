@@ -2,7 +2,7 @@
 level with its traceback, never passed off silently as a DNS temperror."""
 
 from fakes import FakeDnsClient
-from twisted.internet import defer, task
+from twisted.internet import task
 from twisted.logger import LogLevel, globalLogPublisher
 
 from policyd_ipv6.resolver import lookups
@@ -16,8 +16,8 @@ class Client:
     def __init__(self, error: Exception) -> None:
         self.error = error
 
-    def query(self, qname, rdtype):
-        return defer.fail(self.error)
+    def ask(self, wire_name, rdtype, deliver, max_size):
+        deliver(self.error)
 
 
 def lookup_logged(client, name="x.test", rrtype="TXT"):

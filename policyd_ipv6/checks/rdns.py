@@ -124,6 +124,7 @@ class _Lookups:
         self.lookups = lookups
         self.ip = ip
         self.mode = mode
+        self.rrtype = "AAAA" if ip.version == 6 else "A"  # of the forward lookups
         self.deliver: Callable[[RdnsFact], object] | None = deliver
         self.waiting: list[Waiter] = []
         self.names: tuple[str, ...] = ()
@@ -148,11 +149,10 @@ class _Lookups:
             self._end(first)
             return
         self.names = first
-        rrtype = "AAAA" if self.ip.version == 6 else "A"
         for name in first:
             if self.deliver is None:  # settled by an answer known at once
                 return
-            got = self.lookups.ask(name, rrtype, functools.partial(self._forward, name))
+            got = self.lookups.ask(name, self.rrtype, functools.partial(self._forward, name))
             if isinstance(got, Answer):
                 self._forward(name, got)
             else:
@@ -168,9 +168,8 @@ class _Lookups:
 
     def _confirm(self, name: str, answer: Answer) -> None:
         if answer.ok and any(_same(self.ip, value) for value in answer.values):
-            rrtype = "AAAA" if self.ip.version == 6 else "A"
             self._end(RdnsFact(RdnsOutcome.PASS, self.names, name,
-                               f"{name} resolves back ({rrtype})"))
+                               f"{name} resolves back ({self.rrtype})"))
             return
         self.outcomes[name] = answer.status if answer.ok is False else "other address"
         if len(self.outcomes) == len(self.names):

@@ -79,7 +79,8 @@ def decision_outcome(action: str, would: str) -> str:
 
 
 def dns_outcome(result: object) -> str:
-    """The ``outcome`` label of what ``DnsClient.query`` gave: a response or a Failure."""
+    """The ``outcome`` label of what a query ended with: a response, or its exception (or a
+    Failure of it)."""
     if isinstance(result, (dns.message.Message, Reply)):
         if result.rcode() == dns.rcode.NXDOMAIN:
             return "nxdomain"
@@ -136,15 +137,9 @@ class CountingDnsClient:
         self.clock = clock
         self.metrics = metrics
 
-    def query(self, name: str, rdtype, max_size: int = MAX_REPLY_SIZE):
-        start = self.clock.seconds()
-        d = (self.client.query(name, rdtype) if max_size == MAX_REPLY_SIZE
-             else self.client.query(name, rdtype, max_size))
-        return d.addBoth(self._count, dns.rdatatype.to_text(rdtype), start)
-
     def ask(self, wire_name: bytes, rdtype, deliver, max_size: int = MAX_REPLY_SIZE):
-        """``DnsClient.ask``, counted when the query ends, or is cancelled (as "error", like
-        ``query``'s cancelled Deferred)."""
+        """``DnsClient.ask`` (the lookups' way in), counted when the query ends, or as "error"
+        when it is cancelled (abandoned at the deadline)."""
         counted = _CountedQuery(self, dns.rdatatype.to_text(rdtype), deliver)
         counted.query = self.client.ask(wire_name, rdtype, counted.delivered, max_size)
         return counted

@@ -20,7 +20,10 @@ at error level with its traceback.
 gives ``tempfail`` with ``too_large`` set (the caller decides what that means: for SPF's TXT
 cap, a permerror); lookups with different bounds do not share a query. Cancelling the
 Deferred of a lookup withdraws that caller; when no caller is left, the query is cancelled
-too (its socket closed), and nothing is cached from it.
+too (its socket closed), and nothing is cached from it. ``ask(name, rrtype, deliver,
+max_size)`` is ``lookup`` without a Deferred (the checks' way in, once per cold lookup): the
+Answer at once when it is known, else a waiter whose ``deliver`` is called once, and whose
+``cancel()`` withdraws it.
 """
 
 from __future__ import annotations
@@ -122,8 +125,8 @@ def answer_size(key: tuple[str, str], answer: Answer) -> int:
 
 
 class Lookups:
-    """See the module docstring. ``client`` is a ``DnsClient``, asked through its ``ask`` (no
-    Deferred per query), or anything with ``query`` alone (a test's fake)."""
+    """See the module docstring. ``client`` is a ``DnsClient`` (``resolver.client``'s, or a
+    test's fake), asked through its ``ask``: no Deferred per query."""
 
     max_ttl_seconds = Setting("dns_max_ttl_seconds")  # reloadable (``live``)
     live: Live | None = None
@@ -188,15 +191,8 @@ class Lookups:
         if len(self._inflight) >= self.max_inflight:
             return Answer(DnsStatus.TEMPFAIL, detail="too many DNS queries in flight")
         flight = self._inflight[flight_key] = _Flight(self, flight_key)
-        ask = getattr(self.client, "ask", None)
-        if ask is not None:  # resolver.client's: the answer comes back without a Deferred
-            query = ask(wire_name, qtype, flight.delivered,
-                        MAX_REPLY_SIZE if max_size is None else max_size)
-        else:  # a client with ``query`` alone (a test's fake)
-            rdtype = dns.rdatatype.RdataType.make(qtype)
-            query = (self.client.query(key[0], rdtype) if max_size is None
-                     else self.client.query(key[0], rdtype, max_size=max_size))
-            query.addBoth(flight.delivered)
+        query = self.client.ask(wire_name, qtype, flight.delivered,
+                                MAX_REPLY_SIZE if max_size is None else max_size)
         if flight.answer is not None:  # it failed (or was answered) before we got here
             return flight.answer
         flight.query = query
@@ -235,13 +231,14 @@ _QTYPES = {name: int(dns.rdatatype.from_text(name))
            for name in ("A", "AAAA", "PTR", "TXT", "MX", "CNAME")}
 
 
-def _failed(failure: Failure) -> Answer | Failure:
-    """A query's failure as an Answer: transient DNS faults are tempfail; bugs stay failures."""
-    if failure.check(ReplyTooLarge):
-        return Answer(DnsStatus.TEMPFAIL, detail=failure.getErrorMessage(), too_large=True)
-    if failure.check(TransientDnsError):
-        return Answer(DnsStatus.TEMPFAIL, detail=failure.getErrorMessage())
-    return failure
+def _error_answer(error: BaseException) -> Answer | None:
+    """A query's error as an Answer: transient DNS faults are tempfail (a reply over the
+    query's bound marked ``too_large``); anything else is a bug (None)."""
+    if isinstance(error, ReplyTooLarge):
+        return Answer(DnsStatus.TEMPFAIL, detail=str(error), too_large=True)
+    if isinstance(error, TransientDnsError):
+        return Answer(DnsStatus.TEMPFAIL, detail=str(error))
+    return None
 
 
 class _Flight:
@@ -251,26 +248,17 @@ class _Flight:
         self.lookups = lookups
         self.key = key
         self.waiters: list[_Waiter] = []
-        # The client's query (to cancel it), or a fake client's Deferred; None once answered.
-        self.query: Any = None
+        self.query: Any = None  # the client's query (to cancel it); None once answered
         self.answer: Answer | None = None  # once answered
 
-    def delivered(self, result: object) -> None:
-        """The client's end of the query (a response, or the error it failed with; a fake
-        client's Failure) as an Answer for the waiters."""
+    def delivered(self, result: Any) -> None:
+        """The client's end of the query (a response, or the error it failed with) as an
+        Answer for the waiters; an error that is not a DNS fault stays a Failure (logged)."""
         self.query = None
         try:
-            if isinstance(result, Reply):
-                result = interpret_reply(result, self.lookups.max_ttl_seconds)
-            elif isinstance(result, Failure):
-                result = _failed(result)
-            elif isinstance(result, ReplyTooLarge):
-                result = Answer(DnsStatus.TEMPFAIL, detail=str(result), too_large=True)
-            elif isinstance(result, TransientDnsError):
-                result = Answer(DnsStatus.TEMPFAIL, detail=str(result))
-            elif isinstance(result, BaseException):
-                result = Failure(result)
-            if isinstance(result, dns.message.Message):  # a fake client's
+            if isinstance(result, BaseException):
+                result = _error_answer(result) or Failure(result)
+            else:  # resolver.reply's Reply, or a test's fake dns.message.Message
                 result = interpret(result, self.key[1], self.lookups.max_ttl_seconds)
         except Exception:
             result = Failure()
