@@ -7,15 +7,17 @@ attribute ``now``; ``daemon.wiring`` replaces ``now`` in a single assignment at 
 nothing else is written.
 
 A running part declares each reloadable value as a class attribute ``Setting("key")`` (read
-from ``now.config.key``) or ``Setting("name", derived=True)`` (read from ``now.name``). Once the
-wiring has set the part's ``live`` attribute, every read of the value goes to the snapshot in
-force, so a reload cannot forget a part. A part built on its own (tests, the ``check``
-command's pieces) has no ``live`` and keeps the value its constructor assigned. No I/O, no
-Twisted; the reads cost two attribute look-ups.
+from ``now.config.key``) or ``Setting("name", derived=True)`` (read from ``now.name``). The
+wiring attaches each part once (``Live.attach``); from then on every swap of ``now`` writes
+the part's values from the new snapshot into the part, in the same assignment, so a reload
+cannot forget a part and a read is a plain attribute (read on every request: no Python call).
+A part built on its own (tests, the ``check`` command's pieces) is never attached and keeps
+the value its constructor assigned. No I/O, no Twisted.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
@@ -34,42 +36,66 @@ class InForce:
 
 
 class Live:
-    """The snapshot in force; ``now`` is the only attribute, replaced whole at a reload."""
+    """The snapshot in force, ``now``, replaced whole at a reload; the parts attached to it get
+    the new snapshot's values in that same assignment."""
 
     def __init__(self, now: InForce) -> None:
-        self.now = now
+        self._now = now
+        self._parts: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    @property
+    def now(self) -> InForce:
+        return self._now
+
+    @now.setter
+    def now(self, value: InForce) -> None:
+        self._now = value
+        for part in list(self._parts):
+            _apply(part, value)
 
     @property
     def config(self) -> Any:
-        return self.now.config
+        return self._now.config
+
+    def attach(self, part: Any) -> None:
+        """From now on ``part``'s Settings follow ``now`` (and ``part.live`` is this)."""
+        part.live = self
+        self._parts.add(part)
+        _apply(part, self._now)
+
+
+def _apply(part: Any, now: InForce) -> None:
+    """Write ``now``'s value of every Setting of the part's class (and its bases) into it."""
+    seen: set[str] = set()
+    for klass in type(part).__mro__:
+        for name, value in vars(klass).items():
+            if name not in seen:
+                seen.add(name)
+                if isinstance(value, Setting):
+                    part.__dict__[name] = value.read(now)
 
 
 class Setting:
-    """A reloadable value of a running part: the snapshot's when the part is live, else its own.
+    """A reloadable value of a running part: the snapshot's once the part is attached, else its
+    own.
 
-    ``Setting("dns_timeout_seconds")`` reads ``live.now.config.dns_timeout_seconds``;
-    ``Setting("policy", derived=True)`` reads ``live.now.policy``. Assigning the attribute
-    stores the part's own value (used while it has no ``live``).
+    ``Setting("dns_timeout_seconds")`` reads ``now.config.dns_timeout_seconds``;
+    ``Setting("policy", derived=True)`` reads ``now.policy``. Assigning the attribute stores
+    the part's own value (used until it is attached; an attached part's next reload writes
+    over it). A non-data descriptor: the value lives in the part's own ``__dict__``, so a read
+    never calls this class.
     """
 
     def __init__(self, key: str, derived: bool = False) -> None:
         self.key = key
         self.derived = derived
-        self.slot = "_" + key
-        # One C-level getter for the whole path: read on every request.
-        self._read = attrgetter(("now." if derived else "now.config.") + key)
+        self.read = attrgetter(("" if derived else "config.") + key)
+        self.name = key
 
     def __set_name__(self, owner: type, name: str) -> None:
-        self.slot = "_" + name
+        self.name = name
 
     def __get__(self, obj: Any, owner: type | None = None) -> Any:
         if obj is None:
             return self
-        own = obj.__dict__
-        live = own.get("live")
-        if live is None:
-            return own[self.slot]
-        return self._read(live)
-
-    def __set__(self, obj: Any, value: Any) -> None:
-        obj.__dict__[self.slot] = value
+        raise AttributeError(f"{type(obj).__name__}.{self.name}: neither assigned nor attached")

@@ -181,7 +181,7 @@ class PolicyService:
         for part in (self.client, self.lookups, self.finder, self.engine, self.factory,
                      self.milter_factory):
             if part is not None:
-                part.live = self.live
+                self.live.attach(part)
 
     @property
     def config(self) -> Config:
