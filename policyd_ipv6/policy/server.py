@@ -76,8 +76,10 @@ class PolicyProtocol(TimedConnection, protocol.Protocol):
             self._close()
             return
         # The clock of a request starts at its first byte: more bytes of the same request do
-        # not restart it, so trickling cannot hold a connection for ever.
-        if requests or started:
+        # not restart it, so trickling cannot hold a connection for ever. A whole request needs
+        # no arm here: its reply arms the clock (at once on the warm path), and the timer
+        # going off while the answer is under way only arms it again (``_timed_out``).
+        if started and not requests:
             self._arm_timer()
         self.factory.touch(self)
         self._next()
@@ -105,7 +107,6 @@ class PolicyProtocol(TimedConnection, protocol.Protocol):
         self.factory.writer.write(self.transport, encode_reply(outcome.verdict.action))
         self.answered += 1
         self._arm_timer()
-        self.factory.touch(self)
         self._next()
 
     def _failed(self, failure) -> None:
