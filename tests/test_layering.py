@@ -23,6 +23,7 @@ PURE_MODULES = [
     "policyd_ipv6.facts",
     "policyd_ipv6.vocabulary",
     "policyd_ipv6.live",
+    "policyd_ipv6.timeouts",
     "policyd_ipv6.resolver.reply",
     "policyd_ipv6.policy.codec",
     "policyd_ipv6.policy.decision",

@@ -34,7 +34,8 @@ from policyd_ipv6.facts import Facts, RdnsFact, RdnsOutcome, SpfFact
 from policyd_ipv6.live import Live, Setting
 from policyd_ipv6.names import IPAddress
 from policyd_ipv6.policy.decision import Need, Subject
-from policyd_ipv6.vocabulary import Clock, DelayedCall, Lookups, SpfResult
+from policyd_ipv6.timeouts import Timeout, Timeouts
+from policyd_ipv6.vocabulary import Clock, Lookups, SpfResult
 
 __all__ = ["FactFinder", "MessageFacts"]
 
@@ -44,16 +45,16 @@ _log = Logger(namespace="policyd-ipv6")
 class MessageFacts:
     """The facts of one message as they arrive; ``facts`` is the current snapshot."""
 
-    def __init__(self, clock: Clock, deadline_seconds: float) -> None:
+    def __init__(self, clock: Clock, deadline_seconds: float, timeouts: Timeouts) -> None:
         self.facts = Facts()
         self.started = clock.seconds()
         # Who waits for each fact (``when``). Two lists, not a dict keyed by Need: an Enum's
         # hash is a Python call, and this runs for every message.
         self._waiting_rdns: list[defer.Deferred[Facts]] = []
         self._waiting_spf: list[defer.Deferred[Facts]] = []
-        self._clock, self._deadline_seconds = clock, deadline_seconds
+        self._timeouts, self._deadline_seconds = timeouts, deadline_seconds
         # Armed by start_deadline() once the checks are under way.
-        self._timer: DelayedCall | None = None
+        self._timer: Timeout | None = None
         self.work: list[defer.Deferred] = []  # the checks under way, cancelled at the deadline
         # Called once with the facts when both are known (the finder files them away).
         self.on_complete: Callable[[Facts], None] | None = None
@@ -105,7 +106,7 @@ class MessageFacts:
     def start_deadline(self) -> None:
         """Arm the deadline, unless every fact is already known (answered from caches)."""
         if self.facts.rdns is None or self.facts.spf is None:
-            self._timer = self._clock.callLater(self._deadline_seconds, self._deadline)
+            self._timer = self._timeouts.call(self._deadline_seconds, self._deadline)
 
     def _deadline(self) -> None:
         running, self.work = self.work, []
@@ -131,6 +132,7 @@ class FactFinder:
                  spf_limits: Limits = DEFAULT_LIMITS) -> None:
         self.lookups = lookups
         self.clock = clock
+        self.timeouts = Timeouts(clock)  # the messages' deadlines
         self.rdns_mode = rdns_mode
         self.deadline_seconds = deadline_seconds
         self.message_ttl_seconds = message_ttl_seconds
@@ -179,7 +181,7 @@ class FactFinder:
             if subject.instance:
                 self.messages.put(key, facts, self.message_ttl_seconds)
             return MessageFacts.known(self.clock, facts), False
-        message = MessageFacts(self.clock, self.deadline_seconds)
+        message = MessageFacts(self.clock, self.deadline_seconds, self.timeouts)
         if subject.instance and len(self.pending) < self.max_pending:
             self.pending[key] = message
             message.on_complete = functools.partial(self._complete, key)

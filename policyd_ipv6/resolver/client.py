@@ -40,6 +40,7 @@ from policyd_ipv6.live import Live, Setting
 from policyd_ipv6.resolver.reply import MalformedReply, Reply, parse_reply
 from policyd_ipv6.resolver.tries import TcpTry, Try
 from policyd_ipv6.resolver.wire import Nameserver, encode_name, encode_query, is_reply_to
+from policyd_ipv6.timeouts import Timeouts
 from policyd_ipv6.vocabulary import DelayedCall
 
 __all__ = ["DnsClient", "Nameserver", "ReplyTooLarge", "TransientDnsError", "MAX_REPLY_SIZE"]
@@ -81,6 +82,7 @@ class DnsClient:
         if not nameservers:
             raise ValueError("no nameservers")
         self.reactor = reactor
+        self.timeouts = Timeouts(reactor)  # each try's (one reactor timer per duration)
         self.nameservers = tuple(nameservers)
         self.timeout_seconds = timeout_seconds
         self.attempts = attempts

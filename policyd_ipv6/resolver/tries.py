@@ -1,8 +1,9 @@
 """A query's tries: what a UDP and a TCP try share, and the TCP try (RFC 7766).
 
 Contract: ``Try(query, server)`` is one attempt of ``client``'s query at one nameserver: it
-arms the query's timeout, ends exactly once (``stop()`` from outside; ``_fail(why)`` tells the
-query to go on to its next try) and closes what it opened (``_close``, the subclass's).
+arms the query's timeout (the client's ``timeouts``), ends exactly once (``stop()`` from
+outside; ``_fail(why)`` tells the query to go on to its next try) and closes what it opened
+(``_close``, the subclass's).
 ``TcpTry(query, server).start()`` sends the query over a new TCP connection with its two-byte
 length prefix (RFC 1035 §4.2.2) and reads one reply into one buffer: a reply whose length
 prefix is over the query's ``max_size`` is refused unread (``query.too_large``), a reply that
@@ -21,7 +22,7 @@ from twisted.internet import protocol
 
 from policyd_ipv6.resolver.reply import MalformedReply, Reply, parse_reply
 from policyd_ipv6.resolver.wire import Nameserver, is_reply_to
-from policyd_ipv6.vocabulary import DelayedCall
+from policyd_ipv6.timeouts import Timeout
 
 __all__ = ["Try", "TcpTry", "Query"]
 
@@ -30,7 +31,7 @@ class Query(Protocol):
     """What a try needs of its query (``client``'s): the client's reactor and timeout, the
     query on the wire, the largest reply the caller can use, and where each ending goes."""
 
-    client: Any  # its reactor and timeout_seconds
+    client: Any  # its reactor, timeouts and timeout_seconds
     wire: bytes
     max_size: int
 
@@ -51,12 +52,12 @@ class Try:
     def __init__(self, query: Query, server: Nameserver) -> None:
         self.query = query
         self.server = server
-        self.timer: DelayedCall | None = None
+        self.timer: Timeout | None = None
         self.done = False
 
     def _arm(self, why: str) -> None:
-        self.timer = self.query.client.reactor.callLater(self.query.client.timeout_seconds,
-                                                         self._fail, why)
+        client = self.query.client
+        self.timer = client.timeouts.call(client.timeout_seconds, self._fail, why)
 
     def _fail(self, why: str) -> None:
         """End this try as failed (once) and let the query go on to the next one."""
