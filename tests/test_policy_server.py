@@ -7,6 +7,7 @@ import pytest
 from fakes import FakeDnsClient
 from twisted.internet import defer, task
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from policyd_ipv6.checks.gather import FactFinder
 from policyd_ipv6.optin.table import parse_optin
@@ -227,14 +228,25 @@ def test_too_many_requests_ahead_of_replies():
     assert transport.disconnecting
 
 
-@pytest.mark.parametrize("how", ["raises", "fails later"])
+def _fails_later(attrs, deliver, failed):
+    try:
+        raise RuntimeError("bug")
+    except RuntimeError:
+        failed(Failure())
+
+
+def _replies_badly_later(attrs, deliver, failed):
+    deliver(SimpleNamespace(verdict=SimpleNamespace(action="DUNNO\nOK")))
+
+
+@pytest.mark.parametrize("how", ["raises", "fails later", "replies badly later"])
 def test_engine_bug_closes_without_reply(how):
-    """An internal error, raised at once or failing the Deferred, closes the connection without
-    a reply (Postfix retries), no crash."""
+    """An internal error, raised at once, reported to ``failed`` or found in the outcome the
+    engine delivers, closes the connection without a reply (Postfix retries), no crash."""
     h = Harness()
-    h.factory.engine.answer_now = (
-        (lambda attrs: (_ for _ in ()).throw(RuntimeError("bug"))) if how == "raises"
-        else (lambda attrs: defer.fail(RuntimeError("bug"))))
+    h.factory.engine.answer_with = {
+        "raises": lambda attrs, deliver, failed: (_ for _ in ()).throw(RuntimeError("bug")),
+        "fails later": _fails_later, "replies badly later": _replies_badly_later}[how]
     proto, transport = h.connect()
     try:
         proto.dataReceived(request())
@@ -248,7 +260,7 @@ def test_a_reply_that_cannot_be_encoded_closes_without_reply():
     connection without a reply, as a failed Deferred does, instead of escaping."""
     h = Harness()
     bad = SimpleNamespace(verdict=SimpleNamespace(action="DUNNO\nOK"))
-    h.factory.engine.answer_now = lambda attrs: bad
+    h.factory.engine.answer_with = lambda attrs, deliver, failed: bad
     proto, transport = h.connect()
     proto.dataReceived(request())
     assert transport.disconnecting and replies(transport) == []

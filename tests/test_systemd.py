@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 from lab.daemonproc import request
-from twisted.internet import defer, task
+from twisted.internet import task
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.testing import StringTransport
 
@@ -179,16 +179,15 @@ class SlowEngine:
     """Answers each request when the test says so."""
 
     def __init__(self):
-        self.waiting: list[defer.Deferred] = []
+        self.waiting: list = []
 
-    def answer_now(self, _request):
-        d: defer.Deferred = defer.Deferred()
-        self.waiting.append(d)
-        return d
+    def answer_with(self, _request, deliver, _failed):
+        self.waiting.append(deliver)
+        return None
 
     def settle(self, action="DUNNO"):
-        for d in self.waiting:
-            d.callback(SimpleNamespace(verdict=SimpleNamespace(action=action)))
+        for deliver in self.waiting:
+            deliver(SimpleNamespace(verdict=SimpleNamespace(action=action)))
         self.waiting.clear()
 
 

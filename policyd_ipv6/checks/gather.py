@@ -4,7 +4,8 @@ Contract: ``FactFinder.for_message(subject, rdns_mode)`` returns the ``MessageFa
 message the request belongs to, starting its lookups (reverse DNS and SPF concurrently) the
 first time; ``rdns_mode`` (an opt-in entry's ``rdns=`` option) overrides ``rdns_mode`` of the
 finder, and recipients of one message with different modes get facts of their own.
-``MessageFacts.when(need)`` returns a Deferred that fires (never fails) once that fact is known.
+``MessageFacts.wait(need, call)`` calls ``call(facts)`` once that fact is known (at once if it
+is), and ``MessageFacts.when(need)`` is the same as a Deferred that fires (never fails).
 When ``deadline_seconds`` pass before a fact is known, the fact becomes a temporary failure
 (rDNS ``TEMPFAIL``, SPF ``temperror``) with the detail "deadline": a slow lookup turns into
 451 4.4.3, never a hang and never a refusal.
@@ -23,13 +24,14 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Callable
+from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from policyd_ipv6.cache import ExpiringCache
 from policyd_ipv6.checks.rdns import lookup_rdns, rdns_known
-from policyd_ipv6.checks.spf import DEFAULT_LIMITS, Limits, SpfResults, check_spf
+from policyd_ipv6.checks.spf import DEFAULT_LIMITS, Limits, SpfResults, run_spf
 from policyd_ipv6.facts import Facts, RdnsFact, RdnsOutcome, SpfFact
 from policyd_ipv6.live import Live, Setting
 from policyd_ipv6.names import IPAddress
@@ -48,14 +50,15 @@ class MessageFacts:
     def __init__(self, clock: Clock, deadline_seconds: float, timeouts: Timeouts) -> None:
         self.facts = Facts()
         self.started = clock.seconds()
-        # Who waits for each fact (``when``). Two lists, not a dict keyed by Need: an Enum's
+        # Who waits for each fact (``wait``). Two lists, not a dict keyed by Need: an Enum's
         # hash is a Python call, and this runs for every message.
-        self._waiting_rdns: list[defer.Deferred[Facts]] = []
-        self._waiting_spf: list[defer.Deferred[Facts]] = []
+        self._waiting_rdns: list[Callable[[Facts], object]] = []
+        self._waiting_spf: list[Callable[[Facts], object]] = []
         self._timeouts, self._deadline_seconds = timeouts, deadline_seconds
         # Armed by start_deadline() once the checks are under way.
         self._timer: Timeout | None = None
-        self.work: list[defer.Deferred] = []  # the checks under way, cancelled at the deadline
+        # The checks under way (a Deferred, an SPF evaluation), cancelled at the deadline.
+        self.work: list[Any] = []
         # Called once with the facts when both are known (the finder files them away).
         self.on_complete: Callable[[Facts], None] | None = None
 
@@ -72,8 +75,16 @@ class MessageFacts:
         if self._known(need):
             return defer.succeed(self.facts)
         d: defer.Deferred[Facts] = defer.Deferred()
-        (self._waiting_rdns if need is Need.RDNS else self._waiting_spf).append(d)
+        self.wait(need, d.callback)
         return d
+
+    def wait(self, need: Need, call: Callable[[Facts], object]) -> None:
+        """Call ``call(self.facts)`` once ``need`` is known: now, if it is. ``call`` must not
+        raise (the engine's continuation catches its own errors)."""
+        if self._known(need):
+            call(self.facts)
+        else:
+            (self._waiting_rdns if need is Need.RDNS else self._waiting_spf).append(call)
 
     def _known(self, need: Need) -> bool:
         return (self.facts.rdns if need is Need.RDNS else self.facts.spf) is not None
@@ -100,8 +111,11 @@ class MessageFacts:
             waiting, self._waiting_rdns = self._waiting_rdns, []
         else:
             waiting, self._waiting_spf = self._waiting_spf, []
-        for d in waiting:
-            d.callback(self.facts)
+        for call in waiting:
+            try:
+                call(self.facts)
+            except Exception:  # a bug in one waiter must not keep the others waiting
+                _log.failure("internal error in a request waiting for facts")
 
     def start_deadline(self) -> None:
         """Arm the deadline, unless every fact is already known (answered from caches)."""
@@ -113,9 +127,8 @@ class MessageFacts:
         self.set_rdns(RdnsFact(RdnsOutcome.TEMPFAIL, detail="deadline reached"))
         self.set_spf(SpfFact(SpfResult.TEMPERROR, "deadline reached"))
         # Stop the checks still running: their answers can no longer change any reply.
-        for d in running:
-            if not d.called:
-                d.cancel()
+        for check in running:
+            check.cancel()  # a Deferred already fired, or an evaluation ended: no effect
 
 
 class FactFinder:
@@ -193,15 +206,19 @@ class FactFinder:
             rdns.addCallback(message.set_rdns)
             rdns.addErrback(self._bug, "reverse DNS check", message.set_rdns,
                             RdnsFact(RdnsOutcome.TEMPFAIL, detail="internal error"))
-        if known is not None:
-            message.set_spf(known)
+        if known is None:
+            try:
+                spf = run_spf(self.lookups, *inputs, self.spf_limits,
+                              functools.partial(self._spf_done, message, inputs))
+            except Exception:
+                _log.failure("internal error in the SPF check")
+                spf = SpfFact(SpfResult.TEMPERROR, "internal error")
+            if isinstance(spf, SpfFact):
+                self._spf_done(message, inputs, spf)
+            else:
+                message.work.append(spf)
         else:
-            spf = check_spf(self.lookups, *inputs, self.spf_limits)
-            message.work.append(spf)
-            spf.addCallback(self._remember_spf, inputs)
-            spf.addCallback(message.set_spf)
-            spf.addErrback(self._bug, "SPF check", message.set_spf,
-                           SpfFact(SpfResult.TEMPERROR, "internal error"))
+            message.set_spf(known)
         message.start_deadline()
         return message, False
 
@@ -210,10 +227,14 @@ class FactFinder:
         self.pending.pop(key, None)
         self.messages.put(key, facts, self.message_ttl_seconds)
 
-    def _remember_spf(self, fact: SpfFact, inputs: tuple[IPAddress, str, str]) -> SpfFact:
-        ip, sender, helo = inputs
-        self.spf_results.put(ip, sender, helo, fact)
-        return fact
+    def _spf_done(self, message: MessageFacts, inputs: tuple[IPAddress, str, str],
+                  fact: SpfFact) -> None:
+        """The SPF evaluation ended: keep its result for reuse, and set the message's fact."""
+        try:
+            self.spf_results.put(*inputs, fact)
+        except Exception:  # a bug: the fact still goes to the message (not kept)
+            _log.failure("internal error keeping an SPF result")
+        message.set_spf(fact)
 
     def _bug(self, failure, what: str, setter, fallback) -> None:
         if failure.check(defer.CancelledError):

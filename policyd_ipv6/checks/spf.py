@@ -1,7 +1,11 @@
 """The SPF check (RFC 7208), driven without blocking the reactor.
 
 Contract: ``check_spf(lookups, ip, sender, helo, limits)`` returns a Deferred that always fires
-with an ``SpfFact``; it never fails. The identity is the MAIL FROM; for the null sender it is
+with an ``SpfFact``; it never fails. ``run_spf(lookups, ip, sender, helo, limits, deliver)`` is
+the same without a Deferred (the fact finder's way in, once per cold message): the
+``SpfFact`` at once when the evaluation needs nothing it has to wait for (``deliver`` is then
+never called), otherwise the evaluation under way, which calls ``deliver(fact)`` once unless
+its ``cancel()`` came first. The identity is the MAIL FROM; for the null sender it is
 ``postmaster@<HELO>`` (RFC 7208 §2.4), and a HELO that is not a domain name gives ``none``.
 Both domains are evaluated in their ``names.domain_key`` form (A-labels, lower case, no
 trailing dot: RFC 7208 §4.3), which the macros see too; the fact keeps the sender as written.
@@ -35,7 +39,7 @@ from __future__ import annotations
 
 import functools
 import time
-import weakref
+from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from twisted.internet import defer
@@ -48,7 +52,7 @@ from policyd_ipv6.facts import SpfFact
 from policyd_ipv6.names import IPAddress, domain_key, helo_domain, recipient_domain
 from policyd_ipv6.vocabulary import Answer, Clock, DnsStatus, Lookups, SpfResult, Waiter
 
-__all__ = ["check_spf", "SpfResults", "MAX_QUESTIONS", "Limits", "TXT_REPLY_OVERHEAD"]
+__all__ = ["check_spf", "run_spf", "SpfResults", "MAX_QUESTIONS", "Limits", "TXT_REPLY_OVERHEAD"]
 
 _log = Logger(namespace="policyd-ipv6")
 
@@ -60,31 +64,46 @@ MAX_QUESTIONS = 150
 # set of ``txt_bytes`` of text fits in ``txt_bytes`` + this.
 TXT_REPLY_OVERHEAD = 4096
 DEFAULT_LIMITS = Limits()
+# What a cancelled evaluation holds as its fact: it never reaches anyone.
+_CANCELLED = SpfFact(SpfResult.TEMPERROR, "cancelled")
 
 
-def check_spf(lookups: Lookups, ip: IPAddress, sender: str, helo: str,
-              limits: Limits = DEFAULT_LIMITS) -> defer.Deferred[SpfFact]:
+def run_spf(lookups: Lookups, ip: IPAddress, sender: str, helo: str, limits: Limits,
+            deliver: Callable[[SpfFact], object]) -> SpfFact | _Evaluation:
     """See the module docstring."""
     helo_name = helo_domain(helo)
     if not sender:
         if helo_name is None:
-            return defer.succeed(SpfFact(SpfResult.NONE,
-                                         "null sender and the HELO is not a domain name",
-                                         "postmaster@" + helo[:100]))
+            return SpfFact(SpfResult.NONE, "null sender and the HELO is not a domain name",
+                           "postmaster@" + helo[:100])
         identity = "postmaster@" + helo_name
     else:
         identity = sender
         domain = recipient_domain(sender)
         key = None if domain is None else domain_key(domain)
         if key is None:
-            return defer.succeed(SpfFact(SpfResult.NONE, "the sender's domain is not a domain name",
-                                         sender))
+            return SpfFact(SpfResult.NONE, "the sender's domain is not a domain name", sender)
         # Evaluated at the domain's A-labels without the trailing dot, as its own macros
         # (%{s} %{o} %{d}) see it: RFC 7208 §4.3 (an IDN MUST be encoded as A-labels; a
         # trailing dot is a fully qualified name). Postfix passes a SMTPUTF8 sender's U-labels
         # and the dot unchanged; the fact names the sender as the client wrote it.
         sender = sender.rpartition("@")[0] + "@" + key
-    return _Evaluation(lookups, ip, sender, helo_name or "unknown", identity, limits).start()
+    return _Evaluation(lookups, ip, sender, helo_name or "unknown", identity, limits).start(
+        deliver)
+
+
+def check_spf(lookups: Lookups, ip: IPAddress, sender: str, helo: str,
+              limits: Limits = DEFAULT_LIMITS) -> defer.Deferred[SpfFact]:
+    """See the module docstring: ``run_spf`` as a Deferred; cancelling it stops the
+    evaluation."""
+    running: _Evaluation | None = None
+    result: defer.Deferred[SpfFact] = defer.Deferred(
+        lambda _d: None if running is None else running.cancel())
+    got = run_spf(lookups, ip, sender, helo, limits, result.callback)
+    if isinstance(got, SpfFact):
+        return defer.succeed(got)
+    running = got
+    return result
 
 
 _PREFETCH_TYPES = {"include": "TXT", "redirect": "TXT", "a": None, "mx": "MX", "exists": "A"}
@@ -126,17 +145,25 @@ class _Evaluation:
         # and the one the evaluator is stopped on (None while it runs or once it ended).
         self.asked: dict[tuple[str, str], Waiter] = {}
         self.waiting: tuple[str, str] | None = None
-        # Cancelling (the decision's deadline passed) stops the evaluation at its next step.
-        # Reached weakly: a canceller naming this evaluation would make a reference cycle
-        # (left to the garbage collector after every evaluation); while it runs, the lookups
-        # it waits on hold it.
-        cancel = weakref.WeakMethod(self._cancel_asked)
-        self.result: defer.Deferred[SpfFact] = defer.Deferred(
-            lambda _d: None if (method := cancel()) is None else method())
+        # Where the fact goes; None once it went, or once cancelled (the decision's deadline
+        # passed: the evaluation stops at its next step). ``fact`` holds it while ``start``
+        # runs, to be returned instead.
+        self.deliver: Callable[[SpfFact], object] | None = None
+        self.fact: SpfFact | None = None
 
-    def start(self) -> defer.Deferred[SpfFact]:
+    def start(self, deliver: Callable[[SpfFact], object]) -> SpfFact | _Evaluation:
+        """Run until the first answer to wait for: the fact if it ended first, else self."""
         self._resume(None)
-        return self.result
+        if self.fact is not None:
+            return self.fact
+        self.deliver = deliver
+        return self
+
+    def cancel(self) -> None:
+        """Stop: ``deliver`` is never called, and the lookups still asked are withdrawn."""
+        self.deliver = None
+        self.fact = self.fact or _CANCELLED
+        self._cancel_asked()
 
     def _ask(self, key: tuple[str, str]) -> Answer | None:
         """Look ``key`` up unless it is asked already (a TXT reply bounded by what the cap can
@@ -210,15 +237,18 @@ class _Evaluation:
         if verdict.result == SpfResult.PERMERROR and "TXT records over" in verdict.explanation:
             _log.warn("SPF for {identity}: {why}{size}", identity=self.identity,
                       why=verdict.explanation, size=self.too_large)
-        if not self.result.called:
+        if self.fact is None:
             explanation = verdict.explanation
             if len(explanation) > MAX_EXPLANATION:
                 explanation = explanation[:MAX_EXPLANATION - 3] + "..."
-            self.result.callback(SpfFact(SpfResult(verdict.result), explanation,
-                                         self.identity, len(self.answers), ttl, verdict.macros))
+            self.fact = SpfFact(SpfResult(verdict.result), explanation, self.identity,
+                                len(self.answers), ttl, verdict.macros)
+            deliver, self.deliver = self.deliver, None
+            if deliver is not None:  # None while start() runs: it returns the fact itself
+                deliver(self.fact)
 
     def _arrived(self, answer: Answer, key: tuple[str, str]) -> None:
-        if self.result.called:  # cancelled: nobody waits for this evaluation any more
+        if self.fact is not None:  # cancelled: nobody waits for this evaluation any more
             self.steps.close()
             return
         if answer.too_large:  # only TXT replies are bounded: over the cap, unread

@@ -26,6 +26,7 @@ unreachable, a broken answer, abandoned at the decision's deadline).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import dns.message
@@ -113,6 +114,14 @@ class CountingEngine:
         if isinstance(outcome, defer.Deferred):
             return outcome.addCallback(self._count)
         return self._count(outcome)
+
+    def answer_with(self, attributes: dict[str, str], deliver, failed):
+        outcome = self.engine.answer_with(attributes, functools.partial(self._counted, deliver),
+                                          failed)
+        return None if outcome is None else self._count(outcome)
+
+    def _counted(self, deliver, outcome) -> None:
+        deliver(self._count(outcome))
 
     def _count(self, outcome):
         try:

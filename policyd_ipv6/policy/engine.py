@@ -5,10 +5,13 @@ an ``Outcome``: the ``Verdict`` and what the log line reports. ``answer_now(attr
 same decision without the Deferred when it can be made at once: it returns the ``Outcome``
 itself when no fact is needed or every needed fact is already known (from the caches or
 another recipient of the message), else a Deferred as ``answer`` does; it may raise where
-``answer`` would fail. It asks ``decide`` first with no facts; only when the table needs one
-does it start (or join) the message's lookups, and it decides again each time a needed fact
-arrives. It holds no socket and writes no reply: the Twisted adapter (``policy.server``) does
-that, through ``answer_now``; the ``check`` command uses ``answer``.
+``answer`` would fail. ``answer_with(attributes, deliver, failed)`` is ``answer_now`` without
+the Deferred: the ``Outcome`` when it is known at once, else None, and later one call of
+``deliver(outcome)`` or, on a bug, of ``failed(failure)``. It asks ``decide`` first with no
+facts; only when the table needs one does it start (or join) the message's lookups, and it
+decides again each time a needed fact arrives. It holds no socket and writes no reply: the
+Twisted adapter (``policy.server``) does that, through ``answer_with``; the ``check`` command
+uses ``answer``.
 
 With a ``sessions`` registry (the built-in milter is configured), a request about a message
 the milter is collecting may be answered DUNNO although SPF failed (the milter checks DKIM at
@@ -28,11 +31,13 @@ the same name) chooses which decisions are logged; ``policyd_ipv6.report`` reads
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
 
 from policyd_ipv6.facts import Facts
 from policyd_ipv6.live import Live, Setting
@@ -130,6 +135,12 @@ class PolicyEngine:
         return outcome if isinstance(outcome, defer.Deferred) else defer.succeed(outcome)
 
     def answer_now(self, attributes: dict[str, str]) -> Outcome | defer.Deferred[Outcome]:
+        result: defer.Deferred[Outcome] = defer.Deferred()
+        outcome = self.answer_with(attributes, result.callback, result.errback)
+        return result if outcome is None else outcome
+
+    def answer_with(self, attributes: dict[str, str], deliver: Callable[[Outcome], object],
+                    failed: Callable[[Failure], object]) -> Outcome | None:
         start = self.clock.seconds()
         subject = Subject.from_request(attributes)
         optin = self.optin()
@@ -141,47 +152,19 @@ class PolicyEngine:
         if first is not Need.RDNS and first is not Need.SPF:  # pragma: no cover
             raise AssertionError(first)
         message, shared = self.finder.for_message(subject, entry_rdns(entry))
-        source = "shared" if shared else "new"
-        milter = self._milter_message(attributes)
-        result: defer.Deferred[Outcome] | None = None
-
-        # step is handed itself (again) instead of naming itself: a closure that names itself
-        # is a reference cycle, left for the garbage collector after every decision.
-        def step(_ignored: object, again: Any) -> Outcome | None:
-            nonlocal result
-            # Asked again at each step: if the milter's message ended while the lookups ran
-            # (connection lost), nobody will check DKIM, so SPF alone decides.
-            pending = milter is not None and milter.open
-            facts = message.facts
-            if facts.dkim_pending != pending:
-                facts = Facts(facts.rdns, facts.spf, pending)
-            verdict = decide(subject, facts, policy, optin, policy.resume_at, entry)
-            if isinstance(verdict, Need):
-                if result is None:
-                    result = defer.Deferred()
-                # A bug in a later step fails the answer (the server closes without a reply:
-                # Postfix retries, then defers) instead of leaving the connection waiting.
-                message.when(verdict).addCallback(again, again).addErrback(result.errback)
-                return None
-            if pending:
-                milter.record(subject, verdict, facts)  # read back at end of message
-            outcome = self._done(verdict, subject, facts, source, start)
-            if result is not None:
-                result.callback(outcome)
-            return outcome
-
+        walk = _Walk(self, subject, message, policy, optin, entry,
+                     self._milter_message(attributes), "shared" if shared else "new", start)
         known = message.facts.rdns if first is Need.RDNS else message.facts.spf
         if known is None:
             # Still unknown, so a walk from resume_at would stop at the same fact (the rules
             # before it need none): wait for it without walking again.
-            result = defer.Deferred()
-            message.when(first).addCallback(step, step).addErrback(result.errback)
-            return result
-        outcome = step(None, step)  # every fact needed already known: no Deferred at all
-        if outcome is not None:
-            return outcome
-        assert result is not None
-        return result
+            walk.deliver, walk.failed = deliver, failed
+            message.wait(first, walk)
+            return None
+        outcome = walk.step()  # every fact needed already known: decided now
+        if outcome is None:
+            walk.deliver, walk.failed = deliver, failed
+        return outcome
 
     def _milter_message(self, attributes: dict[str, str]):
         """The built-in milter's record of this request's message (``sessions``), or None."""
@@ -197,6 +180,54 @@ class PolicyEngine:
         if logged(self.log_decisions, subject, verdict):
             _log_decision(outcome.log_line())
         return outcome
+
+
+class _Walk:
+    """The rest of a request's decision once it waits for a fact: each call (the fact came)
+    walks the table again from ``resume_at``; the verdict goes to ``deliver``, a bug to
+    ``failed`` (a plain object, not a closure naming itself: no reference cycle per request)."""
+
+    __slots__ = ("engine", "subject", "message", "policy", "optin", "entry", "milter", "source",
+                 "start", "deliver", "failed")
+
+    def __init__(self, engine: PolicyEngine, subject: Subject, message: Any, policy: Policy,
+                 optin: Any, entry: Any, milter: Any, source: str, start: float) -> None:
+        self.engine, self.subject, self.message = engine, subject, message
+        self.policy, self.optin, self.entry = policy, optin, entry
+        self.milter, self.source, self.start = milter, source, start
+        self.deliver: Callable[[Outcome], object] | None = None
+        self.failed: Callable[[Failure], object] | None = None
+
+    def __call__(self, _facts: Facts) -> None:
+        try:
+            outcome = self.step()
+        except Exception:
+            failed, self.failed, self.deliver = self.failed, None, None
+            if failed is not None:
+                failed(Failure())
+            return
+        if outcome is not None:
+            deliver, self.deliver, self.failed = self.deliver, None, None
+            if deliver is not None:
+                deliver(outcome)
+
+    def step(self) -> Outcome | None:
+        """The Outcome, or None when it waits for the next fact (this is called again)."""
+        # Asked again at each step: if the milter's message ended while the lookups ran
+        # (connection lost), nobody will check DKIM, so SPF alone decides.
+        milter = self.milter
+        pending = milter is not None and milter.open
+        facts = self.message.facts
+        if facts.dkim_pending != pending:
+            facts = Facts(facts.rdns, facts.spf, pending)
+        verdict = decide(self.subject, facts, self.policy, self.optin, self.policy.resume_at,
+                         self.entry)
+        if isinstance(verdict, Need):
+            self.message.wait(verdict, self)
+            return None
+        if pending:
+            milter.record(self.subject, verdict, facts)  # read back at end of message
+        return self.engine._done(verdict, self.subject, facts, self.source, self.start)
 
 
 def _log_decision(line: str) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 
-from twisted.internet import defer, protocol
+from twisted.internet import protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -88,17 +88,21 @@ class PolicyProtocol(TimedConnection, protocol.Protocol):
         if self.busy or self.closed or not self.queue:
             return
         self.busy = True
-        # Decided at once when every fact is known (the warm path: no Deferred at all).
+        # Decided at once when every fact is known (the warm path), else the engine calls
+        # _answered (or _failed) when the facts came; no Deferred either way.
         try:
-            outcome = self.factory.engine.answer_now(self.queue.popleft())
-            if not isinstance(outcome, defer.Deferred):
+            outcome = self.factory.engine.answer_with(self.queue.popleft(), self._answered,
+                                                      self._failed)
+            if outcome is not None:
                 self._reply(outcome)
-                return
         except Exception:
             self._failed(Failure())
-            return
-        outcome.addCallback(self._reply)
-        outcome.addErrback(self._failed)
+
+    def _answered(self, outcome) -> None:
+        try:
+            self._reply(outcome)
+        except Exception:
+            self._failed(Failure())
 
     def _reply(self, outcome) -> None:
         self.busy = False
