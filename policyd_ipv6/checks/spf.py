@@ -38,6 +38,7 @@ traceback: hostile input never escapes as anything else.
 from __future__ import annotations
 
 import functools
+import re
 import time
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address, ip_address
@@ -107,6 +108,10 @@ def check_spf(lookups: Lookups, ip: IPAddress, sender: str, helo: str,
 
 
 _PREFETCH_TYPES = {"include": "TXT", "redirect": "TXT", "a": None, "mx": "MX", "exists": "A"}
+# A term that may name a lookup (_PREFETCH_TYPES), with its qualifier: every one that
+# _named_lookups can yield matches (and some it then skips: macros, a redirect beside "all").
+_NAMED_TERM = re.compile(r"(?:^|\s)[-+~?]?(?:include|redirect|a|mx|exists)(?=[:=/\s]|$)",
+                         re.IGNORECASE)
 
 
 def _named_lookups(record: str, domain: str, address_type: str):
@@ -264,7 +269,9 @@ class _Evaluation:
     def _prefetch(self, key: tuple[str, str], answer: Answer) -> None:
         """Ask now for what the evaluation will ask next, so that its lookups overlap instead of
         queuing one round trip after another: the addresses of MX exchanges, and the names a
-        record's mechanisms name (macro-free ones only; at most 10, as RFC 7208 §4.6.4)."""
+        record's mechanisms name (macro-free ones only; at most 10, as RFC 7208 §4.6.4).
+        Only two or more: the evaluator asks for a single one itself when it gets there, no
+        later, and not at all when an earlier term (an ip6:, say) already matched."""
         address_type = self.address_type
         wanted: list[tuple[str, str]] = []
         if key[1] == "MX":
@@ -273,8 +280,11 @@ class _Evaluation:
             for record in answer.values:
                 text = b"".join(record).decode("ascii", "replace")
                 if text.lower().startswith("v=spf1 "):
-                    wanted = list(_named_lookups(text, key[0], address_type))[:10]
+                    if len(_NAMED_TERM.findall(text)) > 1:  # at C speed: most records have none
+                        wanted = list(_named_lookups(text, key[0], address_type))[:10]
                     break
+        if len(wanted) < 2:
+            return
         for question in wanted:
             if question not in self.answers:
                 self._ask(question)

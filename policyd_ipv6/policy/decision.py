@@ -327,11 +327,20 @@ RULES: tuple[Rule, ...] = (
     _R(_K.PASS, (), lambda s, f, p, e: True, _dunno),
 )
 
-_FACT_OF = {Need.RDNS: "rdns", Need.SPF: "spf"}
-# The table as the walk reads it, computed once: each rule's needs as (fact attribute, Need)
-# pairs, then its fields as plain tuple items (read for every rule of every request).
-_STEPS = tuple((tuple((_FACT_OF[n], n) for n in rule.needs), rule.applies, rule.reply,
-                rule.kind, rule.name) for rule in RULES)
+# A fact's bit in the masks of the walk: set in ``missing`` while the fact is unknown.
+_BIT = {Need.RDNS: 1, Need.SPF: 2}
+
+
+def _first_missing(needs: tuple[Need, ...]) -> tuple[Need | None, ...]:
+    """For each ``missing`` mask (0-3), the first of ``needs`` it has: the Need to return."""
+    return tuple(next((n for n in needs if _BIT[n] & missing), None) for missing in range(4))
+
+
+# The table as the walk reads it, computed once: each rule's needs as a mask of bits and the
+# Need to return for each mask of missing facts, then its fields as plain tuple items (read
+# for every rule of every request).
+_STEPS = tuple((sum(_BIT[n] for n in rule.needs), _first_missing(rule.needs), rule.applies,
+                rule.reply, rule.kind, rule.name) for rule in RULES)
 
 
 # Rules before this index need no fact: once a walk has passed them (and returned a Need), a
@@ -375,10 +384,11 @@ def decide(subject: Subject, facts: Facts, policy: Policy, optin: Optin,
     reported = _EVERY_KIND if report else policy.report_only_rules
     would = ""
     steps = policy._walks.get(start)
-    for needs, applies, reply, kind, name in (walk(policy, start) if steps is None else steps):
-        for attribute, need in needs:
-            if getattr(facts, attribute) is None:
-                return need
+    missing = (facts.rdns is None) | ((facts.spf is None) << 1)
+    for needs, first, applies, reply, kind, name in (walk(policy, start) if steps is None
+                                                     else steps):
+        if needs & missing:
+            return first[missing]
         if not applies(subject, facts, policy, entry):
             continue
         action = reply(subject, facts, policy)
