@@ -29,7 +29,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from policyd_ipv6.cache import ExpiringCache
+from policyd_ipv6.cache import MEMO, ExpiringCache
 from policyd_ipv6.checks.rdns import lookup_rdns, rdns_known
 from policyd_ipv6.checks.spf import DEFAULT_LIMITS, Limits, SpfResults, run_spf
 from policyd_ipv6.facts import Facts, RdnsFact, RdnsOutcome, SpfFact
@@ -155,7 +155,7 @@ class FactFinder:
         self.pending: dict[tuple[object, ...], MessageFacts] = {}
         self.max_pending = max_messages
         self.messages: ExpiringCache[tuple[object, ...], Facts] = ExpiringCache(
-            max_messages, clock, pack=Facts.packed, unpack=Facts.unpacked)
+            max_messages, clock, pack=Facts.packed, unpack=Facts.unpacked, memo=MEMO)
         # A repeat sender (same IP and domain) costs no SPF run while its answers are fresh.
         self.spf_results = SpfResults(max_messages, clock)
         self._unique = itertools.count()

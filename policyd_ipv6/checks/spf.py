@@ -46,7 +46,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from policyd_ipv6.cache import ExpiringCache
+from policyd_ipv6.cache import MEMO, ExpiringCache
 from policyd_ipv6.checks.spf_eval import MAX_EXPLANATION, Limits, Verdict, check_host
 from policyd_ipv6.checks.spf_terms import SpfPermError
 from policyd_ipv6.facts import SpfFact
@@ -302,7 +302,8 @@ class SpfResults:
 
     def __init__(self, max_entries: int, clock: Clock) -> None:
         self.cache: ExpiringCache[tuple[object, ...], SpfFact] = ExpiringCache(
-            max_entries, clock, pack=SpfFact.packed, unpack=SpfFact.unpacked)
+            max_entries, clock, pack=SpfFact.packed, unpack=SpfFact.unpacked,
+            memo=MEMO)
         self.hits = 0
         self.misses = 0
 
