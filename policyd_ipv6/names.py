@@ -33,7 +33,9 @@ __all__ = ["client_ip", "recipient_domain", "domain_key", "host_name", "helo_dom
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # RFC 1035 §2.3.4 limits; underscores are allowed because SPF and DKIM names use them.
-_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
+_LABEL = r"(?!-)[a-z0-9_-]{1,63}(?<!-)"
+# A whole name of such labels, matched in one call (``\Z``: a newline at the end is no label).
+_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\Z")
 _MAX_NAME = 253
 
 
@@ -94,7 +96,7 @@ def domain_key(domain: str) -> str | None:
     domain = domain.lower()
     if len(domain) > _MAX_NAME:
         return None
-    if not all(_LABEL.match(label) for label in domain.split(".")):
+    if _NAME.match(domain) is None:
         return None
     return domain
 

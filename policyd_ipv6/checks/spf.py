@@ -235,10 +235,18 @@ class _Evaluation:
 
     def _finish(self, verdict: Verdict) -> None:
         self._cancel_asked()
-        # A result built on a temporary failure must not be reused.
-        reusable = verdict.result != SpfResult.TEMPERROR and all(
-            a.status != DnsStatus.TEMPFAIL for a in self.answers.values())
-        ttl = min((a.ttl for a in self.answers.values()), default=0.0) if reusable else 0.0
+        # A result built on a temporary failure must not be reused; else it lasts as long as
+        # the shortest TTL of its answers (one loop: this runs once per cold message).
+        ttl = 0.0
+        if verdict.result != SpfResult.TEMPERROR:
+            shortest = None
+            for answer in self.answers.values():
+                if answer.status == DnsStatus.TEMPFAIL:
+                    break
+                if shortest is None or answer.ttl < shortest:
+                    shortest = answer.ttl
+            else:
+                ttl = 0.0 if shortest is None else shortest
         if verdict.result == SpfResult.PERMERROR and "TXT records over" in verdict.explanation:
             _log.warn("SPF for {identity}: {why}{size}", identity=self.identity,
                       why=verdict.explanation, size=self.too_large)

@@ -29,6 +29,7 @@ import ipaddress
 import re
 from collections.abc import Generator
 from dataclasses import dataclass, replace
+from itertools import chain
 from typing import Any
 
 from policyd_ipv6.checks.spf_macros import check_domain_spec, expand, needs_p
@@ -133,7 +134,7 @@ class _Evaluation:
         name = name[:-1] if name.endswith(".") else name
         if not name:
             raise SpfPermError("Invalid query")
-        if not all(0 < len(label) < 64 for label in name.split(".")):
+        if not _carriable(name):
             return []  # a name DNS cannot carry has no records (RFC 7208 §4.3)
         name = name.lower()
         answer = yield name, rrtype
@@ -141,7 +142,7 @@ class _Evaluation:
             raise SpfTempError(f"DNS {rrtype} {name}: {answer.detail}")
         values = list(answer.values) if answer.status == DnsStatus.OK else []
         if rrtype == "TXT":
-            self.txt_bytes += sum(len(s) for record in values for s in record)
+            self.txt_bytes += sum(map(len, chain.from_iterable(values)))
             if self.txt_bytes > self.limits.txt_bytes:
                 raise SpfPermError(f"TXT records over {self.limits.txt_bytes} bytes", name)
         if not values and count_void:
@@ -156,7 +157,7 @@ class _Evaluation:
 
     def spf_record(self, domain: str) -> Steps:
         """The domain's SPF record (RFC 7208 §4.5), None without one."""
-        if not all(0 < len(label) < 64 for label in domain.split(".")):
+        if not _carriable(domain):
             return None
         found = [t for t in (yield from self.txt(domain)) if _SPF_RECORD.match(t)]
         if len(found) > 1:
@@ -315,6 +316,12 @@ class _Evaluation:
             return (yield from self.expand(text, domain, True, MAX_EXPLANATION + 1))
         except SpfError:
             return None
+
+
+def _carriable(name: str) -> bool:
+    """Whether DNS can carry ``name``: no empty label, none over 63 characters."""
+    labels = name.split(".")
+    return "" not in labels and max(map(len, labels)) < 64
 
 
 def _with_target(mechanism: Mechanism, target: str) -> Mechanism:

@@ -300,7 +300,9 @@ def resolve(reply: Reply) -> Resolution:
     if found is not None:
         if nxdomain:
             return Resolution("answer-for-nxdomain")
-        return Resolution("answer", tuple(_value(qtype, v) for v in found.values), ttl)
+        if qtype in _NAME_TYPES or qtype == MX:
+            return Resolution("answer", tuple(_value(qtype, v) for v in found.values), ttl)
+        return Resolution("answer", tuple(found.values), ttl)  # TXT, A, AAAA: as read
     soas = {r.owner: r for r in reply.authority if r.rtype == SOA and r.rclass == qclass}
     zone = qname
     while True:
