@@ -271,3 +271,27 @@ def test_a_resumed_walk_stops_at_the_first_need_while_that_fact_is_unknown():
                     waited += 1
                     assert decide(s, f, policy, OPTIN, policy.resume_at) is first, (values, s, f)
     assert waited > 100
+
+
+def test_a_subject_from_a_request_has_every_field_and_defaults():
+    """from_request fills every field of Subject: the copied attributes, the derived ip and
+    recipient domain; missing attributes are empty ("unknown" for the client's names)."""
+    import dataclasses
+
+    from policyd_ipv6.policy.decision import _COPIED
+
+    names = {f.name for f in dataclasses.fields(Subject)}
+    assert names == set(_COPIED) | {"ip", "recipient_domain"}
+    bare = Subject.from_request({"request": "smtpd_access_policy"})
+    assert vars(bare).keys() == names
+    assert (bare.protocol_state, bare.ip, bare.recipient_domain, bare.client_name,
+            bare.reverse_client_name, bare.queue_id) == ("", None, None, "unknown", "unknown", "")
+    full = Subject.from_request({"protocol_state": "rcpt", "client_address": "2001:db8::1",
+                                 "recipient": "a@Contoso.com", "client_name": "",
+                                 "reverse_client_name": "mx.example", "extra": "ignored"})
+    assert (full.protocol_state, str(full.ip), full.recipient_domain, full.client_name,
+            full.reverse_client_name) == ("RCPT", "2001:db8::1", "contoso.com", "unknown",
+                                          "mx.example")
+    assert full == Subject.from_request(dict(reversed(list({
+        "protocol_state": "rcpt", "client_address": "2001:db8::1", "recipient": "a@Contoso.com",
+        "client_name": "", "reverse_client_name": "mx.example"}.items()))))

@@ -39,6 +39,7 @@ import enum
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, Protocol
 
 from policyd_ipv6.facts import Facts, RdnsFact, RdnsOutcome, SpfFact
@@ -46,7 +47,7 @@ from policyd_ipv6.names import IPAddress, client_ip, domain_key, recipient_domai
 from policyd_ipv6.optin.table import OptinEntry, OptinTable, parse_optin
 from policyd_ipv6.policy.replies import LONGEST, Replies
 from policyd_ipv6.text import printable
-from policyd_ipv6.vocabulary import REPORTABLE_RULES, PolicyRule, SpfResult, filled
+from policyd_ipv6.vocabulary import REPORTABLE_RULES, PolicyRule, SpfResult
 
 __all__ = ["Subject", "Policy", "Verdict", "Need", "decide", "RULES", "FACT_RULES", "DUNNO",
            "rdns_mode", "entry_rdns"]
@@ -80,29 +81,17 @@ class Subject:
     @classmethod
     def from_request(cls, attrs: dict[str, str]) -> Subject:
         """Build a Subject from decoded request attributes; missing ones are empty."""
-        get = attrs.get
-        recipient = get("recipient", "")
-        client_address = get("client_address", "")
-        # Every field, set once through the instance dict (``filled``): the generated __init__
-        # of a frozen dataclass costs a call of object.__setattr__ per field, on every request.
-        subject: Subject = filled(
-            cls,
-            protocol_state=get("protocol_state", "").upper(),
-            client_address=client_address,
-            ip=client_ip(client_address),
-            helo_name=get("helo_name", ""),
-            sender=get("sender", ""),
-            recipient=recipient,
-            recipient_domain=recipient_domain(recipient),
-            sasl_username=get("sasl_username", ""),
-            instance=get("instance", ""),
-            reverse_client_name=get("reverse_client_name", "unknown") or "unknown",
-            client_name=get("client_name", "unknown") or "unknown",
-            ccert_fingerprint=get("ccert_fingerprint", ""),
-            ccert_pubkey_fingerprint=get("ccert_pubkey_fingerprint", ""),
-            encryption_protocol=get("encryption_protocol", ""),
-            queue_id=get("queue_id", ""),
-        )
+        # The attributes copied as they are, read in C (one merge with the defaults, one
+        # itemgetter): sixteen dict.get calls were a tenth of a warm decision. The instance
+        # dict is set once (no generated __init__: an object.__setattr__ per field).
+        fields = dict(zip(_COPIED, _read_copied({**_COPIED_DEFAULTS, **attrs})))
+        fields["protocol_state"] = fields["protocol_state"].upper()
+        fields["ip"] = client_ip(fields["client_address"])
+        fields["recipient_domain"] = recipient_domain(fields["recipient"])
+        fields["reverse_client_name"] = fields["reverse_client_name"] or "unknown"
+        fields["client_name"] = fields["client_name"] or "unknown"
+        subject: Subject = object.__new__(cls)
+        subject.__dict__.update(fields)
         return subject
 
     def local_part(self) -> str:
@@ -110,6 +99,15 @@ class Subject:
         if self.recipient_domain is None:
             return ""
         return self.recipient.strip().strip("<>").rpartition("@")[0].casefold()
+
+
+# The request attributes a Subject keeps under their own names (SMTPD_POLICY_README), read at
+# once by from_request; ip and recipient_domain are derived.
+_COPIED = ("protocol_state", "client_address", "helo_name", "sender", "recipient",
+           "sasl_username", "instance", "reverse_client_name", "client_name",
+           "ccert_fingerprint", "ccert_pubkey_fingerprint", "encryption_protocol", "queue_id")
+_COPIED_DEFAULTS = dict.fromkeys(_COPIED, "")
+_read_copied = itemgetter(*_COPIED)
 
 
 @dataclass(frozen=True)
