@@ -62,3 +62,18 @@ def test_every_line_carries_its_priority_on_the_journal(tmp_path, monkeypatch, j
     else:
         assert lines[:4] == ["debug debug", "info info", "warn warn", "error failed"]
         assert lines[-1] == "    builtins.ValueError: boom"
+
+
+@pytest.mark.parametrize("journal", [False, True])
+@pytest.mark.parametrize("level", ["info", "warn"])
+def test_decision_lines_take_a_short_path_to_the_same_text(journal, level):
+    """A decision line (preformatted "{line}", info) is written exactly as the general path
+    writes it (which a log_failure key, even None, forces), or dropped alike."""
+    event = {"line": 'decision client=2001:db8::1 helo="x" rule=pass reply="DUNNO"',
+             "log_level": LogLevel.info, "log_namespace": "policyd-ipv6",
+             "log_format": "{line}", "log_time": 0.0}
+    short, general = io.StringIO(), io.StringIO()
+    _LineObserver(short, level, journal=journal)(dict(event))
+    _LineObserver(general, level, journal=journal)(dict(event, log_failure=None))
+    assert short.getvalue() == general.getvalue()
+    assert (short.getvalue() != "") == (level == "info")

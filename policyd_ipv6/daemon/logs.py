@@ -55,6 +55,14 @@ class _LineObserver:
         self.flush_pending = False
 
     def __call__(self, event) -> None:
+        if (event.get("log_format") == "{line}" and event.get("log_level") is LogLevel.info
+                and "log_failure" not in event and "\n" not in event["line"]):
+            # A decision line (one per request): preformatted, one line, info. What the
+            # general path below makes of it, with fewer steps.
+            if self.minimum > 1 or event.get("log_namespace", "").startswith(_QUIET_NAMESPACES):
+                return
+            self._write(("<6>info " if self.journal else "info ") + event["line"] + "\n", 1)
+            return
         level = event.get("log_level", LogLevel.info)
         rank = _RANK.get(level, 1)
         if rank < self.minimum:
@@ -72,6 +80,9 @@ class _LineObserver:
         if self.journal:  # journald reads each line as an entry: each gets its priority
             prefix = PRIORITIES[rank]
             text = prefix + text.replace("\n", "\n" + prefix, text.count("\n") - 1)
+        self._write(text, rank)
+
+    def _write(self, text: str, rank: int) -> None:
         try:
             self.stream.write(text)
             if rank >= 2 or self.reactor is None:
