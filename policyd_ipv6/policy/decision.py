@@ -334,9 +334,8 @@ def _first_missing(needs: tuple[Need, ...]) -> tuple[Need | None, ...]:
     return tuple(next((n for n in needs if _BIT[n] & missing), None) for missing in range(4))
 
 
-# The table as the walk reads it, computed once: each rule's needs as a mask of bits and the
-# Need to return for each mask of missing facts, then its fields as plain tuple items (read
-# for every rule of every request).
+# The table as the walk reads it, computed once: each rule's needs as a mask, the Need to
+# return for each mask of missing facts, then its fields as plain tuple items.
 _STEPS = tuple((sum(_BIT[n] for n in rule.needs), _first_missing(rule.needs), rule.applies,
                 rule.reply, rule.kind, rule.name) for rule in RULES)
 
