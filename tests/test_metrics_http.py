@@ -108,7 +108,10 @@ def test_a_request_without_a_body_in_another_method_is_405(factory, no_temporary
     protocol, transport = connect(factory)
     protocol.dataReceived(b"POST /metrics HTTP/1.1\r\nHost: x\r\n"
                                     b"Content-Length: 0\r\n\r\n")
-    assert transport.value().startswith(b"HTTP/1.1 405 ")
+    reply = transport.value()
+    assert reply.startswith(b"HTTP/1.1 405 ")
+    assert b"\r\nAllow: GET, HEAD\r\n" in reply
+    assert reply.endswith(b"Method not allowed: the metrics are read with GET\n")
     assert no_temporary_files == []
 
 

@@ -62,6 +62,16 @@ class MetricsResource(resource.Resource):
         self.reactor = reactor
         self.scrapes = 0
 
+    def render(self, request) -> bytes | int:
+        # Another method is refused here, in plain text with its Allow header: Twisted's own
+        # 405 page is built by a class it deprecated in 22.10 (a warning on every such request).
+        if request.method not in (b"GET", b"HEAD"):
+            request.setResponseCode(405)
+            request.setHeader(b"allow", b"GET, HEAD")
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"Method not allowed: the metrics are read with GET\n"
+        return super().render(request)
+
     def render_GET(self, request) -> bytes | int:
         if request.path != b"/metrics":
             request.setResponseCode(404)
