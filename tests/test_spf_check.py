@@ -192,6 +192,23 @@ def test_results_are_reused_per_domain_unless_macros_are_used():
     assert results.get(IP, "alice@example.net", "mx.example.net") is None
 
 
+def test_a_result_serves_the_domain_in_u_labels_and_a_labels_alike():
+    """bücher.example and xn--bcher-kva.example are one domain (RFC 7208 §4.3: evaluated at
+    its A-labels), so one macro-free result serves senders written either way."""
+    from twisted.internet import task as _task
+
+    from policyd_ipv6.checks.spf import SpfResults
+
+    fake = FakeDnsClient({("xn--bcher-kva.example", "TXT"): ['"v=spf1 ip6:2001:db8::/64 -all"']})
+    results = SpfResults(100, _task.Clock())
+    fact, _ = run(fake, sender="alice@bücher.example")
+    assert fact.result == "pass"
+    results.put(IP, "alice@bücher.example", "mx.example.net", fact)
+    reused = results.get(IP, "bob@xn--bcher-kva.example", "mx.example.net")
+    assert reused.result == "pass" and reused.identity == "bob@xn--bcher-kva.example"
+    assert results.get(IP, "carol@BÜCHER.example.", "mx.example.net").result == "pass"
+
+
 def test_names_a_record_needs_are_fetched_at_once():
     """include/a/mx names of a record are asked for together, before pyspf reaches them."""
     clock = task.Clock()

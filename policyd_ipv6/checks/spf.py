@@ -318,7 +318,13 @@ class SpfResults:
     @staticmethod
     def _keys(ip: IPAddress, sender: str,
               helo: str) -> tuple[tuple[object, ...], tuple[object, ...]]:
-        domain = recipient_domain(sender) if sender else "postmaster@" + helo.lower()
+        if sender:
+            # At the A-label form the evaluation uses: bücher.example and xn--bcher-kva.example
+            # are one domain, with one result.
+            domain = recipient_domain(sender)
+            domain = (domain_key(domain) or domain) if domain else domain
+        else:
+            domain = "postmaster@" + helo.lower()
         # The address as bytes, not the object: a key of strings and bytes only is not tracked
         # by the garbage collector (see ``cache``).
         address = ip.packed
