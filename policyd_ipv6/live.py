@@ -4,7 +4,7 @@ Contract: ``InForce`` is one immutable snapshot of what the running daemon obeys
 ``config`` and what is derived from it once per load (the decision's ``policy``, the resolved
 ``nameservers``, the milter's ``authserv_id``). ``Live`` holds the snapshot in force in its one
 attribute ``now``; ``daemon.wiring`` replaces ``now`` in a single assignment at SIGHUP, and
-nothing else is written.
+writes nothing else (the assignment itself updates the attached parts, below).
 
 A running part declares each reloadable value as a class attribute ``Setting("key")`` (read
 from ``now.config.key``) or ``Setting("name", derived=True)`` (read from ``now.name``). The

@@ -14,9 +14,10 @@ socket systemd passed (``systemd.served_addresses``); a passed Unix socket gets 
 policy engine and the milter share one ``sessions.Sessions`` registry (the milter tells the
 policy side which SMTP sessions it is on); without it the engine has none and SPF alone
 decides. The configuration in force is one object, ``service.live.now`` (a ``live.InForce``:
-the ``Config`` and what is derived from it), which every running part reads its reloadable
-values from (``live.Setting``). ``reload()`` (SIGHUP) re-reads the configuration file: a file
-that does not load leaves the running configuration in force and logs why; otherwise the new
+the ``Config`` and what is derived from it), whose reloadable values every running part
+gets from it (``live.Setting``, each part attached once). ``reload()`` (SIGHUP) re-reads the
+configuration file: a file that does not load leaves the running configuration in force and
+logs why; otherwise the new
 ``Config``, with the restart-only keys (``config.RESTART_KEYS``, logged when they changed)
 carried over from the running one, becomes the new snapshot in one assignment; only the
 opt-in source is restarted when its file or interval changed. ``RELOADED_KEYS`` names every
@@ -272,7 +273,7 @@ class PolicyService:
         for key in changed:
             _log.warn("configuration key {key} changed: it takes effect at the next restart",
                       key=key)
-        self.live.now = in_force(new, servers)  # the one swap: every part reads it
+        self.live.now = in_force(new, servers)  # the one swap: every attached part follows
         if optin is None:
             self.optin.reload("SIGHUP")
             if isinstance(self.optin, PostgresOptin):
