@@ -17,11 +17,11 @@ decides. The configuration in force is one object, ``service.live.now`` (a ``liv
 the ``Config`` and what is derived from it), whose reloadable values every running part
 gets from it (``live.Setting``, each part attached once). ``reload()`` (SIGHUP) re-reads the
 configuration file: a file that does not load leaves the running configuration in force and
-logs why; otherwise the new
-``Config``, with the restart-only keys (``config.RESTART_KEYS``, logged when they changed)
-carried over from the running one, becomes the new snapshot in one assignment; only the
-opt-in source is restarted when its file or interval changed. ``RELOADED_KEYS`` names every
-key a reload applies (a test checks it is every key not in ``RESTART_KEYS``).
+logs why; otherwise the new ``Config``, with the restart-only keys (``config.RESTART_KEYS``,
+logged when they changed) carried over from the running one, becomes the new snapshot in one
+assignment; only the opt-in source is restarted when its file or interval changed.
+``RELOADED_KEYS`` names every key a reload applies (a test checks it is every key not in
+``RESTART_KEYS``).
 ``system_nameservers()`` reads /etc/resolv.conf's nameserver lines (the search list is never
 used).
 """
