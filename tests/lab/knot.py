@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -57,15 +58,19 @@ def knot_unavailable() -> str | None:
 def free_port() -> int:
     """Return a port that is free for both UDP and TCP on 127.0.0.1 and ::1 right now.
 
-    There is a small window before knotd binds it; tests on one machine do not race for the
-    same ephemeral port in practice, and knotd fails loudly (KnotError) if they ever do.
+    Drawn below the kernel's ephemeral range (``ip_local_port_range``): a port the kernel
+    hands out for ``bind(0)`` can be taken, in the moment before knotd binds it, by any
+    outgoing connection on the machine as its local port (seen once in CI: "cannot bind
+    address ... TCP (address already in use)"); a port below that range never is. Tests run
+    one at a time, so two of them do not race for the same port.
     """
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+    low = _ephemeral_low()
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
         try:
-            for family, kind, host in ((socket.AF_INET, socket.SOCK_DGRAM, "127.0.0.1"),
+            for family, kind, host in ((socket.AF_INET, socket.SOCK_STREAM, "127.0.0.1"),
+                                       (socket.AF_INET, socket.SOCK_DGRAM, "127.0.0.1"),
                                        (socket.AF_INET6, socket.SOCK_STREAM, "::1"),
                                        (socket.AF_INET6, socket.SOCK_DGRAM, "::1")):
                 with socket.socket(family, kind) as other:
@@ -74,6 +79,15 @@ def free_port() -> int:
             continue
         return port
     raise KnotError("no free port found on loopback")
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (32768 if it cannot be read)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return max(2048, int(f.read().split()[0]))
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def _knot_address(address: str, port: int) -> str:
