@@ -87,10 +87,8 @@ class Setting:
     """
 
     def __init__(self, key: str, derived: bool = False) -> None:
-        self.key = key
-        self.derived = derived
         self.read = attrgetter(("" if derived else "config.") + key)
-        self.name = key
+        self.name = key  # the attribute's name, once the class is built (__set_name__)
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name

@@ -140,3 +140,25 @@ def test_a_bug_in_a_later_step_calls_failed_once_and_never_deliver():
     clock.advance(5.0)
     assert delivered == [] and len(failed) == 1
     assert failed[0].check(ZeroDivisionError)
+
+
+def test_a_bug_filing_the_facts_away_still_answers_the_request():
+    """If keeping a message's facts for its other recipients fails (a bug), the bug is logged
+    and the request waiting on those facts is still decided: no request is left hanging."""
+    engine, clock = engine_with(RECORDS)
+
+    def broken_put(*_args, **_kwargs):
+        raise RuntimeError("bug")
+
+    engine.finder.messages.put = broken_put
+    delivered, failed, events = [], [], []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        engine.answer_with(dict(ATTRS), delivered.append, failed.append)
+        clock.advance(1.0)
+        clock.advance(1.0)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [o.verdict.action for o in delivered] == ["DUNNO"] and failed == []
+    assert any(e.get("log_format") == "internal error keeping a message's facts"
+               for e in events)

@@ -106,7 +106,10 @@ class MessageFacts:
                 self._timer.cancel()
             complete, self.on_complete = self.on_complete, None
             if complete is not None:
-                complete(self.facts)
+                try:
+                    complete(self.facts)
+                except Exception:  # a bug filing the facts away must not strand the waiters
+                    _log.failure("internal error keeping a message's facts")
         if need is Need.RDNS:
             waiting, self._waiting_rdns = self._waiting_rdns, []
         else:

@@ -319,10 +319,9 @@ class SpfResults:
     def _keys(ip: IPAddress, sender: str,
               helo: str) -> tuple[tuple[object, ...], tuple[object, ...]]:
         if sender:
-            # At the A-label form the evaluation uses: bücher.example and xn--bcher-kva.example
-            # are one domain, with one result.
             domain = recipient_domain(sender)
-            domain = (domain_key(domain) or domain) if domain else domain
+            if domain is not None:  # at the A-label form the evaluation uses: bücher.example
+                domain = domain_key(domain) or domain  # and xn--bcher-kva.example are one
         else:
             domain = "postmaster@" + helo.lower()
         # The address as bytes, not the object: a key of strings and bytes only is not tracked
