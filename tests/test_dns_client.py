@@ -2,7 +2,8 @@
 
 No sockets: ``FakeReactor.listenUDP`` hands out ports that record what is written, and the
 tests play the server (replies built with dnspython), the kernel (an ICMP error reported as
-``connectionRefused`` or as the epoll reactor's close) and the clock (``task.Clock``).
+``connectionRefused`` or as the epoll reactor's close) and the clock (``task.Clock``). A try's
+datagram goes out at the end of the reactor turn: ``reactor.advance(0)``.
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ def test_tries_share_a_socket_up_to_the_bound():
     reactor, client = make()
     for i in range(QUERIES_PER_SOCKET + 1):
         client.query(f"q{i}.example", dns.rdatatype.AAAA)
+    reactor.advance(0)
     first, second = reactor.ports
     assert len(first.sent) == QUERIES_PER_SOCKET and len(second.sent) == 1
     assert first.peer == second.peer == ("127.0.0.1", 53)
@@ -139,6 +141,7 @@ def test_a_socket_takes_new_tries_for_a_bounded_time():
     """SOCKET_SECONDS after it opened an idle socket closes; the next try gets a fresh one."""
     reactor, client = make(timeout=SOCKET_SECONDS * 4)
     answer = outcome(client.query("a.example", dns.rdatatype.AAAA))
+    reactor.advance(0)
     [first] = reactor.ports
     first.protocol.datagramReceived(reply_to(first.sent[0]), ("127.0.0.1", 53))
     reactor.advance(SOCKET_SECONDS - 0.1)
@@ -155,6 +158,7 @@ def test_a_busy_socket_past_its_time_closes_after_its_last_try():
     answer = outcome(client.query("a.example", dns.rdatatype.AAAA))
     reactor.advance(SOCKET_SECONDS)
     client.query("b.example", dns.rdatatype.AAAA)
+    reactor.advance(0)
     first, second = reactor.ports
     assert not first.closed and len(second.sent) == 1
     first.protocol.datagramReceived(reply_to(first.sent[0]), ("127.0.0.1", 53))
@@ -166,6 +170,7 @@ def test_a_retired_socket_closes_when_its_last_try_ends():
     reactor, client = make()
     results = [outcome(client.query(f"q{i}.example", dns.rdatatype.AAAA))
                for i in range(QUERIES_PER_SOCKET + 1)]
+    reactor.advance(0)
     first = reactor.ports[0]
     for wire in first.sent[:-1]:
         first.protocol.datagramReceived(reply_to(wire), ("127.0.0.1", 53))
@@ -182,6 +187,7 @@ def test_answers_are_matched_by_id_whatever_their_order():
     reactor, client = make()
     a = outcome(client.query("a.example", dns.rdatatype.AAAA))
     b = outcome(client.query("b.example", dns.rdatatype.AAAA))
+    reactor.advance(0)
     [port] = reactor.ports
     port.protocol.datagramReceived(reply_to(port.sent[1]), ("127.0.0.1", 53))
     port.protocol.datagramReceived(reply_to(port.sent[0]), ("127.0.0.1", 53))
@@ -195,6 +201,7 @@ def test_ids_in_flight_on_a_socket_differ():
     client.random_id = lambda: next(draws)
     client.query("a.example", dns.rdatatype.AAAA)
     client.query("b.example", dns.rdatatype.AAAA)
+    reactor.advance(0)
     [port] = reactor.ports
     assert [wire[:2] for wire in port.sent] == [b"\x00\x07", b"\x00\x09"]
 
@@ -203,6 +210,7 @@ def test_spoofed_and_stray_datagrams_are_dropped():
     """Right ID with another question, an unknown ID, and a runt change nothing; the answer does."""
     reactor, client = make()
     seen = outcome(client.query("a.example", dns.rdatatype.AAAA))
+    reactor.advance(0)
     [port] = reactor.ports
     [query] = port.sent
     port.protocol.datagramReceived(reply_to(query, name="evil.example"), ("127.0.0.1", 53))
@@ -220,8 +228,10 @@ def test_port_unreachable_fails_every_try_on_the_socket():
     reactor, client = make(attempts=2)
     a = outcome(client.query("a.example", dns.rdatatype.AAAA))
     b = outcome(client.query("b.example", dns.rdatatype.AAAA))
+    reactor.advance(0)
     first = reactor.ports[0]
     first.protocol.connectionRefused()
+    reactor.advance(0)
     second = reactor.ports[1]
     assert first.closed and len(second.sent) == 2
     for wire in second.sent:
@@ -252,9 +262,10 @@ def test_a_refused_write_fails_the_try():
 
     reactor.listenUDP = refusing
     seen = outcome(client.query("a.example", dns.rdatatype.AAAA))
+    assert not seen  # the datagram goes out at the end of the turn
+    reactor.advance(0)  # it is refused; the refused socket's close completes
     [failure] = seen
     assert "port unreachable" in str(failure.value)
-    reactor.advance(0)  # the refused socket's close completes
     assert reactor.ports[0].closed and not reactor.getDelayedCalls()
 
 
@@ -292,6 +303,7 @@ def test_cancelling_frees_the_id_and_the_timer():
     reactor, client = make()
     query = client.query("a.example", dns.rdatatype.AAAA)
     query.addErrback(lambda _failure: None)
+    reactor.advance(0)
     [port] = reactor.ports
     query.cancel()
     assert not port.protocol.tries
@@ -303,8 +315,10 @@ def test_servfail_goes_to_the_next_try():
     """SERVFAIL is not an answer: the next try is asked and its answer is used."""
     reactor, client = make(attempts=2)
     seen = outcome(client.query("a.example", dns.rdatatype.AAAA))
+    reactor.advance(0)
     [port] = reactor.ports
     port.protocol.datagramReceived(reply_to(port.sent[0], rcode=dns.rcode.SERVFAIL), None)
+    reactor.advance(0)
     assert not seen and len(port.sent) == 2
     port.protocol.datagramReceived(reply_to(port.sent[1]), None)
     assert (answered_name(seen)) == "a.example."
@@ -314,6 +328,7 @@ def test_a_truncated_answer_is_asked_again_over_tcp():
     """TC set: the query goes to the same server over TCP, and the UDP try is over."""
     reactor, client = make()
     client.query("a.example", dns.rdatatype.AAAA)
+    reactor.advance(0)
     [port] = reactor.ports
     port.protocol.datagramReceived(reply_to(port.sent[0], tc=True), None)
     assert reactor.tcp == [("127.0.0.1", 53)] and not port.protocol.tries
@@ -343,6 +358,7 @@ def test_ids_are_drawn_at_random():
     reactor, client = make()
     for i in range(QUERIES_PER_SOCKET):
         client.query(f"q{i}.example", dns.rdatatype.AAAA)
+    reactor.advance(0)
     ids = [int.from_bytes(wire[:2], "big") for wire in reactor.ports[0].sent]
     assert len(set(ids)) == len(ids) and max(ids) - min(ids) > 4096
 
@@ -353,6 +369,7 @@ def test_ask_delivers_once_without_a_deferred():
     reactor, client = make(attempts=2)
     seen: list = []
     query = client.ask(encode_name("a.example"), dns.rdatatype.AAAA, seen.append)
+    reactor.advance(0)
     [port] = reactor.ports
     port.protocol.datagramReceived(reply_to(port.sent[0]), None)
     assert [call.func for call in reactor.getDelayedCalls()] == [port.protocol.retire]
@@ -391,6 +408,7 @@ def test_a_cancelled_ask_delivers_nothing_and_lets_its_try_go():
     reactor, client = make()
     seen: list = []
     query = client.ask(encode_name("a.example"), dns.rdatatype.AAAA, seen.append)
+    reactor.advance(0)
     [port] = reactor.ports
     query.cancel()
     assert not port.protocol.tries and query.deliver is None
@@ -398,3 +416,61 @@ def test_a_cancelled_ask_delivers_nothing_and_lets_its_try_go():
     port.protocol.datagramReceived(reply_to(port.sent[0]), None)
     reactor.advance(10)
     assert seen == []
+
+
+def test_datagrams_go_out_together_at_the_end_of_the_turn_in_order():
+    """Nothing is sent while the turn runs; at its end every try's datagram goes out, in the
+    order the tries started, with one reactor call for all of them."""
+    reactor, client = make()
+    for name in ("a.example", "b.example", "c.example"):
+        client.query(name, dns.rdatatype.AAAA)
+    [port] = reactor.ports
+    assert port.sent == []
+    assert [call.func for call in reactor.getDelayedCalls()].count(client.flush) == 1
+    reactor.advance(0)
+    assert [dns.message.from_wire(wire).question[0].name.to_text() for wire in port.sent] == [
+        "a.example.", "b.example.", "c.example."]
+    assert client.outbox == []
+
+
+def test_a_try_cancelled_within_its_turn_sends_nothing():
+    """A query cancelled (its decision's deadline, a withdrawn lookup) before the end of the
+    turn puts nothing on the wire; the others of the turn still go out."""
+    reactor, client = make()
+    seen: list = []
+    dropped = client.ask(encode_name("a.example"), dns.rdatatype.AAAA, seen.append)
+    client.ask(encode_name("b.example"), dns.rdatatype.AAAA, seen.append)
+    dropped.cancel()
+    reactor.advance(0)
+    [port] = reactor.ports
+    assert [dns.message.from_wire(wire).question[0].name.to_text() for wire in port.sent] == [
+        "b.example."]
+    assert seen == []
+
+
+def test_a_send_that_fails_at_the_end_of_the_turn_fails_its_try():
+    """A send the kernel refuses outright (no buffer space, say) at the end of the turn fails
+    that try at once, naming the error, and the query goes on to its next try."""
+    reactor, client = make(attempts=2)
+    seen: list = []
+    client.ask(encode_name("a.example"), dns.rdatatype.AAAA, seen.append)
+    [port] = reactor.ports
+    calls = []
+
+    def write(data):
+        calls.append(data)
+        if len(calls) == 1:
+            raise OSError(105, "No buffer space available")
+        port.sent.append(data)
+
+    port.write = write
+    reactor.advance(0)
+    assert len(calls) == 2 and len(port.sent) == 1  # the second try went out
+    port.protocol.datagramReceived(reply_to(port.sent[0]), None)
+    assert answered_name(seen) == "a.example."
+    client.ask(encode_name("b.example"), dns.rdatatype.AAAA, seen.append)
+    port.write = lambda data: (_ for _ in ()).throw(OSError(105, "No buffer space"))
+    reactor.advance(0)
+    reactor.advance(0)
+    assert isinstance(seen[-1], TransientDnsError)
+    assert "send failed (OSError)" in str(seen[-1])

@@ -17,6 +17,11 @@ carries at most ``QUERIES_PER_SOCKET`` tries, takes new ones for at most ``SOCKE
 and is closed when its last try ends; no two of its tries in flight share an ID. Opening a
 socket per try cost a quarter of the daemon's CPU on cold mail (socket, bind, connect, epoll
 registration, close); a bounded reuse keeps the port unpredictable to anyone off the path. A
+try's datagram goes out at the end of the reactor turn that started it (``flush``, one
+``callLater(0)`` for all of the turn's), as ``connection.ReplyWriter`` sends replies: the turn's
+decisions then run one after another on warm CPU caches, and the kernel's sends (on loopback,
+the receiver's work too) come after them. A try cancelled before then sends nothing; a send
+that fails fails its try then, as it would have at once. A
 response must match its try's ID (the socket's demultiplexing) and question
 (``dns_wire.is_reply_to``); anything else is dropped, as is a reply ``parse_reply`` rejects.
 A response with the TC bit is retried over TCP to the same server (RFC 7766) whatever the rest
@@ -89,6 +94,8 @@ class DnsClient:
         self.sockets: dict[Nameserver, _UdpSocket] = {}  # the one taking new tries, per server
         self.entropy = b""  # from os.urandom, read in blocks: one system call per 128 IDs
         self.entropy_used = 0
+        # The datagrams of this turn's tries, sent by ``flush`` at its end (module docstring).
+        self.outbox: list[tuple[_UdpTry, _UdpSocket, bytes]] = []
 
     def query(self, name: str, rdtype: int,
               max_size: int = MAX_REPLY_SIZE) -> defer.Deferred[Reply]:
@@ -126,6 +133,26 @@ class DnsClient:
             self.entropy, used = os.urandom(256), 0
         self.entropy_used = used + 2
         return int.from_bytes(self.entropy[used:used + 2], "big")
+
+    def send_later(self, attempt: _UdpTry, udp: _UdpSocket, wire: bytes) -> None:
+        """Send ``wire`` on ``udp`` for ``attempt`` at the end of this reactor turn."""
+        if not self.outbox:
+            self.reactor.callLater(0, self.flush)
+        self.outbox.append((attempt, udp, wire))
+
+    def flush(self) -> None:
+        """Send the turn's datagrams, in the order their tries started, skipping those of
+        tries that ended meanwhile (cancelled, or failed by an earlier send's ICMP error)."""
+        outbox, self.outbox = self.outbox, []
+        for attempt, udp, wire in outbox:
+            if attempt.done:
+                continue
+            try:
+                if udp.port is None:
+                    raise ConnectionError("socket closed")
+                udp.port.write(wire)  # an ICMP error already queued fails the tries at once
+            except Exception as error:  # socket errors: no route, no IPv6 on this host...
+                attempt.send_failed(error)
 
     def udp_socket(self, server: Nameserver) -> _UdpSocket:
         """The socket the next try to ``server`` goes out on; opens one if needed (may raise)."""
@@ -299,12 +326,14 @@ class _UdpTry(Try):
             self.qid = qid = udp.add(self)
             self.socket = udp
             query.wire = wire = qid.to_bytes(2, "big") + query.wire[2:]
-            udp.port.write(wire)  # an ICMP error already queued fails the tries at once
         except Exception as error:  # socket errors: no route, no IPv6 on this host...
-            self._fail(f"send failed ({error.__class__.__name__})")
+            self.send_failed(error)
             return
-        if not self.done:
-            self._arm("timeout")
+        query.client.send_later(self, udp, wire)
+        self._arm("timeout")
+
+    def send_failed(self, error: Exception) -> None:
+        self._fail(f"send failed ({error.__class__.__name__})")
 
     def received(self, data: bytes) -> None:
         if self.done or not is_reply_to(self.query.wire, data):
