@@ -195,6 +195,29 @@ def test_mangled_replies_are_refused_or_read_as_dnspython_reads_them(reply, data
     # so dnspython may refuse where we read): a refused reply is a dropped datagram.
 
 
+def everything_read(wire):
+    """All that ``parse_reply`` read from ``wire``, comparable; None when it refused it."""
+    try:
+        reply = parse_reply(wire)
+    except MalformedReply:
+        return None
+    sets = [[(r.owner, r.rtype, r.rclass, r.ttl, list(r.values)) for r in section]
+            for section in (reply.answer, reply.authority)]
+    return (reply.id, reply.flags, reply.qname, reply.qtype, reply.qclass, sets,
+            reply.extended_rcode)
+
+
+@settings(max_examples=1500, suppress_health_check=[HealthCheck.too_slow])
+@given(replies, st.data())
+def test_an_owner_pointing_at_the_question_reads_as_the_general_path_reads_it(reply, data):
+    """The shortcut for an owner name that is a pointer to the question (offset 12) reads
+    what following the pointer reads, or refuses what it refuses, whole or mangled."""
+    wire = mangled(data, reply) if data.draw(st.booleans()) else reply
+    with mock.patch("policyd_ipv6.resolver.reply._TO_QUESTION", b"off"):  # never 2 bytes
+        general = everything_read(wire)
+    assert everything_read(wire) == general
+
+
 @pytest.mark.skipif(not STRICT_DNSPYTHON, reason="needs dnspython 2.9.1's own decoding")
 @settings(max_examples=1500, suppress_health_check=[HealthCheck.too_slow])
 @given(replies, st.data())

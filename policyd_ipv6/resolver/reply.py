@@ -39,6 +39,7 @@ _NAME_TYPES = (NS, CNAME, PTR)
 _HEADER = struct.Struct("!HHHHHH")
 _RR = struct.Struct("!HHIH")
 _ESCAPED = frozenset(b'"().;\\@$')
+_TO_QUESTION = b"\xc0\x0c"  # a compression pointer to offset 12: the question's name
 
 
 class MalformedReply(ValueError):
@@ -176,7 +177,9 @@ class _RRset:
         return f"_RRset({self.owner!r}, {self.rtype}, {self.rclass}, {self.ttl}, {self.values})"
 
 
-@dataclass(frozen=True)
+# Reply and Resolution live for one reply's reading: plain slotted classes, not frozen ones (a
+# frozen dataclass sets each field through object.__setattr__, three times the cost).
+@dataclass(slots=True)
 class Reply:
     id: int
     flags: int
@@ -200,15 +203,22 @@ class Reply:
 
 
 def _section(wire: bytes, offset: int, count: int, kind: str,
-             rrsets: dict[tuple[bytes, int, int], _RRset] | None) -> tuple[int, int | None]:
+             rrsets: dict[tuple[bytes, int, int], _RRset] | None,
+             question: bytes) -> tuple[int, int | None]:
     """Read ``count`` records from ``offset``; RRsets into ``rrsets`` (None: check only).
+    ``question`` is the question's name as ``_read_name`` read it at offset 12, which a
+    compression pointer to that offset (``_TO_QUESTION``) names: what reading it again would
+    give, since the question lies wholly before any record.
 
     Returns the offset after the section and the OPT record's TTL field, if it had one.
     """
     opt_ttl = None
     size = len(wire)
     for _ in range(count):
-        owner, offset = _read_name(wire, offset, size)
+        if wire[offset:offset + 2] == _TO_QUESTION:  # most owners: the question's name
+            owner, offset = question, offset + 2
+        else:
+            owner, offset = _read_name(wire, offset, size)
         if offset + 10 > size:
             raise MalformedReply("record header cut short")
         rtype, rclass, ttl, rdlength = _RR.unpack_from(wire, offset)
@@ -250,15 +260,15 @@ def parse_reply(wire: bytes) -> Reply:
     qtype, qclass = struct.unpack_from("!HH", wire, offset)
     answer: dict[tuple[bytes, int, int], _RRset] = {}
     authority: dict[tuple[bytes, int, int], _RRset] = {}
-    offset, opt = _section(wire, offset + 4, ancount, "answer", answer)
-    offset, opt = _section(wire, offset, nscount, "authority", authority)
-    offset, opt = _section(wire, offset, arcount, "additional", None)
+    offset, opt = _section(wire, offset + 4, ancount, "answer", answer, qname)
+    offset, opt = _section(wire, offset, nscount, "authority", authority, qname)
+    offset, opt = _section(wire, offset, arcount, "additional", None, qname)
     extended = ((opt >> 20) & 0xFF0) if opt is not None else 0
     return Reply(qid, flags, qname, qtype, qclass, tuple(answer.values()),
                  tuple(authority.values()), extended)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Resolution:
     """What ``resolve`` found: ``kind`` is answer, nxdomain, nodata, chain-too-long or
     answer-for-nxdomain; ``ttl`` None means a negative answer without an SOA."""
