@@ -92,6 +92,14 @@ class Facts:
     # True when the built-in milter is in this SMTP session's path and will check DKIM.
     dkim_pending: bool = False
 
+    # Hand-written, as spf_terms.Mechanism's (a few per message): tests/test_frozen_inits.py.
+    def __init__(self, rdns: RdnsFact | None = None, spf: SpfFact | None = None,
+                 dkim_pending: bool = False) -> None:
+        fields = self.__dict__
+        fields["rdns"] = rdns
+        fields["spf"] = spf
+        fields["dkim_pending"] = dkim_pending
+
     def with_(self, **changes: Any) -> Facts:
         return replace(self, **changes)
 
