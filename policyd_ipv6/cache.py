@@ -96,18 +96,26 @@ class ExpiringCache(Generic[K, V]):
     def put(self, key: K, value: V, ttl_seconds: float, size: int = 0) -> None:
         """Store ``value`` for ``ttl_seconds`` (nothing is stored for a TTL of 0 or less, nor
         an entry larger than ``max_bytes`` on its own)."""
-        self.pop(key)
-        if ttl_seconds <= 0 or (self.max_bytes is not None and size > self.max_bytes):
+        # pop() and _remember() written out: a cold message stores three or four entries.
+        data, memo = self._data, self._memo
+        old = data.pop(key, None)
+        if old is not None:
+            self.bytes -= old[2]
+            memo.pop(key, None)
+        max_bytes = self.max_bytes
+        if ttl_seconds <= 0 or (max_bytes is not None and size > max_bytes):
             return
         stored = value if self._pack is None else marshal.dumps(self._pack(value))
-        self._data[key] = (self.clock.seconds() + ttl_seconds, stored, size)
+        data[key] = (self.clock.seconds() + ttl_seconds, stored, size)
         self.bytes += size
-        self._remember(key, value)
-        while len(self._data) > self.max_entries or (
-                self.max_bytes is not None and self.bytes > self.max_bytes):
-            evicted_key, (_expires, _value, evicted) = self._data.popitem(last=False)
+        if self._memo_size:
+            memo[key] = value
+            if len(memo) > self._memo_size:
+                memo.popitem(last=False)
+        while len(data) > self.max_entries or (max_bytes is not None and self.bytes > max_bytes):
+            evicted_key, (_expires, _value, evicted) = data.popitem(last=False)
             self.bytes -= evicted
-            self._memo.pop(evicted_key, None)
+            memo.pop(evicted_key, None)
 
     def pop(self, key: K) -> None:
         item = self._data.pop(key, None)

@@ -174,6 +174,10 @@ def expand(text: str, values: dict[str, str], in_exp: bool = False,
     value; ``in_exp`` allows c, r and t and keeps a trailing dot (explanation text), of which
     ``limit`` keeps the first characters. A domain-spec (not ``in_exp``) keeps its right-hand
     labels within 253 octets (see the module docstring for a longer last label)."""
+    if not in_exp and "%" not in text:  # most domain-specs: no macro, only the final dot goes
+        name = text[:-1] if text.endswith(".") else text
+        if len(name) <= _NAME_OCTETS:
+            return name
     if "%" in text and _BAD_MACRO.search(text):
         raise SpfPermError("invalid-macro-char ", text)
     macros = list(_macros(text))
