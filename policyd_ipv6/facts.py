@@ -45,7 +45,7 @@ class RdnsFact:
 
     def packed(self) -> tuple:
         """A plain tuple of the fact (for caches: see ``cache``); ``unpacked`` inverts it."""
-        return (self.outcome.value, self.names, self.confirmed, self.detail)
+        return (self.outcome._value_, self.names, self.confirmed, self.detail)
 
     @classmethod
     def unpacked(cls, packed: tuple) -> RdnsFact:
@@ -69,7 +69,7 @@ class SpfFact:
 
     def packed(self) -> tuple:
         """A plain tuple of the fact (for caches: see ``cache``); ``unpacked`` inverts it."""
-        return (self.result.value, self.explanation, self.identity, self.lookups, self.ttl,
+        return (self.result._value_, self.explanation, self.identity, self.lookups, self.ttl,
                 self.macros)
 
     @classmethod

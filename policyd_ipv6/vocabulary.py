@@ -53,7 +53,7 @@ class Answer:
 
     def packed(self) -> tuple:
         """The answer as a plain tuple (how the cache keeps it: see ``cache``)."""
-        return (self.status.value, self.values, self.detail, self.ttl, self.too_large)
+        return (self.status._value_, self.values, self.detail, self.ttl, self.too_large)
 
     @classmethod
     def unpacked(cls, packed: tuple) -> Answer:

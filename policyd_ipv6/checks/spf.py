@@ -65,6 +65,9 @@ MAX_QUESTIONS = 150
 # set of ``txt_bytes`` of text fits in ``txt_bytes`` + this.
 TXT_REPLY_OVERHEAD = 4096
 DEFAULT_LIMITS = Limits()
+# The evaluator's result names to SpfResult by a dict (calling the Enum class is a Python call
+# through EnumType.__call__ per evaluation).
+_RESULTS = {result.value: result for result in SpfResult}
 # What a cancelled evaluation holds as its fact: it never reaches anyone.
 _CANCELLED = SpfFact(SpfResult.TEMPERROR, "cancelled")
 
@@ -254,7 +257,8 @@ class _Evaluation:
             explanation = verdict.explanation
             if len(explanation) > MAX_EXPLANATION:
                 explanation = explanation[:MAX_EXPLANATION - 3] + "..."
-            self.fact = SpfFact(SpfResult(verdict.result), explanation, self.identity,
+            result = _RESULTS.get(verdict.result) or SpfResult(verdict.result)
+            self.fact = SpfFact(result, explanation, self.identity,
                                 len(self.answers), ttl, verdict.macros)
             deliver, self.deliver = self.deliver, None
             if deliver is not None:  # None while start() runs: it returns the fact itself
