@@ -474,3 +474,31 @@ def test_a_send_that_fails_at_the_end_of_the_turn_fails_its_try():
     reactor.advance(0)
     assert isinstance(seen[-1], TransientDnsError)
     assert "send failed (OSError)" in str(seen[-1])
+
+
+def test_a_failed_send_is_failed_after_the_other_datagrams_are_out():
+    """A bug set off by one failed send (here the caller's deliver raising) does not keep
+    the turn's other datagrams from going out."""
+    reactor, client = make(attempts=1)
+    seen: list = []
+
+    def buggy(result):
+        raise RuntimeError("a bug in the caller")
+
+    client.ask(encode_name("a.example"), dns.rdatatype.AAAA, buggy)
+    client.ask(encode_name("b.example"), dns.rdatatype.AAAA, seen.append)
+    [port] = reactor.ports
+    real_write = port.write
+
+    def write(data):
+        if dns.message.from_wire(data).question[0].name.to_text() == "a.example.":
+            raise OSError(105, "No buffer space available")
+        real_write(data)
+
+    port.write = write
+    try:
+        reactor.advance(0)
+    except RuntimeError:
+        pass  # task.Clock lets it out; the reactor logs it
+    assert [dns.message.from_wire(wire).question[0].name.to_text() for wire in port.sent] == [
+        "b.example."]

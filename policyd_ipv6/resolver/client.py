@@ -142,8 +142,11 @@ class DnsClient:
 
     def flush(self) -> None:
         """Send the turn's datagrams, in the order their tries started, skipping those of
-        tries that ended meanwhile (cancelled, or failed by an earlier send's ICMP error)."""
+        tries that ended meanwhile (cancelled, or failed by an earlier send's ICMP error).
+        The tries whose send failed are failed once every datagram is out: a bug in what
+        that sets off (the next try, the caller's deliver) cannot keep the others unsent."""
         outbox, self.outbox = self.outbox, []
+        failed: list[tuple[_UdpTry, Exception]] = []
         for attempt, udp, wire in outbox:
             if attempt.done:
                 continue
@@ -152,7 +155,9 @@ class DnsClient:
                     raise ConnectionError("socket closed")
                 udp.port.write(wire)  # an ICMP error already queued fails the tries at once
             except Exception as error:  # socket errors: no route, no IPv6 on this host...
-                attempt.send_failed(error)
+                failed.append((attempt, error))
+        for attempt, error in failed:
+            attempt.send_failed(error)
 
     def udp_socket(self, server: Nameserver) -> _UdpSocket:
         """The socket the next try to ``server`` goes out on; opens one if needed (may raise)."""
