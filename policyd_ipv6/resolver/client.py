@@ -156,8 +156,8 @@ class DnsClient:
                 udp.port.write(wire)  # an ICMP error already queued fails the tries at once
             except Exception as error:  # socket errors: no route, no IPv6 on this host...
                 failed.append((attempt, error))
-        for attempt, error in failed:
-            attempt.send_failed(error)
+        for attempt, problem in failed:
+            attempt.send_failed(problem)
 
     def udp_socket(self, server: Nameserver) -> _UdpSocket:
         """The socket the next try to ``server`` goes out on; opens one if needed (may raise)."""
