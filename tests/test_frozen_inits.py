@@ -1,10 +1,10 @@
 """The hand-written ``__init__`` of the frozen dataclasses built on the cold path.
 
-``spf_terms.Mechanism``, ``decision.Verdict``, ``facts.Facts`` and ``engine.Outcome`` store
-their fields in the instance's dict themselves (the generated ``__init__`` of a frozen dataclass
-sets each through ``object.__setattr__``, twice the cost). These tests hold each to what the
-dataclass would generate: the same parameters in the order of the fields, with the same
-defaults; every field set, nothing else; still frozen, equal and hashed by value.
+``spf_terms.Mechanism``, ``facts.Facts`` and ``engine.Outcome`` store their fields in the
+instance's dict themselves (the generated ``__init__`` of a frozen dataclass sets each through
+``object.__setattr__``, twice the cost). These tests hold each to what the dataclass would
+generate: the same parameters in the order of the fields, with the same defaults; every field
+set, nothing else; still frozen, equal and hashed by value.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ pytestmark = pytest.mark.unit
 SUBJECT = Subject.from_request({"recipient": "a@contoso.com", "client_address": "2001:db8::1"})
 EXAMPLES = {
     Mechanism: ("include:_spf.example", "include", "pass", "_spf.example", 128),
-    Verdict: ("DUNNO", PolicyRule.PASS, "450 4.7.26 x", frozenset({PolicyRule.SPF_FAILED})),
     Facts: (RdnsFact(RdnsOutcome.PASS, ("a.example",)), SpfFact(SpfResult.PASS), True),
     Outcome: (Verdict("DUNNO", PolicyRule.PASS), SUBJECT, Facts(), "new", 1.5),
 }
@@ -57,5 +56,3 @@ def test_every_field_is_set_and_the_instance_stays_frozen(cls):
 
 def test_defaults_are_those_of_the_fields():
     assert vars(Facts()) == {"rdns": None, "spf": None, "dkim_pending": False}
-    assert vars(Verdict("DUNNO", PolicyRule.PASS)) == {
-        "action": "DUNNO", "rule": PolicyRule.PASS, "would": "", "reported": frozenset()}

@@ -190,15 +190,6 @@ class Verdict:
     would: str = ""
     reported: frozenset[PolicyRule] = frozenset()
 
-    # Hand-written, as spf_terms.Mechanism's (one per decision): tests/test_frozen_inits.py.
-    def __init__(self, action: str, rule: PolicyRule, would: str = "",
-                 reported: frozenset[PolicyRule] = frozenset()) -> None:
-        fields = self.__dict__
-        fields["action"] = action
-        fields["rule"] = rule
-        fields["would"] = would
-        fields["reported"] = reported
-
 
 @dataclass(frozen=True)
 class Rule:
