@@ -12,8 +12,8 @@ from typing import Any
 
 from policyd_ipv6.vocabulary import DkimResult, SpfResult, filled
 
-__all__ = ["RdnsOutcome", "RdnsFact", "SpfFact", "Facts", "SPF_RESULTS", "DkimFact",
-           "SignatureResult"]
+__all__ = ["RdnsOutcome", "RdnsFact", "SpfFact", "Facts", "SPF_RESULTS", "SPF_RESULT_NAMED",
+           "DkimFact", "SignatureResult"]
 
 # RFC 7208 §2.6 results, as pyspf's check() names them.
 SPF_RESULTS = tuple(result.value for result in SpfResult)
@@ -27,7 +27,7 @@ class RdnsOutcome(enum.Enum):
 
 
 _OUTCOME = {outcome.value: outcome for outcome in RdnsOutcome}
-_SPF_RESULT = {result.value: result for result in SpfResult}
+SPF_RESULT_NAMED = {result.value: result for result in SpfResult}  # name -> SpfResult
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class SpfFact:
     @classmethod
     def unpacked(cls, packed: tuple) -> SpfFact:
         result, explanation, identity, lookups, ttl, macros = packed
-        return filled(cls, result=_SPF_RESULT[result], explanation=explanation,
+        return filled(cls, result=SPF_RESULT_NAMED[result], explanation=explanation,
                        identity=identity, lookups=lookups, ttl=ttl, macros=macros)
 
     def for_identity(self, identity: str) -> SpfFact:
@@ -91,14 +91,6 @@ class Facts:
     spf: SpfFact | None = None
     # True when the built-in milter is in this SMTP session's path and will check DKIM.
     dkim_pending: bool = False
-
-    # Hand-written, as spf_terms.Mechanism's (a few per message): tests/test_frozen_inits.py.
-    def __init__(self, rdns: RdnsFact | None = None, spf: SpfFact | None = None,
-                 dkim_pending: bool = False) -> None:
-        fields = self.__dict__
-        fields["rdns"] = rdns
-        fields["spf"] = spf
-        fields["dkim_pending"] = dkim_pending
 
     def with_(self, **changes: Any) -> Facts:
         return replace(self, **changes)

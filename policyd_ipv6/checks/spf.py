@@ -49,7 +49,7 @@ from twisted.logger import Logger
 from policyd_ipv6.cache import MEMO, ExpiringCache
 from policyd_ipv6.checks.spf_eval import MAX_EXPLANATION, Limits, Verdict, check_host
 from policyd_ipv6.checks.spf_terms import SpfPermError
-from policyd_ipv6.facts import SpfFact
+from policyd_ipv6.facts import SPF_RESULT_NAMED, SpfFact
 from policyd_ipv6.names import IPAddress, domain_key, helo_domain, recipient_domain
 from policyd_ipv6.vocabulary import Answer, Clock, DnsStatus, Lookups, SpfResult, Waiter
 
@@ -65,9 +65,6 @@ MAX_QUESTIONS = 150
 # set of ``txt_bytes`` of text fits in ``txt_bytes`` + this.
 TXT_REPLY_OVERHEAD = 4096
 DEFAULT_LIMITS = Limits()
-# The evaluator's result names to SpfResult by a dict (calling the Enum class is a Python call
-# through EnumType.__call__ per evaluation).
-_RESULTS = {result.value: result for result in SpfResult}
 # What a cancelled evaluation holds as its fact: it never reaches anyone.
 _CANCELLED = SpfFact(SpfResult.TEMPERROR, "cancelled")
 
@@ -257,7 +254,8 @@ class _Evaluation:
             explanation = verdict.explanation
             if len(explanation) > MAX_EXPLANATION:
                 explanation = explanation[:MAX_EXPLANATION - 3] + "..."
-            result = _RESULTS.get(verdict.result) or SpfResult(verdict.result)
+            # By the map, not SpfResult(...): EnumType.__call__ is a Python call per evaluation.
+            result = SPF_RESULT_NAMED.get(verdict.result) or SpfResult(verdict.result)
             self.fact = SpfFact(result, explanation, self.identity,
                                 len(self.answers), ttl, verdict.macros)
             deliver, self.deliver = self.deliver, None

@@ -57,17 +57,6 @@ class Mechanism:
     target: str  # the domain-spec (unexpanded) or the network address; "" for all
     cidr: int  # the prefix length that applies to the client's address family
 
-    # Hand-written (each field stored in the instance's dict): the generated __init__ of a
-    # frozen dataclass sets each field through object.__setattr__, twice the cost, and a cold
-    # message builds several of these. tests/test_frozen_inits.py holds it to the fields.
-    def __init__(self, term: str, name: str, qualifier: str, target: str, cidr: int) -> None:
-        fields = self.__dict__
-        fields["term"] = term
-        fields["name"] = name
-        fields["qualifier"] = qualifier
-        fields["target"] = target
-        fields["cidr"] = cidr
-
 
 def modifier(term: str) -> tuple[str, str] | None:
     """(name in lower case, value) for a modifier (RFC 7208 §4.6.1), None for a directive."""

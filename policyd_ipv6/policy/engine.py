@@ -59,16 +59,6 @@ class Outcome:
     facts_source: str  # "none" (no lookups needed), "new" or "shared" (another recipient's)
     elapsed_ms: float
 
-    # Hand-written, as spf_terms.Mechanism's (one per decision): tests/test_frozen_inits.py.
-    def __init__(self, verdict: Verdict, subject: Subject, facts: Facts, facts_source: str,
-                 elapsed_ms: float) -> None:
-        fields = self.__dict__
-        fields["verdict"] = verdict
-        fields["subject"] = subject
-        fields["facts"] = facts
-        fields["facts_source"] = facts_source
-        fields["elapsed_ms"] = elapsed_ms
-
     def log_line(self) -> str:
         s, f, v = self.subject, self.facts, self.verdict
         rdns = f.rdns.describe() if f.rdns else "-"
